@@ -1,0 +1,71 @@
+# edgeseg: distill -> calibrate -> export -> deploy -> profile.
+# Variables: CONFIG=file.yaml  DEVICE=cpu|cuda|cuda:N  DATA=/folder/with/train+val  SET="a.b=1 c.d=2"
+#            BASELINE=0 (skip the ground-truth-only student)  TORCH_SPEC="torch==X torchvision==Y"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/demo.yaml
+DEVICE ?=
+DATA ?=
+SET ?=
+BASELINE ?= 1
+# The pair that works on these machines (see README); on a Jetson or another CUDA build, pick yours.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
+        $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
+STAMP := $(VENV)/.edgeseg-installed
+
+.PHONY: setup demo teacher distill calibrate export deploy profile bench test test-all clean
+
+setup: $(STAMP)
+
+# torch first, from the pinned pair, so that installing the project does not pull another torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q $(TORCH_SPEC)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory teacher distill calibrate export deploy profile && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+# Demo only: train the B3 teacher on the generated data and export the stand-in ONNX feature teacher.
+teacher: setup
+	$(PY) -m distill train-teacher $(ARGS)
+	$(PY) -m distill export-feature-teacher $(ARGS)
+
+distill: setup
+	$(PY) -m distill train $(ARGS)
+	$(if $(filter 1,$(BASELINE)),$(PY) -m distill train --baseline $(ARGS))
+	$(PY) -m distill evaluate $(ARGS) $(if $(filter 1,$(BASELINE)),--with-baseline)
+
+calibrate: setup
+	$(PY) -m calibration synth $(ARGS) --overwrite
+	$(PY) -m calibration report $(ARGS)
+
+export: setup
+	$(PY) -m export all $(ARGS)
+
+deploy: setup
+	$(PY) -m export bundle $(ARGS)
+
+profile: setup
+	$(PY) -m runtime profile --config $(CONFIG)
+
+bench: setup
+	$(PY) benchmarks/run.py $(ARGS)
+
+# The CPU test set (CI): slow, GPU and TensorRT tests are skipped, with the reason shown.
+test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,1 @@
+"""edgeseg.calibration: diffusion-synthesised INT8 calibration sets."""

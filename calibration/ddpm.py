@@ -1,0 +1,123 @@
+"""The embedded generator: a small pixel-space DDPM trained on the training images, cached.
+
+Real diffusion (diffusers ``UNet2DModel`` + ``DDPMScheduler``, epsilon prediction, EMA
+weights), small enough to train in a few minutes on two CPU cores. The trained model is saved
+with ``save_pretrained`` under ``<run_dir>/calibration/ddpm`` beside ``ddpm.json``, which
+records what it was trained on; a later run with the same settings and data reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from distill.config import DDPMConfig, config_to_dict
+from distill.data import Sample
+from runtime.images import read_rgb
+
+log = logging.getLogger(__name__)
+
+_META = "ddpm.json"
+
+
+def build_unet(cfg: DDPMConfig):
+    """A UNet2DModel without attention (convolutions only: fast on a CPU)."""
+    from diffusers import UNet2DModel
+
+    n = len(cfg.block_out_channels)
+    return UNet2DModel(
+        sample_size=cfg.image_size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=tuple(cfg.block_out_channels), norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n, add_attention=False,
+    )
+
+
+def _images_fingerprint(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        st = s.image.stat()
+        h.update(f"{s.image.name}:{st.st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_training_images(samples: list[Sample], size: int) -> torch.Tensor:
+    """(N, 3, size, size) float32 in [-1, 1]: each image centre-cropped to a square and resized."""
+    out = np.empty((len(samples), size, size, 3), np.uint8)
+    for i, s in enumerate(samples):
+        img = read_rgb(s.image)
+        h, w = img.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        out[i] = np.asarray(Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), Image.BOX))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, seed: int = 0):
+    """The DDPM UNet (eval mode) from ``folder`` if it matches, else trained on ``samples`` and saved.
+
+    Returns:
+        (UNet2DModel, its scheduler config dict).
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    meta = {"config": config_to_dict(cfg), "data": _images_fingerprint(samples), "images": len(samples), "seed": seed}
+    meta_path = folder / _META
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == meta:
+        log.info("reusing the trained DDPM in %s", folder)
+        return UNet2DModel.from_pretrained(folder / "unet").eval(), json.loads(meta_path.read_text())["scheduler"]
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    data = load_training_images(samples, cfg.image_size)
+    unet = build_unet(cfg)
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2")
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    warmup = min(100, cfg.train_steps // 10 + 1)
+    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / cfg.train_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    g = torch.Generator().manual_seed(seed)
+    unet.train()
+    bar = tqdm(range(cfg.train_steps), desc="training the DDPM", disable=None, leave=False)
+    for step in bar:
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+        x0 = data[idx]
+        flip = torch.rand(cfg.batch_size, generator=g) < 0.5
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to(unet.parameters())
+    unet.eval()
+
+    # save atomically: a temporary folder renamed into place, the metadata last
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet")
+    (tmp / _META).write_text(json.dumps({"key": meta, "scheduler": dict(scheduler.config),
+                                         "train_seconds": time.perf_counter() - t0, "final_loss": loss.item()}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    log.info("trained the DDPM (%d steps, %.0f s, final loss %.4f) -> %s", cfg.train_steps,
+             time.perf_counter() - t0, loss.item(), folder)
+    return unet, dict(scheduler.config)

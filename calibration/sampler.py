@@ -1,0 +1,100 @@
+"""Guided reverse diffusion with diffusers' schedulers (DDIM or DDPM).
+
+At each step the UNet predicts the noise ``eps``; inside the guided range of normalised time
+``t/T in [t_stop, t_start]`` the predicted clean image ``x0 = (x_t - sqrt(1-a) eps) / sqrt(a)``
+goes through the guide, whose loss gradient with respect to ``x0`` is normalised to unit RMS
+per sample, clipped, scaled by ``s(t)`` and added to ``eps`` (so ``x0`` moves down the loss).
+Every image has its own seed: its starting noise and any per-step noise come from its own
+generator, so a (seed, batch) pair regenerates the same image.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from distill.config import GuidanceConfig, SamplerConfig
+
+Guide = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_scheduler(cfg: SamplerConfig, scheduler_config: dict):
+    """A fresh DDIM or DDPM scheduler from the trained model's scheduler config."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = DDIMScheduler if cfg.scheduler == "ddim" else DDPMScheduler
+    sched = cls.from_config(scheduler_config)
+    sched.set_timesteps(cfg.steps)
+    return sched
+
+
+def guidance_scale(cfg: GuidanceConfig, t_norm: float) -> float:
+    """s(t): 0 outside [t_stop, t_start]; inside, constant or decaying towards t_stop."""
+    if not (cfg.t_stop <= t_norm <= cfg.t_start) or cfg.scale == 0:
+        return 0.0
+    span = max(cfg.t_start - cfg.t_stop, 1e-8)
+    u = (cfg.t_start - t_norm) / span  # 0 at t_start, 1 at t_stop
+    if cfg.schedule == "constant":
+        return cfg.scale
+    if cfg.schedule == "linear":
+        return cfg.scale * (1 - u)
+    return cfg.scale * 0.5 * (1 + math.cos(math.pi * u))  # cosine
+
+
+def normalise_gradient(grad: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per sample: unit RMS, then elementwise clip to [-clip, clip]."""
+    rms = grad.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
+    return (grad / rms).clamp(-clip, clip)
+
+
+def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerConfig, guidance: GuidanceConfig,
+           guide: Guide | None = None, index: torch.Tensor | None = None, size: int | None = None,
+           stats: dict | None = None) -> torch.Tensor:
+    """Generate one batch.
+
+    Args:
+        unet: epsilon-predicting ``UNet2DModel``.
+        scheduler_config: its training scheduler's config.
+        seeds: one seed per image (B of them).
+        guide: per-sample loss on x0 (see ``calibration.guidance``), or None for unguided.
+        index: (B,) position of each image in the pool (mode guidance uses it).
+        stats: if given, receives ``guided_steps``.
+
+    Returns:
+        (B, 3, size, size) images in [-1, 1].
+    """
+    size = size or unet.config.sample_size
+    sched = make_scheduler(sampler, scheduler_config)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(3, size, size, generator=g) for g in gens])
+    index = index if index is not None else torch.arange(len(seeds))
+    alphas = sched.alphas_cumprod
+    T = sched.config.num_train_timesteps
+    guided = 0
+    for t in sched.timesteps:
+        with torch.no_grad():
+            eps = unet(x, t).sample
+        s = guidance_scale(guidance, float(t) / T) if guide is not None else 0.0
+        if s > 0:
+            a = alphas[int(t)]
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, emb = guide(x0, index)
+                if guidance.diversity > 0:
+                    from calibration.guidance import diversity_loss
+
+                    loss = loss + guidance.diversity * diversity_loss(emb)
+                (grad,) = torch.autograd.grad(loss.sum(), x0)
+            eps = eps + s * normalise_gradient(grad, guidance.grad_clip)
+            guided += 1
+        kwargs = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
+        with torch.no_grad():
+            x = sched.step(eps, t, x, generator=gens if _needs_noise(sampler) else None, **kwargs).prev_sample
+    if stats is not None:
+        stats["guided_steps"] = guided
+    return x.clamp(-1, 1)
+
+
+def _needs_noise(sampler: SamplerConfig) -> bool:
+    return sampler.scheduler == "ddpm" or sampler.eta > 0

@@ -1,0 +1,204 @@
+"""``python -m distill``: train the teacher, distil the student, evaluate, expose ONNX features."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.console import configure_logging, exit_on_user_error
+from runtime.errors import InputError
+
+log = logging.getLogger("distill")
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def config_options(f):
+    """--config, --set and -v, shared by every stage command."""
+    f = click.option("-v", "--verbose", count=True, help="-v info, -vv debug logging (stderr).")(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config field, e.g. --set train.epochs=3 (repeatable).")(f)
+    f = click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+                     type=click.Path(dir_okay=False), help="YAML config file.")(f)
+    return f
+
+
+def load(config_path: str, overrides: tuple[str, ...], verbose: int):
+    from distill.config import Config, load_config
+
+    configure_logging(verbose)
+    return load_config(config_path, Config, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Knowledge distillation: B3 teacher (+ ONNX feature teacher) -> B0 student."""
+
+
+@main.command()
+@config_options
+@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (checkpoint, exit 0).")
+@click.option("--baseline", is_flag=True, help="Train the student on ground truth alone (no teacher terms).")
+@click.option("--fresh", is_flag=True, help="Ignore an existing last.pt and start over.")
+@exit_on_user_error
+def train(config_path, overrides, verbose, max_steps, baseline, fresh):
+    """Distil the student from the teacher and the feature teacher."""
+    from distill.trainer import Trainer, job_for
+
+    cfg = load(config_path, overrides, max(verbose, 1))
+    job = job_for(cfg, "baseline" if baseline else "student")
+    metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh).run()
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(json.dumps({"checkpoint": str(job.out_dir / "last.pt"), **_plain(metrics)}))
+
+
+@main.command("train-teacher")
+@config_options
+@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (checkpoint, exit 0).")
+@click.option("--fresh", is_flag=True, help="Ignore an existing last.pt and start over.")
+@exit_on_user_error
+def train_teacher(config_path, overrides, verbose, max_steps, fresh):
+    """Train the B3 teacher on ground truth (the demo's `make teacher`)."""
+    from distill.trainer import Trainer, job_for
+
+    cfg = load(config_path, overrides, max(verbose, 1))
+    job = job_for(cfg, "teacher")
+    metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh).run()
+    click.echo(json.dumps({"checkpoint": str(job.out_dir / "best.pt"), **_plain(metrics)}))
+
+
+@main.command("export-feature-teacher")
+@config_options
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Output ONNX (default: <run_dir>/feature_teacher/featext.onnx).")
+@exit_on_user_error
+def export_feature_teacher(config_path, overrides, verbose, out):
+    """Export the demo's ONNX feature teacher from the trained teacher."""
+    from distill.demo_feature_teacher import export_demo_feature_teacher
+    from distill.models import load_model
+
+    cfg = load(config_path, overrides, verbose)
+    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).eval()
+    path = export_demo_feature_teacher(teacher, out or cfg.feature_teacher_onnx, cfg.data.image_size,
+                                       cfg.data.mean, cfg.data.std)
+    click.echo(str(path))
+
+
+@main.command("expose-feature")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--layer", required=True, help="Name of the tensor to expose, e.g. segmentation_model_34_Concat_output_0.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output ONNX (default: cached next to MODEL).")
+@click.option("--input-size", nargs=2, type=int, default=(640, 640), show_default=True, metavar="H W",
+              help="Input size for which to report the tensor's shape.")
+@click.option("-v", "--verbose", count=True)
+@exit_on_user_error
+def expose_feature(model, layer, out, input_size, verbose):
+    """Cut MODEL at tensor LAYER (pruned, cached) and print its shape for the input size."""
+    from distill.feature_onnx import expose_tensor, probe_output_shape
+
+    configure_logging(verbose)
+    path = expose_tensor(model, layer, out)
+    shape = probe_output_shape(path, tuple(input_size))
+    click.echo(json.dumps({"model": str(path), "tensor": layer, "input_size": list(input_size), "shape": list(shape)}))
+
+
+@main.command()
+@config_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Distilled student checkpoint (default: <run_dir>/distill/best.pt).")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint of the same student trained on ground truth alone (adds student_nodistill_miou).")
+@click.option("--with-baseline", is_flag=True, help="Use <run_dir>/distill-baseline/best.pt as --baseline.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Report JSON (default: <run_dir>/distill/report.json).")
+@click.option("--latency-repeats", type=int, default=20, show_default=True)
+@exit_on_user_error
+def evaluate(config_path, overrides, verbose, checkpoint, baseline, with_baseline, out, latency_repeats):
+    """Teacher vs student on the validation set: mIoU, agreement, size, latency."""
+    cfg = load(config_path, overrides, verbose)
+    checkpoint = checkpoint or cfg.stage_dir("distill") / "best.pt"
+    if with_baseline and not baseline:
+        baseline = cfg.stage_dir("distill-baseline") / "best.pt"
+    report = _evaluate(cfg, checkpoint, baseline, latency_repeats)
+    path = Path(out) if out else cfg.stage_dir("distill") / "report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+    _print_table(report)
+    click.echo(json.dumps({"report": str(path), **report}))
+
+
+def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) -> dict:
+    import numpy as np
+    import torch
+
+    from distill.data import SegmentationDataset, split_samples
+    from distill.evaluation import dataset_masks, latency_ms, make_loader, predict_logits, score
+    from distill.models import count_parameters, load_model
+    from distill.trainer import resolve_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    val = SegmentationDataset(split_samples(cfg, "val"), cfg.data, train=False)
+    loader = make_loader(val, 16, cfg.data.workers)
+    gt, _ = dataset_masks(val)
+    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(device)
+    student = load_model(cfg.student, checkpoint, cfg.student.feature_stride, keys=("student",)).to(device)
+    t_pred = (predict_logits(teacher, loader, device) > 0).astype(np.uint8)
+    s_pred = (predict_logits(student, loader, device) > 0).astype(np.uint8)
+    t_score, s_score = score(t_pred, gt), score(s_pred, gt, t_pred)
+    lat = latency_ms({"teacher": teacher, "student": student}, cfg.data.image_size, device, repeats=latency_repeats)
+    report = {
+        "teacher_miou": t_score["miou"], "student_miou": s_score["miou"],
+        "teacher_person_iou": t_score["person_iou"], "student_person_iou": s_score["person_iou"],
+        "agreement": s_score["agreement"],
+        "teacher_params": count_parameters(teacher), "student_params": count_parameters(student),
+        "teacher_size_mb": _state_size_mb(teacher), "student_size_mb": _state_size_mb(student),
+        "teacher_latency_ms": lat["teacher"], "student_latency_ms": lat["student"],
+        "latency_backend": f"torch eager, {device}, batch 1, {torch.get_num_threads()} threads",
+        "image_size": list(cfg.data.image_size), "val_images": len(val),
+    }
+    if baseline:
+        b = load_model(cfg.student, baseline, cfg.student.feature_stride, keys=("student",)).to(device)
+        b_pred = (predict_logits(b, loader, device) > 0).astype(np.uint8)
+        b_score = score(b_pred, gt, t_pred)
+        report["student_nodistill_miou"] = b_score["miou"]
+        report["student_nodistill_agreement"] = b_score["agreement"]
+    return report
+
+
+def _state_size_mb(model) -> float:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell() / 2**20
+
+
+def _print_table(report: dict) -> None:
+    rows = [("mIoU", "teacher_miou", "student_miou"), ("person IoU", "teacher_person_iou", "student_person_iou"),
+            ("params", "teacher_params", "student_params"), ("size (MB)", "teacher_size_mb", "student_size_mb"),
+            ("latency (ms)", "teacher_latency_ms", "student_latency_ms")]
+    print(f"{'':14s}{'teacher':>12s}{'student':>12s}", file=sys.stderr)
+    for label, a, b in rows:
+        fa = f"{report[a]:12.4f}" if isinstance(report[a], float) else f"{report[a]:12d}"
+        fb = f"{report[b]:12.4f}" if isinstance(report[b], float) else f"{report[b]:12d}"
+        print(f"{label:14s}{fa}{fb}", file=sys.stderr)
+    print(f"agreement with teacher: {report['agreement']:.4f}", file=sys.stderr)
+    if "student_nodistill_miou" in report:
+        print(f"student trained on ground truth alone: mIoU {report['student_nodistill_miou']:.4f}", file=sys.stderr)
+
+
+def _plain(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""The schema of edgeseg's config file: one YAML file drives every stage.
+
+Every default lives here, once, with its unit or meaning. Range checks raise ConfigError from
+``__post_init__``. Stage outputs are derived from ``run_dir`` (``<run_dir>/teacher``,
+``<run_dir>/distill``, ...) so a config never repeats a path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from distill.config_loader import ConfigError, config_to_dict, load_config, parse_config, require
+
+__all__ = [
+    "Config", "DataConfig", "DemoDataConfig", "AugmentConfig", "ModelConfig", "StudentConfig",
+    "FeatureTeacherConfig", "LossConfig", "TemperatureConfig", "TrainConfig", "CalibrationConfig",
+    "DDPMConfig", "SamplerConfig", "GuidanceConfig", "FilterConfig", "ExportConfig", "DeployConfig",
+    "ConfigError", "load_config", "parse_config", "config_to_dict",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """The embedded, procedurally generated person data set."""
+
+    train_count: int = 800  # images in the training split
+    val_count: int = 200  # images in the validation split
+    seed: int = 0  # one seed fixes every image and mask
+    max_people: int = 3  # people per image, 0..max_people
+    empty_fraction: float = 0.1  # share of images with nobody in them
+
+    def __post_init__(self):
+        require(self.train_count >= 1 and self.val_count >= 1, "train_count/val_count", "must be >= 1")
+        require(0.0 <= self.empty_fraction < 1.0, "empty_fraction", f"must be in [0, 1), got {self.empty_fraction}")
+        require(self.max_people >= 1, "max_people", f"must be >= 1, got {self.max_people}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (validation images are only resized)."""
+
+    enabled: bool = True  # master switch
+    hflip: bool = True  # random horizontal flip
+    scale: tuple[float, float] = (0.8, 1.25)  # random zoom range before the crop back to image_size
+    color_jitter: float = 0.2  # max relative change of brightness, contrast and saturation
+
+    def __post_init__(self):
+        lo, hi = self.scale
+        require(0 < lo <= hi, "scale", f"must be (min, max) with 0 < min <= max, got {self.scale}")
+        require(0 <= self.color_jitter < 1, "color_jitter", f"must be in [0, 1), got {self.color_jitter}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images and masks come from, and the size the models see."""
+
+    source: Literal["demo", "folder", "coco"] = "demo"  # demo is generated into <run_dir>/data
+    root: str = ""  # folder: <root>/<train>/{images,masks}; coco: JSON files under <root>
+    train: str = "train"  # split folder (folder) or annotation JSON (coco), relative to root
+    val: str = "val"
+    train_images: str = ""  # coco only: image folder of the train split, relative to root
+    val_images: str = ""  # coco only: image folder of the val split
+    image_size: tuple[int, int] = (128, 128)  # (height, width) in pixels, multiples of 32
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB normalisation of the UNets' input
+    std: tuple[float, float, float] = IMAGENET_STD
+    workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        h, w = self.image_size
+        require(h % 32 == 0 and w % 32 == 0 and h > 0 and w > 0, "image_size",
+                f"must be positive multiples of 32 (the encoder's stride), got {self.image_size}; "
+                "resize or pad your images to e.g. (128, 128) or (640, 640)")
+        require(all(s > 0 for s in self.std), "std", f"must be positive, got {self.std}")
+        require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        require(self.source == "demo" or bool(self.root), "root",
+                f"must name your data folder when source is '{self.source}' (e.g. --set data.root=/data/people)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A UNet from segmentation-models-pytorch (encoder + decoder + 1-channel head)."""
+
+    encoder: str = "tu-efficientnet_b3"  # smp encoder name (tu-* = timm models wrapped by smp)
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # 5 blocks = full-res output; 4 = half-res + x2 upsample
+    encoder_weights: str = "none"  # imagenet | none | path to an encoder state_dict
+    checkpoint: str = ""  # trained weights; empty = <run_dir>/teacher/best.pt for the teacher
+
+    def __post_init__(self):
+        require(len(self.decoder_channels) in (3, 4, 5), "decoder_channels",
+                f"must have 3, 4 or 5 entries (output stride 4, 2 or 1), got {list(self.decoder_channels)}")
+        require(all(c > 0 for c in self.decoder_channels), "decoder_channels", "must be positive")
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    """The student UNet, and which of its features the feature teacher supervises."""
+
+    encoder: str = "tu-efficientnet_b0"
+    # Chosen by the decoder sweep in benchmarks/bench_distill.py: half-resolution output with a
+    # slim decoder is what makes B0 >= 2.5x faster than the B3 teacher (the encoder alone is ~1.5x).
+    decoder_channels: tuple[int, ...] = (64, 32, 16, 16)
+    freeze_encoder: bool = False  # true: train decoder (+ projection) only; needs pretrained encoder weights
+    feature_stride: int = 8  # encoder stride whose feature the projection head reads (40 channels for B0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.feature_stride in (4, 8, 16, 32), "feature_stride", f"must be 4, 8, 16 or 32, got {self.feature_stride}")
+
+
+@dataclass(frozen=True)
+class FeatureTeacherConfig:
+    """The frozen ONNX feature teacher (e.g. YOLOv9 whole-body) and the projection head."""
+
+    enabled: bool = True  # false: no feature loss, no ONNX teacher
+    onnx: str = ""  # full ONNX model; empty = the demo's <run_dir>/feature_teacher/featext.onnx
+    tensor: str = "segmentation_model_34_Concat_output_0"  # intermediate tensor to expose and match
+    hidden_channels: int = 768  # projection head: Conv(C_s, hidden) -> BN -> ReLU -> Conv(hidden, C_t)
+    channel_norm: bool = False  # normalise both features per channel (over H, W) before the MSE
+
+    def __post_init__(self):
+        require(self.hidden_channels >= 1, "hidden_channels", f"must be >= 1, got {self.hidden_channels}")
+        require(bool(self.tensor), "tensor", "must name the ONNX tensor to match")
+
+
+@dataclass(frozen=True)
+class TemperatureConfig:
+    """Distillation temperature T, constant or decayed from t0 to t1 over training."""
+
+    schedule: Literal["constant", "linear", "cosine", "exponential"] = "cosine"
+    t0: float = 3.0  # temperature at the first step
+    t1: float = 1.0  # temperature at the last step (ignored for constant)
+
+    def __post_init__(self):
+        require(self.t0 > 0 and self.t1 > 0, "t0/t1", f"must be > 0, got {self.t0}, {self.t1}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the five loss terms (0 switches a term off)."""
+
+    kl: float = 1.0  # binary KL(teacher || student) on sigmoid(logit / T), times T^2
+    mse: float = 0.5  # MSE between teacher and student probabilities
+    bce: float = 0.5  # BCE of student logits vs the ground-truth mask
+    dice: float = 1.0  # soft Dice loss vs the ground-truth mask
+    feature: float = 0.5  # MSE between projected student feature and the feature teacher's tensor
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+
+    def __post_init__(self):
+        for name in ("kl", "mse", "bce", "dice", "feature"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.kl + self.mse + self.bce + self.dice + self.feature > 0, "kl..feature", "cannot all be 0")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kl > 0 or self.mse > 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one training run (the student, or the teacher with ``make teacher``)."""
+
+    epochs: int = 50  # passes over the training split
+    batch_size: int = 4  # images per optimizer step (per process under DDP)
+    lr: float = 1e-4  # AdamW peak learning rate
+    min_lr: float = 0.0  # cosine schedule floor
+    warmup_steps: int = 0  # linear warm-up before the cosine decay
+    weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    grad_clip_norm: float = 1.0  # max global gradient norm; 0 disables clipping
+    amp: bool = True  # mixed precision (float16 autocast + GradScaler); used on CUDA only
+    vis_images: int = 4  # validation images in each epoch's visualisation PNG
+    eval_every: int = 1  # epochs between validations (the last epoch always validates)
+
+    def __post_init__(self):
+        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr], got {self.min_lr}")
+        require(self.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    """The embedded pixel-space DDPM trained on the training images when no model is given."""
+
+    image_size: int = 64  # side of the square images it generates (upsampled to data.image_size)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # UNet2DModel widths per resolution level
+    train_steps: int = 1500  # optimizer steps
+    batch_size: int = 16
+    lr: float = 1e-3
+    timesteps: int = 1000  # DDPM noise levels
+
+    def __post_init__(self):
+        require(self.image_size % 8 == 0 and self.image_size >= 16, "image_size", f"must be a multiple of 8 and >= 16, got {self.image_size}")
+        require(self.train_steps >= 1, "train_steps", f"must be >= 1, got {self.train_steps}")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The reverse diffusion process."""
+
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 25  # denoising steps
+    eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
+    batch_size: int = 32  # images denoised together
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Teacher guidance of the sampler: eps_hat = eps - s(t) * g, g = normalised grad of the task loss."""
+
+    mode: Literal["none", "task", "confidence", "mode"] = "task"
+    scale: float = 0.4  # s at the strongest point of the schedule
+    schedule: Literal["constant", "linear", "cosine"] = "linear"  # how s(t) moves over the guided range
+    t_start: float = 0.9  # guide from this normalised time (1 = pure noise) ...
+    t_stop: float = 0.5  # ... down to this one; the last, detailed half is left alone
+    grad_clip: float = 1.0  # per-sample clip of the normalised gradient
+    diversity: float = 0.1  # weight of the push away from the batch's other samples
+    gamma: float = 2.0  # confidence guidance exponent g in t^g + (1 - f)^g
+    modes: int = 8  # k-means clusters of teacher-encoder embeddings (mode guidance)
+    hard_fraction: float = 0.1  # max share of confidence-guided (hard) images in a mixed set
+
+    def __post_init__(self):
+        require(0 <= self.t_stop <= self.t_start <= 1, "t_start/t_stop", f"need 0 <= t_stop <= t_start <= 1, got {self.t_start}, {self.t_stop}")
+        require(self.scale >= 0, "scale", f"must be >= 0, got {self.scale}")
+        require(self.modes >= 1, "modes", f"must be >= 1, got {self.modes}")
+        require(0 <= self.hard_fraction <= 1, "hard_fraction", f"must be in [0, 1], got {self.hard_fraction}")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """What a synthetic image must pass to enter the calibration set."""
+
+    min_person_fraction: float = 0.02  # teacher mask must cover at least this share of pixels
+    max_uncertain_fraction: float = 0.15  # share of pixels with teacher p in (0.3, 0.7) allowed
+    dedup_bits: int = 4  # drop an image whose 64-bit perceptual hash is within this Hamming distance of a kept one
+    leak_bits: int = 6  # drop an image this close (hash bits) to any validation image
+
+    def __post_init__(self):
+        require(0 <= self.min_person_fraction < 1, "min_person_fraction", f"must be in [0, 1), got {self.min_person_fraction}")
+        require(0 < self.max_uncertain_fraction <= 1, "max_uncertain_fraction", f"must be in (0, 1], got {self.max_uncertain_fraction}")
+        require(0 <= self.dedup_bits <= 64 and 0 <= self.leak_bits <= 64, "dedup_bits/leak_bits", "must be in [0, 64]")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Diffusion-synthesised INT8 calibration sets (``python -m calibration``)."""
+
+    generator: Literal["ddpm", "pipeline"] = "ddpm"  # embedded DDPM, or a diffusers pipeline folder
+    model: str = ""  # local diffusers folder; empty = train (or reuse) <run_dir>/calibration/ddpm
+    count: int = 256  # images to keep
+    pool_factor: float = 2.0  # generate up to pool_factor * count, keep the best that pass
+    seed: int = 1234  # base seed; image i uses seed + i
+    prompts: tuple[str, ...] = (
+        "a photo of a person walking in a city street",
+        "a photo of people standing in an office, backlit",
+        "a photo of a crowd at night under street lights",
+        "a photo of a person sitting in a park",
+    )  # text prompts for a pipeline generator
+    img2img_strength: float = 0.0  # pipeline: > 0 starts from real images with this strength
+    report_images: int = 64  # held-out real images for the quality report
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+
+    def __post_init__(self):
+        require(self.count >= 1, "count", f"must be >= 1, got {self.count}")
+        require(self.pool_factor >= 1, "pool_factor", f"must be >= 1, got {self.pool_factor}")
+        require(0 <= self.img2img_strength < 1, "img2img_strength", f"must be in [0, 1), got {self.img2img_strength}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export, INT8 quantization and TensorRT engine build (``python -m export``)."""
+
+    opset: int = 17  # ONNX opset
+    fuse_preprocessing: bool = False  # true: input uint8 NHWC, normalisation inside the graph
+    output: Literal["logits", "probabilities", "mask"] = "logits"  # mask_logits, mask_probs or a uint8 mask
+    max_batch: int = 8  # optimization profile max (and parity check batch)
+    opt_batch: int = 4  # optimization profile opt
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = 99.999  # for calibration_method percentile
+    calibration_images: int = 256  # at most this many calibration images
+    max_miou_drop: float = 1.0  # accuracy budget in mIoU points (INT8 vs FP32); keeps nodes in float until it holds
+    max_float_nodes: int = 24  # give up the budget search after this many float nodes
+    threshold: float = 0.5  # probability above which a pixel is a person
+    precision: Literal["int8", "fp16", "fp32"] = "int8"  # engine / deployed precision
+    workspace_mib: int = 1024  # TensorRT builder workspace limit
+    gallery_images: int = 6  # worst images per backend in the gallery PNG
+
+    def __post_init__(self):
+        require(1 <= self.opt_batch <= self.max_batch, "opt_batch/max_batch", f"need 1 <= opt_batch <= max_batch, got {self.opt_batch}, {self.max_batch}")
+        require(11 <= self.opset <= 21, "opset", f"must be in [11, 21], got {self.opset}")
+        require(90 < self.percentile < 100, "percentile", f"must be in (90, 100), got {self.percentile}")
+        require(self.max_miou_drop >= 0, "max_miou_drop", f"must be >= 0 points, got {self.max_miou_drop}")
+        require(0 < self.threshold < 1, "threshold", f"must be in (0, 1), got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """The deploy bundle."""
+
+    allow_over_budget: bool = False  # write a bundle even if the chosen precision misses the accuracy budget
+    resize: Literal["letterbox", "stretch"] = "letterbox"  # how the runtime fits images of any size
+    profile_batches: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes `make profile` measures
+    profile_iters: int = 30  # timed iterations per batch size (after warm-up)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file."""
+
+    run_dir: str = "runs/demo"  # every stage writes under here
+    seed: int = 0  # training seed (data order, augmentation, init)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    feature_teacher: FeatureTeacherConfig = field(default_factory=FeatureTeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    def __post_init__(self):
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+
+    # Derived paths: one place that says where each stage writes.
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run_dir) / stage
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self.data.root) if self.data.root else self.stage_dir("data")
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        return Path(self.teacher.checkpoint) if self.teacher.checkpoint else self.stage_dir("teacher") / "best.pt"
+
+    @property
+    def feature_teacher_onnx(self) -> Path:
+        if self.feature_teacher.onnx:
+            return Path(self.feature_teacher.onnx)
+        return self.stage_dir("feature_teacher") / "featext.onnx"

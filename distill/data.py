@@ -1,0 +1,219 @@
+"""Segmentation data: image/mask folders, COCO person masks, the demo set, and the torch Dataset.
+
+A *sample source* is a list of :class:`Sample` (an image path and how to get its mask). Errors
+about the files (a missing mask, a mask whose size differs from its image, an unreadable file,
+an empty folder) are raised when the list is built, naming the file, so a training run never
+dies an hour in.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distill.config import Config, DataConfig
+from runtime.errors import InputError
+from runtime.images import IMAGE_SUFFIXES, list_images, read_rgb
+from runtime.preprocess import fit_image, fit_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and the way to read its binary person mask."""
+
+    image: Path
+    mask: Path | None = None  # a mask file (value > 0 is person) ...
+    coco_masks: Callable[[], np.ndarray] | None = None  # ... or a COCO union-of-person-masks loader
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask file as (H, W) uint8 with 1 = person (any value > 0, any channel)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: mask file does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = np.asarray(im)
+    except OSError as e:
+        raise InputError(f"{path}: not a readable mask image ({e})") from None
+    if a.ndim == 3:
+        a = a[:, :, :3].max(axis=2)  # an RGB(A) mask: any colour channel > 0 is person
+    return (a > 0).astype(np.uint8)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except OSError as e:
+        raise InputError(f"{path}: not a readable image ({e}); re-save it as PNG or JPEG") from None
+    return h, w
+
+
+def folder_samples(split_dir: str | Path) -> list[Sample]:
+    """Pairs ``<split_dir>/images/X.*`` with ``<split_dir>/masks/X.*`` (same stem)."""
+    split_dir = Path(split_dir)
+    img_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise InputError(f"{d}: folder does not exist; a data split needs images/ and masks/ with matching file names")
+    images = list_images(img_dir)
+    if not images:
+        raise InputError(f"{img_dir}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    masks = {p.stem: p for p in list_images(mask_dir)}
+    samples = []
+    for img in images:
+        mask = masks.get(img.stem)
+        if mask is None:
+            raise InputError(f"{img}: no mask with the same name in {mask_dir}; add {img.stem}.png (person > 0)")
+        ih, iw = _image_size(img)
+        mh, mw = _image_size(mask)
+        if (ih, iw) != (mh, mw):
+            raise InputError(f"{mask}: mask is {mw}x{mh} but its image {img.name} is {iw}x{ih}; masks must match their image's size")
+        samples.append(Sample(image=img, mask=mask))
+    return samples
+
+
+def coco_samples(annotation_json: str | Path, image_dir: str | Path) -> list[Sample]:
+    """Every image of a COCO file, with the union of its ``person`` instance masks."""
+    from pycocotools.coco import COCO
+
+    annotation_json, image_dir = Path(annotation_json), Path(image_dir)
+    if not annotation_json.is_file():
+        raise InputError(f"{annotation_json}: COCO annotation file does not exist")
+    if not image_dir.is_dir():
+        raise InputError(f"{image_dir}: COCO image folder does not exist")
+    try:
+        coco = COCO(str(annotation_json))
+    except Exception as e:  # pycocotools raises assorted errors on bad JSON
+        raise InputError(f"{annotation_json}: not a readable COCO annotation file ({type(e).__name__}: {e})") from None
+    person_ids = coco.getCatIds(catNms=["person"])
+    if not person_ids:
+        raise InputError(f"{annotation_json}: no 'person' category; edgeseg segments people")
+    samples = []
+    for img_id in sorted(coco.getImgIds()):
+        info = coco.loadImgs(img_id)[0]
+        path = image_dir / info["file_name"]
+        if not path.is_file():
+            raise InputError(f"{path}: listed in {annotation_json.name} but missing from {image_dir}")
+        ann_ids = coco.getAnnIds(imgIds=img_id, catIds=person_ids, iscrowd=None)
+
+        def union(ann_ids=ann_ids, h=info["height"], w=info["width"]):
+            m = np.zeros((h, w), np.uint8)
+            for ann in coco.loadAnns(ann_ids):
+                m |= coco.annToMask(ann).astype(np.uint8)
+            return m
+
+        samples.append(Sample(image=path, coco_masks=union))
+    if not samples:
+        raise InputError(f"{annotation_json}: lists no images")
+    return samples
+
+
+def split_samples(cfg: Config, split: str) -> list[Sample]:
+    """The samples of ``split`` ('train' or 'val') for the configured source.
+
+    The demo source generates its set under ``<run_dir>/data`` first (once; cached).
+    """
+    d: DataConfig = cfg.data
+    root = cfg.data_root
+    if d.source == "demo":
+        from distill.demo_data import generate_demo_dataset
+
+        generate_demo_dataset(root, d.image_size, d.demo.train_count, d.demo.val_count, d.demo.seed,
+                              d.demo.max_people, d.demo.empty_fraction)
+    rel = d.train if split == "train" else d.val
+    if d.source == "coco":
+        images = d.train_images if split == "train" else d.val_images
+        if not images:
+            raise InputError(f"data.{split}_images must name the COCO image folder of the {split} split")
+        return coco_samples(root / rel, root / images)
+    return folder_samples(root / rel)
+
+
+def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """((H, W, 3) uint8 RGB, (H, W) uint8 mask) of one sample, checked against each other."""
+    image = read_rgb(sample.image)
+    mask = read_mask(sample.mask) if sample.mask is not None else sample.coco_masks()
+    if mask.shape != image.shape[:2]:
+        raise InputError(f"{sample.mask or sample.image}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                         f"{image.shape[1]}x{image.shape[0]}; masks must match their image's size")
+    return image, mask
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Images letterboxed to ``image_size``, normalised, with optional augmentation.
+
+    Augmentation is a pure function of (seed, epoch, index), so a resumed run and a run with
+    any number of loader workers see exactly the same pixels. Call :meth:`set_epoch` each epoch.
+
+    Returns per item: image (3, H, W) float32 normalised, mask (1, H, W) float32 in {0, 1}, and
+    the raw (3, H, W) uint8 image (for visualisation and the feature teacher).
+    """
+
+    def __init__(self, samples: list[Sample], data: DataConfig, train: bool, seed: int = 0):
+        if not samples:
+            raise InputError("the data set is empty: no samples were found")
+        self.samples = samples
+        self.size = tuple(data.image_size)
+        self.mean = np.asarray(data.mean, np.float32) * 255
+        self.std = np.asarray(data.std, np.float32) * 255
+        self.pad = tuple(int(round(v)) for v in self.mean)
+        self.augment = data.augment if (train and data.augment.enabled) else None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        image, mask = load_sample(self.samples[index])
+        image, placement = fit_image(image, self.size, "letterbox", self.pad)
+        mask = fit_mask(mask, placement)
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, mask = self._augment(image, mask, rng)
+        x = (image.astype(np.float32) - self.mean) / self.std
+        return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
+                torch.from_numpy(mask[None].astype(np.float32)),
+                torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
+
+    def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        a = self.augment
+        h, w = self.size
+        if a.hflip and rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        scale = float(rng.uniform(*a.scale))
+        if abs(scale - 1.0) > 1e-3:
+            sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+            im = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((sw, sh), Image.BILINEAR))
+            mk = np.asarray(Image.fromarray(np.ascontiguousarray(mask)).resize((sw, sh), Image.NEAREST))
+            canvas = np.empty((max(h, sh), max(w, sw), 3), np.uint8)
+            canvas[...] = self.pad
+            mcanvas = np.zeros(canvas.shape[:2], np.uint8)
+            oy, ox = rng.integers(0, canvas.shape[0] - sh + 1), rng.integers(0, canvas.shape[1] - sw + 1)
+            canvas[oy:oy + sh, ox:ox + sw], mcanvas[oy:oy + sh, ox:ox + sw] = im, mk
+            cy, cx = rng.integers(0, canvas.shape[0] - h + 1), rng.integers(0, canvas.shape[1] - w + 1)
+            image, mask = canvas[cy:cy + h, cx:cx + w], mcanvas[cy:cy + h, cx:cx + w]
+        if a.color_jitter > 0:
+            j = a.color_jitter
+            f = image.astype(np.float32)
+            f = f * rng.uniform(1 - j, 1 + j)  # brightness
+            mean = f.mean()
+            f = (f - mean) * rng.uniform(1 - j, 1 + j) + mean  # contrast
+            gray = f.mean(axis=2, keepdims=True)
+            f = (f - gray) * rng.uniform(1 - j, 1 + j) + gray  # saturation
+            image = f.clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask)

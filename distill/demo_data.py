@@ -1,0 +1,292 @@
+"""The embedded demo data set: procedurally drawn people over photographic backgrounds.
+
+Each image is drawn at twice its size and box-filtered down, so edges are anti-aliased and the
+mask (coverage > 0.5) is exact for the pixels drawn. A figure is a skeleton (pelvis, spine,
+neck, head, two arms and two legs with random joint angles) rendered as capsules and polygons
+in clothing colours and textures (plain, stripes, checks, noise) with skin-coloured head and
+hands. Backgrounds are random crops, flips, colour shifts and blends of the photographs and
+textures bundled with scikit-image (no people among them), with distractor shapes in clothing
+colours, foreground occluders that cut people's masks, lighting gradients, blur and noise.
+Everything is a function of (seed, split, index), so the set is identical on every machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger(__name__)
+
+# scikit-image photographs and textures that load offline and contain no people.
+_BACKGROUND_SOURCES = (
+    "brick", "grass", "gravel", "coffee", "rocket", "chelsea", "hubble_deep_field", "retina",
+    "coins", "moon", "page", "text", "immunohistochemistry", "cell", "clock", "stereo_motorcycle",
+)
+_SKIN_TONES = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 66],
+                        [141, 85, 36], [92, 56, 30]], np.float32)
+_FORMAT_VERSION = 1
+
+
+def _load_backgrounds() -> list[np.ndarray]:
+    import skimage.data
+
+    out = []
+    for name in _BACKGROUND_SOURCES:
+        img = getattr(skimage.data, name)()
+        if isinstance(img, tuple):  # stereo pairs
+            img = img[0]
+        img = np.asarray(img)
+        if img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        out.append(np.ascontiguousarray(img[:, :, :3].astype(np.uint8)))
+    return out
+
+
+@dataclass
+class _Canvas:
+    rng: np.random.Generator
+    size: int  # drawing size (2x the output)
+    backgrounds: list[np.ndarray]
+
+
+def _background_crop(c: _Canvas) -> np.ndarray:
+    """A random crop of one source photo, resized to the canvas, flipped and colour-shifted."""
+    src = c.backgrounds[c.rng.integers(len(c.backgrounds))]
+    h, w = src.shape[:2]
+    side = int(c.rng.uniform(0.3, 1.0) * min(h, w))
+    y, x = c.rng.integers(0, h - side + 1), c.rng.integers(0, w - side + 1)
+    crop = Image.fromarray(src[y:y + side, x:x + side]).resize((c.size, c.size), Image.BILINEAR)
+    a = np.asarray(crop, np.float32)
+    if c.rng.random() < 0.5:
+        a = a[:, ::-1]
+    if c.rng.random() < 0.5:
+        a = a[::-1]
+    # per-channel gain and offset: a colour cast, as under different lights
+    a = a * c.rng.uniform(0.6, 1.3, size=3) + c.rng.uniform(-30, 30, size=3)
+    return a
+
+
+def _background(c: _Canvas) -> np.ndarray:
+    a = _background_crop(c)
+    if c.rng.random() < 0.6:  # blend a second source: clutter
+        b = _background_crop(c)
+        alpha = _smooth_field(c, scale=c.rng.uniform(2, 6))
+        a = a * alpha[:, :, None] + b * (1 - alpha[:, :, None])
+    return a
+
+
+def _smooth_field(c: _Canvas, scale: float) -> np.ndarray:
+    """A smooth random field in [0, 1], from upsampled low-resolution noise."""
+    n = max(2, int(scale))
+    low = c.rng.random((n, n)).astype(np.float32)
+    return np.asarray(Image.fromarray(low).resize((c.size, c.size), Image.BICUBIC)).clip(0, 1)
+
+
+def _texture(c: _Canvas, base: np.ndarray) -> np.ndarray:
+    """A clothing texture: plain, stripes, checks or mottled noise around a base colour."""
+    s = c.size
+    kind = c.rng.integers(4)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    if kind == 0:
+        pattern = np.zeros((s, s), np.float32)
+    elif kind == 1:
+        period = c.rng.uniform(6, 24)
+        angle = c.rng.uniform(0, math.pi)
+        pattern = (np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period) > 0).astype(np.float32) - 0.5
+    elif kind == 2:
+        period = c.rng.uniform(8, 28)
+        pattern = (((xx // period) + (yy // period)) % 2).astype(np.float32) - 0.5
+    else:
+        pattern = _smooth_field(c, scale=c.rng.uniform(8, 24)) - 0.5
+    second = c.rng.uniform(0, 255, size=3).astype(np.float32)
+    amount = c.rng.uniform(0.2, 0.8)
+    tex = base[None, None, :] + pattern[:, :, None] * amount * (second - base)[None, None, :] * 2
+    return tex
+
+
+def _capsule(draw: ImageDraw.ImageDraw, p0, p1, width: float) -> None:
+    draw.line([tuple(p0), tuple(p1)], fill=255, width=max(1, int(width)))
+    r = width / 2
+    for p in (p0, p1):
+        draw.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=255)
+
+
+def _limb(origin, length1, length2, angle1, angle2):
+    """Two-segment limb from ``origin``; angles in radians from straight down."""
+    o = np.asarray(origin, np.float32)
+    j = o + length1 * np.array([math.sin(angle1), math.cos(angle1)], np.float32)
+    e = j + length2 * np.array([math.sin(angle1 + angle2), math.cos(angle1 + angle2)], np.float32)
+    return o, j, e
+
+
+def _draw_person(c: _Canvas, image: np.ndarray, mask: np.ndarray) -> None:
+    """Draw one figure into ``image`` (float HxWx3) and ``mask`` (bool HxW), in place."""
+    rng, s = c.rng, c.size
+    height = s * rng.uniform(0.3, 0.95)
+    cx = rng.uniform(0.05, 0.95) * s
+    feet_y = rng.uniform(0.45, 1.15) * s
+    pelvis = np.array([cx, feet_y - 0.5 * height], np.float32)
+    lean = rng.normal(0, 0.12)
+    neck = pelvis + 0.32 * height * np.array([math.sin(lean), -math.cos(lean)], np.float32)
+    head_r = 0.065 * height * rng.uniform(0.9, 1.15)
+    head = neck + (head_r * 1.1) * np.array([math.sin(lean), -math.cos(lean)], np.float32)
+    shoulder_w = 0.11 * height * rng.uniform(0.8, 1.2)
+    hip_w = 0.07 * height * rng.uniform(0.8, 1.2)
+    side = np.array([math.cos(lean), math.sin(lean)], np.float32)
+    sh_l, sh_r = neck - side * shoulder_w, neck + side * shoulder_w
+    hip_l, hip_r = pelvis - side * hip_w, pelvis + side * hip_w
+    limb_w = 0.055 * height * rng.uniform(0.8, 1.3)
+    leg_w = 0.075 * height * rng.uniform(0.8, 1.3)
+
+    layers = {name: Image.new("L", (s, s), 0) for name in ("shirt", "pants", "skin")}
+    d = {k: ImageDraw.Draw(v) for k, v in layers.items()}
+    # torso: a quadrilateral from shoulders to hips
+    d["shirt"].polygon([tuple(sh_l), tuple(sh_r), tuple(hip_r + side * 0.01 * height), tuple(hip_l - side * 0.01 * height)], fill=255)
+    # legs
+    for hip, sgn in ((hip_l, -1), (hip_r, 1)):
+        a1 = sgn * abs(rng.normal(0.12, 0.2)) + rng.normal(0, 0.25)
+        a2 = -abs(rng.normal(0, 0.35)) * np.sign(a1 + 1e-3)
+        o, j, e = _limb(hip, 0.25 * height, 0.24 * height, a1, a2)
+        _capsule(d["pants"], o, j, leg_w)
+        _capsule(d["pants"], j, e, leg_w * 0.85)
+    # arms (sleeves in shirt colour, forearms short- or long-sleeved)
+    long_sleeves = rng.random() < 0.5
+    for shoulder, sgn in ((sh_l, -1), (sh_r, 1)):
+        a1 = sgn * abs(rng.normal(0.3, 0.6)) + lean
+        a2 = sgn * rng.normal(0.3, 0.7)
+        o, j, e = _limb(shoulder, 0.17 * height, 0.16 * height, a1, a2)
+        _capsule(d["shirt"], o, j, limb_w)
+        _capsule(d["shirt" if long_sleeves else "skin"], j, e, limb_w * 0.85)
+        r = limb_w * 0.6
+        d["skin"].ellipse([e[0] - r, e[1] - r, e[0] + r, e[1] + r], fill=255)
+    # head and neck
+    d["skin"].ellipse([head[0] - head_r, head[1] - head_r * 1.15, head[0] + head_r, head[1] + head_r * 1.15], fill=255)
+    _capsule(d["skin"], neck, head, head_r * 0.8)
+    if rng.random() < 0.5:  # hair or a hat on top
+        hair = Image.new("L", (s, s), 0)
+        ImageDraw.Draw(hair).pieslice([head[0] - head_r * 1.05, head[1] - head_r * 1.25, head[0] + head_r * 1.05, head[1] + head_r * 0.9], 180, 360, fill=255)
+        layers["hair"] = hair
+
+    shirt = rng.uniform(0, 255, size=3).astype(np.float32)
+    pants = rng.uniform(0, 200, size=3).astype(np.float32)
+    skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.85, 1.1)
+    hair_col = rng.uniform(0, 120, size=3).astype(np.float32)
+    # lighting on the figure: a gradient along the body
+    shade = (1.0 + rng.uniform(-0.35, 0.35) * (np.linspace(-1, 1, s, dtype=np.float32)[:, None])).astype(np.float32)
+    for name, fill in (("pants", _texture(c, pants)), ("shirt", _texture(c, shirt)),
+                       ("skin", skin[None, None, :]), ("hair", hair_col[None, None, :])):
+        if name not in layers:
+            continue
+        m = np.asarray(layers[name]) > 127
+        if not m.any():
+            continue
+        fill = np.broadcast_to(fill, image.shape)
+        image[m] = (fill[m] * shade[np.nonzero(m)[0]]).clip(0, 255)
+        mask |= m
+
+
+def _draw_shape(c: _Canvas, image: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """A random ellipse, rectangle, polygon or pole; returns its boolean footprint."""
+    rng, s = c.rng, c.size
+    layer = Image.new("L", (s, s), 0)
+    d = ImageDraw.Draw(layer)
+    kind = rng.integers(4)
+    x, y = rng.uniform(-0.1, 1.0, size=2) * s
+    w, h = rng.uniform(0.08, 0.45, size=2) * s
+    if kind == 0:
+        d.ellipse([x, y, x + w, y + h], fill=255)
+    elif kind == 1:
+        d.rectangle([x, y, x + w, y + h], fill=255)
+    elif kind == 2:
+        pts = [(x + rng.uniform(0, w), y + rng.uniform(0, h)) for _ in range(rng.integers(3, 7))]
+        d.polygon(pts, fill=255)
+    else:  # a pole or a lamp post: thin and tall, like a limb
+        d.line([(x, y), (x + rng.uniform(-0.1, 0.1) * s, y + h * 2)], fill=255, width=int(rng.uniform(0.02, 0.06) * s))
+    m = np.asarray(layer) > 127
+    image[m] = fill[m] if fill.ndim == 3 else fill
+    return m
+
+
+def render_sample(seed: int, split: str, index: int, size: tuple[int, int], max_people: int,
+                  empty_fraction: float, backgrounds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image and its mask.
+
+    Returns:
+        ((H, W, 3) uint8 RGB image, (H, W) uint8 mask with 1 = person).
+    """
+    split_id = {"train": 0, "val": 1}.get(split, 2)
+    rng = np.random.default_rng([seed, split_id, index])
+    side = 2 * max(size)
+    c = _Canvas(rng=rng, size=side, backgrounds=backgrounds)
+    image = _background(c)
+    mask = np.zeros((side, side), bool)
+
+    # distractors behind the people: shapes in clothing-like colours and textures
+    for _ in range(rng.integers(1, 5)):
+        fill = _texture(c, rng.uniform(0, 255, size=3).astype(np.float32))
+        _draw_shape(c, image, fill)
+    people = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_people + 1))
+    for _ in range(people):
+        _draw_person(c, image, mask)
+    # occluders in front: cut people's masks (a mask is what is visible)
+    for _ in range(rng.integers(0, 3)):
+        if rng.random() < 0.5:
+            fill = _background_crop(c)
+        else:
+            fill = _texture(c, rng.uniform(0, 255, size=3).astype(np.float32))
+        m = _draw_shape(c, image, fill)
+        mask &= ~m
+
+    # global lighting gradient, blur and sensor noise
+    gy, gx = rng.uniform(-0.4, 0.4, size=2)
+    yy, xx = np.mgrid[-1:1:complex(side), -1:1:complex(side)].astype(np.float32)
+    image = image * (1 + gy * yy + gx * xx)[:, :, None] * rng.uniform(0.7, 1.2)
+    img = Image.fromarray(image.clip(0, 255).astype(np.uint8))
+    h, w = size
+    img = img.resize((w, h), Image.BOX)
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    out = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(1, 6), size=(h, w, 3))
+    mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX)) > 127
+    return out.clip(0, 255).astype(np.uint8), mask_small.astype(np.uint8)
+
+
+def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_count: int, val_count: int,
+                          seed: int = 0, max_people: int = 3, empty_fraction: float = 0.1) -> Path:
+    """Write ``root/{train,val}/{images,masks}/NNNNN.png`` unless an identical set is there.
+
+    The set's parameters are stored in ``root/demo.json``; a matching file means the set is
+    complete (it is written last), so an interrupted generation is redone, never half-used.
+    """
+    from tqdm import tqdm
+
+    root = Path(root)
+    params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "train_count": train_count,
+              "val_count": val_count, "seed": seed, "max_people": max_people, "empty_fraction": empty_fraction}
+    stamp = root / "demo.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        log.info("demo data set in %s is up to date", root)
+        return root
+    stamp.unlink(missing_ok=True)
+    backgrounds = _load_backgrounds()
+    for split, count in (("train", train_count), ("val", val_count)):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        for stale in (root / split / "images").glob("*.png"):
+            if int(stale.stem) >= count:
+                stale.unlink()
+                (root / split / "masks" / stale.name).unlink(missing_ok=True)
+        for i in tqdm(range(count), desc=f"demo data ({split})", disable=None, leave=False):
+            img, mask = render_sample(seed, split, i, tuple(image_size), max_people, empty_fraction, backgrounds)
+            Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
+            Image.fromarray(mask * 255).save(root / split / "masks" / f"{i:05d}.png")
+    stamp.write_text(json.dumps(params, indent=1))
+    log.info("wrote the demo data set (%d train, %d val at %s) to %s", train_count, val_count, image_size, root)
+    return root

@@ -1,0 +1,126 @@
+"""The five distillation loss terms, the temperature schedules, and the loss module."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distill.config import LossConfig, TemperatureConfig
+
+log = logging.getLogger(__name__)
+
+
+def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean binary KL(p || q), p = sigmoid(t / T), q = sigmoid(s / T), times T^2.
+
+    ``p log(p/q) + (1-p) log((1-p)/(1-q))`` per pixel, computed from log-sigmoids so that
+    saturated logits stay finite (this is not the softmax KL over a class axis).
+    """
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    p = torch.sigmoid(t)
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.mean() * temperature ** 2
+
+
+def probability_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """MSE between teacher and student probabilities (sigmoid of the logits)."""
+    return F.mse_loss(torch.sigmoid(student_logits.float()), torch.sigmoid(teacher_logits.float()))
+
+
+def bce_loss(student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of logits against a {0, 1} mask."""
+    return F.binary_cross_entropy_with_logits(student_logits.float(), mask.float())
+
+
+def dice_loss(probs: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - soft Dice over the whole batch: 1 - 2|P.G| / (|P| + |G|).
+
+    Dice of [1, 1, 1, 1] vs [1, 1, 0, 0] is 2/3, so the loss is 1/3.
+    """
+    p, g = probs.float().flatten(), mask.float().flatten()
+    intersection = (p * g).sum()
+    return 1 - 2 * intersection / (p.sum() + g.sum()).clamp_min(eps)
+
+
+def channel_normalise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance per sample and channel over (H, W)."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True)
+    return (x - mean) / (std + eps)
+
+
+def feature_mse(projected: torch.Tensor, target: torch.Tensor, normalise: bool = False) -> torch.Tensor:
+    """MSE between the projected student feature and the teacher feature (same shape)."""
+    a, b = projected.float(), target.float()
+    if normalise:
+        a, b = channel_normalise(a), channel_normalise(b)
+    return F.mse_loss(a, b)
+
+
+def temperature_at(cfg: TemperatureConfig, progress: float) -> float:
+    """T for ``progress`` in [0, 1] of training: constant, or t0 -> t1 by the schedule."""
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "constant":
+        return cfg.t0
+    if cfg.schedule == "linear":
+        return cfg.t0 + (cfg.t1 - cfg.t0) * p
+    if cfg.schedule == "cosine":
+        return cfg.t1 + (cfg.t0 - cfg.t1) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.schedule == "exponential":
+        return cfg.t0 * (cfg.t1 / cfg.t0) ** p
+    raise ValueError(f"unknown temperature schedule {cfg.schedule!r}")
+
+
+class DistillationLoss(nn.Module):
+    """Weighted sum of KL, MSE, BCE, Dice and feature terms.
+
+    Args:
+        weights: the loss config (a weight of 0 skips the term).
+        channel_norm: channel-normalise both features before the feature MSE.
+    """
+
+    def __init__(self, weights: LossConfig, channel_norm: bool = False):
+        super().__init__()
+        self.weights = weights
+        self.channel_norm = channel_norm
+        self._warned_resize = False
+
+    def forward(self, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                teacher_logits: torch.Tensor | None = None, projected_feature: torch.Tensor | None = None,
+                teacher_feature: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and each term's unweighted value (detached).
+
+        Args:
+            student_logits: (B, 1, H, W); mask: (B, 1, H, W) in {0, 1}.
+            teacher_logits: (B, 1, H, W) from the frozen teacher, or None.
+            projected_feature: (B, C_t, h', w') the student's feature after the projection head.
+            teacher_feature: (B, C_t, h, w) from the feature teacher; the projected feature is
+                resized (bilinear) to (h, w) if its grid differs.
+        """
+        w = self.weights
+        terms: dict[str, torch.Tensor] = {}
+        if w.bce > 0:
+            terms["bce"] = bce_loss(student_logits, mask)
+        if w.dice > 0:
+            terms["dice"] = dice_loss(torch.sigmoid(student_logits.float()), mask)
+        if teacher_logits is not None and w.kl > 0:
+            terms["kl"] = binary_kl(teacher_logits, student_logits, temperature)
+        if teacher_logits is not None and w.mse > 0:
+            terms["mse"] = probability_mse(teacher_logits, student_logits)
+        if teacher_feature is not None and w.feature > 0:
+            if projected_feature is None:
+                raise ValueError("the feature loss needs the projected student feature")
+            projected = projected_feature
+            if projected.shape[-2:] != teacher_feature.shape[-2:]:
+                if not self._warned_resize:
+                    log.info("student feature grid %s differs from the feature teacher's %s: resizing the projected "
+                             "feature bilinearly", tuple(projected.shape[-2:]), tuple(teacher_feature.shape[-2:]))
+                    self._warned_resize = True
+                projected = F.interpolate(projected, size=teacher_feature.shape[-2:], mode="bilinear", align_corners=False)
+            terms["feature"] = feature_mse(projected, teacher_feature, self.channel_norm)
+        total = sum(getattr(w, name) * value for name, value in terms.items())
+        return total, {k: v.detach() for k, v in terms.items()}

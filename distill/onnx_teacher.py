@@ -1,0 +1,130 @@
+"""Running the frozen ONNX feature teacher on torch tensors through ONNX Runtime IOBinding.
+
+The student's batch is already on the training device, normalised for the UNets. The feature
+teacher wants plain [0, 1] RGB, so the normalisation is undone there (one fused multiply-add
+on the device), and that tensor's memory is bound as the session's input; the output is bound
+to a preallocated torch tensor that is reused while the batch shape stays the same. No numpy,
+no host round trip: on CUDA ORT runs on torch's current stream, on the CPU it reads and writes
+torch's memory directly.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from runtime.errors import BackendUnavailableError, InputError
+
+log = logging.getLogger(__name__)
+
+_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+class OnnxFeatureTeacher:
+    """A one-input, one-output ONNX model run on torch tensors with IOBinding.
+
+    Args:
+        path: ONNX model whose only output is the feature to match (see ``expose_tensor``).
+        device: where the student's tensors live (``cpu`` or ``cuda:N``).
+        mean, std: the UNets' RGB normalisation, undone before binding.
+        threads: ONNX Runtime intra-op threads on the CPU (0 = ORT's default).
+    """
+
+    def __init__(self, path: str | Path, device: torch.device | str, mean: Sequence[float], std: Sequence[float],
+                 threads: int = 0):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.device = torch.device(device)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError(
+                    "the feature teacher needs ONNX Runtime's CUDA provider on a CUDA device; "
+                    "install it with `pip install edgeseg[gpu]` (onnxruntime-gpu) or set device: cpu")
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            # ORT launches its kernels on torch's stream: ordering with torch's work comes free.
+            options = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream)}
+            providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+            self._bind_device = ("cuda", index)
+        else:
+            providers = ["CPUExecutionProvider"]
+            self._bind_device = ("cpu", 0)
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as e:  # ORT's own exception types; the file is the user's
+            raise InputError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+        inputs = [i for i in self.session.get_inputs()]
+        outputs = self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise InputError(f"{self.path}: a feature teacher needs one input and one output, it has "
+                             f"{len(inputs)} and {len(outputs)}; expose the wanted tensor first "
+                             "(python -m distill expose-feature MODEL --layer NAME --out OUT)")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        if inputs[0].type not in _ORT_TO_TORCH or outputs[0].type not in _ORT_TO_TORCH:
+            raise InputError(f"{self.path}: input/output types {inputs[0].type}/{outputs[0].type} unsupported; need float or float16")
+        self.input_dtype = _ORT_TO_TORCH[inputs[0].type]
+        self.output_dtype = _ORT_TO_TORCH[outputs[0].type]
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._binding = self.session.io_binding()
+        self._grid: dict[tuple[int, int], tuple[int, int, int]] = {}  # input (H, W) -> output (C, h, w)
+        self._out: torch.Tensor | None = None
+
+    def feature_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the feature for an input of ``input_hw``, read from the model once."""
+        key = (int(input_hw[0]), int(input_hw[1]))
+        if key not in self._grid:
+            probe = np.zeros((1, 3, *key), _TORCH_TO_NUMPY[self.input_dtype])
+            try:
+                out = self.session.run([self.output_name], {self.input_name: probe})[0]
+            except Exception as e:  # ORT's own exception types
+                raise InputError(f"{self.path}: cannot run on a {key[0]}x{key[1]} input ({str(e).splitlines()[0][:160]})") from None
+            if out.ndim != 4:
+                raise InputError(f"{self.path}: output {self.output_name} has shape {out.shape}; a feature map (N, C, h, w) is needed")
+            self._grid[key] = tuple(out.shape[1:])
+        return self._grid[key]
+
+    @property
+    def output_buffer(self) -> torch.Tensor | None:
+        """The preallocated output tensor that the last call returned (None before the first)."""
+        return self._out
+
+    def unnormalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> contiguous [0, 1] RGB in the model's input dtype, on the device."""
+        return torch.addcmul(self._mean, images, self._std).to(self.input_dtype).contiguous()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images on ``device`` -> (B, C, h, w) teacher features.
+
+        The returned tensor is the reused output buffer: consume it before the next call.
+        """
+        if images.device != self.device:
+            raise InputError(f"feature teacher: input is on {images.device}, expected {self.device}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"feature teacher: input must be (B, 3, H, W), got {tuple(images.shape)}")
+        x = self.unnormalise(images)
+        shape = (x.shape[0], *self.feature_shape(tuple(x.shape[2:])))
+        if self._out is None or tuple(self._out.shape) != shape:
+            self._out = torch.empty(shape, dtype=self.output_dtype, device=self.device)
+        kind, index = self._bind_device
+        b = self._binding
+        b.bind_input(self.input_name, kind, index, _TORCH_TO_NUMPY[self.input_dtype], tuple(x.shape), x.data_ptr())
+        b.bind_output(self.output_name, kind, index, _TORCH_TO_NUMPY[self.output_dtype], shape, self._out.data_ptr())
+        self.session.run_with_iobinding(b)
+        return self._out
+
+    @torch.no_grad()
+    def run_with_copies(self, images: torch.Tensor) -> torch.Tensor:
+        """The plain ``session.run`` path (host numpy in, numpy out, copied back): the reference."""
+        x = self.unnormalise(images).cpu().numpy()
+        out = self.session.run([self.output_name], {self.input_name: x})[0]
+        return torch.from_numpy(out).to(self.device)

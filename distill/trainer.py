@@ -1,0 +1,375 @@
+"""The training loop: teacher training, distillation, and the ground-truth-only baseline.
+
+Read it top to bottom: set-up (devices, DDP, data, models, optimizer), resume, then the loop
+(one optimizer step per batch; a validation, JSONL record, visualisation and checkpoint per
+epoch). The frozen teacher and the ONNX feature teacher run under ``no_grad``; the projection
+head trains beside the student and is saved under its own checkpoint key.
+
+Exact resume: the data order is a function of (seed, epoch), augmentation a function of
+(seed, epoch, index), and every RNG stream is saved in the checkpoint, so a run resumed from
+``last.pt`` (at an epoch boundary or after ``--max-steps``) equals an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
+from distill.config import Config, LossConfig, ModelConfig, TrainConfig, config_to_dict
+from distill.data import SegmentationDataset, split_samples
+from distill.evaluation import dataset_masks, make_loader, predict_logits, score
+from distill.losses import DistillationLoss, temperature_at
+from distill.models import ProjectionHead, UnetSegmenter, build_model, count_parameters, load_model
+from distill.visualize import comparison_grid, save_png
+from runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+Role = Literal["teacher", "student", "baseline"]
+CHECKPOINT_FORMAT = "edgeseg-train/1"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What one run trains and how."""
+
+    role: Role  # teacher: GT only; student: distillation; baseline: the student on GT only
+    model: ModelConfig  # the network being trained
+    train: TrainConfig
+    loss: LossConfig
+    out_dir: Path
+    freeze_encoder: bool = False
+    feature_stride: int = 8
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key of the trained network's state_dict."""
+        return "model" if self.role == "teacher" else "student"
+
+
+def job_for(cfg: Config, role: Role) -> TrainJob:
+    """The job ``make teacher`` / ``make distill`` / the baseline run for this config."""
+    gt_only = dataclasses.replace(cfg.loss, kl=0.0, mse=0.0, feature=0.0)
+    if role == "teacher":
+        return TrainJob("teacher", cfg.teacher, cfg.teacher_train, gt_only, cfg.stage_dir("teacher"))
+    loss = cfg.loss if role == "student" else gt_only
+    if role == "student" and not cfg.feature_teacher.enabled:
+        loss = dataclasses.replace(loss, feature=0.0)
+    out = cfg.stage_dir("distill") if role == "student" else cfg.stage_dir("distill-baseline")
+    return TrainJob(role, cfg.student, cfg.train, loss, out, cfg.student.freeze_encoder, cfg.student.feature_stride)
+
+
+class DistillationModel(nn.Module):
+    """The student plus the training-only projection head, as one module for the optimizer and DDP."""
+
+    def __init__(self, student: UnetSegmenter, projection: ProjectionHead | None):
+        super().__init__()
+        self.student = student
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) -> logits (B, 1, H, W) and the projected feature (B, C_t, h, w) or None."""
+        if self.projection is None:
+            return self.student(x), None
+        logits, feature = self.student.forward_features(x)
+        return logits, self.projection(feature)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """This rank's indices for one epoch: a (seed, epoch) permutation, sharded, optionally skipping ahead."""
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(size, generator=g).tolist()
+        self.indices = order[rank::world][skip:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for but torch sees no CUDA GPU; use device: cpu or auto")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _lr_lambda(train: TrainConfig, total_steps: int):
+    def f(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps)
+        floor = train.min_lr / train.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class Trainer:
+    """Trains one :class:`TrainJob`; ``run()`` returns the final validation metrics."""
+
+    def __init__(self, cfg: Config, job: TrainJob, max_steps: int | None = None, fresh: bool = False):
+        self.cfg, self.job, self.max_steps, self.fresh = cfg, job, max_steps, fresh
+        self.rank, self.world, local_rank = _init_distributed()
+        self.device = resolve_device(cfg.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.is_main = self.rank == 0
+        self.amp = job.train.amp and self.device.type == "cuda"
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg, job = self.cfg, self.job
+        if self.is_main:  # rank 0 generates the demo set (if needed) while the others wait
+            train_samples = split_samples(cfg, "train")
+        _barrier(self.world)
+        if not self.is_main:
+            train_samples = split_samples(cfg, "train")
+        val_samples = split_samples(cfg, "val")
+        self.train_set = SegmentationDataset(train_samples, cfg.data, train=True, seed=cfg.seed)
+        self.val_set = SegmentationDataset(val_samples, cfg.data, train=False)
+        self.steps_per_epoch = len(self.train_set) // (job.train.batch_size * self.world)
+        if self.steps_per_epoch == 0:
+            raise InputError(f"{len(self.train_set)} training images are fewer than one batch of "
+                             f"{job.train.batch_size} x {self.world} processes; lower train.batch_size")
+        self.total_steps = self.steps_per_epoch * job.train.epochs
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        student = build_model(job.model, job.feature_stride)
+        if job.freeze_encoder:
+            student.encoder.requires_grad_(False)
+
+        self.teacher = None
+        if job.loss.uses_teacher:
+            self.teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(self.device).eval().requires_grad_(False)
+
+        self.feature_teacher, projection = None, None
+        if job.loss.feature > 0:
+            from distill.feature_onnx import expose_tensor
+            from distill.onnx_teacher import OnnxFeatureTeacher
+
+            if self.is_main:
+                exposed = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
+            _barrier(self.world)
+            if not self.is_main:
+                exposed = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
+            self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std)
+            c_t, h_t, w_t = self.feature_teacher.feature_shape(cfg.data.image_size)
+            log.info("feature teacher %s: %s -> (%d, %d, %d)", exposed.name, cfg.feature_teacher.tensor, c_t, h_t, w_t)
+            projection = ProjectionHead(student.feature_channels, cfg.feature_teacher.hidden_channels, c_t)
+
+        self.net = DistillationModel(student, projection).to(self.device)
+        self.model = self.net  # the unwrapped module (checkpoints, validation)
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.loss_fn = DistillationLoss(job.loss, channel_norm=cfg.feature_teacher.channel_norm)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(job.train, self.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.epoch, self.batch_in_epoch, self.step, self.best_miou = 0, 0, 0, -1.0
+        self.last_metrics: dict = {}
+        log.info("%s: %d trainable / %d parameters, %d steps/epoch x %d epochs, device %s%s", job.role,
+                 sum(p.numel() for p in params), count_parameters(self.model), self.steps_per_epoch,
+                 job.train.epochs, self.device, f", {self.world} processes" if self.world > 1 else "")
+
+    def _identity(self) -> dict:
+        """The settings a checkpoint must share with this run to be resumed by it."""
+        c = config_to_dict(self.cfg)
+        return {"role": self.job.role, "model": config_to_dict(self.job.model), "train": config_to_dict(self.job.train),
+                "loss": config_to_dict(self.job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
+                "world": self.world}
+
+    def _resume(self) -> bool:
+        """Load ``last.pt`` if there is one; True if training already finished."""
+        last = self.job.out_dir / "last.pt"
+        if self.fresh or not last.is_file():
+            return False
+        ckpt = load_checkpoint(last)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"{last}: not an edgeseg training checkpoint; move it away or pass --fresh")
+        if ckpt["identity"] != self._identity():
+            diff = [k for k in ckpt["identity"] if ckpt["identity"][k] != self._identity().get(k)]
+            raise InputError(f"{last}: was trained with different settings ({', '.join(diff)}); "
+                             "pass --fresh to start over, or point run_dir elsewhere")
+        self.model.student.load_state_dict(ckpt[self.job.state_key])
+        if self.model.projection is not None:
+            self.model.projection.load_state_dict(ckpt["projection"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+        self.best_miou, self.last_metrics = ckpt["best_miou"], ckpt.get("metrics", {})
+        restore_rng(ckpt["rng"])
+        if ckpt.get("complete"):
+            log.info("%s is complete (%d epochs); nothing to do (pass --fresh to retrain)", last, self.epoch)
+            return True
+        log.info("resuming from %s at epoch %d, batch %d (step %d)", last, self.epoch, self.batch_in_epoch, self.step)
+        return False
+
+    def _save(self, complete: bool) -> None:
+        if not self.is_main:
+            return
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "role": self.job.role,
+            self.job.state_key: self.model.student.state_dict(),
+            "projection": self.model.projection.state_dict() if self.model.projection is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "best_miou": self.best_miou, "metrics": self.last_metrics, "complete": complete,
+            "rng": capture_rng(), "identity": self._identity(), "config": config_to_dict(self.cfg),
+        }
+        save_atomic(ckpt, self.job.out_dir / "last.pt")
+
+    # --- validation --------------------------------------------------------------------------
+
+    def _prepare_validation(self) -> None:
+        bs = max(self.job.train.batch_size, 8)
+        self.val_loader = make_loader(self.val_set, bs, self.cfg.data.workers)
+        self.val_gt, self.val_images = dataset_masks(self.val_set)
+        self.val_teacher = None
+        if self.teacher is not None:  # frozen: its predictions are computed once
+            self.val_teacher = (predict_logits(self.teacher, self.val_loader, self.device) > 0).astype(np.uint8)
+            s = score(self.val_teacher, self.val_gt)
+            log.info("teacher on validation: mIoU %.4f, person IoU %.4f", s["miou"], s["person_iou"])
+
+    def _validate(self) -> dict:
+        pred = (predict_logits(self.model.student, self.val_loader, self.device) > 0).astype(np.uint8)
+        metrics = {f"val_{k}": v for k, v in score(pred, self.val_gt, self.val_teacher).items()}
+        n = min(self.job.train.vis_images, len(pred))
+        if n:
+            name = "student" if self.job.role != "teacher" else "model"
+            preds = {"teacher": self.val_teacher[:n]} if self.val_teacher is not None else {}
+            preds[name] = pred[:n]
+            pair = ("teacher", name) if self.val_teacher is not None else None
+            grid = comparison_grid(self.val_images[:n], self.val_gt[:n], preds, pair)
+            save_png(grid, self.job.out_dir / "vis" / f"epoch_{self.epoch:03d}.png")
+        return metrics
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        self._setup()
+        if self._resume():
+            return self.last_metrics
+        if self.is_main:
+            self.job.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.job.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=1))
+            self._prepare_validation()
+        from tqdm import tqdm
+
+        train = self.job.train
+        while self.epoch < train.epochs:
+            self.train_set.set_epoch(self.epoch)
+            sampler = EpochSampler(len(self.train_set), self.cfg.seed, self.epoch, self.rank, self.world,
+                                   skip=self.batch_in_epoch * train.batch_size)
+            loader = torch.utils.data.DataLoader(self.train_set, batch_size=train.batch_size, sampler=sampler,
+                                                 num_workers=self.cfg.data.workers, drop_last=True,
+                                                 pin_memory=self.device.type == "cuda")
+            self.net.train()
+            if self.job.freeze_encoder:  # frozen BN statistics too, not only frozen weights
+                self.model.student.encoder.eval()
+            sums: dict[str, float] = {}
+            t_epoch = time.perf_counter()
+            bar = tqdm(loader, desc=f"{self.job.role} epoch {self.epoch + 1}/{train.epochs}",
+                       initial=self.batch_in_epoch, total=self.steps_per_epoch, disable=None if self.is_main else True,
+                       leave=False)
+            for images, masks, _ in bar:
+                terms = self._step(images, masks)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                self.batch_in_epoch += 1
+                self.step += 1
+                bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                if self.max_steps is not None and self.step >= self.max_steps:
+                    self._save(complete=False)
+                    log.info("stopped after --max-steps %d; resume by running the same command", self.max_steps)
+                    return self.last_metrics
+            bar.close()
+            seen = self.batch_in_epoch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                      "temperature": temperature_at(self.job.loss.temperature, self.step / self.total_steps),
+                      **{f"loss_{k}" if k != "loss" else k: v / max(seen, 1) for k, v in sums.items()},
+                      "epoch_time_s": time.perf_counter() - t_epoch}
+            if self.is_main and (self.epoch % train.eval_every == 0 or self.epoch == train.epochs):
+                record.update(self._validate())
+                self.last_metrics = record
+                if record["val_miou"] > self.best_miou:
+                    self.best_miou = record["val_miou"]
+                    record["best"] = True
+            if self.is_main:
+                with open(self.job.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("epoch %d: %s", self.epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                               if isinstance(v, float)))
+            self._save(complete=self.epoch == train.epochs)
+            if self.is_main and record.get("best"):
+                save_atomic(load_checkpoint(self.job.out_dir / "last.pt"), self.job.out_dir / "best.pt")
+            _barrier(self.world)
+        return self.last_metrics
+
+    def _step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+        images = images.to(self.device, non_blocking=True)
+        masks = masks.to(self.device, non_blocking=True)
+        temperature = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            teacher_logits = self.teacher(images) if self.teacher is not None else None
+        # The feature teacher reads the batch's memory directly (IOBinding): no copy, no numpy.
+        teacher_feature = self.feature_teacher(images) if self.feature_teacher is not None else None
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            logits, projected = self.net(images)
+        loss, terms = self.loss_fn(logits, masks, temperature, teacher_logits, projected, teacher_feature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower train.lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.job.train.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.job.train.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        out = {"loss": loss.item()}
+        out.update({k: v.item() for k, v in terms.items()})
+        return out

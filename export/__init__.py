@@ -1,0 +1,1 @@
+"""edgeseg.export: strip, ONNX, onnxsim, Q/DQ INT8, TensorRT engines and deploy bundles."""

@@ -1,0 +1,1 @@
+"""edgeseg.runtime: torch-free batched person segmentation from a deploy bundle."""

@@ -1,0 +1,90 @@
+"""Binary segmentation metrics accumulated over a data set: mIoU, person IoU, boundary IoU, agreement."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def boundary(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``mask`` (..., H, W) bool within ``width`` pixels of its edge (inner band).
+
+    Erosion by a (2*width+1)^2 square, done as ``width`` 3x3 min-filters with edge padding.
+    """
+    eroded = mask.copy()
+    for _ in range(width):
+        p = np.pad(eroded, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+        e = p[..., 1:-1, 1:-1].copy()
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                e &= p[..., dy:dy + mask.shape[-2], dx:dx + mask.shape[-1]]
+        eroded = e
+    return mask & ~eroded
+
+
+@dataclass
+class SegmentationMeter:
+    """Accumulates confusion counts of predicted vs reference binary masks.
+
+    ``update(pred, ref)`` takes bool or {0, 1} arrays of the same shape (one mask or a batch).
+    mIoU is the mean of the person and background IoUs over all pixels seen (data-set level,
+    not a mean of per-image scores). Boundary IoU (Cheng et al., 2021) compares the bands of
+    ``boundary_px`` pixels inside each mask's edge.
+    """
+
+    boundary_px: int = 0  # 0 = do not compute boundary IoU
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+    b_inter: int = 0
+    b_union: int = 0
+    per_image_iou: list[float] = field(default_factory=list)
+
+    def update(self, pred: np.ndarray, ref: np.ndarray) -> None:
+        pred = np.asarray(pred).astype(bool)
+        ref = np.asarray(ref).astype(bool)
+        if pred.shape != ref.shape:
+            raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
+        self.tp += int(np.count_nonzero(pred & ref))
+        self.fp += int(np.count_nonzero(pred & ~ref))
+        self.fn += int(np.count_nonzero(~pred & ref))
+        self.tn += int(np.count_nonzero(~pred & ~ref))
+        images = pred.reshape(-1, *pred.shape[-2:]), ref.reshape(-1, *ref.shape[-2:])
+        for p, r in zip(*images):
+            union = np.count_nonzero(p | r)
+            self.per_image_iou.append(1.0 if union == 0 else np.count_nonzero(p & r) / union)
+        if self.boundary_px:
+            bp, br = boundary(images[0], self.boundary_px), boundary(images[1], self.boundary_px)
+            self.b_inter += int(np.count_nonzero(bp & br))
+            self.b_union += int(np.count_nonzero(bp | br))
+
+    @property
+    def person_iou(self) -> float:
+        denom = self.tp + self.fp + self.fn
+        return self.tp / denom if denom else 1.0
+
+    @property
+    def background_iou(self) -> float:
+        denom = self.tn + self.fp + self.fn
+        return self.tn / denom if denom else 1.0
+
+    @property
+    def miou(self) -> float:
+        return 0.5 * (self.person_iou + self.background_iou)
+
+    @property
+    def agreement(self) -> float:
+        """Share of pixels where prediction and reference agree (pixel accuracy)."""
+        total = self.tp + self.fp + self.fn + self.tn
+        return (self.tp + self.tn) / total if total else 1.0
+
+    @property
+    def boundary_iou(self) -> float:
+        return self.b_inter / self.b_union if self.b_union else 1.0
+
+    def summary(self) -> dict[str, float]:
+        out = {"miou": self.miou, "person_iou": self.person_iou, "agreement": self.agreement}
+        if self.boundary_px:
+            out["boundary_iou"] = self.boundary_iou
+        return out

@@ -1,0 +1,91 @@
+"""Fitting images of any size into the model's input and mapping masks back exactly.
+
+One implementation serves training data loading, export evaluation and the runtime, so the
+pixels a deployed model sees are the pixels it was trained and evaluated on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import InputError
+
+ResizeMode = Literal["letterbox", "stretch"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a source image of ``src_hw`` lands inside the model input of ``dst_hw``."""
+
+    src_hw: tuple[int, int]  # original (height, width)
+    dst_hw: tuple[int, int]  # model input (height, width)
+    top: int  # first row of the resized image inside the input
+    left: int  # first column
+    height: int  # rows the resized image occupies
+    width: int  # columns
+
+
+def place(src_hw: Sequence[int], dst_hw: Sequence[int], mode: ResizeMode = "letterbox") -> Placement:
+    """Compute the placement: letterbox keeps the aspect ratio and centres; stretch fills."""
+    sh, sw = int(src_hw[0]), int(src_hw[1])
+    dh, dw = int(dst_hw[0]), int(dst_hw[1])
+    if sh <= 0 or sw <= 0:
+        raise InputError(f"image has zero size {(sh, sw)}")
+    if mode == "stretch":
+        return Placement((sh, sw), (dh, dw), 0, 0, dh, dw)
+    if mode != "letterbox":
+        raise InputError(f"resize mode must be 'letterbox' or 'stretch', got {mode!r}")
+    scale = min(dh / sh, dw / sw)
+    h = max(1, min(dh, round(sh * scale)))
+    w = max(1, min(dw, round(sw * scale)))
+    return Placement((sh, sw), (dh, dw), (dh - h) // 2, (dw - w) // 2, h, w)
+
+
+def fit_image(image: np.ndarray, dst_hw: Sequence[int], mode: ResizeMode = "letterbox",
+              pad_value: Sequence[int] = (124, 116, 104), out: np.ndarray | None = None) -> tuple[np.ndarray, Placement]:
+    """Resize an HxWx3 uint8 image into ``dst_hw`` (bilinear), padding with ``pad_value``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        dst_hw: model input (height, width).
+        out: optional (H', W', 3) uint8 array to write into (e.g. a slot of a batch buffer).
+
+    Returns:
+        The (H', W', 3) uint8 input and its placement.
+    """
+    p = place(image.shape[:2], dst_hw, mode)
+    if out is None:
+        out = np.empty((p.dst_hw[0], p.dst_hw[1], 3), np.uint8)
+    if (p.height, p.width) != (p.dst_hw[0], p.dst_hw[1]):
+        out[...] = np.asarray(pad_value, np.uint8)
+    if (p.height, p.width) == tuple(image.shape[:2]):
+        resized = image
+    else:
+        resized = np.asarray(Image.fromarray(image).resize((p.width, p.height), Image.BILINEAR))
+    out[p.top:p.top + p.height, p.left:p.left + p.width] = resized
+    return out, p
+
+
+def fit_mask(mask: np.ndarray, placement: Placement) -> np.ndarray:
+    """Place an (H, W) uint8 mask like its image (nearest neighbour, zero padding)."""
+    out = np.zeros(placement.dst_hw, np.uint8)
+    m = mask if mask.shape == (placement.height, placement.width) else np.asarray(
+        Image.fromarray(mask).resize((placement.width, placement.height), Image.NEAREST))
+    out[placement.top:placement.top + placement.height, placement.left:placement.left + placement.width] = m
+    return out
+
+
+def restore_scores(scores: np.ndarray, placement: Placement) -> np.ndarray:
+    """Map model-resolution scores (H', W') float32 back to the source size (bilinear).
+
+    Crops the letterbox padding first, so the inverse of :func:`fit_image` is exact: a pixel of
+    the source image reads the score at the location it was resampled to.
+    """
+    crop = scores[placement.top:placement.top + placement.height, placement.left:placement.left + placement.width]
+    sh, sw = placement.src_hw
+    if crop.shape == (sh, sw):
+        return np.ascontiguousarray(crop)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(crop, dtype=np.float32)).resize((sw, sh), Image.BILINEAR))

@@ -1,0 +1,111 @@
+"""The training loop: exact resume, frozen encoder, outputs, baseline, DDP."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from distill.checkpoint import load_checkpoint
+from distill.config import Config, load_config
+from distill.models import load_model
+from distill.trainer import Trainer, job_for
+from tests.conftest import ROOT, write_config
+
+
+def _config(tiny_run, run_dir, **sections):
+    _, base = tiny_run
+    sections.setdefault("teacher", {})
+    sections["teacher"] = {**sections["teacher"], "checkpoint": str(base.teacher_checkpoint)}
+    sections["feature_teacher"] = {**sections.get("feature_teacher", {}), "onnx": str(base.feature_teacher_onnx)}
+    sections["data"] = {**sections.get("data", {}), "root": str(base.data_root)}
+    path = write_config(run_dir, **sections)
+    return path, load_config(path, Config)
+
+
+def _weights(path, key="student"):
+    return load_checkpoint(path)[key]
+
+
+def test_resume_after_max_steps_equals_an_uninterrupted_run(tiny_run, tmp_path):
+    _, straight = _config(tiny_run, tmp_path / "a")
+    Trainer(straight, job_for(straight, "student")).run()
+
+    _, resumed = _config(tiny_run, tmp_path / "b")
+    Trainer(resumed, job_for(resumed, "student"), max_steps=3).run()  # stops mid-epoch 1
+    ckpt = load_checkpoint(tmp_path / "b" / "distill" / "last.pt")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"], ckpt["complete"]) == (0, 3, 3, False)
+    torch.manual_seed(1234)  # disturb the global RNG: resume must restore it
+    Trainer(resumed, job_for(resumed, "student")).run()
+
+    a = load_checkpoint(tmp_path / "a" / "distill" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "distill" / "last.pt")
+    assert a["step"] == b["step"] == 8 and a["complete"] and b["complete"]
+    for key in ("student", "projection"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    lines = [json.loads(l) for l in (tmp_path / "b" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    for key in ("loss", "loss_kl", "loss_mse", "loss_bce", "loss_dice", "loss_feature", "lr", "temperature",
+                "val_miou", "val_person_iou", "val_agreement"):
+        assert key in lines[-1], key
+    assert (tmp_path / "b" / "distill" / "vis" / "epoch_002.png").is_file()
+
+
+def test_checkpoint_student_loads_strictly_without_the_projection(tiny_run, tmp_path):
+    _, cfg = _config(tiny_run, tmp_path)
+    Trainer(cfg, job_for(cfg, "student"), max_steps=1).run()
+    ckpt = load_checkpoint(tmp_path / "distill" / "last.pt")
+    assert ckpt["projection"] is not None and not any(k.startswith("projection") for k in ckpt["student"])
+    model = load_model(cfg.student, tmp_path / "distill" / "last.pt", keys=("student",))
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_frozen_encoder_trains_only_decoder_head_and_projection(tiny_run, tmp_path):
+    _, cfg = _config(tiny_run, tmp_path, student={"freeze_encoder": True}, train={"epochs": 1})
+    trainer = Trainer(cfg, job_for(cfg, "student"), max_steps=2)
+    trainer.run()
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in optimised for p in trainer.model.student.encoder.parameters())
+    assert all(id(p) in optimised for p in trainer.model.student.decoder.parameters())
+    assert all(id(p) in optimised for p in trainer.model.projection.parameters())
+    torch.manual_seed(cfg.seed)
+    from distill.models import build_model
+
+    initial = build_model(cfg.student).encoder.state_dict()
+    trained = {k.removeprefix("encoder."): v for k, v in _weights(tmp_path / "distill" / "last.pt").items()
+               if k.startswith("encoder.")}
+    for name, value in initial.items():
+        assert torch.equal(value, trained[name]), name  # weights and BN statistics untouched
+
+
+def test_baseline_uses_no_teacher(tiny_run, tmp_path):
+    _, cfg = _config(tiny_run, tmp_path, train={"epochs": 1})
+    trainer = Trainer(cfg, job_for(cfg, "baseline"))
+    trainer.run()
+    assert trainer.teacher is None and trainer.feature_teacher is None
+    line = json.loads((tmp_path / "distill-baseline" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_kl" not in line and "loss_feature" not in line and "loss_bce" in line
+
+
+def test_changed_settings_refuse_to_resume(tiny_run, tmp_path):
+    from runtime.errors import InputError
+
+    _, cfg = _config(tiny_run, tmp_path)
+    Trainer(cfg, job_for(cfg, "student"), max_steps=1).run()
+    _, changed = _config(tiny_run, tmp_path, train={"lr": 5e-4})
+    with pytest.raises(InputError, match=r"last.pt: was trained with different settings \(train\); pass --fresh"):
+        Trainer(changed, job_for(changed, "student")).run()
+
+
+def test_ddp_two_processes_gloo(tiny_run, tmp_path):
+    import subprocess
+
+    path, _ = _config(tiny_run, tmp_path, train={"epochs": 1, "batch_size": 2})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "distill", "train", "--config", str(path), "--max-steps", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / "distill" / "last.pt")
+    assert ckpt["identity"]["world"] == 2 and ckpt["step"] == 3
