@@ -10,9 +10,7 @@ head after it is pruned away.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -65,23 +63,9 @@ def _flatten_names(model) -> None:
 def export_demo_feature_teacher(teacher: UnetSegmenter, out: str | Path, image_hw: tuple[int, int],
                                 mean: Sequence[float], std: Sequence[float]) -> Path:
     """Export the stand-in feature teacher to ``out`` (atomically); return the path."""
-    import onnx
+    from distill.onnx_export import export_module
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     module = DemoFeatureExtractor(teacher, mean, std).eval()
     torch.manual_seed(0)
     nn.init.normal_(module.head.weight, std=0.01)
-    tmp = out.with_name(out.name + ".tmp")
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, for this call only
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.onnx.export(module, (torch.rand(1, 3, *image_hw),), str(tmp), input_names=["images"],
-                          output_names=["detections"], dynamic_axes={"images": {0: "batch"}, "detections": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    model = onnx.load(str(tmp))
-    _flatten_names(model)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(tmp))
-    os.replace(tmp, out)
-    log.info("exported the demo feature teacher (%d nodes) to %s", len(model.graph.node), out)
-    return out
+    return export_module(module, out, torch.rand(1, 3, *image_hw), ["images"], ["detections"], transform=_flatten_names)

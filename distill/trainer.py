@@ -328,10 +328,11 @@ class Trainer:
             seen = self.batch_in_epoch
             self.epoch += 1
             self.batch_in_epoch = 0
-            record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                      "temperature": temperature_at(self.job.loss.temperature, self.step / self.total_steps),
-                      **{f"loss_{k}" if k != "loss" else k: v / max(seen, 1) for k, v in sums.items()},
-                      "epoch_time_s": time.perf_counter() - t_epoch}
+            record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0]}
+            if self.job.loss.kl > 0:
+                record["temperature"] = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
+            record.update({f"loss_{k}" if k != "loss" else k: v / max(seen, 1) for k, v in sums.items()})
+            record["epoch_time_s"] = time.perf_counter() - t_epoch
             if self.is_main and (self.epoch % train.eval_every == 0 or self.epoch == train.epochs):
                 record.update(self._validate())
                 self.last_metrics = record

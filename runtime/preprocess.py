@@ -89,3 +89,23 @@ def restore_scores(scores: np.ndarray, placement: Placement) -> np.ndarray:
     if crop.shape == (sh, sw):
         return np.ascontiguousarray(crop)
     return np.asarray(Image.fromarray(np.ascontiguousarray(crop, dtype=np.float32)).resize((sw, sh), Image.BILINEAR))
+
+
+def normalise_batch(batch: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 ``(x / 255 - mean) / std`` in one vectorised pass.
+
+    Args:
+        out: optional preallocated (B, 3, H, W) float32 buffer (reused across batches).
+    """
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise InputError(f"expected a (B, H, W, 3) uint8 batch, got shape {batch.shape}")
+    std_arr = np.asarray(std, np.float32)
+    scale = (1.0 / (255.0 * std_arr)).reshape(1, 3, 1, 1)
+    bias = (-np.asarray(mean, np.float32) / std_arr).reshape(1, 3, 1, 1)
+    nchw = batch.transpose(0, 3, 1, 2)
+    if out is None:
+        out = np.empty(nchw.shape, np.float32)
+    np.multiply(nchw, scale, out=out, dtype=np.float32, casting="unsafe")
+    out += bias
+    return out

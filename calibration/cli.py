@@ -1,0 +1,69 @@
+"""``python -m calibration``: synthesise an INT8 calibration set, and report on one."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from distill.cli import config_options, load
+from runtime.console import exit_on_user_error
+
+log = logging.getLogger("calibration")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Diffusion-synthesised INT8 calibration sets, guided by the teacher."""
+
+
+@main.command()
+@config_options
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: <run_dir>/calibration/synthetic).")
+@click.option("--count", type=int, default=None, help="Images to keep (default: calibration.count).")
+@click.option("--guidance", type=click.Choice(["none", "task", "confidence", "mode"]), default=None,
+              help="Teacher guidance (default: calibration.guidance.mode).")
+@click.option("--student", type=click.Path(dir_okay=False), default=None,
+              help="Student checkpoint for confidence guidance (default: <run_dir>/distill/best.pt).")
+@click.option("--teacher-masks", is_flag=True, help="Also write the teacher's masks (the set becomes a training split).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@exit_on_user_error
+def synth(config_path, overrides, verbose, out, count, guidance, student, teacher_masks, overwrite):
+    """Generate, filter and write a calibration set with manifest.json."""
+    from calibration.synth import Synthesizer
+
+    cfg = load(config_path, overrides, max(verbose, 1))
+    out = out or cfg.stage_dir("calibration") / "synthetic"
+    manifest = Synthesizer(cfg, guidance, student).run(out, count, overwrite=overwrite, teacher_masks=teacher_masks)
+    counts = manifest["counts"]
+    print(f"kept {counts['kept']} of {counts['generated']} generated; dropped {counts['dropped']}", file=sys.stderr)
+    click.echo(json.dumps({"out": str(out), "counts": counts, "seconds": manifest["seconds"]}))
+
+
+@main.command()
+@config_options
+@click.option("--calib", type=click.Path(file_okay=False), default=None,
+              help="Calibration folder (default: <run_dir>/calibration/synthetic).")
+@click.option("--student", type=click.Path(dir_okay=False), default=None,
+              help="Student checkpoint (default: <run_dir>/distill/best.pt).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where report.json and contact_sheet.png go (default: the calibration folder's parent).")
+@exit_on_user_error
+def report(config_path, overrides, verbose, calib, student, out):
+    """Coverage, histogram KL and SQNR of a calibration set vs real and noise sets."""
+    from calibration.report import build_report
+
+    cfg = load(config_path, overrides, max(verbose, 1))
+    calib = calib or cfg.stage_dir("calibration") / "synthetic"
+    r = build_report(cfg, calib, student, out)
+    rows = [("coverage", "coverage"), ("SQNR (dB)", "sqnr_db"), ("hist KL", "hist_kl"), ("max/p99.99", "max_over_p9999")]
+    print(f"{'':14s}{'synthetic':>11s}{'real':>11s}{'noise':>11s}", file=sys.stderr)
+    for label, key in rows:
+        print(f"{label:14s}" + "".join(f"{r[f'{key}_{s}']:11.4f}" for s in ("synthetic", "real", "noise")), file=sys.stderr)
+    click.echo(json.dumps({k: v for k, v in r.items() if k != "per_tensor"}))
+
+
+if __name__ == "__main__":
+    main()

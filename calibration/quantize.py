@@ -1,0 +1,116 @@
+"""Static INT8 quantization with ONNX Runtime's tools: Q/DQ models calibrated on image arrays.
+
+Two flavours from the same calibration: ``s8s8`` (symmetric int8 activations and weights,
+zero-point 0: what TensorRT needs) and ``u8s8`` (uint8 activations, int8 weights: what ONNX
+Runtime's CPU kernels run fastest). Nothing here is a hand-written quantizer: ranges, scales
+and Q/DQ placement are ORT's (``quantize_static``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import numpy as np
+
+from runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+Flavour = Literal["s8s8", "u8s8"]
+METHODS = ("minmax", "entropy", "percentile")
+
+
+class ArrayReader:
+    """ORT ``CalibrationDataReader`` over precomputed input batches."""
+
+    def __init__(self, input_name: str, batches: Sequence[np.ndarray]):
+        self.input_name = input_name
+        self.batches = list(batches)
+        self._i = 0
+
+    def get_next(self):
+        if self._i >= len(self.batches):
+            return None
+        self._i += 1
+        return {self.input_name: self.batches[self._i - 1]}
+
+    def rewind(self):
+        self._i = 0
+
+    def __iter__(self):
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
+
+
+def batches_of(images: np.ndarray, to_input: Callable[[np.ndarray], np.ndarray], batch: int = 16) -> list[np.ndarray]:
+    """Model inputs for (N, H, W, 3) uint8 images, ``batch`` at a time."""
+    return [to_input(images[i:i + batch]) for i in range(0, len(images), batch)]
+
+
+def input_name(model_path: str | Path) -> str:
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return next(i.name for i in m.graph.input if i.name not in inits)
+
+
+def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray], method: str = "minmax",
+                 flavour: Flavour = "s8s8", exclude_nodes: Iterable[str] = (), percentile: float = 99.999,
+                 per_channel: bool = True) -> Path:
+    """Write a Q/DQ model of ``fp32_path`` calibrated on ``batches`` (model inputs).
+
+    Args:
+        method: minmax, entropy or percentile (ORT's calibrators).
+        flavour: s8s8 (symmetric, for TensorRT) or u8s8 (for ONNX Runtime CPU).
+        exclude_nodes: node names kept in float (the accuracy budget's choice).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise InputError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not batches:
+        raise InputError("quantization needs at least one calibration batch; the calibration set is empty")
+    out_path = Path(out_path)
+    t0 = time.perf_counter()
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    extra = {"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    with tempfile.TemporaryDirectory(prefix="edgeseg-q-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        reader = ArrayReader(input_name(pre), batches)
+        partial = Path(tmp) / "q.onnx"
+        quantize_static(str(pre), str(partial), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=calib, nodes_to_exclude=list(exclude_nodes),
+                        extra_options=extra)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, out_path)
+    log.info("quantized %s (%s, %s, %d float nodes) in %.1f s -> %s", Path(fp32_path).name, flavour, method,
+             len(list(exclude_nodes)), time.perf_counter() - t0, out_path)
+    return out_path
+
+
+def activation_scales(qdq_path: str | Path) -> dict[str, float]:
+    """Activation tensor name -> int8 scale, read from the QuantizeLinear nodes of a Q/DQ model."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(qdq_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    scales = {}
+    for node in m.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            scale = inits.get(node.input[1])
+            if scale is not None and scale.size == 1:
+                scales[node.input[0]] = float(scale)
+    return scales

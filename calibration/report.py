@@ -1,0 +1,248 @@
+"""``report``: how well a calibration set stands in for real images, seen from the student's activations.
+
+For the set under test, plus two references of the same size (uniform noise, and real training
+images), against held-out real (validation) images:
+
+- coverage: per student tensor, the share of held-out real activation values inside the
+  set's calibrated [min, max] (1.0 = nothing would be clipped); and the calibrated max over
+  the real 99.99th percentile;
+- histogram KL: KL(real || set) of each tensor's activation histogram (128 bins);
+- SQNR: each set calibrates a symmetric int8 Q/DQ model; ONNX Runtime's ``qdq_loss_debug``
+  gives each tensor's SQNR (float model vs Q/DQ model) on the held-out images; the report
+  takes the median over tensors.
+
+Activations come from ORT's own augmented model (every float tensor made an output), streamed
+batch by batch, so memory stays flat however many images there are.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.quantize import batches_of, quantize_qdq
+from calibration.synth import MANIFEST, load_calibration_images
+from distill.config import Config
+from runtime.preprocess import fit_image, normalise_batch
+
+log = logging.getLogger(__name__)
+
+_FINE_BINS = 1024  # real-activation histogram resolution (percentiles, coverage)
+_KL_BINS = 128
+
+
+@dataclass
+class TensorStats:
+    """Streaming statistics of one activation tensor."""
+
+    lo: float = np.inf
+    hi: float = -np.inf
+    count: int = 0
+    hist: np.ndarray | None = None
+    outside: dict = field(default_factory=dict)  # set name -> values outside that set's range
+
+
+def _run_augmented(session, names: list[str], batches):
+    """Yield {tensor name: flat values} per batch."""
+    from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
+
+    input_name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    wanted = [o for o in outputs if o.endswith(_TENSOR_SAVE_POSTFIX)]
+    for b in batches:
+        values = session.run(wanted, {input_name: b})
+        yield {n[: -len(_TENSOR_SAVE_POSTFIX)]: v for n, v in zip(wanted, values)}
+
+
+def _ranges(session, batches) -> dict[str, tuple[float, float]]:
+    out: dict[str, list[float]] = {}
+    for acts in _run_augmented(session, [], batches):
+        for name, v in acts.items():
+            if v.size == 0:
+                continue
+            lo, hi = float(v.min()), float(v.max())
+            r = out.setdefault(name, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _histograms(session, batches, edges: dict[str, np.ndarray], ranges: dict[str, dict[str, tuple[float, float]]]):
+    """Histograms over ``edges`` (outer values into the end bins) and, per named range, values outside it."""
+    hists = {k: np.zeros(len(e) - 1, np.int64) for k, e in edges.items()}
+    outside = {k: {s: 0 for s in ranges} for k in edges}
+    totals = {k: 0 for k in edges}
+    for acts in _run_augmented(session, [], batches):
+        for name, v in acts.items():
+            if name not in edges:
+                continue
+            e = edges[name]
+            hists[name] += np.bincount(np.clip(np.searchsorted(e, v, side="right") - 1, 0, len(e) - 2),
+                                       minlength=len(e) - 1)
+            totals[name] += v.size
+            for s, rng in ranges.items():
+                lo, hi = rng.get(name, (-np.inf, np.inf))
+                outside[name][s] += int(np.count_nonzero((v < lo) | (v > hi)))
+    return hists, outside, totals
+
+
+def _kl(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
+    p = p_counts.reshape(_KL_BINS, -1).sum(1).astype(np.float64) + 1e-3
+    q = q_counts.reshape(_KL_BINS, -1).sum(1).astype(np.float64) + 1e-3
+    p, q = p / p.sum(), q / q.sum()
+    return float((p * np.log(p / q)).sum())
+
+
+def _percentile_from_hist(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
+    c = np.cumsum(hist)
+    k = np.searchsorted(c, q / 100 * c[-1])
+    return float(edges[min(k + 1, len(edges) - 1)])
+
+
+def sqnr_per_tensor(fp32_aug: Path, qdq_path: Path, real_batches, float_acts=None) -> tuple[dict[str, float], dict]:
+    """Per-tensor SQNR (dB) of a Q/DQ model vs the float model on ``real_batches`` (ORT's qdq_loss_debug)."""
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    from calibration.quantize import ArrayReader, input_name
+
+    name = input_name(fp32_aug)
+    if float_acts is None:
+        float_acts = collect_activations(str(fp32_aug), ArrayReader(name, real_batches))
+    qdq_aug = qdq_path.with_name(qdq_path.stem + ".aug.onnx")
+    modify_model_output_intermediate_tensors(str(qdq_path), str(qdq_aug))
+    qdq_acts = collect_activations(str(qdq_aug), ArrayReader(name, real_batches))
+    matching = {k: v for k, v in create_activation_matching(qdq_acts, float_acts).items() if "float" in v}
+    errors = compute_activation_error(matching)
+    return {k: v["xmodel_err"] for k, v in errors.items() if np.isfinite(v["xmodel_err"])}, float_acts
+
+
+def noise_images(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Uniform random RGB images: the contrast a calibration set must beat."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *hw, 3), dtype=np.uint8)
+
+
+def real_images(paths: list[Path], n: int, hw: tuple[int, int]) -> np.ndarray:
+    from runtime.images import read_rgb
+
+    step = max(1, len(paths) // max(n, 1))
+    return np.stack([fit_image(read_rgb(p), hw, "letterbox")[0] for p in paths[::step][:n]])
+
+
+def contact_sheet(images: np.ndarray, masks: np.ndarray, columns: int = 8, limit: int = 64) -> np.ndarray:
+    """A grid of images with the teacher's masks tinted red."""
+    n = min(len(images), limit)
+    h, w = images.shape[1:3]
+    rows = (n + columns - 1) // columns
+    sheet = np.full((rows * h, columns * w, 3), 20, np.uint8)
+    for i in range(n):
+        img = images[i].astype(np.float32)
+        m = masks[i].astype(bool)
+        img[m] = img[m] * 0.5 + np.array([255, 0, 0]) * 0.5
+        r, c = divmod(i, columns)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img.astype(np.uint8)
+    return sheet
+
+
+def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | Path | None = None,
+                 out_dir: str | Path | None = None) -> dict:
+    """Compute the report for ``calib_dir``; write ``report.json`` and ``contact_sheet.png`` to ``out_dir``."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
+
+    from calibration.guidance import TeacherView
+    from calibration.synth import teacher_probabilities
+    from distill.data import split_samples
+    from distill.models import load_model
+    from distill.onnx_export import export_module
+    from distill.visualize import save_png
+
+    t0 = time.perf_counter()
+    calib_dir = Path(calib_dir)
+    out_dir = Path(out_dir) if out_dir else calib_dir.parent
+    hw = tuple(cfg.data.image_size)
+    synthetic = load_calibration_images(calib_dir, hw, limit=cfg.export.calibration_images)
+    n = len(synthetic)
+    sets = {
+        "synthetic": synthetic,
+        "noise": noise_images(n, hw, seed=cfg.calibration.seed),
+        "real": real_images([s.image for s in split_samples(cfg, "train")], n, hw),
+    }
+    held_out = real_images([s.image for s in split_samples(cfg, "val")], cfg.calibration.report_images, hw)
+    to_input = lambda b: normalise_batch(b, cfg.data.mean, cfg.data.std)
+    student_ckpt = Path(student_checkpoint) if student_checkpoint else cfg.stage_dir("distill") / "best.pt"
+    student = load_model(cfg.student, student_ckpt, keys=("student",))
+
+    with tempfile.TemporaryDirectory(prefix="edgeseg-report-") as tmp:
+        tmp = Path(tmp)
+        fp32 = export_module(student, tmp / "student.onnx", torch.zeros(1, 3, *hw), ["images"], ["mask_logits"])
+        aug = tmp / "student.aug.onnx"
+        modify_model_output_intermediate_tensors(str(fp32), str(aug))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(aug), so, providers=["CPUExecutionProvider"])
+        real_batches = batches_of(held_out, to_input)
+
+        # ranges: held-out real (for histogram edges) and each calibration set
+        real_rng = _ranges(session, real_batches)
+        set_batches = {k: batches_of(v, to_input) for k, v in sets.items()}
+        set_rng = {k: _ranges(session, b) for k, b in set_batches.items()}
+        edges = {}
+        for name, (lo, hi) in real_rng.items():
+            lo = min([lo] + [r[name][0] for r in set_rng.values() if name in r])
+            hi = max([hi] + [r[name][1] for r in set_rng.values() if name in r])
+            if hi > lo:
+                edges[name] = np.linspace(lo, hi, _FINE_BINS + 1)
+        real_hist, outside, totals = _histograms(session, real_batches, edges, set_rng)
+        set_hist = {k: _histograms(session, b, edges, {})[0] for k, b in set_batches.items()}
+
+        per_tensor = []
+        for name in sorted(edges):
+            row = {"tensor": name, "real_p9999": _percentile_from_hist(real_hist[name], edges[name], 99.99)}
+            for s in sets:
+                row[f"coverage_{s}"] = 1 - outside[name][s] / max(totals[name], 1)
+                row[f"max_{s}"] = set_rng[s][name][1]
+                row[f"kl_{s}"] = _kl(real_hist[name], set_hist[s][name])
+            per_tensor.append(row)
+
+        sqnr, float_acts = {}, None
+        for s, batches in set_batches.items():
+            q = quantize_qdq(fp32, tmp / f"q_{s}.onnx", batches, cfg.export.calibration_method, "s8s8",
+                             percentile=cfg.export.percentile)
+            sqnr[s], float_acts = sqnr_per_tensor(aug, q, real_batches, float_acts)
+        for row in per_tensor:
+            for s in sets:
+                row[f"sqnr_db_{s}"] = sqnr[s].get(row["tensor"])
+
+    teacher = TeacherView(load_model(cfg.teacher, cfg.teacher_checkpoint), hw, cfg.data.mean, cfg.data.std)
+    probs = teacher_probabilities(teacher, synthetic[:64])
+    sheet = save_png(contact_sheet(synthetic, probs > 0.5), out_dir / "contact_sheet.png")
+    manifest = json.loads((calib_dir / MANIFEST).read_text()) if (calib_dir / MANIFEST).is_file() else {}
+    report = {"calibration_dir": str(calib_dir), "images": n, "held_out_images": len(held_out),
+              "tensors": len(per_tensor), "calibration_method": cfg.export.calibration_method}
+    for s in sets:
+        report[f"coverage_{s}"] = float(np.mean([r[f"coverage_{s}"] for r in per_tensor]))
+        report[f"hist_kl_{s}"] = float(np.median([r[f"kl_{s}"] for r in per_tensor]))
+        report[f"sqnr_db_{s}"] = float(np.median(list(sqnr[s].values())))
+        report[f"max_over_p9999_{s}"] = float(np.median([r[f"max_{s}"] / r["real_p9999"] for r in per_tensor
+                                                          if r["real_p9999"] > 0]))
+    report["counts"] = manifest.get("counts", {"kept": n})
+    report["generator"] = manifest.get("generator", {})
+    report["contact_sheet"] = str(sheet)
+    report["seconds"] = time.perf_counter() - t0
+    report["per_tensor"] = per_tensor
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    tmp_json = path.with_name(".report.json.tmp")
+    tmp_json.write_text(json.dumps(report, indent=1))
+    os.replace(tmp_json, path)
+    log.info("calibration report (%.0f s) -> %s", report["seconds"], path)
+    return report

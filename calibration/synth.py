@@ -1,0 +1,309 @@
+"""``synth``: generate a pool, score it with the teacher, filter, keep the best, write the set.
+
+The set is written into a temporary folder and renamed into place at the end, so an
+interrupted run leaves either the old set or the new one, never a half of each. Layout::
+
+    <out>/images/00000.png ...   kept images at the model's input size
+    <out>/masks/00000.png ...    the teacher's masks (with --teacher-masks: a training split)
+    <out>/manifest.json          generator, checkpoint hashes, seeds, guidance, scores, counts
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
+from calibration.guidance import ConfidenceGuide, ModeGuide, TaskGuide, TeacherView, kmeans, medoids
+from distill.config import Config, config_to_dict
+from distill.data import split_samples
+from distill.feature_onnx import sha256_file
+from distill.models import load_model
+from distill.trainer import resolve_device
+from runtime.errors import InputError
+from runtime.images import list_images, read_rgb
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "edgeseg-calibration/1"
+GUIDANCE_MODES = ("none", "task", "confidence", "mode")
+
+
+@dataclass
+class Candidate:
+    """One generated image and what the teacher made of it."""
+
+    pool_index: int
+    seed: int
+    batch: int
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) uint8 teacher mask
+    conf: Confidence
+    mode: int | str | None = None  # mode-guidance cluster, or the prompt
+    dhash: str = ""  # set by the filter
+
+    @property
+    def scores(self) -> dict:
+        return dataclasses.asdict(self.conf)
+
+
+def check_request(out_dir: Path, count: int, guidance: str, overwrite: bool, student: Path | None) -> None:
+    """Refuse bad requests before any work: one clear error each."""
+    if count <= 0:
+        raise InputError(f"--count must be >= 1, got {count}")
+    if guidance not in GUIDANCE_MODES:
+        raise InputError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+    if guidance == "confidence" and (student is None or not Path(student).is_file()):
+        raise InputError(f"guidance 'confidence' needs a student checkpoint (got {student}); "
+                         "train one with `make distill` or pass --student PATH")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it, or choose another --out")
+
+
+def images_to_model(x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(B, 3, h, w) in [-1, 1] -> (B, H, W, 3) uint8 at the model's input size (bicubic)."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def teacher_probabilities(view: TeacherView, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """(N, H, W) teacher probabilities for (N, H, W, 3) uint8 images."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        logits, _ = view(x)
+        out.append(torch.sigmoid(logits[:, 0]).numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def embed_real_images(view: TeacherView, paths: list[Path], limit: int = 256) -> tuple[np.ndarray, list[Path]]:
+    """Teacher-encoder embeddings (N, C) of up to ``limit`` real images (evenly spaced)."""
+    step = max(1, len(paths) // limit)
+    chosen = paths[::step][:limit]
+    embs = []
+    for i in range(0, len(chosen), 32):
+        imgs = np.stack([_fit(read_rgb(p), view.image_hw) for p in chosen[i:i + 32]])
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        embs.append(view(x)[1].numpy())
+    return np.concatenate(embs), chosen
+
+
+def _fit(img: np.ndarray, hw) -> np.ndarray:
+    from runtime.preprocess import fit_image
+
+    return fit_image(img, hw, "letterbox")[0]
+
+
+class Synthesizer:
+    """Generates a calibration set for one config (``python -m calibration synth``)."""
+
+    def __init__(self, cfg: Config, guidance: str | None = None, student: str | Path | None = None):
+        self.cfg = cfg
+        self.cal = cfg.calibration
+        self.guidance_mode = guidance or self.cal.guidance.mode
+        self.student_path = Path(student) if student else cfg.stage_dir("distill") / "best.pt"
+        self.device = resolve_device(cfg.device)
+        self.size = tuple(cfg.data.image_size)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+
+    # --- the generator -----------------------------------------------------------------------
+
+    def _load_generator(self):
+        if self.cal.generator == "pipeline":
+            from calibration.pipeline import check_pipeline_folder, load_pipeline
+
+            check_pipeline_folder(self.cal.model)
+            self.pipe = load_pipeline(self.cal.model, self.device, img2img=self.cal.img2img_strength > 0)
+            self.generator_info = {"kind": "pipeline", "path": str(self.cal.model),
+                                   "class": type(self.pipe).__name__, "prompts": list(self.cal.prompts)}
+            return
+        from calibration.ddpm import train_or_load
+
+        folder = Path(self.cal.model) if self.cal.model else self.cfg.stage_dir("calibration") / "ddpm"
+        if self.cal.model and not (folder / "ddpm.json").is_file():
+            raise InputError(f"{folder}: not an edgeseg DDPM folder (no ddpm.json); set calibration.generator: pipeline "
+                             "for a diffusers pipeline, or leave calibration.model empty to train the embedded DDPM")
+        self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, split_samples(self.cfg, "train"), folder,
+                                                         seed=self.cal.seed)
+        weights = next((folder / "unet").glob("*.safetensors"), None) or next((folder / "unet").glob("*.bin"))
+        self.generator_info = {"kind": "ddpm", "path": str(folder), "checkpoint_sha256": sha256_file(weights),
+                               "resolution": self.cal.ddpm.image_size}
+
+    def _make_guide(self, pool_size: int):
+        mode = self.guidance_mode
+        if mode == "none":
+            return None, {}
+        if mode == "task":
+            return TaskGuide(self.teacher), {}
+        if mode == "confidence":
+            student = load_model(self.cfg.student, self.student_path, keys=("student",))
+            view = TeacherView(student, self.size, self.cfg.data.mean, self.cfg.data.std)
+            return ConfidenceGuide(self.teacher, view, self.cal.guidance.gamma), {"student_sha256": sha256_file(self.student_path)}
+        # mode guidance: k-means over teacher embeddings of real images, an equal share per mode
+        paths = [s.image for s in split_samples(self.cfg, "train")]
+        emb, chosen = embed_real_images(self.teacher, paths)
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-8)
+        centres, labels = kmeans(emb, self.cal.guidance.modes, seed=self.cal.seed)
+        self.medoid_paths = [chosen[i] for i in medoids(emb, centres, labels)]
+        protos = torch.from_numpy(centres / np.linalg.norm(centres, axis=1, keepdims=True).clip(1e-8))
+        self.assignment = torch.arange(pool_size) % len(centres)
+        info = {"modes": len(centres), "mode_sizes": np.bincount(labels, minlength=len(centres)).tolist(),
+                "medoids": [p.name for p in self.medoid_paths]}
+        return ModeGuide(self.teacher, protos, self.assignment), info
+
+    def _generate(self, seeds: list[int], index: torch.Tensor, guide) -> np.ndarray:
+        if self.cal.generator == "pipeline":
+            from calibration.pipeline import generate
+
+            prompts = [self.cal.prompts[int(i) % len(self.cal.prompts)] for i in index]
+            init = None
+            if self.cal.img2img_strength > 0:
+                sources = getattr(self, "medoid_paths", None) or [s.image for s in split_samples(self.cfg, "train")]
+                init = [read_rgb(sources[int(i) % len(sources)]) for i in index]
+            return generate(self.pipe, prompts, seeds, self.size, self.cal.sampler.steps, 0.0, init,
+                            self.cal.img2img_strength, guide, self.cal.guidance)
+        from calibration.sampler import sample
+
+        x = sample(self.unet, self.scheduler_config, seeds, self.cal.sampler, self.cal.guidance, guide, index)
+        return images_to_model(x, self.size)
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def generate_pool(self, pool_size: int, progress: bool = True) -> list[Candidate]:
+        """Generate and score ``pool_size`` images (no filtering)."""
+        from tqdm import tqdm
+
+        if not hasattr(self, "teacher"):
+            teacher = load_model(self.cfg.teacher, self.cfg.teacher_checkpoint)
+            self.teacher = TeacherView(teacher, self.size, self.cfg.data.mean, self.cfg.data.std)
+            self._load_generator()
+        guide, self.guide_info = self._make_guide(pool_size)
+        bs = self.cal.sampler.batch_size
+        out: list[Candidate] = []
+        bar = tqdm(total=pool_size, desc=f"sampling ({self.guidance_mode})", disable=None if progress else True, leave=False)
+        for b, start in enumerate(range(0, pool_size, bs)):
+            index = torch.arange(start, min(start + bs, pool_size))
+            seeds = [self.cal.seed + int(i) for i in index]
+            images = self._generate(seeds, index, guide)
+            probs = teacher_probabilities(self.teacher, images)
+            for j, (img, p, c) in enumerate(zip(images, probs, teacher_confidence(probs))):
+                i = int(index[j])
+                mode = int(self.assignment[i]) if self.guidance_mode == "mode" else (
+                    self.cal.prompts[i % len(self.cal.prompts)] if self.cal.generator == "pipeline" else None)
+                out.append(Candidate(i, seeds[j], b, img, (p > 0.5).astype(np.uint8), c, mode))
+            bar.update(len(index))
+        bar.close()
+        return out
+
+    def run(self, out_dir: str | Path, count: int | None = None, overwrite: bool = False,
+            teacher_masks: bool = False) -> dict:
+        """Generate, filter and write the set; returns the manifest."""
+        out_dir = Path(out_dir)
+        count = self.cal.count if count is None else count
+        check_request(out_dir, count, self.guidance_mode, overwrite,
+                      self.student_path if self.guidance_mode == "confidence" else None)
+        if self.cal.generator == "pipeline":
+            from calibration.pipeline import check_pipeline_folder
+
+            check_pipeline_folder(self.cal.model)
+        t0 = time.perf_counter()
+        pool_size = math.ceil(self.cal.pool_factor * count)
+        pool = self.generate_pool(pool_size)
+        t_gen = time.perf_counter() - t0
+
+        # the best first (most confident teacher), then the filters decide
+        val_hashes = [dhash(_fit(read_rgb(s.image), self.size)) for s in split_samples(self.cfg, "val")]
+        flt = SetFilter(self.cal.filter, val_hashes)
+        passing, dropped = [], []
+        for c in sorted(pool, key=lambda c: -c.conf.confidence):
+            reason, h = flt.check(c.image, c.conf)
+            c.dhash = f"{h:016x}"
+            if reason is None:
+                passing.append(c)
+            else:
+                dropped.append({"pool_index": c.pool_index, "seed": c.seed, "reason": reason, **c.scores})
+        kept = passing[:count]
+        kept.sort(key=lambda c: c.pool_index)
+        if len(kept) < count:
+            log.warning("only %d of %d images passed the filters (pool of %d); raise calibration.pool_factor or relax "
+                        "calibration.filter", len(kept), count, pool_size)
+        manifest = {
+            "format": FORMAT,
+            "generator": self.generator_info,
+            "teacher_sha256": sha256_file(self.cfg.teacher_checkpoint),
+            "guidance": {"mode": self.guidance_mode, **config_to_dict(self.cal.guidance), **self.guide_info},
+            "sampler": config_to_dict(self.cal.sampler),
+            "image_size": list(self.size),
+            "seed": self.cal.seed,
+            "counts": {"generated": len(pool), "kept": len(kept), "dropped": dict(flt.dropped),
+                       "surplus": len(passing) - len(kept)},
+            "pass_rate": len(passing) / len(pool),
+            "seconds": {"generate": t_gen, "total": time.perf_counter() - t0},
+            "images": [{"file": f"images/{k:05d}.png", "pool_index": c.pool_index, "seed": c.seed, "batch": c.batch,
+                        "mode": c.mode, **c.scores, "dhash": c.dhash} for k, c in enumerate(kept)],
+            "dropped": dropped,
+            "config": config_to_dict(self.cfg),
+        }
+        self._write(out_dir, kept, manifest, teacher_masks)
+        manifest["seconds"]["total"] = time.perf_counter() - t0
+        log.info("kept %d of %d generated images (%s) in %.0f s -> %s", len(kept), len(pool),
+                 ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v), manifest["seconds"]["total"], out_dir)
+        return manifest
+
+    def _write(self, out_dir: Path, kept: list[Candidate], manifest: dict, teacher_masks: bool) -> None:
+        from PIL import Image
+
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "images").mkdir(parents=True)
+        if teacher_masks:
+            (tmp / "masks").mkdir()
+        for k, c in enumerate(kept):
+            Image.fromarray(c.image).save(tmp / "images" / f"{k:05d}.png")
+            if teacher_masks:
+                Image.fromarray(c.mask * 255).save(tmp / "masks" / f"{k:05d}.png")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+
+
+def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None = None, limit: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 images of a calibration folder (``<folder>/images`` or the folder itself).
+
+    Raises InputError for a missing or empty folder, or images whose size is not ``image_hw``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: calibration folder does not exist; create one with `python -m calibration synth`")
+    src = folder / "images" if (folder / "images").is_dir() else folder
+    paths = list_images(src)
+    if not paths:
+        raise InputError(f"{src}: calibration folder has no images (.png/.jpg); run `python -m calibration synth --out {folder}`")
+    if limit:
+        paths = paths[:limit]
+    images = []
+    for p in paths:
+        img = read_rgb(p)
+        if image_hw is not None and img.shape[:2] != tuple(image_hw):
+            raise InputError(f"{p}: calibration image is {img.shape[1]}x{img.shape[0]} but the model takes "
+                             f"{image_hw[1]}x{image_hw[0]}; regenerate the set for this model (python -m calibration synth)")
+        images.append(img)
+    return np.stack(images)

@@ -1,0 +1,246 @@
+"""TensorRT engine builds that pick the path the installed TensorRT supports.
+
+TensorRT 10 still has the FP16/INT8 builder flags and the ``IInt8*Calibrator`` classes
+(deprecated since 10.1); TensorRT 11 removed both: INT8 comes only from Q/DQ nodes and FP16
+only from an FP16 graph, in strongly typed networks. So:
+
+=========  ===================================  ========================================
+precision  TensorRT 10 (JetPack 6)               TensorRT 11+
+=========  ===================================  ========================================
+int8       Q/DQ ONNX + INT8 (+FP16) flags         Q/DQ ONNX, strongly typed
+int8 DLA   FP32 ONNX + INT8 flag + cache          (no implicit INT8: refused)
+fp16       FP32 ONNX + FP16 flag                  FP16 ONNX graph, strongly typed
+fp32       FP32 ONNX                              FP32 ONNX, strongly typed
+=========  ===================================  ========================================
+
+Everything that decides (version parsing, plan, profile shapes, paths, metadata) is plain
+Python and unit-tested anywhere; only :func:`build_engine` needs TensorRT and a GPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from runtime.errors import BackendUnavailableError, InputError
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["int8", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class TrtCapabilities:
+    """What an installed TensorRT version offers."""
+
+    version: str  # e.g. "10.3.0"
+    major: int
+    precision_flags: bool  # BuilderFlag.FP16 / INT8 exist (TensorRT <= 10)
+    implicit_int8: bool  # IInt8*Calibrator and calibration caches work (TensorRT <= 10)
+    strongly_typed: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED exists (TensorRT >= 9)
+
+
+def capabilities(version: str) -> TrtCapabilities:
+    """Parse a TensorRT version string into what it can do."""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise InputError(f"cannot parse TensorRT version {version!r}") from None
+    if major < 8:
+        raise BackendUnavailableError(f"TensorRT {version} is too old; edgeseg needs TensorRT 8.6 or newer")
+    return TrtCapabilities(version=version, major=major, precision_flags=major <= 10, implicit_int8=major <= 10,
+                           strongly_typed=major >= 9)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """One engine build, fully decided."""
+
+    precision: Precision
+    onnx: str  # the ONNX file the builder parses
+    flags: tuple[str, ...]  # BuilderFlag names to set
+    strongly_typed: bool
+    calibration_cache: str | None  # implicit INT8 only (TensorRT 10 DLA)
+    dla_core: int  # -1: GPU only
+
+
+def plan_build(caps: TrtCapabilities, precision: Precision, files: dict[str, str], dla_core: int = -1) -> BuildPlan:
+    """Choose the ONNX file, flags and typing for ``precision`` on this TensorRT.
+
+    Args:
+        files: available artifacts: ``fp32`` (required), ``int8`` (Q/DQ), ``fp16`` (FP16
+            graph), ``cache`` (calibration cache).
+
+    Raises:
+        InputError: the artifact the plan needs is missing, or the combination is impossible.
+    """
+    def need(key: str, what: str) -> str:
+        if not files.get(key):
+            raise InputError(f"a {precision} engine on TensorRT {caps.version} needs the {what}; "
+                             f"run `python -m export quantize` / `python -m export onnx` first")
+        return files[key]
+
+    need("fp32", "FP32 ONNX")
+    if dla_core >= 0:
+        if precision == "int8":
+            if not caps.implicit_int8:
+                raise InputError(f"DLA INT8 needs implicit INT8 with a calibration cache, which TensorRT {caps.version} "
+                                 "removed; build for the GPU (dla_core -1) or use TensorRT 10 (JetPack 6)")
+            return BuildPlan("int8", files["fp32"], ("INT8", "FP16", "GPU_FALLBACK"), False,
+                             need("cache", "calibration cache"), dla_core)
+        if precision == "fp16" and caps.precision_flags:
+            return BuildPlan("fp16", files["fp32"], ("FP16", "GPU_FALLBACK"), False, None, dla_core)
+        raise InputError(f"DLA runs int8 or fp16 only (got {precision} on TensorRT {caps.version})")
+    if caps.precision_flags:  # TensorRT 10: weakly typed, flags allow the precisions
+        if precision == "int8":
+            return BuildPlan("int8", need("int8", "Q/DQ INT8 ONNX"), ("INT8", "FP16"), False, None, -1)
+        if precision == "fp16":
+            return BuildPlan("fp16", files["fp32"], ("FP16",), False, None, -1)
+        return BuildPlan("fp32", files["fp32"], (), False, None, -1)
+    # TensorRT 11+: strongly typed, the graph decides
+    key = {"int8": "int8", "fp16": "fp16", "fp32": "fp32"}[precision]
+    what = {"int8": "Q/DQ INT8 ONNX", "fp16": "FP16 ONNX graph", "fp32": "FP32 ONNX"}[precision]
+    return BuildPlan(precision, need(key, what), (), True, None, -1)
+
+
+def profile_shapes(layout: str, image_hw: tuple[int, int], max_batch: int, opt_batch: int,
+                   min_batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """The optimization profile (min/opt/max) for the input ``images``."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise InputError(f"profile needs 1 <= min <= opt <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
+    h, w = image_hw
+    shape = (lambda b: (b, h, w, 3)) if layout.startswith("NHWC") else (lambda b: (b, 3, h, w))
+    return {"min": shape(min_batch), "opt": shape(opt_batch), "max": shape(max_batch)}
+
+
+def engine_paths(out_dir: Path, precision: Precision, dla_core: int = -1) -> dict[str, Path]:
+    """Engine, sidecar metadata and the timing cache shared by every build in ``out_dir``."""
+    suffix = f".dla{dla_core}" if dla_core >= 0 else ""
+    return {"engine": out_dir / f"model.{precision}{suffix}.engine",
+            "metadata": out_dir / f"model.{precision}{suffix}.engine.json",
+            "timing_cache": out_dir / "timing.cache"}
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def engine_metadata(plan: BuildPlan, caps: TrtCapabilities, gpu: dict, profile: dict, io: dict,
+                    build_seconds: float) -> dict:
+    """The sidecar JSON: what the engine is and what it was built for (the runtime checks it)."""
+    return {
+        "format": "edgeseg-engine/1",
+        "tensorrt_version": caps.version,
+        "gpu_name": gpu["name"],
+        "compute_capability": gpu["compute_capability"],
+        "precision": plan.precision,
+        "plan": asdict(plan),
+        "profile": {k: list(v) for k, v in profile.items()},
+        "inputs": [{"name": io["input_name"], "layout": io["input_layout"]}],
+        "outputs": [{"name": io["output_name"], "kind": io["output"]}],
+        "onnx_sha256": sha256(plan.onnx),
+        "build_seconds": build_seconds,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def availability() -> tuple[bool, str]:
+    """(can build, why not): TensorRT importable and a CUDA GPU visible."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "TensorRT is not installed (pip install 'edgeseg[gpu]' on a machine with NVIDIA's index, or JetPack)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    return True, ""
+
+
+def gpu_info() -> dict:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+class _CacheCalibrator:
+    """An implicit-INT8 calibrator that only replays a calibration cache (TensorRT 10, DLA)."""
+
+    def __new__(cls, cache_path: str, batch: int):
+        import tensorrt as trt
+
+        class Replay(trt.IInt8EntropyCalibrator2):
+            def __init__(self):
+                super().__init__()
+                self.cache = Path(cache_path).read_bytes()
+
+            def get_batch_size(self):
+                return batch
+
+            def get_batch(self, names):
+                return None  # never called when the cache covers every tensor
+
+            def read_calibration_cache(self):
+                return self.cache
+
+            def write_calibration_cache(self, cache):
+                return None
+
+        return Replay()
+
+
+def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict, out_dir: Path,
+                 workspace_mib: int) -> dict:
+    """Build and write the engine + sidecar (needs TensorRT and a GPU); returns the metadata."""
+    import tensorrt as trt
+
+    paths = engine_paths(out_dir, plan.precision, plan.dla_core)
+    t0 = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(plan.onnx)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise InputError(f"{plan.onnx}: TensorRT {caps.version} cannot parse it ({errors[:300]})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    for name in plan.flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if plan.dla_core >= 0:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = plan.dla_core
+    if plan.calibration_cache:
+        config.int8_calibrator = _CacheCalibrator(plan.calibration_cache, profile["opt"][0])
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(io["input_name"], profile["min"], profile["opt"], profile["max"])
+    config.add_optimization_profile(opt_profile)
+    if plan.calibration_cache:
+        config.set_calibration_profile(opt_profile)
+    # one timing cache for every build in the folder: later builds skip measured tactics
+    cache_bytes = paths["timing_cache"].read_bytes() if paths["timing_cache"].is_file() else b""
+    timing_cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT {caps.version} failed to build the {plan.precision} engine (see its log above)")
+    tmp = paths["engine"].with_name(f".{paths['engine'].name}.tmp")
+    tmp.write_bytes(bytes(serialized))
+    os.replace(tmp, paths["engine"])
+    paths["timing_cache"].write_bytes(bytes(config.get_timing_cache().serialize()))
+    meta = engine_metadata(plan, caps, gpu_info(), profile, io, time.perf_counter() - t0)
+    meta["engine_sha256"] = sha256(paths["engine"])
+    paths["metadata"].write_text(json.dumps(meta, indent=1))
+    log.info("built %s (%.0f s) -> %s", plan.precision, meta["build_seconds"], paths["engine"])
+    return meta

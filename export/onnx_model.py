@@ -1,0 +1,167 @@
+"""ONNX export of the stripped student: optional fused preprocessing, chosen output, onnxsim, parity.
+
+Tensor names are API: the input is ``images`` ((B, 3, H, W) float normalised, or (B, H, W, 3)
+uint8 with fused preprocessing) and the output ``mask_logits``, ``mask_probs`` or ``mask``
+((B, 1, H, W); the mask is uint8 0/1). The resolved config and the I/O contract are stored in
+the model's ``metadata_props`` for the runtime to read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from distill.config import Config, config_to_dict
+from distill.models import UnetSegmenter
+from distill.onnx_export import export_module
+from runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = {"logits": "mask_logits", "probabilities": "mask_probs", "mask": "mask"}
+PARITY_TOLERANCE = 1e-4
+
+
+class DeployModel(nn.Module):
+    """What ships: [uint8 NHWC -> normalised NCHW] -> student -> [logits | probabilities | mask]."""
+
+    def __init__(self, student: UnetSegmenter, mean, std, fuse_preprocessing: bool, output: str, threshold: float):
+        super().__init__()
+        self.student = student
+        self.fuse = fuse_preprocessing
+        self.output = output
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, 3, 1, 1))
+        self.register_buffer("bias", (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1))
+        self.logit_threshold = math.log(threshold / (1 - threshold))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.fuse:
+            images = images.permute(0, 3, 1, 2).float() * self.scale + self.bias
+        logits = self.student(images)
+        if self.output == "probabilities":
+            return torch.sigmoid(logits)
+        if self.output == "mask":
+            return (logits > self.logit_threshold).to(torch.uint8)
+        return logits
+
+
+def io_contract(cfg: Config) -> dict:
+    """The runtime's view of the model: input layout, normalisation, output and threshold."""
+    e = cfg.export
+    return {
+        "input_name": "images",
+        "input_layout": "NHWC-uint8" if e.fuse_preprocessing else "NCHW-float32-normalised",
+        "image_size": list(cfg.data.image_size),
+        "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+        "pad_value": [int(round(m * 255)) for m in cfg.data.mean],
+        "resize": cfg.deploy.resize,
+        "output_name": OUTPUT_NAMES[e.output], "output": e.output, "threshold": e.threshold,
+        "max_batch": e.max_batch, "opt_batch": e.opt_batch,
+    }
+
+
+def example_input(cfg: Config, batch: int, seed: int) -> torch.Tensor:
+    """Fresh random input of the model's input kind."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = cfg.data.image_size
+    if cfg.export.fuse_preprocessing:
+        return torch.randint(0, 256, (batch, h, w, 3), generator=g, dtype=torch.uint8)
+    return torch.randn(batch, 3, h, w, generator=g)
+
+
+def count_nodes(path: str | Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def simplify(src: Path, dst: Path) -> Path:
+    """onnxsim with a check; the result must be valid for any batch (dynamic axis kept)."""
+    import onnx
+    from onnxsim import simplify as onnxsim_simplify
+
+    model = onnx.load(str(src))
+    simplified, ok = onnxsim_simplify(model)
+    if not ok:
+        raise RuntimeError(f"onnxsim could not validate the simplified {src.name}")
+    onnx.checker.check_model(simplified, full_check=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    onnx.save(simplified, str(tmp))
+    os.replace(tmp, dst)
+    return dst
+
+
+def parity(model: nn.Module, onnx_path: Path, cfg: Config, batches=(1,), seed: int = 1) -> tuple[float, list]:
+    """Max |ORT - torch| over fresh random inputs at each batch size; also returns the feeds/outputs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    worst, records = 0.0, []
+    for i, b in enumerate(batches):
+        x = example_input(cfg, b, seed + i)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = sess.run(None, {"images": x.numpy()})[0]
+        if out.shape != ref.shape:
+            raise AssertionError(f"ONNX output shape {out.shape} != torch {ref.shape} at batch {b}")
+        diff = float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max())
+        worst = max(worst, diff)
+        records.append((x.numpy(), ref))
+    return worst, records
+
+
+def save_polygraphy_reference(records: list, out_dir: Path, output_name: str) -> tuple[Path, Path]:
+    """Write the parity inputs and torch outputs in Polygraphy's JSON formats.
+
+    ``polygraphy run model.onnx --onnxrt --load-inputs torch_inputs.json --load-outputs
+    torch_outputs.json --atol 1e-4 --rtol 0`` then checks ONNX Runtime against torch.
+    """
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+
+    inputs = [{"images": x} for x, _ in records]
+    results = RunResults([("torch", [IterationResult({output_name: y}, runner_name="torch") for _, y in records])])
+    in_path, out_path = out_dir / "torch_inputs.json", out_dir / "torch_outputs.json"
+    save_json(inputs, str(in_path))
+    results.save(str(out_path))
+    return in_path, out_path
+
+
+def export_onnx(cfg: Config, student: UnetSegmenter, out_dir: Path) -> dict:
+    """``model.onnx`` (simplified) in ``out_dir``; returns the export report.
+
+    Raises InputError if ONNX Runtime and torch disagree by more than 1e-4.
+    """
+    t0 = time.perf_counter()
+    e = cfg.export
+    deploy = DeployModel(student, cfg.data.mean, cfg.data.std, e.fuse_preprocessing, e.output, e.threshold).eval()
+    raw = out_dir / "model.raw.onnx"
+    final = out_dir / "model.onnx"
+    meta = {"edgeseg.io": json.dumps(io_contract(cfg)), "edgeseg.config": json.dumps(config_to_dict(cfg))}
+    export_module(deploy, raw, example_input(cfg, 1, 0), ["images"], [OUTPUT_NAMES[e.output]], opset=e.opset,
+                  metadata=meta)
+    nodes_before = count_nodes(raw)
+    simplify(raw, final)
+    raw.unlink()
+    nodes_after = count_nodes(final)
+    worst, records = parity(deploy, final, cfg, batches=(1, e.max_batch))
+    save_polygraphy_reference(records, out_dir, OUTPUT_NAMES[e.output])
+    if e.output != "mask" and worst > PARITY_TOLERANCE:
+        raise InputError(f"{final}: ONNX Runtime differs from torch by {worst:.3g} (> {PARITY_TOLERANCE}); "
+                         "the export is wrong for this model, please report it")
+    report = {"onnx": str(final), "nodes_before_onnxsim": nodes_before, "nodes_after_onnxsim": nodes_after,
+              "parity_max_abs": worst, "parity_batches": [1, e.max_batch], "size_mb": final.stat().st_size / 2**20,
+              "seconds": time.perf_counter() - t0}
+    log.info("ONNX: %d -> %d nodes after onnxsim, parity %.2g, %.1f s", nodes_before, nodes_after, worst, report["seconds"])
+    return report

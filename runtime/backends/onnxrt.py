@@ -1,0 +1,113 @@
+"""ONNX Runtime backends: CPU EP, CUDA EP (IOBinding into reused device buffers), TensorRT EP."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends.base import Runner
+from runtime.errors import BackendUnavailableError, InputError
+from runtime.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX model on one ONNX Runtime execution provider.
+
+    On the CPU the output is bound (IOBinding) to a reused host buffer, so a call allocates
+    nothing. On CUDA (and the TensorRT EP) the input and output live in device OrtValues that
+    are allocated once per batch size and reused: a call is one host-to-device copy, the run,
+    and one device-to-host copy, each timed.
+    """
+
+    def __init__(self, model_path: str | Path, spec: ModelSpec, provider: str = "cpu", threads: int = 0,
+                 device_id: int = 0, cache_dir: str | Path | None = None):
+        super().__init__(model_path, spec, threads)
+        if provider not in _PROVIDERS:
+            raise InputError(f"ONNX Runtime provider must be one of {', '.join(_PROVIDERS)}, got {provider!r}")
+        self.provider = provider
+        self.name = f"onnxruntime-{provider}"
+        self.device_id = device_id
+        self.device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
+        self.cache_dir = Path(cache_dir) if cache_dir else self.model_path.parent / "trt_ep_cache"
+        self._buffers: dict[int, tuple] = {}
+
+    def _activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        if not self.model_path.is_file():
+            raise InputError(f"{self.model_path}: model file does not exist")
+        wanted = _PROVIDERS[self.provider]
+        if wanted not in ort.get_available_providers():
+            raise BackendUnavailableError(f"ONNX Runtime here has no {wanted}; install onnxruntime-gpu "
+                                          "(pip install 'edgeseg[gpu]') on a CUDA machine, or use backend onnxruntime-cpu")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        providers: list = [wanted]
+        if self.provider == "cuda":
+            providers = [(wanted, {"device_id": self.device_id}), "CPUExecutionProvider"]
+        elif self.provider == "tensorrt":
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            providers = [(wanted, {"device_id": self.device_id, "trt_engine_cache_enable": True,
+                                   "trt_engine_cache_path": str(self.cache_dir), "trt_fp16_enable": True,
+                                   "trt_int8_enable": "QuantizeLinear" in self._op_types()}),
+                         ("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), so, providers=providers)
+        except Exception as e:  # ORT's own exception types; the file is the user's
+            raise InputError(f"{self.model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+        self.binding = self.session.io_binding()
+
+    def _op_types(self) -> set[str]:
+        import onnx
+
+        return {n.op_type for n in onnx.load(str(self.model_path), load_external_data=False).graph.node}
+
+    def _output_shape(self, batch: int) -> tuple[int, ...]:
+        h, w = self.spec.image_size
+        return (batch, 1, h, w)
+
+    def _output_dtype(self):
+        return np.uint8 if self.spec.output == "mask" else np.float32
+
+    def _infer_impl(self, feed: np.ndarray) -> np.ndarray:
+        b = self.binding
+        batch = feed.shape[0]
+        if self.provider == "cpu":
+            out = np.empty(self._output_shape(batch), self._output_dtype())
+            t0 = self._clock()
+            b.bind_cpu_input(self.spec.input_name, feed)
+            b.bind_output(self.spec.output_name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+            self.session.run_with_iobinding(b)
+            self.timings_ms = {"copy_in": 0.0, "infer": self._clock() - t0, "copy_out": 0.0}
+            return out
+        import onnxruntime as ort
+
+        if batch not in self._buffers:  # device buffers, once per batch size
+            x = ort.OrtValue.ortvalue_from_shape_and_type(feed.shape, feed.dtype, "cuda", self.device_id)
+            y = ort.OrtValue.ortvalue_from_shape_and_type(self._output_shape(batch), self._output_dtype(), "cuda",
+                                                          self.device_id)
+            self._buffers[batch] = (x, y)
+        x, y = self._buffers[batch]
+        t0 = self._clock()
+        x.update_inplace(feed)
+        t1 = self._clock()
+        b.bind_ortvalue_input(self.spec.input_name, x)
+        b.bind_ortvalue_output(self.spec.output_name, y)
+        self.session.run_with_iobinding(b)
+        b.synchronize_outputs()
+        t2 = self._clock()
+        out = y.numpy()
+        self.timings_ms = {"copy_in": t1 - t0, "infer": t2 - t1, "copy_out": self._clock() - t2}
+        return out
+
+    def _deactivate_impl(self) -> None:
+        self._buffers.clear()
+        self.session = None
+        self.binding = None

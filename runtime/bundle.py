@@ -1,0 +1,78 @@
+"""Opening a deploy bundle: its manifest, hash checks, and which file each backend runs."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from runtime.errors import InputError, IntegrityError
+from runtime.spec import ModelSpec
+
+MANIFEST = "manifest.json"
+FORMAT = "edgeseg-bundle/1"
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Bundle:
+    """A deploy bundle folder, checked on open: every listed file present with its SHA-256.
+
+    ``files`` maps file name -> {"sha256", "role"}; roles: ``fp32`` (FP32 ONNX), ``int8``
+    (symmetric Q/DQ ONNX, TensorRT), ``int8-cpu`` (u8s8 Q/DQ ONNX, ONNX Runtime CPU),
+    ``fp16``, ``engine`` (+ its ``.json`` sidecar), ``calibration-cache``, and others.
+    """
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise InputError(f"{self.path}: not a deploy bundle (no {MANIFEST}); create one with `make deploy`")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise IntegrityError(f"{manifest}: not valid JSON ({e}); rebuild the bundle with `make deploy`") from None
+        if self.manifest.get("format") != FORMAT:
+            raise InputError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self.spec = ModelSpec.from_dict(self.manifest["spec"])
+        self.precision = self.manifest.get("precision", "fp32")
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        for name, info in self.manifest.get("files", {}).items():
+            f = self.path / name
+            if not f.is_file():
+                raise IntegrityError(f"{f}: listed in the bundle manifest but missing; copy the whole bundle again")
+            if sha256(f) != info["sha256"]:
+                raise IntegrityError(f"{f}: SHA-256 does not match the bundle manifest (file changed or corrupt); "
+                                     "copy the bundle again or rebuild it with `make deploy`")
+
+    def file(self, role: str) -> Path | None:
+        for name, info in self.manifest.get("files", {}).items():
+            if info.get("role") == role:
+                return self.path / name
+        return None
+
+    def model_for(self, backend: str) -> Path:
+        """The file a backend runs: engine for tensorrt; the Q/DQ or FP32 ONNX for ONNX Runtime."""
+        int8 = self.precision == "int8"
+        choice = {
+            "tensorrt": ["engine"],
+            "onnxruntime-tensorrt": ["int8", "fp32"] if int8 else ["fp32"],
+            "onnxruntime-cuda": ["fp16", "fp32"] if self.precision == "fp16" else ["fp32"],
+            "onnxruntime-cpu": ["int8-cpu", "fp32"] if int8 else ["fp32"],
+        }.get(backend)
+        if choice is None:
+            raise InputError(f"unknown backend {backend!r}")
+        for role in choice:
+            f = self.file(role)
+            if f is not None:
+                return f
+        raise InputError(f"{self.path}: has no {' or '.join(choice)} model for backend {backend}"
+                         + ("; build the engine on this device with `python build_engine.py`" if backend == "tensorrt" else ""))

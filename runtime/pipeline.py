@@ -1,0 +1,75 @@
+"""Vectorised pre- and post-processing around the model: images of any size in, masks out.
+
+``prepare`` letterboxes each image straight into its slot of a reusable uint8 batch buffer
+(the only per-image work: a resize), then normalises the whole batch in one array operation,
+unless the graph does it (fused preprocessing). ``finish`` turns the batch output into one
+mask per image at that image's original size, cropping the letterbox exactly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.images import to_rgb_uint8
+from runtime.preprocess import Placement, fit_image, normalise_batch, restore_scores
+from runtime.spec import ModelSpec
+
+
+class BatchBuffers:
+    """Host buffers reused across calls: the uint8 NHWC batch and the float NCHW input."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self._u8: np.ndarray | None = None
+        self._f32: np.ndarray | None = None
+
+    def uint8(self, batch: int) -> np.ndarray:
+        h, w = self.spec.image_size
+        if self._u8 is None or self._u8.shape[0] < batch:
+            self._u8 = np.empty((max(batch, self.spec.max_batch), h, w, 3), np.uint8)
+        return self._u8[:batch]
+
+    def float32(self, batch: int) -> np.ndarray:
+        h, w = self.spec.image_size
+        if self._f32 is None or self._f32.shape[0] < batch:
+            self._f32 = np.empty((max(batch, self.spec.max_batch), 3, h, w), np.float32)
+        return self._f32[:batch]
+
+
+def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Validate and convert a list of images to HxWx3 uint8 (grayscale, RGBA, 16-bit converted)."""
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object:
+        raise InputError("predict() takes a list of images; wrap a single image as [image]")
+    if len(images) == 0:
+        raise InputError("predict() got an empty list of images")
+    return [to_rgb_uint8(img, name=f"image {i}") for i, img in enumerate(images)]
+
+
+def prepare(images: Sequence[np.ndarray], spec: ModelSpec, buffers: BatchBuffers) -> tuple[np.ndarray, list[Placement]]:
+    """(the model input for the batch, each image's placement). Images must be HxWx3 uint8."""
+    batch = buffers.uint8(len(images))
+    placements = [fit_image(img, spec.image_size, spec.resize, spec.pad_value, out=batch[i])[1]
+                  for i, img in enumerate(images)]
+    if spec.fused:
+        return batch, placements
+    return normalise_batch(batch, spec.mean, spec.std, out=buffers.float32(len(images))), placements
+
+
+def finish(output: np.ndarray, placements: Sequence[Placement], spec: ModelSpec) -> list[np.ndarray]:
+    """(B, 1, H, W) model output -> per image (h, w) uint8 masks (1 = person) at original size."""
+    out = output[:, 0] if output.ndim == 4 else output
+    masks = []
+    for scores, p in zip(out, placements):
+        if spec.output == "mask":
+            crop = scores[p.top:p.top + p.height, p.left:p.left + p.width].astype(np.uint8)
+            if crop.shape != p.src_hw:
+                from PIL import Image
+
+                crop = np.asarray(Image.fromarray(crop).resize((p.src_hw[1], p.src_hw[0]), Image.NEAREST))
+            masks.append(np.ascontiguousarray(crop))
+            continue
+        threshold = spec.threshold if spec.output == "probabilities" else float(np.log(spec.threshold / (1 - spec.threshold)))
+        masks.append((restore_scores(np.asarray(scores, np.float32), p) > threshold).astype(np.uint8))
+    return masks

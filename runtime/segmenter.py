@@ -1,0 +1,181 @@
+"""``Segmenter``: person masks for lists of images of any size, from a bundle, ONNX file or engine.
+
+    from runtime import Segmenter
+    with Segmenter("runs/demo/bundle") as seg:          # backend="auto" picks the best available
+        masks = seg.predict([image_a, image_b])         # HxWx3 uint8 in, HxW uint8 (1 = person) out
+        future = seg.submit(image_c)                    # micro-batched with other callers' requests
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from runtime.backends.base import Runner
+from runtime.batcher import MicroBatcher
+from runtime.bundle import Bundle
+from runtime.errors import BackendUnavailableError, InputError
+from runtime.images import to_rgb_uint8
+from runtime.pipeline import BatchBuffers, check_images, finish, prepare
+from runtime.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+STAGES = ("preprocess", "copy_in", "infer", "copy_out", "postprocess")
+
+
+def available_backends() -> list[str]:
+    """Backends this machine can run, best first (nothing is loaded to find out)."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    out = []
+    if importlib.util.find_spec("tensorrt") is not None and "CUDAExecutionProvider" in providers:
+        out.append("tensorrt")
+    if "TensorrtExecutionProvider" in providers:
+        out.append("onnxruntime-tensorrt")
+    if "CUDAExecutionProvider" in providers:
+        out.append("onnxruntime-cuda")
+    out.append("onnxruntime-cpu")
+    return out
+
+
+def _make_runner(backend: str, model: Path, spec: ModelSpec, threads: int, device_id: int) -> Runner:
+    if backend == "tensorrt":
+        from runtime.backends.tensorrt_engine import TensorRTRunner
+
+        return TensorRTRunner(model, spec, device_id=device_id)
+    from runtime.backends.onnxrt import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(model, spec, provider=backend.removeprefix("onnxruntime-"), threads=threads,
+                             device_id=device_id)
+
+
+class Segmenter:
+    """Batched person segmentation.
+
+    Args:
+        path: a deploy bundle folder, an ``.onnx`` exported by edgeseg, or an ``.engine``.
+        backend: ``auto`` (best available), or one of ``BACKENDS``.
+        threads: ONNX Runtime CPU threads (0 = ORT's default).
+        max_batch: largest batch per model call (default and cap: the model's profile maximum).
+        max_wait_ms: how long ``submit`` waits to fill a batch.
+        queue_size: pending ``submit`` requests before callers block (back-pressure).
+    """
+
+    def __init__(self, path: str | Path, backend: str = "auto", threads: int = 0, max_batch: int | None = None,
+                 max_wait_ms: float = 5.0, queue_size: int = 64, device_id: int = 0):
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: does not exist; pass a deploy bundle folder, an .onnx or an .engine file")
+        self.bundle = Bundle(path) if path.is_dir() else None
+        if self.bundle is not None:
+            self.spec = self.bundle.spec
+        elif path.suffix == ".onnx":
+            self.spec = ModelSpec.from_onnx(path)
+        elif path.suffix in (".engine", ".plan"):
+            import json
+
+            sidecar = path.with_name(path.name + ".json")
+            if not sidecar.is_file():
+                raise InputError(f"{sidecar}: engine metadata missing; rebuild with `python -m export engine`")
+            self.spec = ModelSpec.from_dict(json.loads(sidecar.read_text())["spec"])
+        else:
+            raise InputError(f"{path}: expected a bundle folder, .onnx or .engine")
+        if max_batch is not None and not 1 <= max_batch <= self.spec.max_batch:
+            raise InputError(f"max_batch must be in 1..{self.spec.max_batch} (the model's profile), got {max_batch}")
+        self.max_batch = max_batch or self.spec.max_batch
+        self.runner = self._open_runner(path, backend, threads, device_id)
+        self.backend = self.runner.name
+        self.device = self.runner.device
+        self.model_path = self.runner.model_path
+        self._buffers = BatchBuffers(self.spec)
+        self._lock = threading.Lock()
+        self._batcher: MicroBatcher | None = None
+        self._batcher_args = (max_wait_ms, queue_size)
+        self.last_timings_ms: dict[str, float] = {s: 0.0 for s in STAGES}
+        log.info("Segmenter: %s on %s (%s)", self.backend, self.device, self.model_path.name)
+
+    def _open_runner(self, path: Path, backend: str, threads: int, device_id: int) -> Runner:
+        if backend != "auto" and backend not in BACKENDS:
+            raise InputError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
+        candidates = available_backends() if backend == "auto" else [backend]
+        if path.suffix in (".engine", ".plan"):
+            candidates = ["tensorrt"]
+        elif path.suffix == ".onnx":
+            candidates = [c for c in candidates if c != "tensorrt"]
+        errors = []
+        for name in candidates:
+            try:
+                model = self.bundle.model_for(name) if self.bundle else path
+                runner = _make_runner(name, model, self.spec, threads, device_id)
+                runner.activate()
+                return runner
+            except (BackendUnavailableError, InputError) as e:
+                if backend != "auto":
+                    raise
+                errors.append(f"{name}: {e}")
+                log.info("backend %s not usable here: %s", name, e)
+        raise BackendUnavailableError("no backend can run this model here: " + " | ".join(errors))
+
+    # --- synchronous, batched ----------------------------------------------------------------
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """HxWx3 uint8 RGB images (any sizes; grayscale, RGBA, 16-bit converted) -> HxW uint8 masks."""
+        images = check_images(images)
+        masks: list[np.ndarray] = []
+        for i in range(0, len(images), self.max_batch):
+            masks.extend(self._run_batch(images[i:i + self.max_batch]))
+        return masks
+
+    def _run_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with self._lock:  # one model call at a time; the buffers are shared
+            t0 = time.perf_counter()
+            feed, placements = prepare(images, self.spec, self._buffers)
+            t1 = time.perf_counter()
+            output = self.runner.infer(feed)
+            t2 = time.perf_counter()
+            masks = finish(output, placements, self.spec)
+            t3 = time.perf_counter()
+            r = self.runner.timings_ms
+            self.last_timings_ms = {"preprocess": (t1 - t0) * 1000, "copy_in": r["copy_in"], "infer": r["infer"],
+                                    "copy_out": r["copy_out"], "postprocess": (t3 - t2) * 1000,
+                                    "total": (t3 - t0) * 1000}
+            return masks
+
+    # --- asynchronous, micro-batched ---------------------------------------------------------
+
+    def submit(self, image: np.ndarray, timeout: float | None = None) -> Future:
+        """Queue one image; the Future resolves to its mask. Blocks while the queue is full."""
+        image = to_rgb_uint8(image, name="submitted image")
+        if self._batcher is None:
+            with self._lock:
+                if self._batcher is None:
+                    wait, size = self._batcher_args
+                    self._batcher = MicroBatcher(self._run_batch, self.max_batch, wait, size)
+        return self._batcher.submit(image, timeout=timeout)
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Mean batch size the micro-batcher has run (0 before any ``submit``)."""
+        return self._batcher.mean_batch_size if self._batcher else 0.0
+
+    def close(self, cancel: bool = False) -> None:
+        """Finish (or with ``cancel`` fail) pending requests, then release the model."""
+        if self._batcher is not None:
+            self._batcher.close(cancel=cancel)
+        self.runner.deactivate()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
