@@ -14,6 +14,8 @@ BASELINE ?= 1
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
+# run_dir of CONFIG, where every stage writes (asked of the config loader, so it is never repeated here)
+RUN_DIR = $(shell $(PY) -m distill run-dir $(ARGS) 2>/dev/null || echo runs/demo)
 ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
         $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.edgeseg-installed
@@ -26,7 +28,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q $(TORCH_SPEC)
-	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[dev]'
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[train,dev]'
 	touch $@
 
 demo: setup
@@ -55,7 +57,7 @@ deploy: setup
 	$(PY) -m export bundle $(ARGS)
 
 profile: setup
-	$(PY) -m runtime profile --config $(CONFIG)
+	$(PY) -m runtime profile --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/profile --batch 1,2,4,8 --iters 30
 
 bench: setup
 	$(PY) benchmarks/run.py $(ARGS)

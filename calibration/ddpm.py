@@ -64,6 +64,10 @@ def load_training_images(samples: list[Sample], size: int) -> torch.Tensor:
 def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, seed: int = 0):
     """The DDPM UNet (eval mode) from ``folder`` if it matches, else trained on ``samples`` and saved.
 
+    With ``cfg.max_t < 1`` it trains only on noise levels t < max_t * T: image-to-image
+    sampling from real images at strength s <= max_t never sees higher ones, so the whole
+    budget goes to the levels it uses.
+
     Returns:
         (UNet2DModel, its scheduler config dict).
     """
@@ -97,7 +101,7 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
         flip = torch.rand(cfg.batch_size, generator=g) < 0.5
         x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g)
+        t = torch.randint(0, max(1, int(round(cfg.max_t * cfg.timesteps))), (cfg.batch_size,), generator=g)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()

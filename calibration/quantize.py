@@ -60,18 +60,30 @@ def input_name(model_path: str | Path) -> str:
     return next(i.name for i in m.graph.input if i.name not in inits)
 
 
+def preprocess_for_quantization(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """ORT's ``quant_pre_process`` (shape inference + graph optimisation) into ``out_path``.
+
+    Node names in its output are the ones ``exclude_nodes`` must use.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    return Path(out_path)
+
+
 def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray], method: str = "minmax",
                  flavour: Flavour = "s8s8", exclude_nodes: Iterable[str] = (), percentile: float = 99.999,
-                 per_channel: bool = True) -> Path:
+                 per_channel: bool = True, preprocessed: bool = False) -> Path:
     """Write a Q/DQ model of ``fp32_path`` calibrated on ``batches`` (model inputs).
 
     Args:
         method: minmax, entropy or percentile (ORT's calibrators).
         flavour: s8s8 (symmetric, for TensorRT) or u8s8 (for ONNX Runtime CPU).
-        exclude_nodes: node names kept in float (the accuracy budget's choice).
+        exclude_nodes: node names kept in float (the accuracy budget's choice), as named in the
+            pre-processed model (see :func:`preprocess_for_quantization`).
+        preprocessed: ``fp32_path`` already went through :func:`preprocess_for_quantization`.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in METHODS:
         raise InputError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -85,14 +97,14 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     with tempfile.TemporaryDirectory(prefix="edgeseg-q-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        pre = Path(fp32_path) if preprocessed else preprocess_for_quantization(fp32_path, Path(tmp) / "pre.onnx")
         reader = ArrayReader(input_name(pre), batches)
         partial = Path(tmp) / "q.onnx"
         quantize_static(str(pre), str(partial), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=calib, nodes_to_exclude=list(exclude_nodes),
                         extra_options=extra)
+        _copy_metadata(fp32_path, partial)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, out_path)
     log.info("quantized %s (%s, %s, %d float nodes) in %.1f s -> %s", Path(fp32_path).name, flavour, method,
@@ -114,3 +126,16 @@ def activation_scales(qdq_path: str | Path) -> dict[str, float]:
             if scale is not None and scale.size == 1:
                 scales[node.input[0]] = float(scale)
     return scales
+
+
+def _copy_metadata(src: str | Path, dst: str | Path) -> None:
+    """Carry the float model's ``metadata_props`` (I/O contract, config) into the quantized one."""
+    import onnx
+
+    a = onnx.load(str(src), load_external_data=False)
+    b = onnx.load(str(dst))
+    have = {p.key for p in b.metadata_props}
+    for p in a.metadata_props:
+        if p.key not in have:
+            b.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(b, str(dst))

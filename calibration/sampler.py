@@ -50,7 +50,7 @@ def normalise_gradient(grad: torch.Tensor, clip: float) -> torch.Tensor:
 
 def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerConfig, guidance: GuidanceConfig,
            guide: Guide | None = None, index: torch.Tensor | None = None, size: int | None = None,
-           stats: dict | None = None) -> torch.Tensor:
+           init: torch.Tensor | None = None, strength: float = 0.0, stats: dict | None = None) -> torch.Tensor:
     """Generate one batch.
 
     Args:
@@ -59,7 +59,10 @@ def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerC
         seeds: one seed per image (B of them).
         guide: per-sample loss on x0 (see ``calibration.guidance``), or None for unguided.
         index: (B,) position of each image in the pool (mode guidance uses it).
-        stats: if given, receives ``guided_steps``.
+        init: (B, 3, size, size) images in [-1, 1] to start from (SDEdit-style img2img) ...
+        strength: ... noised to this fraction of the schedule (0 < strength < 1); the first
+            ``(1 - strength) * steps`` steps are skipped.
+        stats: if given, receives ``guided_steps`` and ``steps``.
 
     Returns:
         (B, 3, size, size) images in [-1, 1].
@@ -68,32 +71,50 @@ def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerC
     sched = make_scheduler(sampler, scheduler_config)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(3, size, size, generator=g) for g in gens])
+    timesteps = sched.timesteps
+    if init is not None and 0 < strength < 1:
+        keep = max(1, int(round(len(timesteps) * strength)))
+        timesteps = timesteps[len(timesteps) - keep:]
+        x = sched.add_noise(init, x, timesteps[:1].repeat(len(seeds)))
     index = index if index is not None else torch.arange(len(seeds))
     alphas = sched.alphas_cumprod
     T = sched.config.num_train_timesteps
     guided = 0
-    for t in sched.timesteps:
+    for t in timesteps:
         with torch.no_grad():
             eps = unet(x, t).sample
         s = guidance_scale(guidance, float(t) / T) if guide is not None else 0.0
         if s > 0:
-            a = alphas[int(t)]
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss, emb = guide(x0, index)
-                if guidance.diversity > 0:
-                    from calibration.guidance import diversity_loss
-
-                    loss = loss + guidance.diversity * diversity_loss(emb)
-                (grad,) = torch.autograd.grad(loss.sum(), x0)
-            eps = eps + s * normalise_gradient(grad, guidance.grad_clip)
+            eps = guided_eps(x, eps, alphas[int(t)], guide, index, guidance, s)
             guided += 1
         kwargs = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
         with torch.no_grad():
             x = sched.step(eps, t, x, generator=gens if _needs_noise(sampler) else None, **kwargs).prev_sample
     if stats is not None:
-        stats["guided_steps"] = guided
+        stats.update(guided_steps=guided, steps=len(timesteps))
     return x.clamp(-1, 1)
+
+
+def predicted_x0(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The clean image the noise prediction implies: (x_t - sqrt(1 - a) eps) / sqrt(a)."""
+    return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def guided_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, guide: Guide, index: torch.Tensor,
+               guidance: GuidanceConfig, scale: float) -> torch.Tensor:
+    """eps + s * g, g the normalised, clipped gradient of the guide's loss w.r.t. the predicted x0.
+
+    Since x0 = (x - sqrt(1 - a) eps) / sqrt(a), adding to eps moves x0 against g: down the loss.
+    """
+    from calibration.guidance import diversity_loss
+
+    x0 = predicted_x0(x, eps, alpha_bar).detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss, emb = guide(x0, index)
+        if guidance.diversity > 0:
+            loss = loss + guidance.diversity * diversity_loss(emb)
+        (grad,) = torch.autograd.grad(loss.sum(), x0)
+    return eps + scale * normalise_gradient(grad, guidance.grad_clip)
 
 
 def _needs_noise(sampler: SamplerConfig) -> bool:

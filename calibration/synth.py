@@ -51,6 +51,7 @@ class Candidate:
     mask: np.ndarray  # (H, W) uint8 teacher mask
     conf: Confidence
     mode: int | str | None = None  # mode-guidance cluster, or the prompt
+    source: int | None = None  # img2img: index of the training image it started from
     dhash: str = ""  # set by the filter
 
     @property
@@ -134,39 +135,52 @@ class Synthesizer:
             self.generator_info = {"kind": "pipeline", "path": str(self.cal.model),
                                    "class": type(self.pipe).__name__, "prompts": list(self.cal.prompts)}
             return
-        from calibration.ddpm import train_or_load
+        from calibration.ddpm import load_training_images, train_or_load
 
         folder = Path(self.cal.model) if self.cal.model else self.cfg.stage_dir("calibration") / "ddpm"
         if self.cal.model and not (folder / "ddpm.json").is_file():
             raise InputError(f"{folder}: not an edgeseg DDPM folder (no ddpm.json); set calibration.generator: pipeline "
                              "for a diffusers pipeline, or leave calibration.model empty to train the embedded DDPM")
-        self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, split_samples(self.cfg, "train"), folder,
-                                                         seed=self.cal.seed)
+        train = split_samples(self.cfg, "train")
+        strength = self.cal.img2img_strength
+        self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, train, folder, seed=self.cal.seed)
+        if strength > 0:  # img2img sources: the training images at the generator's resolution
+            self.sources = load_training_images(train, self.cal.ddpm.image_size)
         weights = next((folder / "unet").glob("*.safetensors"), None) or next((folder / "unet").glob("*.bin"))
         self.generator_info = {"kind": "ddpm", "path": str(folder), "checkpoint_sha256": sha256_file(weights),
                                "resolution": self.cal.ddpm.image_size}
 
     def _make_guide(self, pool_size: int):
         mode = self.guidance_mode
+        g = self.cal.guidance
+        res = (g.resolution, g.resolution) if g.resolution else self.size
+        teacher = TeacherView(self.teacher.model, res, self.cfg.data.mean, self.cfg.data.std)
+        # img2img sources, one per pool image: a seeded shuffle of the training set ...
+        n_src = len(getattr(self, "sources", ()))
+        self.source_of = np.random.default_rng(self.cal.seed).permutation(max(n_src, 1))[np.arange(pool_size) % max(n_src, 1)]
         if mode == "none":
             return None, {}
         if mode == "task":
-            return TaskGuide(self.teacher), {}
+            return TaskGuide(teacher), {}
         if mode == "confidence":
             student = load_model(self.cfg.student, self.student_path, keys=("student",))
-            view = TeacherView(student, self.size, self.cfg.data.mean, self.cfg.data.std)
-            return ConfidenceGuide(self.teacher, view, self.cal.guidance.gamma), {"student_sha256": sha256_file(self.student_path)}
+            view = TeacherView(student, res, self.cfg.data.mean, self.cfg.data.std)
+            return ConfidenceGuide(teacher, view, g.gamma), {"student_sha256": sha256_file(self.student_path)}
         # mode guidance: k-means over teacher embeddings of real images, an equal share per mode
         paths = [s.image for s in split_samples(self.cfg, "train")]
-        emb, chosen = embed_real_images(self.teacher, paths)
+        emb, chosen = embed_real_images(self.teacher, paths, limit=len(paths))
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-8)
-        centres, labels = kmeans(emb, self.cal.guidance.modes, seed=self.cal.seed)
+        centres, labels = kmeans(emb, g.modes, seed=self.cal.seed)
         self.medoid_paths = [chosen[i] for i in medoids(emb, centres, labels)]
         protos = torch.from_numpy(centres / np.linalg.norm(centres, axis=1, keepdims=True).clip(1e-8))
         self.assignment = torch.arange(pool_size) % len(centres)
+        # ... or, under mode guidance, a member of the image's assigned mode
+        rng = np.random.default_rng(self.cal.seed)
+        members = [np.flatnonzero(labels == k) for k in range(len(centres))]
+        self.source_of = np.array([rng.choice(members[int(k)]) for k in self.assignment])
         info = {"modes": len(centres), "mode_sizes": np.bincount(labels, minlength=len(centres)).tolist(),
                 "medoids": [p.name for p in self.medoid_paths]}
-        return ModeGuide(self.teacher, protos, self.assignment), info
+        return ModeGuide(teacher, protos, self.assignment), info
 
     def _generate(self, seeds: list[int], index: torch.Tensor, guide) -> np.ndarray:
         if self.cal.generator == "pipeline":
@@ -181,7 +195,11 @@ class Synthesizer:
                             self.cal.img2img_strength, guide, self.cal.guidance)
         from calibration.sampler import sample
 
-        x = sample(self.unet, self.scheduler_config, seeds, self.cal.sampler, self.cal.guidance, guide, index)
+        init = None
+        if self.cal.img2img_strength > 0:
+            init = self.sources[torch.from_numpy(self.source_of[index.numpy()])]
+        x = sample(self.unet, self.scheduler_config, seeds, self.cal.sampler, self.cal.guidance, guide, index,
+                   init=init, strength=self.cal.img2img_strength)
         return images_to_model(x, self.size)
 
     # --- the run -----------------------------------------------------------------------------
@@ -207,7 +225,8 @@ class Synthesizer:
                 i = int(index[j])
                 mode = int(self.assignment[i]) if self.guidance_mode == "mode" else (
                     self.cal.prompts[i % len(self.cal.prompts)] if self.cal.generator == "pipeline" else None)
-                out.append(Candidate(i, seeds[j], b, img, (p > 0.5).astype(np.uint8), c, mode))
+                out.append(Candidate(i, seeds[j], b, img, (p > 0.5).astype(np.uint8), c, mode,
+                                     source=int(self.source_of[i]) if hasattr(self, "sources") else None))
             bar.update(len(index))
         bar.close()
         return out
@@ -257,7 +276,7 @@ class Synthesizer:
             "pass_rate": len(passing) / len(pool),
             "seconds": {"generate": t_gen, "total": time.perf_counter() - t0},
             "images": [{"file": f"images/{k:05d}.png", "pool_index": c.pool_index, "seed": c.seed, "batch": c.batch,
-                        "mode": c.mode, **c.scores, "dhash": c.dhash} for k, c in enumerate(kept)],
+                        "mode": c.mode, "source": c.source, **c.scores, "dhash": c.dhash} for k, c in enumerate(kept)],
             "dropped": dropped,
             "config": config_to_dict(self.cfg),
         }

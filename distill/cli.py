@@ -72,6 +72,14 @@ def train_teacher(config_path, overrides, verbose, max_steps, fresh):
     click.echo(json.dumps({"checkpoint": str(job.out_dir / "best.pt"), **_plain(metrics)}))
 
 
+@main.command("run-dir")
+@config_options
+@exit_on_user_error
+def run_dir(config_path, overrides, verbose):
+    """Print the config's run_dir (where every stage writes)."""
+    click.echo(load(config_path, overrides, verbose).run_dir)
+
+
 @main.command("export-feature-teacher")
 @config_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,

@@ -196,10 +196,12 @@ class DDPMConfig:
     batch_size: int = 16
     lr: float = 1e-3
     timesteps: int = 1000  # DDPM noise levels
+    max_t: float = 1.0  # train on noise levels t < max_t * timesteps only (img2img never goes higher)
 
     def __post_init__(self):
         require(self.image_size % 8 == 0 and self.image_size >= 16, "image_size", f"must be a multiple of 8 and >= 16, got {self.image_size}")
         require(self.train_steps >= 1, "train_steps", f"must be >= 1, got {self.train_steps}")
+        require(0 < self.max_t <= 1, "max_t", f"must be in (0, 1], got {self.max_t}")
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,7 @@ class GuidanceConfig:
     t_start: float = 0.9  # guide from this normalised time (1 = pure noise) ...
     t_stop: float = 0.5  # ... down to this one; the last, detailed half is left alone
     grad_clip: float = 1.0  # per-sample clip of the normalised gradient
+    resolution: int = 0  # side the teacher sees x0 at while guiding; 0 = the model's input size
     diversity: float = 0.1  # weight of the push away from the batch's other samples
     gamma: float = 2.0  # confidence guidance exponent g in t^g + (1 - f)^g
     modes: int = 8  # k-means clusters of teacher-encoder embeddings (mode guidance)
@@ -268,7 +271,7 @@ class CalibrationConfig:
         "a photo of a crowd at night under street lights",
         "a photo of a person sitting in a park",
     )  # text prompts for a pipeline generator
-    img2img_strength: float = 0.0  # pipeline: > 0 starts from real images with this strength
+    img2img_strength: float = 0.0  # 0: generate from pure noise; (0, 1): start from real training images noised to this level
     report_images: int = 64  # held-out real images for the quality report
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -277,6 +280,10 @@ class CalibrationConfig:
 
     def __post_init__(self):
         require(self.count >= 1, "count", f"must be >= 1, got {self.count}")
+        require(self.generator != "ddpm" or self.img2img_strength == 0 and self.ddpm.max_t == 1
+                or 0 < self.img2img_strength <= self.ddpm.max_t, "img2img_strength",
+                f"({self.img2img_strength}) needs a DDPM trained up to that noise level: set ddpm.max_t >= it "
+                f"(now {self.ddpm.max_t}), or 1.0 for generation from pure noise")
         require(self.pool_factor >= 1, "pool_factor", f"must be >= 1, got {self.pool_factor}")
         require(0 <= self.img2img_strength < 1, "img2img_strength", f"must be in [0, 1), got {self.img2img_strength}")
 

@@ -145,6 +145,7 @@ def engine_metadata(plan: BuildPlan, caps: TrtCapabilities, gpu: dict, profile: 
         "precision": plan.precision,
         "plan": asdict(plan),
         "profile": {k: list(v) for k, v in profile.items()},
+        "spec": io,  # the runtime's ModelSpec: a bare engine file can be opened with its sidecar
         "inputs": [{"name": io["input_name"], "layout": io["input_layout"]}],
         "outputs": [{"name": io["output_name"], "kind": io["output"]}],
         "onnx_sha256": sha256(plan.onnx),
@@ -154,23 +155,31 @@ def engine_metadata(plan: BuildPlan, caps: TrtCapabilities, gpu: dict, profile: 
 
 
 def availability() -> tuple[bool, str]:
-    """(can build, why not): TensorRT importable and a CUDA GPU visible."""
+    """(can build, why not): TensorRT importable and a CUDA GPU visible (no torch needed)."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return False, "TensorRT is not installed (pip install 'edgeseg[gpu]' on a machine with NVIDIA's index, or JetPack)"
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible"
+        return False, "TensorRT is not installed (JetPack, or pip install 'edgeseg[gpu]' with NVIDIA's index)"
+    try:
+        if gpu_count() == 0:
+            return False, "no CUDA GPU is visible"
+    except (BackendUnavailableError, RuntimeError) as e:
+        return False, f"cannot query CUDA: {e}"
     return True, ""
 
 
-def gpu_info() -> dict:
-    import torch
+def gpu_count() -> int:
+    from runtime.backends.tensorrt_engine import check_cuda, import_cudart
 
-    major, minor = torch.cuda.get_device_capability()
-    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    return int(check_cuda(import_cudart().cudaGetDeviceCount()))
+
+
+def gpu_info(device_id: int = 0) -> dict:
+    from runtime.backends.tensorrt_engine import check_cuda, import_cudart
+
+    props = check_cuda(import_cudart().cudaGetDeviceProperties(device_id))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.strip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
 class _CacheCalibrator:

@@ -74,5 +74,31 @@ class Bundle:
             f = self.file(role)
             if f is not None:
                 return f
+        if backend == "tensorrt":
+            built = self.device_engine()
+            if built is not None:
+                return built
         raise InputError(f"{self.path}: has no {' or '.join(choice)} model for backend {backend}"
                          + ("; build the engine on this device with `python build_engine.py`" if backend == "tensorrt" else ""))
+
+    def device_engine(self) -> Path | None:
+        """An engine built on this device by ``build_engine.py`` (not in the manifest).
+
+        It is trusted only if its sidecar's ``onnx_sha256`` is the hash of one of the bundle's
+        ONNX files: the engine then provably came from this bundle's model.
+        """
+        import json
+
+        onnx_hashes = {i["sha256"] for n, i in self.manifest.get("files", {}).items() if n.endswith(".onnx")}
+        for engine in sorted(self.path.glob("*.engine")):
+            if engine.name in self.manifest.get("files", {}):
+                continue
+            sidecar = engine.with_name(engine.name + ".json")
+            if not sidecar.is_file():
+                continue
+            meta = json.loads(sidecar.read_text())
+            if meta.get("onnx_sha256") not in onnx_hashes:
+                raise IntegrityError(f"{engine}: was not built from this bundle's models (ONNX hash mismatch); "
+                                     "delete it and run `python build_engine.py` in the bundle")
+            return engine
+        return None

@@ -49,14 +49,20 @@ class ModelSpec:
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelSpec":
         """Read the ``edgeseg.io`` metadata that ``python -m export onnx`` stores in the model."""
-        import onnx
+        import onnxruntime as ort
 
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # protobuf decode errors and friends
-            raise InputError(f"{path}: not a valid ONNX model ({type(e).__name__})") from None
-        meta = {p.key: p.value for p in model.metadata_props}
-        if "edgeseg.io" not in meta:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: model file does not exist")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:  # ORT reads the metadata; the runtime needs no onnx package
+            meta = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_modelmeta()
+        except Exception as e:  # ORT's own exception types for corrupt files
+            raise InputError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
+        props = meta.custom_metadata_map
+        if "edgeseg.io" not in props:
             raise InputError(f"{path}: has no edgeseg.io metadata; export it with `python -m export onnx` "
                              "or open a deploy bundle instead")
-        return cls.from_dict(json.loads(meta["edgeseg.io"]))
+        return cls.from_dict(json.loads(props["edgeseg.io"]))

@@ -56,18 +56,13 @@ class OnnxRuntimeRunner(Runner):
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             providers = [(wanted, {"device_id": self.device_id, "trt_engine_cache_enable": True,
                                    "trt_engine_cache_path": str(self.cache_dir), "trt_fp16_enable": True,
-                                   "trt_int8_enable": "QuantizeLinear" in self._op_types()}),
+                                   "trt_int8_enable": "int8" in self.model_path.name}),
                          ("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(self.model_path), so, providers=providers)
         except Exception as e:  # ORT's own exception types; the file is the user's
             raise InputError(f"{self.model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
         self.binding = self.session.io_binding()
-
-    def _op_types(self) -> set[str]:
-        import onnx
-
-        return {n.op_type for n in onnx.load(str(self.model_path), load_external_data=False).graph.node}
 
     def _output_shape(self, batch: int) -> tuple[int, ...]:
         h, w = self.spec.image_size

@@ -1,0 +1,140 @@
+"""``make deploy``: the bundle an edge device needs, gated on the accuracy budget.
+
+A folder (written beside, then renamed into place) and a ``.tar.gz`` of it::
+
+    manifest.json              spec, precision, sha256 of every file, versions, accuracy report
+    model.onnx                 FP32 (role fp32)
+    model.int8.onnx            symmetric Q/DQ, the budget-compliant one (role int8; TensorRT)
+    model.int8-cpu.onnx        u8s8 Q/DQ (role int8-cpu; ONNX Runtime CPU)
+    model.fp16.onnx            FP16 graph when exported (role fp16; TensorRT 11)
+    calibration.cache          TensorRT 10 implicit-INT8 cache (role calibration-cache)
+    calibration_manifest.json  how the calibration set was made
+    model.int8.engine(+.json)  when an engine was built here
+    build_engine.py            builds the engine on the target device
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tarfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from distill.config import Config, config_to_dict
+from runtime.bundle import FORMAT, MANIFEST, sha256
+from runtime.errors import InputError
+from runtime.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+BUILD_SCRIPT = '''#!/usr/bin/env python3
+"""Build this bundle's TensorRT engine on the device it will run on (engines are specific to a GPU
+and a TensorRT version). Needs edgeseg (runtime install), TensorRT and cuda-python.
+
+    python build_engine.py [--precision int8|fp16|fp32] [--dla-core N]
+"""
+import sys
+from pathlib import Path
+
+from export.cli import main
+
+sys.exit(main(["engine", "--bundle", str(Path(__file__).resolve().parent), *sys.argv[1:]]))
+'''
+
+_PACKAGES = ("edgeseg", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "segmentation-models-pytorch",
+             "timm", "tensorrt", "diffusers")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def check_budget(accuracy: dict, precision: str, budget_points: float) -> tuple[bool, str]:
+    """Does the deployed precision keep FP32 mIoU within the budget? (ok, the figures in words)."""
+    fp32 = accuracy["fp32_miou"]
+    if precision == "fp32":
+        return True, f"FP32 mIoU {fp32:.4f}"
+    key = "deployed_int8_miou" if precision == "int8" else "fp16_miou"
+    value = accuracy.get(key)
+    if value is None:
+        return False, f"no {precision} accuracy was measured (run `python -m export accuracy`)"
+    drop = (fp32 - value) * 100
+    words = f"{precision} mIoU {value:.4f} vs FP32 {fp32:.4f}: {drop:.2f} points lost, budget {budget_points:.2f}"
+    return drop <= budget_points + 1e-9, words
+
+
+def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: Path | None,
+                 allow_over_budget: bool = False) -> dict:
+    """Assemble, check and write the bundle (+ .tar.gz); returns its manifest."""
+    accuracy_path = export_dir / "accuracy.json"
+    if not accuracy_path.is_file():
+        raise InputError(f"{accuracy_path}: missing; run `make export` (python -m export all) before `make deploy`")
+    accuracy = json.loads(accuracy_path.read_text())
+    precision = cfg.export.precision
+    ok, words = check_budget(accuracy, precision, cfg.export.max_miou_drop)
+    if not ok and not (allow_over_budget or cfg.deploy.allow_over_budget):
+        raise InputError(f"refusing to deploy: {words}. Raise export.max_miou_drop, choose another export.precision, "
+                         "or pass --allow-over-budget")
+    int8_source = Path(accuracy.get("deployed_int8_model") or export_dir / "model.int8.onnx")
+    files = {  # bundle name -> (source, role)
+        "model.onnx": (export_dir / "model.onnx", "fp32"),
+        "model.int8.onnx": (int8_source, "int8"),
+        "model.int8-cpu.onnx": (export_dir / "model.int8-cpu.onnx", "int8-cpu"),
+        "model.fp16.onnx": (export_dir / "model.fp16.onnx", "fp16"),
+        "calibration.cache": (export_dir / "calibration.cache", "calibration-cache"),
+        "accuracy.json": (accuracy_path, "report"),
+    }
+    if calib_manifest is not None and calib_manifest.is_file():
+        files["calibration_manifest.json"] = (calib_manifest, "calibration-manifest")
+    for engine in sorted(export_dir.glob("model.*.engine")):
+        files[engine.name] = (engine, "engine")
+        files[engine.name + ".json"] = (engine.with_name(engine.name + ".json"), "engine-metadata")
+    missing = [str(src) for name, (src, role) in files.items() if not src.is_file() and role != "fp16"]
+    if missing:
+        raise InputError(f"cannot write the bundle: {', '.join(missing)} missing; run `make export` first")
+
+    spec = ModelSpec.from_onnx(export_dir / "model.onnx")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    listed = {}
+    for name, (src, role) in files.items():
+        if src.is_file():
+            shutil.copyfile(src, tmp / name)
+            listed[name] = {"sha256": sha256(tmp / name), "role": role, "bytes": (tmp / name).stat().st_size}
+    (tmp / "build_engine.py").write_text(BUILD_SCRIPT)
+    listed["build_engine.py"] = {"sha256": sha256(tmp / "build_engine.py"), "role": "script"}
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "spec": spec.to_dict(),
+        "precision": precision,
+        "normalisation": "fused in the graph" if spec.fused else {"mean": list(spec.mean), "std": list(spec.std)},
+        "budget": {"max_miou_drop_points": cfg.export.max_miou_drop, "met": ok, "figures": words},
+        "float_nodes": accuracy.get("mixed_float_nodes", []) if accuracy.get("deployed_int8_model") else [],
+        "files": listed,
+        "versions": package_versions(),
+        "accuracy": {k: v for k, v in accuracy.items() if not isinstance(v, (dict, list))},
+        "config": config_to_dict(cfg),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    archive = out_dir.with_name(out_dir.name + ".tar.gz")
+    tmp_archive = archive.with_name(f".{archive.name}.tmp")
+    with tarfile.open(tmp_archive, "w:gz") as tar:
+        tar.add(out_dir, arcname=out_dir.name)
+    os.replace(tmp_archive, archive)
+    log.info("bundle (%s, %s) -> %s and %s", precision, words, out_dir, archive)
+    return manifest

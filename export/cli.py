@@ -1,0 +1,139 @@
+"""``python -m export``: onnx, quantize, engine, accuracy, all, bundle."""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from runtime.console import configure_logging, exit_on_user_error
+
+log = logging.getLogger("export")
+
+
+def _config_options(f):
+    from distill.cli import config_options
+
+    return config_options(f)
+
+
+def _load(config_path, overrides, verbose):
+    from distill.cli import load
+
+    return load(config_path, overrides, max(verbose, 1))
+
+
+def _echo(obj: dict) -> None:
+    click.echo(json.dumps({k: v for k, v in obj.items() if not isinstance(v, (list, dict)) or k in ("files", "strip")},
+                          default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Strip, ONNX, Q/DQ INT8, TensorRT engines, accuracy report, deploy bundle."""
+
+
+@main.command()
+@_config_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Distillation checkpoint (default: <run_dir>/distill/best.pt).")
+@exit_on_user_error
+def onnx(config_path, overrides, verbose, checkpoint):
+    """Strip the projection head, export model.onnx (+ FP16), onnxsim, parity check."""
+    from export.stage import run_onnx
+
+    _echo(run_onnx(_load(config_path, overrides, verbose), checkpoint))
+
+
+@main.command()
+@_config_options
+@click.option("--calib", type=click.Path(file_okay=False), default=None,
+              help="Calibration folder (default: <run_dir>/calibration/synthetic).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+              help="Calibration method (default: export.calibration_method).")
+@click.option("--no-contrast", is_flag=True, help="Skip the real-image and noise calibrations.")
+@click.option("--no-budget", is_flag=True, help="Skip the accuracy budget search.")
+@exit_on_user_error
+def quantize(config_path, overrides, verbose, calib, method, no_contrast, no_budget):
+    """Q/DQ INT8 (s8s8 + u8s8), TensorRT calibration cache, accuracy budget."""
+    from export.stage import run_quantize
+
+    if method:
+        overrides = (*overrides, f"export.calibration_method={method}")
+    _echo(run_quantize(_load(config_path, overrides, verbose), calib, not no_contrast, not no_budget))
+
+
+@main.command()
+@_config_options
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
+              help="Engine precision (default: export.precision).")
+@click.option("--bundle", type=click.Path(file_okay=False), default=None,
+              help="Build into a deploy bundle (on the target device) instead of <run_dir>/export.")
+@click.option("--dla-core", type=int, default=-1, show_default=True, help="DLA core (Jetson); -1 = GPU.")
+@exit_on_user_error
+def engine(config_path, overrides, verbose, precision, bundle, dla_core):
+    """Build a TensorRT engine with the path the installed TensorRT supports (or say why not)."""
+    from pathlib import Path
+
+    from export.stage import run_engine
+
+    if bundle:
+        configure_logging(max(verbose, 1))
+        import json as _json
+
+        precision = precision or _json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "int8")
+        _echo(run_engine(None, precision, Path(bundle), dla_core))
+        return
+    cfg = _load(config_path, overrides, verbose)
+    _echo(run_engine(cfg, precision or cfg.export.precision, None, dla_core))
+
+
+@main.command()
+@_config_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
+@exit_on_user_error
+def accuracy(config_path, overrides, verbose, checkpoint):
+    """Teacher -> student -> FP32 -> INT8 on the validation set: accuracy.json, table, gallery."""
+    from export.stage import run_accuracy
+
+    _echo(run_accuracy(_load(config_path, overrides, verbose), checkpoint))
+
+
+@main.command("all")
+@_config_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
+@click.option("--calib", type=click.Path(file_okay=False), default=None)
+@exit_on_user_error
+def all_steps(config_path, overrides, verbose, checkpoint, calib):
+    """onnx, quantize, engine and accuracy in one go (`make export`)."""
+    from export.stage import run_accuracy, run_engine, run_onnx, run_quantize
+
+    cfg = _load(config_path, overrides, verbose)
+    run_onnx(cfg, checkpoint)
+    run_quantize(cfg, calib)
+    report = run_accuracy(cfg, checkpoint)
+    run_engine(cfg, cfg.export.precision)
+    _echo(report)
+
+
+@main.command()
+@_config_options
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Bundle folder (default: <run_dir>/bundle).")
+@click.option("--allow-over-budget", is_flag=True, help="Write the bundle even if the precision misses the budget.")
+@exit_on_user_error
+def bundle(config_path, overrides, verbose, out, allow_over_budget):
+    """Write the deploy bundle and its .tar.gz (`make deploy`)."""
+    from pathlib import Path
+
+    from export.bundle import write_bundle
+
+    cfg = _load(config_path, overrides, verbose)
+    out = Path(out) if out else Path(cfg.run_dir) / "bundle"
+    calib_manifest = cfg.stage_dir("calibration") / "synthetic" / "manifest.json"
+    manifest = write_bundle(cfg, cfg.stage_dir("export"), out, calib_manifest, allow_over_budget)
+    click.echo(json.dumps({"bundle": str(out), "archive": str(out) + ".tar.gz", "precision": manifest["precision"],
+                           "budget": manifest["budget"]}))
+
+
+if __name__ == "__main__":
+    main()

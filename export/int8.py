@@ -1,0 +1,163 @@
+"""INT8 artifacts from one calibration set, and the accuracy budget that keeps sensitive nodes in float.
+
+From the calibration folder: ``model.int8.onnx`` (s8s8, symmetric: TensorRT and the accuracy
+report), ``model.int8-cpu.onnx`` (u8s8: ONNX Runtime CPU) and ``calibration.cache`` (TensorRT 10
+implicit INT8, from the s8s8 model's own scales). With ``contrast=True`` also the same s8s8
+model calibrated on as many real training images and on uniform noise, for the report.
+
+Accuracy budget: if s8s8 loses more than ``max_miou_drop`` mIoU points against FP32, nodes are
+ranked by the SQNR of their output's own quantization (pre- vs post-Q/DQ, ORT's
+``qdq_loss_debug``) on held-out images, and the worst are kept in float, doubling their number
+until the budget holds and then bisecting down to the fewest that do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from calibration.quantize import activation_scales, batches_of, preprocess_for_quantization, quantize_qdq
+from calibration.report import noise_images, real_images
+from calibration.synth import load_calibration_images
+from distill.config import Config
+from export.accuracy import miou_of, onnx_runner, predict_masks
+from export.trt_cache import write_cache
+from runtime.preprocess import normalise_batch
+from runtime.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def input_transform(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 NHWC batch -> what the model's input takes."""
+    if spec.fused:
+        return lambda b: np.ascontiguousarray(b)
+    return lambda b: normalise_batch(b, spec.mean, spec.std)
+
+
+def node_sensitivity(pre_fp32: Path, qdq: Path, batches: list[np.ndarray], work: Path) -> list[tuple[str, float]]:
+    """(node name, SQNR dB of its output's quantization) for the pre-processed FP32 model, worst first."""
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    from calibration.quantize import ArrayReader, input_name
+
+    aug = work / "qdq.aug.onnx"
+    modify_model_output_intermediate_tensors(str(qdq), str(aug))
+    acts = collect_activations(str(aug), ArrayReader(input_name(qdq), batches))
+    errors = compute_activation_error(create_activation_matching(acts))  # qdq_err: this tensor's own quantization
+    producer = {o: n.name for n in onnx.load(str(pre_fp32)).graph.node for o in n.output}
+    ranked = [(producer[t], e["qdq_err"]) for t, e in errors.items() if t in producer and np.isfinite(e["qdq_err"])]
+    return sorted(ranked, key=lambda x: x[1])
+
+
+def budget_search(evaluate: Callable[[list[str]], float], ranked: list[str], fp32_miou: float, budget_points: float,
+                  max_nodes: int) -> tuple[list[str], float, list[dict]]:
+    """The fewest worst-ranked nodes to keep in float so that FP32 mIoU - mIoU <= budget.
+
+    ``evaluate(nodes)`` quantizes with ``nodes`` in float and returns the mIoU. Returns (nodes,
+    their mIoU, every trial); if no count up to ``max_nodes`` meets the budget, the best trial.
+    """
+    trials: list[dict] = []
+
+    def ok(k: int) -> bool:
+        m = evaluate(ranked[:k])
+        trials.append({"float_nodes": k, "miou": m})
+        return fp32_miou - m <= budget_points / 100
+
+    limit = min(max_nodes, len(ranked))
+    k, last_bad = 1, 0
+    while k <= limit and not ok(k):
+        last_bad = k
+        k = min(k * 2, limit) if k < limit else limit + 1
+    if k > limit:  # budget unreachable: report the best we saw
+        best = max(trials, key=lambda t: t["miou"])
+        return ranked[:best["float_nodes"]], best["miou"], trials
+    lo, hi = last_bad, k  # lo fails (or is 0, untested), hi passes
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return ranked[:hi], next(t["miou"] for t in reversed(trials) if t["float_nodes"] == hi), trials
+
+
+def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool = True,
+                 val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
+    """Write every INT8 artifact into ``export_dir``; returns the quantization report.
+
+    Args:
+        val: (images, masks) at original size for the accuracy budget; None skips the budget.
+    """
+    t0 = time.perf_counter()
+    e = cfg.export
+    fp32 = export_dir / "model.onnx"
+    spec = ModelSpec.from_onnx(fp32)
+    hw = tuple(spec.image_size)
+    images = load_calibration_images(calib_dir, hw, limit=e.calibration_images)
+    to_input = input_transform(spec)
+    batches = batches_of(images, to_input)
+    pre = preprocess_for_quantization(fp32, export_dir / "model.pre.onnx")
+    q = dict(method=e.calibration_method, percentile=e.percentile, preprocessed=True)
+    s8 = quantize_qdq(pre, export_dir / "model.int8.onnx", batches, flavour="s8s8", **q)
+    quantize_qdq(pre, export_dir / "model.int8-cpu.onnx", batches, flavour="u8s8", **q)
+    cache = write_cache(activation_scales(s8), export_dir / "calibration.cache")
+    report = {"calibration_dir": str(calib_dir), "calibration_images": len(images), "method": e.calibration_method,
+              "files": {"int8": str(s8), "int8_cpu": str(export_dir / "model.int8-cpu.onnx"), "cache": str(cache)}}
+    if contrast:
+        from distill.data import split_samples
+
+        real = real_images([s.image for s in split_samples(cfg, "train")], len(images), hw)
+        for name, imgs in (("real", real), ("noise", noise_images(len(images), hw, cfg.calibration.seed))):
+            path = quantize_qdq(pre, export_dir / f"model.int8-{name}.onnx", batches_of(imgs, to_input),
+                                flavour="s8s8", **q)
+            report["files"][f"int8_{name}"] = str(path)
+    if val is not None:
+        report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val)
+    report["seconds"] = time.perf_counter() - t0
+    (export_dir / "quantize.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def run_budget(cfg: Config, export_dir: Path, pre: Path, s8: Path, calib_batches: list[np.ndarray],
+               val: tuple[list[np.ndarray], list[np.ndarray]]) -> dict:
+    """The accuracy budget on the validation set; writes ``model.int8-mixed.onnx`` when nodes stay float."""
+    import shutil
+    import tempfile
+
+    e = cfg.export
+    images, gts = val
+    fp32_miou = miou_of(predict_masks(onnx_runner(export_dir / "model.onnx"), images), gts)
+    int8_miou = miou_of(predict_masks(onnx_runner(s8), images), gts)
+    out = {"fp32_miou": fp32_miou, "int8_miou": int8_miou, "budget_points": e.max_miou_drop}
+    mixed = export_dir / "model.int8-mixed.onnx"
+    if fp32_miou - int8_miou <= e.max_miou_drop / 100:
+        shutil.copyfile(s8, mixed)
+        out.update(mixed_miou=int8_miou, float_nodes=[], trials=[], met=True)
+        return out
+    held_out = calib_batches[: max(1, len(calib_batches) // 4)]
+    with tempfile.TemporaryDirectory(prefix="edgeseg-budget-") as tmp:
+        tmp = Path(tmp)
+        ranked = node_sensitivity(pre, s8, held_out, tmp)
+        names = [n for n, _ in ranked]
+
+        def evaluate(nodes: list[str]) -> float:
+            path = quantize_qdq(pre, tmp / f"m{len(nodes)}.onnx", calib_batches, e.calibration_method, "s8s8",
+                                exclude_nodes=nodes, percentile=e.percentile, preprocessed=True)
+            return miou_of(predict_masks(onnx_runner(path), images), gts)
+
+        nodes, miou, trials = budget_search(evaluate, names, fp32_miou, e.max_miou_drop, e.max_float_nodes)
+        quantize_qdq(pre, mixed, calib_batches, e.calibration_method, "s8s8", exclude_nodes=nodes,
+                     percentile=e.percentile, preprocessed=True)
+    sqnr = dict(ranked)
+    out.update(mixed_miou=miou, float_nodes=[{"node": n, "sqnr_db": sqnr[n]} for n in nodes], trials=trials,
+               met=fp32_miou - miou <= e.max_miou_drop / 100)
+    log.info("accuracy budget: %d float nodes -> mIoU %.4f (FP32 %.4f, INT8 %.4f)", len(nodes), miou, fp32_miou, int8_miou)
+    return out

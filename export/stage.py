@@ -1,0 +1,189 @@
+"""The export stage's steps as functions: onnx, quantize, engine, accuracy (the CLI calls these)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distill.config import Config
+from runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def export_dir(cfg: Config) -> Path:
+    d = cfg.stage_dir("export")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _write_json(obj: dict, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def run_onnx(cfg: Config, checkpoint: str | Path | None = None) -> dict:
+    """Strip (verified), export ``model.onnx`` (+ ``model.fp16.onnx``), onnxsim, parity."""
+    from export.onnx_model import export_onnx
+    from export.strip import load_student, training_model, verify_stripped
+
+    checkpoint = Path(checkpoint) if checkpoint else cfg.stage_dir("distill") / "best.pt"
+    out = export_dir(cfg)
+    student, ckpt = load_student(cfg, checkpoint)
+    strip = verify_stripped(student, training_model(cfg, ckpt), tuple(cfg.data.image_size))
+    report = {"checkpoint": str(checkpoint), "strip": strip, **export_onnx(cfg, student, out)}
+    report["fp16"] = write_fp16(out / "model.onnx", out / "model.fp16.onnx")
+    _write_json(report, out / "onnx.json")
+    return report
+
+
+def write_fp16(src: Path, dst: Path) -> str:
+    """An FP16 graph (float32 I/O kept) for TensorRT 11's strongly typed FP16 builds."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, dst)
+    return str(dst)
+
+
+def validation_set(cfg: Config, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Validation images and masks at their original sizes."""
+    from distill.data import load_sample, split_samples
+
+    samples = split_samples(cfg, "val")[:limit]
+    pairs = [load_sample(s) for s in samples]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = True, budget: bool = True) -> dict:
+    from export.int8 import quantize_all
+
+    out = export_dir(cfg)
+    if not (out / "model.onnx").is_file():
+        raise InputError(f"{out / 'model.onnx'}: missing; run `python -m export onnx` first")
+    calib = Path(calib) if calib else cfg.stage_dir("calibration") / "synthetic"
+    return quantize_all(cfg, out, calib, contrast=contrast, val=validation_set(cfg) if budget else None)
+
+
+def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, dla_core: int = -1) -> dict:
+    """Build a TensorRT engine, or say in one line why not (and build nothing)."""
+    from export.engine import availability, build_engine, capabilities, plan_build, profile_shapes
+    from runtime.spec import ModelSpec
+
+    can, why = availability()
+    if not can:
+        message = f"TensorRT engine: skipped ({why}); everything else is built, the bundle's build_engine.py builds it on the device"
+        print(message, file=sys.stderr)
+        return {"built": False, "reason": why}
+    import tensorrt as trt
+
+    caps = capabilities(trt.__version__)
+    if bundle is not None:
+        from runtime.bundle import Bundle
+
+        b = Bundle(bundle)
+        files = {r: str(b.file(r)) for r in ("fp32", "int8", "fp16", "calibration-cache") if b.file(r)}
+        files["cache"] = files.pop("calibration-cache", None)
+        spec, out, workspace = b.spec, Path(bundle), 1024
+    else:
+        out = export_dir(cfg)
+        spec = ModelSpec.from_onnx(out / "model.onnx")
+        files = {"fp32": str(out / "model.onnx"), "int8": str(out / "model.int8.onnx"),
+                 "fp16": str(out / "model.fp16.onnx"), "cache": str(out / "calibration.cache")}
+        mixed = json.loads((out / "accuracy.json").read_text()).get("deployed_int8_model") if (out / "accuracy.json").is_file() else None
+        if mixed:
+            files["int8"] = mixed
+        workspace = cfg.export.workspace_mib
+    files = {k: v for k, v in files.items() if v and Path(v).is_file()}
+    plan = plan_build(caps, precision, files, dla_core)
+    profile = profile_shapes(spec.input_layout, spec.image_size, spec.max_batch, spec.opt_batch)
+    return {"built": True, **build_engine(plan, caps, profile, spec.to_dict(), out, workspace)}
+
+
+CHAIN = ("teacher", "student", "fp32", "int8_synthetic", "mixed")
+CONTRASTS = {"int8_real": "fp32", "int8_noise": "fp32", "int8_cpu": "fp32", "fp16": "fp32"}
+
+
+def run_accuracy(cfg: Config, checkpoint: str | Path | None = None) -> dict:
+    """The end-to-end budget table, ``accuracy.json`` and the worst-images gallery."""
+    from distill.models import load_model
+    from distill.visualize import save_png
+    from export.accuracy import TorchRunner, gallery, onnx_runner, predict_masks, score_masks
+    from export.strip import load_student
+    from runtime.spec import ModelSpec
+
+    t0 = time.perf_counter()
+    out = export_dir(cfg)
+    images, gts = validation_set(cfg)
+    onnx_spec = ModelSpec.from_onnx(out / "model.onnx")
+    torch_spec = ModelSpec(image_size=onnx_spec.image_size, mean=onnx_spec.mean, std=onnx_spec.std,
+                           pad_value=onnx_spec.pad_value, resize=onnx_spec.resize, threshold=onnx_spec.threshold,
+                           max_batch=onnx_spec.max_batch)
+    student, _ = load_student(cfg, checkpoint or cfg.stage_dir("distill") / "best.pt")
+    runners = {"teacher": TorchRunner(load_model(cfg.teacher, cfg.teacher_checkpoint), torch_spec),
+               "student": TorchRunner(student, torch_spec)}
+    for name, file in (("fp32", "model.onnx"), ("int8_synthetic", "model.int8.onnx"), ("mixed", "model.int8-mixed.onnx"),
+                       ("int8_real", "model.int8-real.onnx"), ("int8_noise", "model.int8-noise.onnx"),
+                       ("int8_cpu", "model.int8-cpu.onnx"), ("fp16", "model.fp16.onnx")):
+        if (out / file).is_file():
+            runners[name] = onnx_runner(out / file)
+    preds = {}
+    for name, runner in runners.items():
+        try:
+            preds[name] = predict_masks(runner, images)
+        except Exception as e:  # an FP16 graph may not run on ONNX Runtime's CPU provider
+            if name != "fp16":
+                raise
+            log.info("fp16 model not evaluated on this CPU (%s)", str(e).splitlines()[0][:100])
+    scores = {n: score_masks(n, p, gts, preds.get("fp32")) for n, p in preds.items()}
+    onnx_report = json.loads((out / "onnx.json").read_text()) if (out / "onnx.json").is_file() else {}
+    quant = json.loads((out / "quantize.json").read_text()) if (out / "quantize.json").is_file() else {}
+    budget = quant.get("budget", {})
+    report = {f"{n}_miou": s.miou for n, s in scores.items()}
+    report["backends"] = {n: s.to_dict() for n, s in scores.items()}
+    prev = None
+    for n in CHAIN:
+        if n in scores:
+            report["backends"][n]["delta_points"] = None if prev is None else (scores[n].miou - scores[prev].miou) * 100
+            prev = n
+    for n, ref in CONTRASTS.items():
+        if n in scores and ref in scores:
+            report["backends"][n]["delta_points"] = (scores[n].miou - scores[ref].miou) * 100
+    report["mixed_float_nodes"] = [f["node"] for f in budget.get("float_nodes", [])]
+    report["budget_points"] = cfg.export.max_miou_drop
+    plain_ok = "int8_synthetic" in scores and (scores["fp32"].miou - scores["int8_synthetic"].miou) * 100 <= cfg.export.max_miou_drop
+    deployed = "int8_synthetic" if plain_ok or "mixed" not in scores else "mixed"
+    if deployed in scores:
+        report["deployed_int8"] = deployed
+        report["deployed_int8_miou"] = scores[deployed].miou
+        report["deployed_int8_model"] = str(out / ("model.int8.onnx" if deployed == "int8_synthetic" else "model.int8-mixed.onnx"))
+    report["parity_max_abs"] = onnx_report.get("parity_max_abs")
+    report["nodes_before_onnxsim"] = onnx_report.get("nodes_before_onnxsim")
+    report["nodes_after_onnxsim"] = onnx_report.get("nodes_after_onnxsim")
+    report["val_images"] = len(images)
+    report["gallery"] = str(save_png(gallery(images, gts, preds, scores, cfg.export.gallery_images), out / "worst_images.png"))
+    report["seconds"] = time.perf_counter() - t0
+    _write_json(report, out / "accuracy.json")
+    print_table(report)
+    return report
+
+
+def print_table(report: dict) -> None:
+    rows = report["backends"]
+    print(f"{'backend':16s}{'mIoU':>8s}{'person':>8s}{'boundary':>9s}{'agree':>8s}{'delta':>8s}", file=sys.stderr)
+    for name, r in rows.items():
+        agree = f"{r['agreement_fp32']:8.4f}" if r.get("agreement_fp32") is not None else f"{'':8s}"
+        delta = f"{r['delta_points']:+8.2f}" if r.get("delta_points") is not None else f"{'':8s}"
+        print(f"{name:16s}{r['miou']:8.4f}{r['person_iou']:8.4f}{r['boundary_iou']:9.4f}{agree}{delta}", file=sys.stderr)
+    print("(delta: mIoU points vs the previous step of teacher -> student -> fp32 -> int8 -> mixed; contrasts vs fp32)",
+          file=sys.stderr)

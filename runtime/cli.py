@@ -1,0 +1,139 @@
+"""``python -m runtime``: segment a folder of images, or profile latency. Torch-free."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.console import configure_logging, exit_on_user_error
+from runtime.errors import InputError
+
+log = logging.getLogger("runtime")
+
+_BACKENDS = click.Choice(["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"])
+
+
+def _save_png(array, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Batched person segmentation from a deploy bundle, ONNX model or TensorRT engine."""
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(), help="Deploy bundle folder, .onnx or .engine.")
+@click.option("--input", "input_dir", required=True, type=click.Path(file_okay=False), help="Folder of images.")
+@click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False), help="Where masks and overlays go.")
+@click.option("--backend", type=_BACKENDS, default="auto", show_default=True)
+@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("-v", "--verbose", count=True)
+@exit_on_user_error
+def infer(bundle, input_dir, output_dir, backend, threads, verbose):
+    """Write <name>.mask.png (0/255) and <name>.overlay.png for every image in --input."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from runtime.images import IMAGE_SUFFIXES, read_rgb
+    from runtime.segmenter import Segmenter
+
+    configure_logging(verbose)
+    src, dst = Path(input_dir), Path(output_dir)
+    if not src.is_dir():
+        raise InputError(f"{src}: input folder does not exist")
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    if not files:
+        raise InputError(f"{src}: input folder is empty")
+    dst.mkdir(parents=True, exist_ok=True)
+    done, skipped = 0, []
+    with Segmenter(bundle, backend=backend, threads=threads) as seg:
+        print(f"backend {seg.backend} on {seg.device}", file=sys.stderr)
+        batch: list[tuple[Path, np.ndarray]] = []
+
+        def flush():
+            nonlocal done
+            masks = seg.predict([img for _, img in batch])
+            for (path, img), mask in zip(batch, masks):
+                _save_png(mask * 255, dst / f"{path.stem}.mask.png")
+                overlay = img.copy()
+                m = mask.astype(bool)
+                overlay[m] = (overlay[m] * 0.45 + np.array([255, 40, 40]) * 0.55).astype(np.uint8)
+                _save_png(overlay, dst / f"{path.stem}.overlay.png")
+                done += 1
+            batch.clear()
+
+        for path in tqdm(files, desc="segmenting", disable=None):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append(path.name)
+                log.warning("skipping %s: not an image file", path.name)
+                continue
+            try:
+                batch.append((path, read_rgb(path)))
+            except InputError as e:
+                skipped.append(path.name)
+                log.warning("skipping %s", e)
+                continue
+            if len(batch) == seg.max_batch:
+                flush()
+        if batch:
+            flush()
+    if skipped:
+        print(f"skipped {len(skipped)} non-image or unreadable file(s): {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
+    click.echo(json.dumps({"output": str(dst), "images": done, "skipped": len(skipped)}))
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(), help="Deploy bundle folder, .onnx or .engine.")
+@click.option("--batch", "batches", default="1,2,4,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--iters", type=int, default=30, show_default=True, help="Timed iterations per batch size.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--image-size", nargs=2, type=int, default=(480, 640), show_default=True, metavar="H W",
+              help="Size of the (synthetic) input images; they are resized to the model's input.")
+@click.option("--backend", type=_BACKENDS, default="auto", show_default=True)
+@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for profile.json and latency.png (default: <bundle>/../profile).")
+@click.option("-v", "--verbose", count=True)
+@exit_on_user_error
+def profile(bundle, batches, iters, warmup, image_size, backend, threads, out, verbose):
+    """p50/p90/p99 latency, throughput and per-stage split per batch size."""
+    from runtime.profiler import plot, print_table
+    from runtime.profiler import profile as run_profile
+    from runtime.segmenter import Segmenter
+
+    configure_logging(verbose)
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--batch must be comma-separated integers, got {batches!r}") from None
+    if iters < 1:
+        raise InputError(f"--iters must be >= 1, got {iters}")
+    out_dir = Path(out) if out else Path(bundle).resolve().parent / "profile"
+    with Segmenter(bundle, backend=backend, threads=threads) as seg:
+        bad = [b for b in sizes if not 1 <= b <= seg.max_batch]
+        if bad:
+            raise InputError(f"--batch sizes {bad} outside 1..{seg.max_batch} (the model's profile maximum)")
+        result = run_profile(seg, sizes, iters, warmup, tuple(image_size))
+    result["threads"] = threads
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".profile.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out_dir / "profile.json")
+    plot(result, out_dir / "latency.png")
+    print_table(result)
+    click.echo(json.dumps({"profile": str(out_dir / "profile.json"), "plot": str(out_dir / "latency.png"),
+                           "backend": result["backend"], "device": result["device"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Calibration: filters, guidance maths, the sampler, the DDPM and pipeline generators, synth and report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.filters import Confidence, SetFilter, dhash, hamming, teacher_confidence
+from calibration.guidance import ConfidenceGuide, ModeGuide, TaskGuide, TeacherView, binary_entropy, kmeans, medoids
+from calibration.sampler import guidance_scale, guided_eps, normalise_gradient, predicted_x0, sample
+from calibration.synth import Synthesizer, check_request, load_calibration_images
+from distill.config import Config, DDPMConfig, FilterConfig, GuidanceConfig, SamplerConfig, load_config
+from distill.models import UnetSegmenter
+from runtime.errors import InputError
+from tests.conftest import run_cli, write_config
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# --- filters -------------------------------------------------------------------------------------
+
+def test_dhash_is_stable_and_hamming_counts_bits():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert dhash(img) == dhash(img.copy())
+    assert hamming(0b1011, np.array([0b0001, 0b1011])).tolist() == [2, 0]
+    assert hamming(dhash(img), dhash(255 - img))[0] > 32  # inverted gradients flip most bits
+
+
+def test_set_filter_drops_by_reason():
+    good = Confidence(person_fraction=0.2, uncertain_fraction=0.01, confidence=0.9)
+    rng = np.random.default_rng(1)
+    a, b, val = (rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3))
+    flt = SetFilter(FilterConfig(min_person_fraction=0.05, max_uncertain_fraction=0.1, dedup_bits=4, leak_bits=6),
+                    [dhash(val)])
+    assert flt.check(a, Confidence(0.01, 0.0, 0.99))[0] == "empty_mask"
+    assert flt.check(a, Confidence(0.3, 0.5, 0.6))[0] == "uncertain_mask"
+    assert flt.check(val, good)[0] == "validation_leak"
+    assert flt.check(a, good)[0] is None
+    assert flt.check(a.copy(), good)[0] == "near_duplicate"
+    assert flt.check(b, good)[0] is None
+    assert flt.dropped == {"empty_mask": 1, "uncertain_mask": 1, "near_duplicate": 1, "validation_leak": 1}
+
+
+def test_teacher_confidence_by_hand():
+    p = np.array([[[0.9, 0.1], [0.5, 0.6]]])
+    c = teacher_confidence(p)[0]
+    assert c.person_fraction == pytest.approx(0.5)  # 0.9, 0.6
+    assert c.uncertain_fraction == pytest.approx(0.5)  # 0.5, 0.6
+    assert c.confidence == pytest.approx((0.9 + 0.9 + 0.5 + 0.6) / 4)
+
+
+# --- guidance maths ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule, t, expected", [
+    ("constant", 0.7, 0.4), ("linear", 0.9, 0.4), ("linear", 0.7, 0.2), ("linear", 0.5, 0.0),
+    ("cosine", 0.7, 0.2), ("constant", 0.95, 0.0), ("constant", 0.3, 0.0),
+])
+def test_guidance_scale_schedule(schedule, t, expected):
+    g = GuidanceConfig(scale=0.4, schedule=schedule, t_start=0.9, t_stop=0.5)
+    assert guidance_scale(g, t) == pytest.approx(expected, abs=1e-9)
+
+
+def test_normalise_gradient_unit_rms_then_clip():
+    g = torch.tensor([[3.0, 4.0, 0.0, 0.0]]).view(1, 1, 2, 2) * 100
+    n = normalise_gradient(g, clip=10.0)
+    assert n.pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-6)
+    assert normalise_gradient(g, clip=1.0).abs().max().item() == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    torch.manual_seed(0)
+    return TeacherView(UnetSegmenter("tu-test_efficientnet", (16, 8, 8, 8)).eval(), (32, 32), MEAN, STD)
+
+
+def test_guided_noise_moves_x0_down_the_task_loss(tiny_teacher):
+    torch.manual_seed(0)
+    x, eps = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    a = torch.tensor(0.5)
+    guide = TaskGuide(tiny_teacher)
+    idx = torch.arange(2)
+    eps_hat = guided_eps(x, eps, a, guide, idx, GuidanceConfig(diversity=0.0, grad_clip=10.0), scale=0.05)
+    with torch.no_grad():
+        before = guide(predicted_x0(x, eps, a), idx)[0]
+        after = guide(predicted_x0(x, eps_hat, a), idx)[0]
+    assert (after < before).all()
+
+
+def test_confidence_objective_by_hand():
+    class Const(torch.nn.Module):
+        def __init__(self, logit):
+            super().__init__()
+            self.logit = logit
+
+        def __call__(self, x):
+            return torch.full((x.shape[0], 1, 4, 4), self.logit), torch.zeros(x.shape[0], 2)
+
+    guide = ConfidenceGuide(Const(20.0), Const(0.0), gamma=2.0)  # teacher sure, student at 0.5
+    loss, _ = guide(torch.zeros(1, 3, 4, 4), torch.arange(1))
+    assert loss.item() == pytest.approx(-(1.0 ** 2 + 0.5 ** 2), abs=1e-6)
+
+
+def test_mode_guide_is_zero_at_its_prototype_and_entropy_by_hand():
+    class Emb(torch.nn.Module):
+        def __call__(self, x):
+            return None, x.flatten(1)[:, :2]
+
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    guide = ModeGuide(Emb(), protos, torch.tensor([1, 0]))
+    x = torch.zeros(2, 3, 1, 1)
+    x[0, 1] = 2.0  # embedding (0, 2): mode 1
+    x[1, 0] = 3.0  # embedding (3, 0): mode 0
+    loss, _ = guide(x, torch.arange(2))
+    assert loss.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert binary_entropy(torch.tensor(0.5)).item() == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_kmeans_recovers_separated_clusters():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(5, 0.1, (20, 2))])
+    centres, labels = kmeans(x, 2, seed=0)
+    assert len(set(labels[:20])) == 1 and len(set(labels[20:])) == 1 and labels[0] != labels[20]
+    m = medoids(x, centres, labels)
+    assert sorted(labels[m].tolist()) == [0, 1]
+
+
+# --- the sampler and the DDPM --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ddpm(tiny_run, tmp_path_factory):
+    from calibration.ddpm import train_or_load
+    from distill.data import split_samples
+
+    _, cfg = tiny_run
+    folder = tmp_path_factory.mktemp("ddpm") / "ddpm"
+    ddpm = DDPMConfig(image_size=16, block_out_channels=(8, 16), train_steps=3, batch_size=4)
+    unet, sched = train_or_load(ddpm, split_samples(cfg, "train"), folder)
+    return unet, sched, folder, ddpm
+
+
+def test_ddpm_is_cached(tiny_run, tiny_ddpm):
+    from calibration.ddpm import train_or_load
+    from distill.data import split_samples
+
+    _, cfg = tiny_run
+    unet, _, folder, ddpm = tiny_ddpm
+    stamp = (folder / "ddpm.json").stat().st_mtime_ns
+    again, _ = train_or_load(ddpm, split_samples(cfg, "train"), folder)
+    assert (folder / "ddpm.json").stat().st_mtime_ns == stamp
+    for a, b in zip(unet.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sampling_is_per_image_deterministic(tiny_ddpm):
+    unet, sched, _, _ = tiny_ddpm
+    cfg, g = SamplerConfig(steps=5), GuidanceConfig(mode="none")
+    a = sample(unet, sched, [7, 8], cfg, g)
+    b = sample(unet, sched, [8], cfg, g)
+    assert a.shape == (2, 3, 16, 16) and a.abs().max() <= 1
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)  # seed 8 alone = seed 8 in a batch
+    init = torch.zeros(2, 3, 16, 16)
+    stats = {}
+    sample(unet, sched, [1, 2], cfg, g, init=init, strength=0.6, stats=stats)
+    assert stats["steps"] == 3  # img2img skips the noisiest 40% of the steps
+
+
+# --- synth ---------------------------------------------------------------------------------------
+
+def _cal_config(tiny_run, run_dir, **calibration):
+    _, base = tiny_run
+    cal = {"count": 6, "pool_factor": 1.5, "img2img_strength": 0.6,
+           "ddpm": {"image_size": 16, "block_out_channels": [8, 16], "train_steps": 3, "batch_size": 4},
+           "sampler": {"steps": 6, "batch_size": 4},
+           "guidance": {"mode": "task", "t_start": 0.6, "t_stop": 0.3, "resolution": 32},
+           "filter": {"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0, "dedup_bits": 0}}
+    cal.update(calibration)
+    path = write_config(run_dir, calibration=cal, data={"root": str(base.data_root)},
+                        teacher={"checkpoint": str(base.teacher_checkpoint)})
+    return path, load_config(path, Config)
+
+
+def test_synth_writes_a_reproducible_set_with_manifest(tiny_run, tmp_path):
+    path, cfg = _cal_config(tiny_run, tmp_path)
+    m1 = Synthesizer(cfg).run(tmp_path / "a")
+    m2 = Synthesizer(cfg).run(tmp_path / "b")
+    files = sorted((tmp_path / "a" / "images").glob("*.png"))
+    assert len(files) == 6 and m1["counts"]["kept"] == 6 and m1["counts"]["generated"] == 9
+    for f in files:  # same config and seeds -> the same bytes
+        assert f.read_bytes() == (tmp_path / "b" / "images" / f.name).read_bytes()
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    for key in ("generator", "teacher_sha256", "guidance", "seed", "counts", "images", "dropped"):
+        assert key in manifest
+    assert manifest["generator"]["checkpoint_sha256"] and manifest["guidance"]["mode"] == "task"
+    assert {i["seed"] for i in manifest["images"]} <= set(range(cfg.calibration.seed, cfg.calibration.seed + 9))
+    imgs = load_calibration_images(tmp_path / "a", (64, 64))
+    assert imgs.shape == (6, 64, 64, 3)
+    assert m1["counts"] == m2["counts"]
+
+
+def test_synth_teacher_masks_make_a_training_split(tiny_run, tmp_path):
+    from distill.data import folder_samples
+
+    _, cfg = _cal_config(tiny_run, tmp_path, count=3)
+    Synthesizer(cfg, guidance="mode").run(tmp_path / "hard", teacher_masks=True)
+    assert len(folder_samples(tmp_path / "hard")) == 3
+
+
+def test_synth_refuses_bad_requests(tiny_run, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.png").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"full: exists and is not empty; pass --overwrite"):
+        check_request(tmp_path / "full", 4, "task", False, None)
+    with pytest.raises(InputError, match=r"--count must be >= 1, got 0"):
+        check_request(tmp_path / "new", 0, "task", False, None)
+    with pytest.raises(InputError, match=r"guidance 'confidence' needs a student checkpoint"):
+        check_request(tmp_path / "new", 4, "confidence", False, tmp_path / "missing.pt")
+
+
+def test_calibration_folder_errors(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(InputError, match=r"calibration folder does not exist"):
+        load_calibration_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"calibration folder has no images"):
+        load_calibration_images(tmp_path / "empty")
+    (tmp_path / "odd").mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "odd" / "a.png")
+    with pytest.raises(InputError, match=r"a.png: calibration image is 64x48 but the model takes 64x64"):
+        load_calibration_images(tmp_path / "odd", (64, 64))
+
+
+def test_cli_bad_inputs_are_one_line(tiny_run, tmp_path):
+    path, _ = _cal_config(tiny_run, tmp_path, generator="pipeline", model=str(tmp_path))
+    r = run_cli("calibration", "synth", "--config", str(path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not a diffusers pipeline (no model_index.json)" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("calibration", "synth", "--config", str(path), "--count", "0")
+    assert r.returncode == 2 and "--count must be >= 1" in r.stderr
+    r = run_cli("calibration", "report", "--config", str(path), "--calib", str(tmp_path / "none"))
+    assert r.returncode == 2 and "calibration folder does not exist" in r.stderr
+
+
+def test_report_compares_synthetic_real_and_noise(tiny_run, tmp_path):
+    from calibration.report import build_report
+    from distill.models import build_model
+
+    path, cfg = _cal_config(tiny_run, tmp_path, report_images=4)
+    Synthesizer(cfg).run(tmp_path / "calibration" / "synthetic")
+    (tmp_path / "distill").mkdir()
+    torch.save({"student": build_model(cfg.student).state_dict()}, tmp_path / "distill" / "best.pt")
+    r = build_report(cfg, tmp_path / "calibration" / "synthetic")
+    for s in ("synthetic", "real", "noise"):
+        assert 0.0 <= r[f"coverage_{s}"] <= 1.0
+        assert np.isfinite(r[f"sqnr_db_{s}"]) and r[f"hist_kl_{s}"] >= 0
+    assert r["counts"]["kept"] == 6 and r["tensors"] > 10
+    assert (tmp_path / "calibration" / "report.json").is_file()
+    assert (tmp_path / "calibration" / "contact_sheet.png").is_file()
+
+
+# --- the diffusers pipeline generator --------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's byte-to-character table (to write a tiny offline CLIP vocabulary)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline built from config (random weights) and saved locally."""
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("sd")
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4),
+        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=1, num_attention_heads=2, projection_dim=16)),
+        tokenizer=CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77),
+        unet=UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                  norm_num_groups=4, attention_head_dim=2),
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+def test_pipeline_folder_is_checked(tmp_path):
+    from calibration.pipeline import check_pipeline_folder
+
+    with pytest.raises(InputError, match=r"diffusers pipeline folder does not exist"):
+        check_pipeline_folder(tmp_path / "nope")
+    with pytest.raises(InputError, match=r"not a diffusers pipeline \(no model_index.json\)"):
+        check_pipeline_folder(tmp_path)
+
+
+def test_pipeline_generates_per_seed_and_guides(tiny_sd, tiny_teacher):
+    from calibration.pipeline import generate, load_pipeline
+
+    pipe = load_pipeline(tiny_sd, torch.device("cpu"))
+    a = generate(pipe, ["a person walking", "a crowd at night"], [1, 2], (32, 32), steps=3)
+    b = generate(pipe, ["a person walking", "a crowd at night"], [1, 2], (32, 32), steps=3)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    guided = generate(pipe, ["a person walking", "a crowd at night"], [1, 2], (32, 32), steps=3,
+                      guide=TaskGuide(tiny_teacher), guidance=GuidanceConfig(t_start=1.0, t_stop=0.0, scale=1.0))
+    assert not np.array_equal(guided, a)  # the callback nudged the latents
+    with pytest.raises(ValueError, match=r"1 prompts for 2 seeds"):
+        generate(pipe, ["x"], [1, 2], (32, 32), steps=2)
+
+
+def test_synth_with_a_pipeline_from_a_local_folder(tiny_run, tiny_sd, tmp_path):
+    _, cfg = _cal_config(tiny_run, tmp_path, generator="pipeline", model=str(tiny_sd), img2img_strength=0.0,
+                         count=2, pool_factor=1.0, guidance={"mode": "none"})
+    manifest = Synthesizer(cfg).run(tmp_path / "sd")
+    assert manifest["generator"]["kind"] == "pipeline" and manifest["counts"]["kept"] == 2
+    assert [i["mode"] for i in manifest["images"]] == list(cfg.calibration.prompts[:2])

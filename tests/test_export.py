@@ -1,0 +1,302 @@
+"""Export: strip, ONNX + parity, Q/DQ INT8, calibration cache, budget search, TensorRT planning, bundle."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from distill.config import Config, load_config
+from export.engine import (BuildPlan, capabilities, engine_metadata, engine_paths, plan_build, profile_shapes)
+from export.int8 import budget_search
+from export.trt_cache import decode_scale, encode_scale, read_cache, version_code, write_cache
+from runtime.errors import BackendUnavailableError, InputError, IntegrityError
+from tests.conftest import ROOT, run_cli, write_config
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """A tiny distillation checkpoint, a calibration folder, and the whole export run on them."""
+    from PIL import Image
+
+    from distill.trainer import Trainer, job_for
+    from export.stage import run_accuracy, run_onnx, run_quantize
+
+    _, base = tiny_run
+    run_dir = tmp_path_factory.mktemp("export_run")
+    path = write_config(run_dir, data={"root": str(base.data_root)},
+                        teacher={"checkpoint": str(base.teacher_checkpoint)},
+                        feature_teacher={"onnx": str(base.feature_teacher_onnx)},
+                        train={"epochs": 1, "batch_size": 4, "lr": 1e-3},
+                        export={"max_batch": 4, "opt_batch": 2, "max_miou_drop": 100.0})
+    cfg = load_config(path, Config)
+    Trainer(cfg, job_for(cfg, "student")).run()
+    import shutil as _sh
+
+    _sh.copyfile(run_dir / "distill" / "last.pt", run_dir / "distill" / "best.pt")
+    calib = run_dir / "calibration" / "synthetic" / "images"
+    calib.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):  # stand-in calibration images (the real ones come from calibration.synth)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(calib / f"{i:05d}.png")
+    onnx_report = run_onnx(cfg)
+    quant = run_quantize(cfg)
+    acc = run_accuracy(cfg)
+    return cfg, path, run_dir, onnx_report, quant, acc
+
+
+# --- strip and ONNX --------------------------------------------------------------------------------
+
+def test_strip_is_bit_identical_and_drops_the_projection(exported):
+    cfg, _, run_dir, onnx_report, _, _ = exported
+    strip = onnx_report["strip"]
+    assert strip["bit_identical"] and strip["removed_params"] > 0
+    ckpt = torch.load(run_dir / "distill" / "best.pt", weights_only=True)
+    assert strip["removed_params"] == sum(v.numel() for k, v in ckpt["projection"].items() if "running" not in k
+                                          and "num_batches" not in k)
+
+
+def test_onnx_parity_and_contract(exported):
+    cfg, _, run_dir, report, _, _ = exported
+    assert report["parity_max_abs"] <= 1e-4 and report["parity_batches"] == [1, 4]
+    assert report["nodes_after_onnxsim"] <= report["nodes_before_onnxsim"]
+    m = onnx.load(run_dir / "export" / "model.onnx")
+    onnx.checker.check_model(m, full_check=True)
+    assert [i.name for i in m.graph.input] == ["images"] and [o.name for o in m.graph.output] == ["mask_logits"]
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    io = json.loads({p.key: p.value for p in m.metadata_props}["edgeseg.io"])
+    assert io["image_size"] == [64, 64] and io["max_batch"] == 4
+
+
+def test_polygraphy_agrees_with_the_saved_torch_outputs(exported):
+    _, _, run_dir, _, _, _ = exported
+    d = run_dir / "export"
+    r = subprocess.run([sys.executable, "-m", "polygraphy", "run", str(d / "model.onnx"), "--onnxrt",
+                        "--load-inputs", str(d / "torch_inputs.json"), "--load-outputs", str(d / "torch_outputs.json"),
+                        "--atol", "1e-4", "--rtol", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "PASSED" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("fuse, output", [(True, "logits"), (False, "mask"), (True, "probabilities")])
+def test_fused_preprocessing_and_output_kinds(tiny_run, tmp_path, fuse, output):
+    from export.onnx_model import export_onnx
+
+    _, base = tiny_run
+    path = write_config(tmp_path, export={"fuse_preprocessing": fuse, "output": output, "max_batch": 2, "opt_batch": 1})
+    cfg = load_config(path, Config)
+    from distill.models import build_model
+
+    torch.manual_seed(0)
+    report = export_onnx(cfg, build_model(cfg.student).eval(), tmp_path)
+    m = onnx.load(tmp_path / "model.onnx")
+    elem = m.graph.input[0].type.tensor_type.elem_type
+    assert elem == (onnx.TensorProto.UINT8 if fuse else onnx.TensorProto.FLOAT)
+    assert m.graph.output[0].name == {"logits": "mask_logits", "mask": "mask", "probabilities": "mask_probs"}[output]
+    if output != "mask":
+        assert report["parity_max_abs"] <= 1e-4
+
+
+def test_checkpoint_without_a_student_is_refused(tiny_run, tmp_path):
+    from export.strip import load_student
+
+    _, cfg = tiny_run
+    with pytest.raises(InputError, match=r"teacher.pt: has no 'student' weights .*distill/best.pt"):
+        load_student(cfg, cfg.teacher_checkpoint)
+
+
+# --- INT8 ------------------------------------------------------------------------------------------
+
+def _zero_points(path):
+    m = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [(n.op_type, inits[n.input[2]]) for n in m.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
+
+
+def test_s8s8_is_symmetric_int8_and_u8s8_has_uint8_activations(exported):
+    _, _, run_dir, _, quant, _ = exported
+    d = run_dir / "export"
+    s8 = _zero_points(d / "model.int8.onnx")
+    assert s8 and all(zp.dtype == np.int8 and not zp.any() for _, zp in s8)
+    u8 = _zero_points(d / "model.int8-cpu.onnx")
+    assert any(zp.dtype == np.uint8 for _, zp in u8)
+    per_channel = [n for n in onnx.load(d / "model.int8.onnx").graph.node
+                   if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert per_channel, "weights should be quantized per channel"
+    for name in ("int8_real", "int8_noise"):
+        assert (d / f"model.{name.replace('_', '-')}.onnx").is_file()
+
+
+def test_calibration_cache_matches_the_qdq_scales(exported):
+    from calibration.quantize import activation_scales
+
+    _, _, run_dir, _, _, _ = exported
+    d = run_dir / "export"
+    header, scales = read_cache(d / "calibration.cache")
+    assert header == "TRT-100300-EntropyCalibration2"
+    qdq = activation_scales(d / "model.int8.onnx")
+    assert scales.keys() == qdq.keys() and "images" in scales
+    for k, v in qdq.items():
+        assert scales[k] == pytest.approx(v, rel=1e-7)
+
+
+def test_cache_format_by_hand(tmp_path):
+    assert version_code("8.6.1") == 8601 and version_code("10.3.0") == 100300
+    assert encode_scale(1 / 127) == "3c010204" and decode_scale("3c010204") == pytest.approx(1 / 127)
+    write_cache({"a/b": 0.5}, tmp_path / "c.cache", "10.1.0")
+    assert (tmp_path / "c.cache").read_text() == "TRT-100100-EntropyCalibration2\na/b: 3f000000\n"
+
+
+def test_quantize_refuses_bad_requests(tmp_path):
+    from calibration.quantize import quantize_qdq
+
+    with pytest.raises(InputError, match=r"calibration method must be one of minmax, entropy, percentile, got 'kl'"):
+        quantize_qdq(tmp_path / "m.onnx", tmp_path / "q.onnx", [np.zeros((1, 3, 8, 8), np.float32)], method="kl")
+    with pytest.raises(InputError, match=r"needs at least one calibration batch"):
+        quantize_qdq(tmp_path / "m.onnx", tmp_path / "q.onnx", [])
+
+
+def test_budget_search_finds_the_fewest_float_nodes():
+    ranked = [f"n{i}" for i in range(20)]
+    calls = []
+
+    def evaluate(nodes):  # mIoU recovers as the 5 worst nodes go back to float
+        calls.append(len(nodes))
+        return 0.90 - 0.004 * max(0, 5 - len(nodes))
+
+    nodes, miou, trials = budget_search(evaluate, ranked, fp32_miou=0.905, budget_points=1.0, max_nodes=16)
+    assert nodes == ranked[:4] and miou == pytest.approx(0.896)  # 0.905 - 0.896 <= 0.01 with 4; 3 gives 0.892
+    assert calls[:3] == [1, 2, 4] and len(trials) <= 6
+    nodes, miou, _ = budget_search(lambda n: 0.5 + 0.001 * len(n), ranked, 0.9, 1.0, max_nodes=8)
+    assert len(nodes) == 8 and miou == pytest.approx(0.508)  # unreachable: the best seen
+
+
+# --- accuracy report -------------------------------------------------------------------------------
+
+def test_accuracy_report_has_the_end_to_end_budget(exported):
+    _, _, run_dir, _, _, acc = exported
+    for key in ("teacher_miou", "student_miou", "fp32_miou", "int8_synthetic_miou", "int8_real_miou",
+                "int8_noise_miou", "int8_cpu_miou", "mixed_miou", "mixed_float_nodes", "parity_max_abs"):
+        assert key in acc, key
+    # the ONNX model and the torch student are the same function: identical masks
+    assert acc["fp32_miou"] == pytest.approx(acc["student_miou"], abs=1e-3)
+    assert acc["backends"]["fp32"]["agreement_fp32"] == 1.0
+    assert acc["backends"]["student"]["delta_points"] == pytest.approx((acc["student_miou"] - acc["teacher_miou"]) * 100)
+    assert (run_dir / "export" / "worst_images.png").is_file()
+
+
+# --- TensorRT planning -----------------------------------------------------------------------------
+
+FILES = {"fp32": "m.onnx", "int8": "m.int8.onnx", "fp16": "m.fp16.onnx", "cache": "c.cache"}
+
+
+@pytest.mark.parametrize("version, precision, onnx_file, flags, typed", [
+    ("10.3.0", "int8", "m.int8.onnx", ("INT8", "FP16"), False),
+    ("10.3.0", "fp16", "m.onnx", ("FP16",), False),
+    ("10.3.0", "fp32", "m.onnx", (), False),
+    ("11.0.0", "int8", "m.int8.onnx", (), True),
+    ("11.0.0", "fp16", "m.fp16.onnx", (), True),
+    ("11.0.0", "fp32", "m.onnx", (), True),
+])
+def test_plan_follows_the_installed_tensorrt(version, precision, onnx_file, flags, typed):
+    plan = plan_build(capabilities(version), precision, FILES)
+    assert (plan.onnx, plan.flags, plan.strongly_typed) == (onnx_file, flags, typed)
+
+
+def test_dla_int8_uses_the_cache_on_trt10_and_is_refused_on_trt11():
+    plan = plan_build(capabilities("10.3.0"), "int8", FILES, dla_core=0)
+    assert plan.calibration_cache == "c.cache" and plan.onnx == "m.onnx" and "INT8" in plan.flags
+    with pytest.raises(InputError, match=r"DLA INT8 needs implicit INT8 .* TensorRT 11.0.0 removed"):
+        plan_build(capabilities("11.0.0"), "int8", FILES, dla_core=0)
+    with pytest.raises(InputError, match=r"needs the Q/DQ INT8 ONNX"):
+        plan_build(capabilities("10.3.0"), "int8", {"fp32": "m.onnx"})
+    caps = capabilities("10.3.0")
+    assert caps.precision_flags and caps.implicit_int8 and not capabilities("11.1.0").precision_flags
+    with pytest.raises(BackendUnavailableError, match=r"too old"):
+        capabilities("7.2.1")
+
+
+def test_profile_shapes_and_paths(tmp_path):
+    assert profile_shapes("NCHW-float32-normalised", (128, 96), 8, 4) == {
+        "min": (1, 3, 128, 96), "opt": (4, 3, 128, 96), "max": (8, 3, 128, 96)}
+    assert profile_shapes("NHWC-uint8", (128, 96), 8, 4)["max"] == (8, 128, 96, 3)
+    with pytest.raises(InputError, match=r"1 <= min <= opt <= max"):
+        profile_shapes("NHWC-uint8", (8, 8), 2, 4)
+    p = engine_paths(tmp_path, "int8", dla_core=1)
+    assert p["engine"].name == "model.int8.dla1.engine" and p["timing_cache"].name == "timing.cache"
+
+
+def test_engine_metadata_records_what_the_engine_is(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    plan = BuildPlan("int8", str(tmp_path / "m.onnx"), ("INT8",), False, None, -1)
+    io = {"input_name": "images", "input_layout": "NHWC-uint8", "output_name": "mask_logits", "output": "logits"}
+    meta = engine_metadata(plan, capabilities("10.3.0"), {"name": "Orin", "compute_capability": "8.7"},
+                           {"min": (1, 64, 64, 3), "opt": (2, 64, 64, 3), "max": (4, 64, 64, 3)}, io, 12.5)
+    assert meta["tensorrt_version"] == "10.3.0" and meta["compute_capability"] == "8.7"
+    import hashlib
+
+    assert meta["onnx_sha256"] == hashlib.sha256(b"onnx").hexdigest()
+    assert meta["profile"]["max"] == [4, 64, 64, 3] and meta["spec"] is io
+
+
+def test_engine_command_without_tensorrt_says_why_and_builds_nothing(exported):
+    _, path, run_dir, _, _, _ = exported
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    r = run_cli("export", "engine", "--config", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "TensorRT engine: skipped (TensorRT is not installed" in r.stderr
+    assert not list((run_dir / "export").glob("*.engine"))
+
+
+# --- deploy bundle ---------------------------------------------------------------------------------
+
+def test_bundle_is_complete_verified_and_refuses_tampering(exported, tmp_path):
+    from export.bundle import write_bundle
+    from runtime.bundle import Bundle
+
+    cfg, _, run_dir, _, _, _ = exported
+    out = tmp_path / "bundle"
+    manifest = write_bundle(cfg, run_dir / "export", out, None)
+    roles = {v["role"] for v in manifest["files"].values()}
+    assert {"fp32", "int8", "int8-cpu", "calibration-cache", "script", "fp16"} <= roles
+    assert (tmp_path / "bundle.tar.gz").is_file()
+    b = Bundle(out)
+    assert b.model_for("onnxruntime-cpu").name == "model.int8-cpu.onnx"
+    assert b.model_for("onnxruntime-tensorrt").name == "model.int8.onnx"
+    with pytest.raises(InputError, match=r"build the engine on this device with `python build_engine.py`"):
+        b.model_for("tensorrt")
+    with open(out / "model.int8-cpu.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(IntegrityError, match=r"model.int8-cpu.onnx: SHA-256 does not match the bundle manifest"):
+        Bundle(out)
+    (out / "model.onnx").unlink()
+    with pytest.raises(IntegrityError, match=r"model.onnx: listed in the bundle manifest but missing"):
+        Bundle(out)
+
+
+def test_bundle_gates_on_the_accuracy_budget(exported, tmp_path):
+    from export.bundle import check_budget, write_bundle
+
+    cfg, path, run_dir, _, _, acc = exported
+    ok, words = check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.78}, "int8", 1.0)
+    assert not ok and "2.00 points lost, budget 1.00" in words
+    assert check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.795}, "int8", 1.0)[0]
+    tight = load_config(path, Config, ["export.max_miou_drop=0.0"])
+    if (acc["fp32_miou"] - acc["deployed_int8_miou"]) > 0:
+        with pytest.raises(InputError, match=r"refusing to deploy: int8 mIoU .* pass --allow-over-budget"):
+            write_bundle(tight, run_dir / "export", tmp_path / "b", None)
+        assert not (tmp_path / "b").exists()
+        write_bundle(tight, run_dir / "export", tmp_path / "b", None, allow_over_budget=True)
+        assert (tmp_path / "b" / "manifest.json").is_file()

@@ -1,0 +1,310 @@
+"""Runtime: torch-free import, pre/post-processing, backends, Segmenter, the micro-batching queue, CLIs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from runtime.errors import BackendUnavailableError, InputError, IntegrityError
+from runtime.preprocess import fit_image, fit_mask, normalise_batch, place, restore_scores
+from runtime.spec import ModelSpec
+from tests.conftest import ROOT, run_cli, write_config
+
+
+def test_importing_the_runtime_does_not_import_torch():
+    code = ("import sys, runtime, runtime.cli, runtime.segmenter, runtime.profiler, runtime.backends.onnxrt, "
+            "runtime.backends.tensorrt_engine, runtime.bundle; "
+            "bad = [m for m in ('torch', 'distill', 'calibration', 'export', 'timm', 'segmentation_models_pytorch') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- pre- and post-processing --------------------------------------------------------------------
+
+def test_letterbox_placement_by_hand():
+    p = place((100, 200), (64, 64), "letterbox")
+    assert (p.top, p.left, p.height, p.width) == (16, 0, 32, 64)
+    p = place((300, 150), (64, 64), "letterbox")
+    assert (p.top, p.left, p.height, p.width) == (0, 16, 64, 32)
+    assert place((7, 9), (64, 64), "stretch").height == 64
+    with pytest.raises(InputError, match=r"zero size"):
+        place((0, 5), (64, 64))
+
+
+@pytest.mark.parametrize("mode", ["letterbox", "stretch"])
+def test_the_inverse_is_exact(mode):
+    h, w = 90, 160
+    mask = np.zeros((h, w), np.uint8)
+    mask[20:70, 30:120] = 1
+    img = np.stack([mask * 200] * 3, axis=-1).astype(np.uint8)
+    fitted, p = fit_image(img, (64, 64), mode, pad_value=(0, 0, 0))
+    scores = fit_mask(mask, p).astype(np.float32) * 2 - 1  # +1 inside, -1 outside, at model size
+    back = restore_scores(scores, p) > 0
+    assert back.shape == (h, w)
+    assert (back != mask.astype(bool)).mean() < 0.02  # only boundary pixels may move
+    if mode == "letterbox":
+        assert (fitted[:p.top] == 0).all() and p.top > 0  # the padding is cropped away exactly
+
+
+def test_normalise_batch_matches_the_formula():
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = normalise_batch(batch, mean, std)
+    ref = ((batch / 255.0 - np.array(mean)) / np.array(std)).transpose(0, 3, 1, 2)
+    assert out.shape == (2, 3, 4, 5) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+# --- a tiny exported model -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_run, tmp_path_factory):
+    """(ONNX path, torch student) exported with max batch 4; the student is random but fixed."""
+    import torch
+
+    from distill.models import build_model
+    from export.onnx_model import export_onnx
+
+    _, base = tiny_run
+    d = tmp_path_factory.mktemp("rt")
+    from distill.config import Config, load_config
+
+    cfg = load_config(write_config(d, export={"max_batch": 4, "opt_batch": 2}), Config)
+    torch.manual_seed(3)
+    student = build_model(cfg.student).eval()
+    with torch.no_grad():
+        student.segmentation_head[0].bias.fill_(0.05)  # masks neither empty nor full
+    export_onnx(cfg, student, d)
+    return d / "model.onnx", student
+
+
+def _images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def _torch_masks(student, spec, images):
+    """The reference: the same pipeline with the torch model (tests only)."""
+    import torch
+
+    from runtime.pipeline import BatchBuffers, finish, prepare
+
+    feed, placements = prepare(images, spec, BatchBuffers(spec))
+    with torch.no_grad():
+        out = student(torch.from_numpy(feed.copy())).numpy()
+    return finish(out, placements, spec)
+
+
+def test_segmenter_masks_match_the_torch_reference(tiny_onnx):
+    from runtime import Segmenter
+
+    path, student = tiny_onnx
+    imgs = _images([(64, 64), (100, 50), (31, 77), (200, 120), (64, 64), (10, 10)])
+    with Segmenter(path, backend="onnxruntime-cpu") as seg:
+        assert (seg.backend, seg.device) == ("onnxruntime-cpu", "cpu")
+        masks = seg.predict(imgs)  # 6 images, max batch 4: two model calls
+    ref = _torch_masks(student, ModelSpec.from_onnx(path), imgs)
+    for img, m, r in zip(imgs, masks, ref):
+        assert m.shape == img.shape[:2] and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+        assert (m != r).mean() < 0.001
+
+
+def test_segmenter_converts_odd_images_and_refuses_bad_input(tiny_onnx):
+    from runtime import Segmenter
+
+    path, _ = tiny_onnx
+    gray = np.full((40, 40), 128, np.uint8)
+    rgba = np.full((40, 40, 4), 128, np.uint8)
+    deep = np.full((40, 40, 3), 128 * 257, np.uint16)
+    with Segmenter(path) as seg:
+        a, b, c = seg.predict([gray, rgba, deep])
+        assert np.array_equal(a, b) and np.array_equal(b, c)
+        with pytest.raises(InputError, match=r"empty list"):
+            seg.predict([])
+        with pytest.raises(InputError, match=r"image 0: image has zero size"):
+            seg.predict([np.zeros((0, 5, 3), np.uint8)])
+        with pytest.raises(InputError, match=r"takes a list of images"):
+            seg.predict(np.zeros((4, 4, 3), np.uint8))
+
+
+# --- the backend contract ----------------------------------------------------------------------------
+
+def _backends():
+    out = [pytest.param("onnxruntime-cpu", id="onnxruntime-cpu")]
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    out.append(pytest.param("onnxruntime-cuda", id="onnxruntime-cuda",
+                            marks=pytest.mark.skipif(not cuda, reason="needs onnxruntime-gpu and a CUDA GPU")))
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_every_backend_honours_the_runner_contract(tiny_onnx, backend):
+    from runtime.backends.onnxrt import OnnxRuntimeRunner
+
+    path, _ = tiny_onnx
+    spec = ModelSpec.from_onnx(path)
+    runner = OnnxRuntimeRunner(path, spec, backend.removeprefix("onnxruntime-"))
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    with pytest.raises(RuntimeError, match=r"inside `with runner:`"):
+        runner.infer(x)
+    with runner:
+        out = runner.infer(x)
+        assert out.shape == (2, 1, 64, 64) and out.dtype == np.float32
+        assert set(runner.timings_ms) == {"copy_in", "infer", "copy_out"} and runner.timings_ms["infer"] > 0
+        with pytest.raises(InputError, match=r"input 'images' got float64 \(2, 3, 64, 64\), expected float32"):
+            runner.infer(x.astype(np.float64))
+        with pytest.raises(InputError, match=r"expected float32 \(2, 3, 64, 64\)"):
+            runner.infer(np.zeros((2, 3, 32, 64), np.float32))
+        with pytest.raises(InputError, match=r"batch 5 outside 1..4"):
+            runner.infer(np.zeros((5, 3, 64, 64), np.float32))
+
+
+def test_unavailable_backends_say_what_to_install(tiny_onnx):
+    import onnxruntime as ort
+
+    from runtime import Segmenter
+
+    path, _ = tiny_onnx
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailableError, match=r"install onnxruntime-gpu"):
+            Segmenter(path, backend="onnxruntime-cuda")
+    with pytest.raises(InputError, match=r"backend must be auto or one of"):
+        Segmenter(path, backend="tflite")
+
+
+def test_engine_for_another_gpu_or_tensorrt_is_refused(tmp_path):
+    from runtime.backends.tensorrt_engine import check_engine_compatible
+
+    meta = {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "gpu_name": "Orin", "precision": "int8"}
+    check_engine_compatible(meta, "10.3.0", "8.7", "Orin", tmp_path / "m.engine")
+    with pytest.raises(IntegrityError, match=r"built for TensorRT 10.3.0 \(this machine has 10.8.0\).*build_engine.py"):
+        check_engine_compatible(meta, "10.8.0", "8.7", "Orin", tmp_path / "m.engine")
+    with pytest.raises(IntegrityError, match=r"compute capability 8.7 \(Orin\); this one is 9.0 \(H100\)"):
+        check_engine_compatible(meta, "10.3.0", "9.0", "H100", tmp_path / "m.engine")
+
+
+# --- the micro-batching queue ------------------------------------------------------------------------
+
+def test_queue_under_load_answers_every_request_correctly(tiny_onnx):
+    from runtime import Segmenter
+
+    path, _ = tiny_onnx
+    sizes = [(48 + 7 * (i % 5), 40 + 11 * (i % 7)) for i in range(40)]
+    pool = _images(sizes, seed=1)
+    with Segmenter(path, max_wait_ms=20, queue_size=16) as seg:
+        expected = seg.predict(pool)  # single-call reference
+        results: dict[tuple[int, int], np.ndarray] = {}
+        lock = threading.Lock()
+
+        def caller(t: int):
+            futures = [(t, r, seg.submit(pool[(t * 200 + r) % len(pool)])) for r in range(200)]
+            for tt, r, f in futures:
+                m = f.result(timeout=120)
+                with lock:
+                    results[(tt, r)] = m
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(caller, range(8)))
+        assert time.monotonic() - t0 < 300
+        assert len(results) == 8 * 200  # none lost, none duplicated
+        for (t, r), m in results.items():
+            assert np.array_equal(m, expected[(t * 200 + r) % len(pool)])
+        assert seg.mean_batch_size > 1.0
+
+
+def test_close_finishes_or_fails_pending_requests(tiny_onnx):
+    from runtime import Segmenter
+
+    path, _ = tiny_onnx
+    img = _images([(64, 64)])[0]
+    seg = Segmenter(path, max_wait_ms=50)
+    futures = [seg.submit(img) for _ in range(10)]
+    seg.close()
+    assert all(f.result(timeout=30).shape == (64, 64) for f in futures)
+    with pytest.raises(RuntimeError, match=r"segmenter is closed"):
+        seg.submit(img)
+
+    from runtime.batcher import MicroBatcher
+
+    gate = threading.Event()
+    b = MicroBatcher(lambda items: (gate.wait(10), [1] * len(items))[1], max_batch=1, max_wait_ms=0)
+    first = b.submit(np.zeros(1))
+    time.sleep(0.1)  # the worker now holds `first`
+    pending = [b.submit(np.zeros(1)) for _ in range(3)]
+    closer = threading.Thread(target=b.close, kwargs={"cancel": True})
+    closer.start()
+    time.sleep(0.1)
+    gate.set()
+    closer.join(10)
+    assert first.result(timeout=10) == 1
+    for f in pending:
+        with pytest.raises(RuntimeError, match=r"closed before this request ran"):
+            f.result(timeout=10)
+
+
+def test_batch_errors_reach_every_caller():
+    from runtime.batcher import MicroBatcher
+
+    def boom(items):
+        raise ValueError("model exploded")
+
+    b = MicroBatcher(boom, max_batch=4, max_wait_ms=20)
+    fs = [b.submit(np.zeros(1)) for _ in range(3)]
+    for f in fs:
+        with pytest.raises(ValueError, match="model exploded"):
+            f.result(timeout=10)
+    b.close()
+
+
+# --- CLIs ----------------------------------------------------------------------------------------------
+
+def test_infer_cli_writes_masks_and_skips_non_images(tiny_onnx, tmp_path):
+    from PIL import Image
+
+    path, _ = tiny_onnx
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, img in enumerate(_images([(50, 70), (64, 64), (30, 90)])):
+        Image.fromarray(img).save(src / f"{i}.png")
+    Image.fromarray(np.full((20, 20), 7, np.uint8)).save(src / "gray.png")
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.png").write_bytes(b"nope")
+    r = run_cli("runtime", "infer", "--bundle", str(path), "--input", str(src), "--output", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["images"] == 4 and out["skipped"] == 2
+    mask = np.asarray(Image.open(tmp_path / "out" / "0.mask.png"))
+    assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
+    assert (tmp_path / "out" / "gray.overlay.png").is_file()
+    assert "skipped 2" in r.stderr
+
+
+def test_profile_cli_writes_json_and_plot(tiny_onnx, tmp_path):
+    path, _ = tiny_onnx
+    r = run_cli("runtime", "profile", "--bundle", str(path), "--batch", "1,4", "--iters", "3", "--warmup", "1",
+                "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert prof["backend"] == "onnxruntime-cpu" and set(prof["batches"]) == {"1", "4"}
+    b4 = prof["batches"]["4"]
+    assert b4["p50_ms"] <= b4["p90_ms"] <= b4["p99_ms"] and b4["throughput_ips"] > 0
+    assert set(b4["stages_ms"]) == {"preprocess", "copy_in", "infer", "copy_out", "postprocess"}
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+    r = run_cli("runtime", "profile", "--bundle", str(path), "--batch", "1,9", "--out", str(tmp_path))
+    assert r.returncode == 2 and "outside 1..4" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_runtime_cli_refuses_a_missing_bundle(tmp_path):
+    r = run_cli("runtime", "profile", "--bundle", str(tmp_path / "nope"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "does not exist" in r.stderr
