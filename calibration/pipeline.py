@@ -51,9 +51,9 @@ def load_pipeline(path: str | Path, device: torch.device, img2img: bool = False)
     except ImportError as e:  # transformers missing: diffusers imports it lazily
         raise BackendUnavailableError(f"text-to-image pipelines need transformers: pip install 'edgeseg[sd]' ({e})") from None
     cls = AutoPipelineForImage2Image if img2img else AutoPipelineForText2Image
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    kwargs = {"torch_dtype": torch.float16} if device.type == "cuda" else {}  # float32 is the default on the CPU
     try:
-        pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        pipe = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{path}: diffusers could not load this pipeline ({str(e).splitlines()[0][:160]})") from None
     pipe.set_progress_bar_config(disable=True)

@@ -51,9 +51,10 @@ def onnx_runner(path: Path, threads: int = 0) -> Runner:
     return OnnxRuntimeRunner(path, ModelSpec.from_onnx(path), "cpu", threads=threads)
 
 
-def predict_masks(runner: Runner, images: Sequence[np.ndarray], batch: int = 8) -> list[np.ndarray]:
-    """Masks at original size for each image, through the runtime's pipeline."""
+def predict_masks(runner: Runner, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Masks at original size for each image, through the runtime's pipeline (max batch at a time)."""
     buffers = BatchBuffers(runner.spec)
+    batch = runner.spec.max_batch
     out = []
     with runner:
         for i in range(0, len(images), batch):

@@ -130,11 +130,14 @@ def save_polygraphy_reference(records: list, out_dir: Path, output_name: str) ->
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
 
+    from polygraphy.logger import G_LOGGER
+
     inputs = [{"images": x} for x, _ in records]
     results = RunResults([("torch", [IterationResult({output_name: y}, runner_name="torch") for _, y in records])])
     in_path, out_path = out_dir / "torch_inputs.json", out_dir / "torch_outputs.json"
-    save_json(inputs, str(in_path))
-    results.save(str(out_path))
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):  # Polygraphy announces every save on stdout
+        save_json(inputs, str(in_path))
+        results.save(str(out_path))
     return in_path, out_path
 
 

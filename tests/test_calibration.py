@@ -301,7 +301,7 @@ def tiny_sd(tmp_path_factory):
                                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
                                   norm_num_groups=4, attention_head_dim=2),
-        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(d / "pipe")
     return d / "pipe"
 

@@ -109,7 +109,7 @@ def test_iobinding_equals_session_run_and_reuses_its_buffer(detector):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     expected = sess.run(None, {"images": plain})[0]
     assert out.shape == (3, 11, 8, 8)
-    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)  # input rounding differs (fma vs mul+add)
     torch.testing.assert_close(teacher.run_with_copies(images), out, rtol=0, atol=0)
     # the output is the preallocated tensor itself, reused while the batch shape holds
     ptr = out.data_ptr()
