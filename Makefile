@@ -60,7 +60,7 @@ profile: setup
 	$(PY) -m runtime profile --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/profile --batch 1,2,4,8 --iters 30
 
 bench: setup
-	$(PY) benchmarks/run.py $(ARGS)
+	$(PY) -m benchmarks.run $(ARGS)
 
 # The CPU test set (CI): slow, GPU and TensorRT tests are skipped, with the reason shown.
 test: setup

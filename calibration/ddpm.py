@@ -80,7 +80,7 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     meta_path = folder / _META
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == meta:
         log.info("reusing the trained DDPM in %s", folder)
-        return UNet2DModel.from_pretrained(folder / "unet").eval(), json.loads(meta_path.read_text())["scheduler"]
+        return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval(), json.loads(meta_path.read_text())["scheduler"]
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)

@@ -204,20 +204,21 @@ class Synthesizer:
 
     # --- the run -----------------------------------------------------------------------------
 
-    def generate_pool(self, pool_size: int, progress: bool = True) -> list[Candidate]:
-        """Generate and score ``pool_size`` images (no filtering)."""
+    def generate_pool(self, pool_size: int, progress: bool = True, start: int = 0) -> list[Candidate]:
+        """Generate and score pool images ``start .. start + pool_size - 1`` (no filtering)."""
         from tqdm import tqdm
 
         if not hasattr(self, "teacher"):
             teacher = load_model(self.cfg.teacher, self.cfg.teacher_checkpoint)
             self.teacher = TeacherView(teacher, self.size, self.cfg.data.mean, self.cfg.data.std)
             self._load_generator()
-        guide, self.guide_info = self._make_guide(pool_size)
+        guide, self.guide_info = self._make_guide(start + pool_size)
         bs = self.cal.sampler.batch_size
         out: list[Candidate] = []
         bar = tqdm(total=pool_size, desc=f"sampling ({self.guidance_mode})", disable=None if progress else True, leave=False)
-        for b, start in enumerate(range(0, pool_size, bs)):
-            index = torch.arange(start, min(start + bs, pool_size))
+        end = start + pool_size
+        for b, first in enumerate(range(start, end, bs)):
+            index = torch.arange(first, min(first + bs, end))
             seeds = [self.cal.seed + int(i) for i in index]
             images = self._generate(seeds, index, guide)
             probs = teacher_probabilities(self.teacher, images)

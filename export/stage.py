@@ -50,6 +50,16 @@ def write_fp16(src: Path, dst: Path) -> str:
     from onnxconverter_common import float16
 
     model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    for out in model.graph.output:  # keep_io_types can leave an output in float16: cast it back
+        if out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            inner = out.name + "_fp16"
+            for node in model.graph.node:
+                node.output[:] = [inner if o == out.name else o for o in node.output]
+                node.input[:] = [inner if i == out.name else i for i in node.input]
+            model.graph.node.append(onnx.helper.make_node("Cast", [inner], [out.name], to=onnx.TensorProto.FLOAT,
+                                                          name=out.name + "_to_float32"))
+            out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    onnx.checker.check_model(model)
     tmp = dst.with_name(f".{dst.name}.tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, dst)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from runtime.errors import InputError
 from runtime.images import to_rgb_uint8
-from runtime.preprocess import Placement, fit_image, normalise_batch, restore_scores
+from runtime.preprocess import Placement, fit_image, normalise_batch
 from runtime.spec import ModelSpec
 
 
@@ -58,18 +59,24 @@ def prepare(images: Sequence[np.ndarray], spec: ModelSpec, buffers: BatchBuffers
 
 
 def finish(output: np.ndarray, placements: Sequence[Placement], spec: ModelSpec) -> list[np.ndarray]:
-    """(B, 1, H, W) model output -> per image (h, w) uint8 masks (1 = person) at original size."""
+    """(B, 1, H, W) model output -> per image (h, w) uint8 masks (1 = person) at original size.
+
+    The letterbox is cropped exactly, the crop's scores are resized to the original size
+    (bilinear; nearest for a mask output) and thresholded there: at logit(threshold) for
+    logits, so no sigmoid is ever computed.
+    """
     out = output[:, 0] if output.ndim == 4 else output
+    if spec.output == "logits":
+        cut = float(np.log(spec.threshold / (1 - spec.threshold)))
+    elif spec.output == "probabilities":
+        cut = spec.threshold
+    else:
+        cut = 0.5  # a 0/1 mask
+    resample = cv2.INTER_NEAREST if spec.output == "mask" else cv2.INTER_LINEAR
     masks = []
     for scores, p in zip(out, placements):
-        if spec.output == "mask":
-            crop = scores[p.top:p.top + p.height, p.left:p.left + p.width].astype(np.uint8)
-            if crop.shape != p.src_hw:
-                from PIL import Image
-
-                crop = np.asarray(Image.fromarray(crop).resize((p.src_hw[1], p.src_hw[0]), Image.NEAREST))
-            masks.append(np.ascontiguousarray(crop))
-            continue
-        threshold = spec.threshold if spec.output == "probabilities" else float(np.log(spec.threshold / (1 - spec.threshold)))
-        masks.append((restore_scores(np.asarray(scores, np.float32), p) > threshold).astype(np.uint8))
+        crop = scores[p.top:p.top + p.height, p.left:p.left + p.width]
+        if crop.shape != p.src_hw:
+            crop = cv2.resize(np.ascontiguousarray(crop), (p.src_hw[1], p.src_hw[0]), interpolation=resample)
+        masks.append(np.greater(crop, cut).view(np.uint8))  # bool -> 0/1 uint8 without a copy
     return masks

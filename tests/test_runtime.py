@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import BackendUnavailableError, InputError, IntegrityError
-from runtime.preprocess import fit_image, fit_mask, normalise_batch, place, restore_scores
+from runtime.preprocess import fit_image, fit_mask, normalise_batch, place
 from runtime.spec import ModelSpec
 from tests.conftest import ROOT, run_cli, write_config
 
@@ -44,9 +44,11 @@ def test_the_inverse_is_exact(mode):
     mask = np.zeros((h, w), np.uint8)
     mask[20:70, 30:120] = 1
     img = np.stack([mask * 200] * 3, axis=-1).astype(np.uint8)
+    from runtime.pipeline import finish
+
     fitted, p = fit_image(img, (64, 64), mode, pad_value=(0, 0, 0))
-    scores = fit_mask(mask, p).astype(np.float32) * 2 - 1  # +1 inside, -1 outside, at model size
-    back = restore_scores(scores, p) > 0
+    probs = fit_mask(mask, p).astype(np.float32)[None, None]  # 1 inside, 0 outside, at model size
+    back = finish(probs, [p], ModelSpec(image_size=(64, 64), output="probabilities"))[0].astype(bool)
     assert back.shape == (h, w)
     assert (back != mask.astype(bool)).mean() < 0.02  # only boundary pixels may move
     if mode == "letterbox":

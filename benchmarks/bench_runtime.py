@@ -1,0 +1,98 @@
+"""Runtime benchmarks: Segmenter vs torch eager, pre/post share, student vs teacher through the runtime.
+
+All variants serve the same batch of images end to end: letterbox in, model, masks out at the
+original size. Two image sets: the demo's own validation images (the headline figures: what
+the demo bundle serves) and camera-sized VGA frames (480x640, where resizing costs more). The
+torch reference (here only: the runtime never imports torch) runs the same student FP32
+eagerly in ``channels_last`` with the same threads, through the same pre- and post-processing.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.timing import interleaved, ratio
+from distill.config import Config
+
+
+def run(cfg: Config, rounds: int = 20, threads: int = 1, batch: int = 8) -> dict:
+    from distill.data import load_sample, split_samples
+    from runtime.profiler import sample_images
+
+    demo = [load_sample(s)[0] for s in split_samples(cfg, "val")[:batch]]
+    out = measure(cfg, demo, rounds, threads)
+    out["input_images"] = f"demo validation images {demo[0].shape[1]}x{demo[0].shape[0]}"
+    vga = measure(cfg, sample_images(batch, (480, 640)), rounds, threads)
+    out["vga_480x640"] = {k: vga[k] for k in ("runtime_vs_torch_speedup", "pre_post_share", "stages_ms_batch8",
+                                               "student_vs_teacher_speedup", "throughput_ips")}
+    return out
+
+
+def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) -> dict:
+    batch = len(images)
+    from distill.models import load_model
+    from export.onnx_model import export_onnx
+    from export.strip import load_student
+    from runtime import Segmenter
+    from runtime.pipeline import BatchBuffers, finish, prepare
+
+    bundle = Path(cfg.run_dir) / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        raise FileNotFoundError(f"run `make deploy` first: {bundle} is missing")
+    torch.set_num_threads(threads)
+    student, _ = load_student(cfg, cfg.stage_dir("distill") / "best.pt")
+    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).eval()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # FP32 student and teacher through the same runtime (the teacher exported like the student)
+        export_onnx(cfg, teacher, Path(tmp))
+        teacher_onnx = Path(tmp) / "teacher.onnx"
+        (Path(tmp) / "model.onnx").rename(teacher_onnx)
+        int8 = Segmenter(bundle, backend="onnxruntime-cpu", threads=threads)
+        fp32 = Segmenter(cfg.stage_dir("export") / "model.onnx", backend="onnxruntime-cpu", threads=threads)
+        fp32_teacher = Segmenter(teacher_onnx, backend="onnxruntime-cpu", threads=threads)
+
+        spec = fp32.spec
+        cl_student = student.to(memory_format=torch.channels_last)
+        buffers = BatchBuffers(spec)
+
+        @torch.no_grad()
+        def torch_predict():
+            feed, placements = prepare(images, spec, buffers)
+            x = torch.from_numpy(feed).contiguous(memory_format=torch.channels_last)
+            return finish(cl_student(x).numpy(), placements, spec)
+
+        def model_only(seg):
+            feed, _ = prepare(images, seg.spec, BatchBuffers(seg.spec))
+            return lambda: seg.runner.infer(feed)
+
+        x_torch = torch.from_numpy(prepare(images, spec, BatchBuffers(spec))[0].copy()).contiguous(
+            memory_format=torch.channels_last)
+        res = interleaved({
+            "runtime_int8_cpu": lambda: int8.predict(images),
+            "runtime_fp32": lambda: fp32.predict(images),
+            "runtime_teacher_fp32": lambda: fp32_teacher.predict(images),
+            "torch_eager_channels_last": torch_predict,
+            "model_only_int8_cpu": model_only(int8),
+            "model_only_torch": lambda: torch.no_grad()(cl_student)(x_torch),
+        }, rounds=rounds)
+        int8.predict(images)
+        stages = dict(int8.last_timings_ms)
+        for s in (int8, fp32, fp32_teacher):
+            s.close()
+    pre_post = (stages["preprocess"] + stages["postprocess"]) / stages["total"]
+    return {
+        "threads": threads, "batch": batch, "model_input_size": list(spec.image_size),
+        "int8_model": "bundle model.int8-cpu.onnx (u8s8)",
+        "runtime_vs_torch_speedup": ratio(res, "torch_eager_channels_last", "runtime_int8_cpu"),
+        "runtime_fp32_vs_torch_speedup": ratio(res, "torch_eager_channels_last", "runtime_fp32"),
+        "model_only_int8_vs_torch_speedup": ratio(res, "model_only_torch", "model_only_int8_cpu"),
+        "student_vs_teacher_speedup": ratio(res, "runtime_teacher_fp32", "runtime_fp32"),
+        "pre_post_share": pre_post,
+        "stages_ms_batch8": stages,
+        "throughput_ips": {k: batch / (r["median_ms"] / 1000) for k, r in res.items() if not k.startswith("model_only")},
+        "timings": res,
+    }

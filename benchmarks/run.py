@@ -1,0 +1,71 @@
+"""``make bench``: run the benchmarks and write ``benchmarks/results/<name>.json``.
+
+    python -m benchmarks.run --config configs/demo.yaml [--only distill,runtime] [--rounds 20]
+
+Needs the demo's artifacts (``make demo``): the benchmarks measure what the pipeline built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from distill.cli import config_options, load
+from runtime.console import exit_on_user_error
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCHES = ("distill", "calibration", "export", "runtime")
+
+
+def _machine() -> dict:
+    import onnxruntime
+    import torch
+
+    return {"python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "processor": platform.processor(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+@click.command()
+@config_options
+@click.option("--only", default=",".join(BENCHES), show_default=True, help="Comma-separated benchmarks to run.")
+@click.option("--rounds", type=int, default=20, show_default=True, help="Interleaved rounds per measurement.")
+@exit_on_user_error
+def main(config_path, overrides, verbose, only, rounds):
+    cfg = load(config_path, overrides, verbose)
+    wanted = [b.strip() for b in only.split(",") if b.strip()]
+    unknown = set(wanted) - set(BENCHES)
+    if unknown:
+        raise click.BadParameter(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        t0 = time.perf_counter()
+        print(f"benchmark {name} ...", file=sys.stderr, flush=True)
+        if name == "distill":
+            from benchmarks.bench_distill import run
+            result = run(cfg, rounds)
+        elif name == "calibration":
+            from benchmarks.bench_calibration import run
+            result = run(cfg, config_path)
+        elif name == "export":
+            from benchmarks.bench_export import run
+            result = run(cfg, rounds)
+        else:
+            from benchmarks.bench_runtime import run
+            result = run(cfg, rounds)
+        result["machine"] = _machine()
+        result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        result["seconds"] = time.perf_counter() - t0
+        path = RESULTS / f"{name}.json"
+        path.write_text(json.dumps(result, indent=1, default=str))
+        headline = {k: round(v, 3) for k, v in result.items() if isinstance(v, float) and ("speedup" in k or "share" in k
+                                                                                        or "overhead" in k or "rate" in k)}
+        print(f"  -> {path} ({result['seconds']:.0f} s) {headline}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
