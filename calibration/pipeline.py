@@ -67,7 +67,6 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], size: tuple[int
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
     h, w = size
-    device = pipe.device
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs = dict(prompt=list(prompts), num_inference_steps=steps, guidance_scale=cfg_scale, generator=gens,
                   output_type="np")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 from calibration.quantize import batches_of, quantize_qdq
 from calibration.synth import MANIFEST, load_calibration_images
 from distill.config import Config
+from runtime.files import write_json_atomic
 from runtime.preprocess import fit_image, normalise_batch
 
 log = logging.getLogger(__name__)
@@ -245,10 +245,6 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
     report["contact_sheet"] = str(sheet)
     report["seconds"] = time.perf_counter() - t0
     report["per_tensor"] = per_tensor
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.json"
-    tmp_json = path.with_name(".report.json.tmp")
-    tmp_json.write_text(json.dumps(report, indent=1))
-    os.replace(tmp_json, path)
+    path = write_json_atomic(out_dir / "report.json", report)
     log.info("calibration report (%.0f s) -> %s", report["seconds"], path)
     return report

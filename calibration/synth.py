@@ -27,10 +27,10 @@ from calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
 from calibration.guidance import ConfidenceGuide, ModeGuide, TaskGuide, TeacherView, kmeans, medoids
 from distill.config import Config, config_to_dict
 from distill.data import split_samples
-from distill.feature_onnx import sha256_file
 from distill.models import load_model
 from distill.trainer import resolve_device
 from runtime.errors import InputError
+from runtime.files import sha256_file
 from runtime.images import list_images, read_rgb
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,6 @@
 """Atomic checkpoint files and RNG state capture for exact resume."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -9,16 +8,14 @@ import numpy as np
 import torch
 
 from runtime.errors import InputError
+from runtime.files import atomic_path
 
 
 def save_atomic(obj: dict, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from runtime.console import configure_logging, exit_on_user_error
-from runtime.errors import InputError
+from runtime.files import write_json_atomic
 
 log = logging.getLogger("distill")
 
@@ -133,11 +133,7 @@ def evaluate(config_path, overrides, verbose, checkpoint, baseline, with_baselin
     if with_baseline and not baseline:
         baseline = cfg.stage_dir("distill-baseline") / "best.pt"
     report = _evaluate(cfg, checkpoint, baseline, latency_repeats)
-    path = Path(out) if out else cfg.stage_dir("distill") / "report.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    path = write_json_atomic(Path(out) if out else cfg.stage_dir("distill") / "report.json", report)
     _print_table(report)
     click.echo(json.dumps({"report": str(path), **report}))
 

@@ -8,9 +8,7 @@ to the source model, keyed by the source's SHA-256 and the tensor name.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -18,18 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
 _CACHE_KEY = "edgeseg.exposed_from"
-
-
-def sha256_file(path: str | Path, chunk_mib: int = 8) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_mib << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_onnx(path: str | Path, load_external_data: bool = True):
@@ -117,10 +108,8 @@ def expose_tensor(src: str | Path, tensor: str, out: str | Path | None = None) -
     for k, v in {p.key: p.value for p in model.metadata_props}.items():
         extracted.metadata_props.add(key=k, value=v)
     extracted.metadata_props.add(key=_CACHE_KEY, value=key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save(extracted, str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        onnx.save(extracted, str(tmp))
     log.info("exposed %s from %s: %d of %d nodes kept, %.1fs -> %s", tensor, src.name, len(extracted.graph.node),
              len(model.graph.node), time.perf_counter() - t0, out)
     return out

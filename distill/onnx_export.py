@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from runtime.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +25,20 @@ def export_module(module: torch.nn.Module, path: str | Path, example: torch.Tens
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, for this call only
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
-        torch.onnx.export(module.eval(), (example,), str(tmp), input_names=list(input_names),
-                          output_names=list(output_names), dynamic_axes=axes, opset_version=opset, dynamo=False)
-    model = onnx.load(str(tmp))
-    if transform is not None:
-        transform(model)
-    for k, v in (metadata or {}).items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, for this call only
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            torch.onnx.export(module.eval(), (example,), str(tmp), input_names=list(input_names),
+                              output_names=list(output_names), dynamic_axes=axes, opset_version=opset, dynamo=False)
+        model = onnx.load(str(tmp))
+        if transform is not None:
+            transform(model)
+        for k, v in (metadata or {}).items():
+            model.metadata_props.add(key=k, value=v)
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
     log.info("exported %s (%d nodes, %.1f MB) -> %s", type(module).__name__, len(model.graph.node),
              path.stat().st_size / 2**20, path)
     return path

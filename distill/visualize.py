@@ -1,11 +1,12 @@
 """Per-epoch visualisation: image | ground truth | teacher | student | disagreement."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from runtime.files import atomic_path
 
 
 def _mask_rgb(mask: np.ndarray, colour=(255, 255, 255)) -> np.ndarray:
@@ -45,9 +46,6 @@ def comparison_grid(images: np.ndarray, gt: np.ndarray, predictions: dict[str, n
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     """Write a PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp)
+    return Path(path)

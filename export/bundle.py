@@ -25,8 +25,9 @@ from importlib import metadata
 from pathlib import Path
 
 from distill.config import Config, config_to_dict
-from runtime.bundle import FORMAT, MANIFEST, sha256
+from runtime.bundle import FORMAT, MANIFEST
 from runtime.errors import InputError
+from runtime.files import sha256_file
 from runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,9 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
     for name, (src, role) in files.items():
         if src.is_file():
             shutil.copyfile(src, tmp / name)
-            listed[name] = {"sha256": sha256(tmp / name), "role": role, "bytes": (tmp / name).stat().st_size}
+            listed[name] = {"sha256": sha256_file(tmp / name), "role": role, "bytes": (tmp / name).stat().st_size}
     (tmp / "build_engine.py").write_text(BUILD_SCRIPT)
-    listed["build_engine.py"] = {"sha256": sha256(tmp / "build_engine.py"), "role": "script"}
+    listed["build_engine.py"] = {"sha256": sha256_file(tmp / "build_engine.py"), "role": "script"}
     manifest = {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -18,16 +18,14 @@ Python and unit-tested anywhere; only :func:`build_engine` needs TensorRT and a 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from runtime.errors import BackendUnavailableError, InputError
+from runtime.files import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +124,6 @@ def engine_paths(out_dir: Path, precision: Precision, dla_core: int = -1) -> dic
             "timing_cache": out_dir / "timing.cache"}
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
 def engine_metadata(plan: BuildPlan, caps: TrtCapabilities, gpu: dict, profile: dict, io: dict,
                     build_seconds: float) -> dict:
     """The sidecar JSON: what the engine is and what it was built for (the runtime checks it)."""
@@ -148,7 +138,7 @@ def engine_metadata(plan: BuildPlan, caps: TrtCapabilities, gpu: dict, profile: 
         "spec": io,  # the runtime's ModelSpec: a bare engine file can be opened with its sidecar
         "inputs": [{"name": io["input_name"], "layout": io["input_layout"]}],
         "outputs": [{"name": io["output_name"], "kind": io["output"]}],
-        "onnx_sha256": sha256(plan.onnx),
+        "onnx_sha256": sha256_file(plan.onnx),
         "build_seconds": build_seconds,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -244,12 +234,11 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT {caps.version} failed to build the {plan.precision} engine (see its log above)")
-    tmp = paths["engine"].with_name(f".{paths['engine'].name}.tmp")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, paths["engine"])
+    with atomic_path(paths["engine"]) as tmp:
+        tmp.write_bytes(bytes(serialized))
     paths["timing_cache"].write_bytes(bytes(config.get_timing_cache().serialize()))
     meta = engine_metadata(plan, caps, gpu_info(), profile, io, time.perf_counter() - t0)
-    meta["engine_sha256"] = sha256(paths["engine"])
-    paths["metadata"].write_text(json.dumps(meta, indent=1))
+    meta["engine_sha256"] = sha256_file(paths["engine"])
+    write_json_atomic(paths["metadata"], meta)
     log.info("built %s (%.0f s) -> %s", plan.precision, meta["build_seconds"], paths["engine"])
     return meta

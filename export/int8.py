@@ -12,7 +12,6 @@ until the budget holds and then bisecting down to the fewest that do.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from calibration.synth import load_calibration_images
 from distill.config import Config
 from export.accuracy import miou_of, onnx_runner, predict_masks
 from export.trt_cache import write_cache
+from runtime.files import write_json_atomic
 from runtime.preprocess import normalise_batch
 from runtime.spec import ModelSpec
 
@@ -122,7 +122,7 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     if val is not None:
         report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val)
     report["seconds"] = time.perf_counter() - t0
-    (export_dir / "quantize.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(export_dir / "quantize.json", report)
     return report
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from distill.config import Config, config_to_dict
 from distill.models import UnetSegmenter
 from distill.onnx_export import export_module
 from runtime.errors import InputError
+from runtime.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,8 @@ def simplify(src: Path, dst: Path) -> Path:
     if not ok:
         raise RuntimeError(f"onnxsim could not validate the simplified {src.name}")
     onnx.checker.check_model(simplified, full_check=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    onnx.save(simplified, str(tmp))
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        onnx.save(simplified, str(tmp))
     return dst
 
 

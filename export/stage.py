@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from distill.config import Config
 from runtime.errors import InputError
+from runtime.files import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +20,6 @@ def export_dir(cfg: Config) -> Path:
     d = cfg.stage_dir("export")
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _write_json(obj: dict, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return path
 
 
 def run_onnx(cfg: Config, checkpoint: str | Path | None = None) -> dict:
@@ -40,7 +33,7 @@ def run_onnx(cfg: Config, checkpoint: str | Path | None = None) -> dict:
     strip = verify_stripped(student, training_model(cfg, ckpt), tuple(cfg.data.image_size))
     report = {"checkpoint": str(checkpoint), "strip": strip, **export_onnx(cfg, student, out)}
     report["fp16"] = write_fp16(out / "model.onnx", out / "model.fp16.onnx")
-    _write_json(report, out / "onnx.json")
+    write_json_atomic(out / "onnx.json", report)
     return report
 
 
@@ -60,9 +53,8 @@ def write_fp16(src: Path, dst: Path) -> str:
                                                           name=out.name + "_to_float32"))
             out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.checker.check_model(model)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        onnx.save(model, str(tmp))
     return str(dst)
 
 
@@ -183,7 +175,7 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None) -> dict:
     report["val_images"] = len(images)
     report["gallery"] = str(save_png(gallery(images, gts, preds, scores, cfg.export.gallery_images), out / "worst_images.png"))
     report["seconds"] = time.perf_counter() - t0
-    _write_json(report, out / "accuracy.json")
+    write_json_atomic(out / "accuracy.json", report)
     print_table(report)
     return report
 

@@ -8,11 +8,11 @@ Q/DQ model's own activation scales, so both artifacts carry one calibration.
 """
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
 from runtime.errors import InputError
+from runtime.files import write_text_atomic
 
 DEFAULT_TRT_VERSION = "10.3.0"  # JetPack 6.1 / 6.2
 
@@ -42,11 +42,7 @@ def write_cache(scales: dict[str, float], path: str | Path, trt_version: str = D
         raise InputError("no activation scales to write: the Q/DQ model has no quantized activations")
     lines = [f"TRT-{version_code(trt_version)}-{algorithm}"]
     lines += [f"{name}: {encode_scale(s)}" for name, s in scales.items()]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def read_cache(path: str | Path) -> tuple[str, dict[str, float]]:

@@ -1,23 +1,15 @@
 """Opening a deploy bundle: its manifest, hash checks, and which file each backend runs."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from runtime.errors import InputError, IntegrityError
+from runtime.files import sha256_file
 from runtime.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "edgeseg-bundle/1"
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Bundle:
@@ -49,7 +41,7 @@ class Bundle:
             f = self.path / name
             if not f.is_file():
                 raise IntegrityError(f"{f}: listed in the bundle manifest but missing; copy the whole bundle again")
-            if sha256(f) != info["sha256"]:
+            if sha256_file(f) != info["sha256"]:
                 raise IntegrityError(f"{f}: SHA-256 does not match the bundle manifest (file changed or corrupt); "
                                      "copy the bundle again or rebuild it with `make deploy`")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import click
 
 from runtime.console import configure_logging, exit_on_user_error
 from runtime.errors import InputError
+from runtime.files import atomic_path, write_json_atomic
 
 log = logging.getLogger("runtime")
 
@@ -20,9 +20,8 @@ _BACKENDS = click.Choice(["auto", "tensorrt", "onnxruntime-tensorrt", "onnxrunti
 def _save_png(array, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,10 +124,7 @@ def profile(bundle, batches, iters, warmup, image_size, backend, threads, out, v
             raise InputError(f"--batch sizes {bad} outside 1..{seg.max_batch} (the model's profile maximum)")
         result = run_profile(seg, sizes, iters, warmup, tuple(image_size))
     result["threads"] = threads
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".profile.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out_dir / "profile.json")
+    write_json_atomic(out_dir / "profile.json", result)
     plot(result, out_dir / "latency.png")
     print_table(result)
     click.echo(json.dumps({"profile": str(out_dir / "profile.json"), "plot": str(out_dir / "latency.png"),

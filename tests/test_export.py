@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from export.engine import (BuildPlan, capabilities, engine_metadata, engine_path
 from export.int8 import budget_search
 from export.trt_cache import decode_scale, encode_scale, read_cache, version_code, write_cache
 from runtime.errors import BackendUnavailableError, InputError, IntegrityError
-from tests.conftest import ROOT, run_cli, write_config
+from tests.conftest import run_cli, write_config
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""The CUDA and TensorRT paths, on real hardware only (skipped, with the reason, elsewhere)."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import write_config
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu")
+def test_cuda_iobinding_feature_teacher_equals_session_run(tiny_run):
+    from distill.feature_onnx import expose_tensor
+    from distill.onnx_teacher import OnnxFeatureTeacher
+
+    _, cfg = tiny_run
+    path = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
+    teacher = OnnxFeatureTeacher(path, "cuda:0", cfg.data.mean, cfg.data.std)
+    x = torch.randn(4, 3, 64, 64, device="cuda:0")
+    out = teacher(x)
+    assert out.device.type == "cuda" and out.data_ptr() == teacher(x).data_ptr()
+    torch.testing.assert_close(out, teacher.run_with_copies(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.tensorrt
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_engine_build_and_tensorrt_runner_match_onnxruntime(tiny_run, tmp_path, precision):
+
+    from distill.config import Config, load_config
+    from distill.models import build_model
+    from export.engine import build_engine, capabilities, plan_build, profile_shapes
+    from export.int8 import input_transform
+    from export.onnx_model import export_onnx
+    from export.stage import write_fp16
+    from calibration.quantize import batches_of, quantize_qdq
+    from runtime import Segmenter
+    from runtime.spec import ModelSpec
+    import tensorrt as trt
+
+    cfg = load_config(write_config(tmp_path, export={"max_batch": 4, "opt_batch": 2}), Config)
+    torch.manual_seed(0)
+    export_onnx(cfg, build_model(cfg.student).eval(), tmp_path)
+    spec = ModelSpec.from_onnx(tmp_path / "model.onnx")
+    files = {"fp32": str(tmp_path / "model.onnx"), "fp16": write_fp16(tmp_path / "model.onnx", tmp_path / "model.fp16.onnx")}
+    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    files["int8"] = str(quantize_qdq(tmp_path / "model.onnx", tmp_path / "model.int8.onnx",
+                                     batches_of(images, input_transform(spec))))
+    caps = capabilities(trt.__version__)
+    plan = plan_build(caps, precision, files)
+    meta = build_engine(plan, caps, profile_shapes(spec.input_layout, spec.image_size, 4, 2), spec.to_dict(), tmp_path, 256)
+    engine = tmp_path / f"model.{precision}.engine"
+    assert engine.is_file() and meta["precision"] == precision
+    frames = [images[i] for i in range(3)]
+    with Segmenter(engine, backend="tensorrt") as trt_seg, Segmenter(tmp_path / "model.onnx", backend="onnxruntime-cpu") as ref:
+        assert trt_seg.device.startswith("cuda")
+        agree = np.mean([np.mean(a == b) for a, b in zip(trt_seg.predict(frames), ref.predict(frames))])
+    assert agree > (0.999 if precision == "fp32" else 0.97)
