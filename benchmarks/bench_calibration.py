@@ -13,11 +13,11 @@ import numpy as np
 from distill.config import Config, load_config
 
 
-def run(cfg: Config, config_path: str, images: int = 128) -> dict:
+def run(cfg: Config, config_path: str, overrides: tuple[str, ...] = (), images: int = 128) -> dict:
     from calibration.filters import SetFilter
     from calibration.synth import Synthesizer
 
-    synths = {mode: Synthesizer(load_config(config_path, Config, [f"calibration.guidance.mode={mode}"]))
+    synths = {mode: Synthesizer(load_config(config_path, Config, [*overrides, f"calibration.guidance.mode={mode}"]))
               for mode in ("none", "task")}
     bs = cfg.calibration.sampler.batch_size
     pools: dict[str, list] = {m: [] for m in synths}

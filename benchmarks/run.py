@@ -50,7 +50,7 @@ def main(config_path, overrides, verbose, only, rounds):
             result = run(cfg, rounds)
         elif name == "calibration":
             from benchmarks.bench_calibration import run
-            result = run(cfg, config_path)
+            result = run(cfg, config_path, overrides)
         elif name == "export":
             from benchmarks.bench_export import run
             result = run(cfg, rounds)
