@@ -76,7 +76,8 @@ class OnnxFeatureTeacher:
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._binding = self.session.io_binding()
         self._grid: dict[tuple[int, int], tuple[int, int, int]] = {}  # input (H, W) -> output (C, h, w)
-        self._out: torch.Tensor | None = None
+        self._in: torch.Tensor | None = None  # the bound input buffer ([0, 1] RGB), reused per shape
+        self._out: torch.Tensor | None = None  # the bound output buffer, reused per shape
 
     def feature_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, int]:
         """(C, h, w) of the feature for an input of ``input_hw``, read from the model once."""
@@ -105,21 +106,28 @@ class OnnxFeatureTeacher:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images on ``device`` -> (B, C, h, w) teacher features.
 
-        The returned tensor is the reused output buffer: consume it before the next call.
+        Input and output buffers are allocated and bound once per batch shape; a call writes
+        the un-normalised batch into the bound input and runs. The returned tensor is the
+        reused output buffer: consume it before the next call.
         """
         if images.device != self.device:
             raise InputError(f"feature teacher: input is on {images.device}, expected {self.device}")
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"feature teacher: input must be (B, 3, H, W), got {tuple(images.shape)}")
-        x = self.unnormalise(images)
-        shape = (x.shape[0], *self.feature_shape(tuple(x.shape[2:])))
-        if self._out is None or tuple(self._out.shape) != shape:
+        if self._in is None or self._in.shape != images.shape:  # (re)bind only when the shape changes
+            self._in = torch.empty(images.shape, dtype=self.input_dtype, device=self.device)
+            shape = (images.shape[0], *self.feature_shape(tuple(images.shape[2:])))
             self._out = torch.empty(shape, dtype=self.output_dtype, device=self.device)
-        kind, index = self._bind_device
-        b = self._binding
-        b.bind_input(self.input_name, kind, index, _TORCH_TO_NUMPY[self.input_dtype], tuple(x.shape), x.data_ptr())
-        b.bind_output(self.output_name, kind, index, _TORCH_TO_NUMPY[self.output_dtype], shape, self._out.data_ptr())
-        self.session.run_with_iobinding(b)
+            kind, index = self._bind_device
+            b = self._binding
+            b.bind_input(self.input_name, kind, index, _TORCH_TO_NUMPY[self.input_dtype], tuple(self._in.shape),
+                         self._in.data_ptr())
+            b.bind_output(self.output_name, kind, index, _TORCH_TO_NUMPY[self.output_dtype], shape, self._out.data_ptr())
+        if self.input_dtype == torch.float32:
+            torch.addcmul(self._mean, images, self._std, out=self._in)  # un-normalise straight into the bound buffer
+        else:
+            self._in.copy_(torch.addcmul(self._mean, images, self._std))
+        self.session.run_with_iobinding(self._binding)
         return self._out
 
     @torch.no_grad()
