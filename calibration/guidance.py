@@ -102,6 +102,23 @@ class ModeGuide:
         return 1 - F.cosine_similarity(emb, target, dim=1), emb
 
 
+@dataclass
+class MixedGuide:
+    """Per sample, one of two guides: the hard (confidence) minority and the task-guided rest."""
+
+    task: TaskGuide
+    hard: ConfidenceGuide
+    is_hard: torch.Tensor  # (N,) bool over the pool, indexed by ``index``
+
+    def __call__(self, x0: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hard = self.is_hard[index]
+        task_loss, emb = self.task(x0, index)
+        if not hard.any():
+            return task_loss, emb
+        hard_loss, _ = self.hard(x0, index)
+        return torch.where(hard, hard_loss, task_loss), emb
+
+
 def diversity_loss(emb: torch.Tensor) -> torch.Tensor:
     """(B,) mean cosine similarity of each embedding to the other samples of the batch."""
     b = emb.shape[0]

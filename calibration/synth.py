@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
-from calibration.guidance import ConfidenceGuide, ModeGuide, TaskGuide, TeacherView, kmeans, medoids
+from calibration.guidance import ConfidenceGuide, MixedGuide, ModeGuide, TaskGuide, TeacherView, kmeans, medoids
 from distill.config import Config, config_to_dict
 from distill.data import split_samples
 from distill.models import load_model
@@ -165,7 +165,11 @@ class Synthesizer:
         if mode == "confidence":
             student = load_model(self.cfg.student, self.student_path, keys=("student",))
             view = TeacherView(student, res, self.cfg.data.mean, self.cfg.data.std)
-            return ConfidenceGuide(teacher, view, g.gamma), {"student_sha256": sha256_file(self.student_path)}
+            # every k-th pool image is hard, k = 1 / hard_fraction: an exact, reproducible share
+            every = max(1, round(1 / g.hard_fraction)) if g.hard_fraction > 0 else pool_size + 1
+            is_hard = torch.arange(pool_size) % every == 0
+            guide = MixedGuide(TaskGuide(teacher), ConfidenceGuide(teacher, view, g.gamma), is_hard)
+            return guide, {"student_sha256": sha256_file(self.student_path), "hard_images": int(is_hard.sum())}
         # mode guidance: k-means over teacher embeddings of real images, an equal share per mode
         paths = [s.image for s in split_samples(self.cfg, "train")]
         emb, chosen = embed_real_images(self.teacher, paths, limit=len(paths))

@@ -232,7 +232,8 @@ class GuidanceConfig:
     diversity: float = 0.1  # weight of the push away from the batch's other samples
     gamma: float = 2.0  # confidence guidance exponent g in t^g + (1 - f)^g
     modes: int = 8  # k-means clusters of teacher-encoder embeddings (mode guidance)
-    hard_fraction: float = 0.1  # max share of confidence-guided (hard) images in a mixed set
+    hard_fraction: float = 0.1  # confidence mode: this share is confidence-guided (hard), the rest task-guided;
+    # hard samples inflate min/max ranges, so a calibration set keeps them a minority (1.0: a pure hard-example set)
 
     def __post_init__(self):
         require(0 <= self.t_stop <= self.t_start <= 1, "t_start/t_stop", f"need 0 <= t_stop <= t_start <= 1, got {self.t_start}, {self.t_stop}")
@@ -321,8 +322,6 @@ class DeployConfig:
 
     allow_over_budget: bool = False  # write a bundle even if the chosen precision misses the accuracy budget
     resize: Literal["letterbox", "stretch"] = "letterbox"  # how the runtime fits images of any size
-    profile_batches: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes `make profile` measures
-    profile_iters: int = 30  # timed iterations per batch size (after warm-up)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
         b = Bundle(bundle)
         files = {r: str(b.file(r)) for r in ("fp32", "int8", "fp16", "calibration-cache") if b.file(r)}
         files["cache"] = files.pop("calibration-cache", None)
-        spec, out, workspace = b.spec, Path(bundle), 1024
+        spec, out = b.spec, Path(bundle)
+        workspace = b.manifest.get("config", {}).get("export", {}).get("workspace_mib", 1024)
     else:
         out = export_dir(cfg)
         spec = ModelSpec.from_onnx(out / "model.onnx")

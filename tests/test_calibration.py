@@ -336,3 +336,17 @@ def test_synth_with_a_pipeline_from_a_local_folder(tiny_run, tiny_sd, tmp_path):
     manifest = Synthesizer(cfg).run(tmp_path / "sd")
     assert manifest["generator"]["kind"] == "pipeline" and manifest["counts"]["kept"] == 2
     assert [i["mode"] for i in manifest["images"]] == list(cfg.calibration.prompts[:2])
+
+
+def test_confidence_guidance_keeps_hard_images_a_minority(tiny_run, tmp_path):
+    from distill.models import build_model
+
+    _, cfg = _cal_config(tiny_run, tmp_path, count=4, pool_factor=2.0,
+                         guidance={"mode": "confidence", "t_start": 0.6, "t_stop": 0.3, "resolution": 32,
+                                   "hard_fraction": 0.25})
+    student = tmp_path / "student.pt"
+    torch.save({"student": build_model(cfg.student).state_dict()}, student)
+    manifest = Synthesizer(cfg, student=student).run(tmp_path / "hard")
+    assert manifest["guidance"]["mode"] == "confidence"
+    assert manifest["guidance"]["hard_images"] == 2  # pool of 8, every 4th image is hard
+    assert len(manifest["guidance"]["student_sha256"]) == 64

@@ -46,7 +46,11 @@ class Runner(abc.ABC):
             self._active = False
 
     def infer(self, feed: np.ndarray) -> np.ndarray:
-        """(B, ...) model input -> (B, 1, H, W) model output (a fresh array the caller owns)."""
+        """(B, ...) model input -> (B, 1, H, W) model output.
+
+        The output may be a buffer the runner reuses: it is valid until the next call (copy it
+        to keep it).
+        """
         if not self._active:
             raise RuntimeError(f"{self.name}: call infer() inside `with runner:` (or after activate())")
         expected_dtype = np.uint8 if self.spec.fused else np.float32

@@ -18,8 +18,8 @@ _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "t
 class OnnxRuntimeRunner(Runner):
     """An ONNX model on one ONNX Runtime execution provider.
 
-    On the CPU the output is bound (IOBinding) to a reused host buffer, so a call allocates
-    nothing. On CUDA (and the TensorRT EP) the input and output live in device OrtValues that
+    On the CPU the output is bound (IOBinding) to a host buffer reused per batch size, so a
+    call allocates nothing. On CUDA (and the TensorRT EP) the input and output live in device OrtValues that
     are allocated once per batch size and reused: a call is one host-to-device copy, the run,
     and one device-to-host copy, each timed.
     """
@@ -75,7 +75,9 @@ class OnnxRuntimeRunner(Runner):
         b = self.binding
         batch = feed.shape[0]
         if self.provider == "cpu":
-            out = np.empty(self._output_shape(batch), self._output_dtype())
+            if batch not in self._buffers:  # the output buffer, once per batch size
+                self._buffers[batch] = (np.empty(self._output_shape(batch), self._output_dtype()),)
+            (out,) = self._buffers[batch]
             t0 = self._clock()
             b.bind_cpu_input(self.spec.input_name, feed)
             b.bind_output(self.spec.output_name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
