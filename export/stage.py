@@ -84,8 +84,11 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
 
     can, why = availability()
     if not can:
-        message = f"TensorRT engine: skipped ({why}); everything else is built, the bundle's build_engine.py builds it on the device"
-        print(message, file=sys.stderr)
+        if bundle is None:
+            print(f"TensorRT engine: skipped ({why}); everything else is built, and the bundle's build_engine.py "
+                  "builds the engine on the target device", file=sys.stderr)
+        else:
+            print(f"TensorRT engine: not built ({why})", file=sys.stderr)
         return {"built": False, "reason": why}
     import tensorrt as trt
 
