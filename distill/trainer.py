@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from distill.losses import DistillationLoss, temperature_at
 from distill.models import ProjectionHead, UnetSegmenter, build_model, count_parameters, load_model
 from distill.visualize import comparison_grid, save_png
 from runtime.errors import InputError
+from runtime.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +348,8 @@ class Trainer:
                                                                if isinstance(v, float)))
             self._save(complete=self.epoch == train.epochs)
             if self.is_main and record.get("best"):
-                save_atomic(load_checkpoint(self.job.out_dir / "last.pt"), self.job.out_dir / "best.pt")
+                with atomic_path(self.job.out_dir / "best.pt") as tmp:  # a byte copy of the checkpoint just written
+                    shutil.copyfile(self.job.out_dir / "last.pt", tmp)
             _barrier(self.world)
         return self.last_metrics
 

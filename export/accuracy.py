@@ -48,15 +48,15 @@ class TorchRunner(Runner):
 def onnx_runner(path: Path, threads: int = 0) -> Runner:
     from runtime.backends.onnxrt import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(path, ModelSpec.from_onnx(path), "cpu", threads=threads)
+    return OnnxRuntimeRunner(path, None, "cpu", threads=threads)  # the spec comes from its own session
 
 
 def predict_masks(runner: Runner, images: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Masks at original size for each image, through the runtime's pipeline (max batch at a time)."""
-    buffers = BatchBuffers(runner.spec)
-    batch = runner.spec.max_batch
     out = []
-    with runner:
+    with runner:  # activated first: an ONNX runner reads its spec from the model
+        buffers = BatchBuffers(runner.spec)
+        batch = runner.spec.max_batch
         for i in range(0, len(images), batch):
             chunk = images[i:i + batch]
             feed, placements = prepare(chunk, runner.spec, buffers)

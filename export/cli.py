@@ -6,21 +6,10 @@ import logging
 
 import click
 
+from distill.cli import config_options, load
 from runtime.console import configure_logging, exit_on_user_error
 
 log = logging.getLogger("export")
-
-
-def _config_options(f):
-    from distill.cli import config_options
-
-    return config_options(f)
-
-
-def _load(config_path, overrides, verbose):
-    from distill.cli import load
-
-    return load(config_path, overrides, max(verbose, 1))
 
 
 def _echo(obj: dict) -> None:
@@ -34,7 +23,7 @@ def main() -> None:
 
 
 @main.command()
-@_config_options
+@config_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Distillation checkpoint (default: <run_dir>/distill/best.pt).")
 @exit_on_user_error
@@ -42,11 +31,11 @@ def onnx(config_path, overrides, verbose, checkpoint):
     """Strip the projection head, export model.onnx (+ FP16), onnxsim, parity check."""
     from export.stage import run_onnx
 
-    _echo(run_onnx(_load(config_path, overrides, verbose), checkpoint))
+    _echo(run_onnx(load(config_path, overrides, max(verbose, 1)), checkpoint))
 
 
 @main.command()
-@_config_options
+@config_options
 @click.option("--calib", type=click.Path(file_okay=False), default=None,
               help="Calibration folder (default: <run_dir>/calibration/synthetic).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
@@ -60,11 +49,11 @@ def quantize(config_path, overrides, verbose, calib, method, no_contrast, no_bud
 
     if method:
         overrides = (*overrides, f"export.calibration_method={method}")
-    _echo(run_quantize(_load(config_path, overrides, verbose), calib, not no_contrast, not no_budget))
+    _echo(run_quantize(load(config_path, overrides, max(verbose, 1)), calib, not no_contrast, not no_budget))
 
 
 @main.command()
-@_config_options
+@config_options
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
               help="Engine precision (default: export.precision).")
 @click.option("--bundle", type=click.Path(file_okay=False), default=None,
@@ -84,40 +73,41 @@ def engine(config_path, overrides, verbose, precision, bundle, dla_core):
         precision = precision or _json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "int8")
         _echo(run_engine(None, precision, Path(bundle), dla_core))
         return
-    cfg = _load(config_path, overrides, verbose)
+    cfg = load(config_path, overrides, max(verbose, 1))
     _echo(run_engine(cfg, precision or cfg.export.precision, None, dla_core))
 
 
 @main.command()
-@_config_options
+@config_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
 @exit_on_user_error
 def accuracy(config_path, overrides, verbose, checkpoint):
     """Teacher -> student -> FP32 -> INT8 on the validation set: accuracy.json, table, gallery."""
     from export.stage import run_accuracy
 
-    _echo(run_accuracy(_load(config_path, overrides, verbose), checkpoint))
+    _echo(run_accuracy(load(config_path, overrides, max(verbose, 1)), checkpoint))
 
 
 @main.command("all")
-@_config_options
+@config_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
 @click.option("--calib", type=click.Path(file_okay=False), default=None)
 @exit_on_user_error
 def all_steps(config_path, overrides, verbose, checkpoint, calib):
     """onnx, quantize, engine and accuracy in one go (`make export`)."""
-    from export.stage import run_accuracy, run_engine, run_onnx, run_quantize
+    from export.stage import run_accuracy, run_engine, run_onnx, run_quantize, validation_set
 
-    cfg = _load(config_path, overrides, verbose)
+    cfg = load(config_path, overrides, max(verbose, 1))
     run_onnx(cfg, checkpoint)
-    run_quantize(cfg, calib)
-    report = run_accuracy(cfg, checkpoint)
+    val = validation_set(cfg)  # read once: the budget search and the report use the same images
+    run_quantize(cfg, calib, val=val)
+    report = run_accuracy(cfg, checkpoint, val=val)
     run_engine(cfg, cfg.export.precision)
     _echo(report)
 
 
 @main.command()
-@_config_options
+@config_options
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Bundle folder (default: <run_dir>/bundle).")
 @click.option("--allow-over-budget", is_flag=True, help="Write the bundle even if the precision misses the budget.")
 @exit_on_user_error
@@ -127,7 +117,7 @@ def bundle(config_path, overrides, verbose, out, allow_over_budget):
 
     from export.bundle import write_bundle
 
-    cfg = _load(config_path, overrides, verbose)
+    cfg = load(config_path, overrides, max(verbose, 1))
     out = Path(out) if out else Path(cfg.run_dir) / "bundle"
     calib_manifest = cfg.stage_dir("calibration") / "synthetic" / "manifest.json"
     manifest = write_bundle(cfg, cfg.stage_dir("export"), out, calib_manifest, allow_over_budget)

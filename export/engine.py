@@ -172,30 +172,28 @@ def gpu_info(device_id: int = 0) -> dict:
     return {"name": name.strip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
-class _CacheCalibrator:
+def cache_calibrator(cache_path: str, batch: int):
     """An implicit-INT8 calibrator that only replays a calibration cache (TensorRT 10, DLA)."""
+    import tensorrt as trt
 
-    def __new__(cls, cache_path: str, batch: int):
-        import tensorrt as trt
+    class Replay(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self.cache = Path(cache_path).read_bytes()
 
-        class Replay(trt.IInt8EntropyCalibrator2):
-            def __init__(self):
-                super().__init__()
-                self.cache = Path(cache_path).read_bytes()
+        def get_batch_size(self):
+            return batch
 
-            def get_batch_size(self):
-                return batch
+        def get_batch(self, names):
+            return None  # never called when the cache covers every tensor
 
-            def get_batch(self, names):
-                return None  # never called when the cache covers every tensor
+        def read_calibration_cache(self):
+            return self.cache
 
-            def read_calibration_cache(self):
-                return self.cache
+        def write_calibration_cache(self, cache):
+            return None
 
-            def write_calibration_cache(self, cache):
-                return None
-
-        return Replay()
+    return Replay()
 
 
 def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict, out_dir: Path,
@@ -221,7 +219,7 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
     if plan.calibration_cache:
-        config.int8_calibrator = _CacheCalibrator(plan.calibration_cache, profile["opt"][0])
+        config.int8_calibrator = cache_calibrator(plan.calibration_cache, profile["opt"][0])
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(io["input_name"], profile["min"], profile["opt"], profile["max"])
     config.add_optimization_profile(opt_profile)

@@ -67,14 +67,17 @@ def validation_set(cfg: Config, limit: int | None = None) -> tuple[list[np.ndarr
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = True, budget: bool = True) -> dict:
+def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = True, budget: bool = True,
+                 val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
     from export.int8 import quantize_all
 
     out = export_dir(cfg)
     if not (out / "model.onnx").is_file():
         raise InputError(f"{out / 'model.onnx'}: missing; run `python -m export onnx` first")
     calib = Path(calib) if calib else cfg.stage_dir("calibration") / "synthetic"
-    return quantize_all(cfg, out, calib, contrast=contrast, val=validation_set(cfg) if budget else None)
+    if budget and val is None:
+        val = validation_set(cfg)
+    return quantize_all(cfg, out, calib, contrast=contrast, val=val if budget else None)
 
 
 def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, dla_core: int = -1) -> dict:
@@ -120,7 +123,8 @@ CHAIN = ("teacher", "student", "fp32", "int8_synthetic", "mixed")
 CONTRASTS = {"int8_real": "fp32", "int8_noise": "fp32", "int8_cpu": "fp32", "fp16": "fp32"}
 
 
-def run_accuracy(cfg: Config, checkpoint: str | Path | None = None) -> dict:
+def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
+                 val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
     """The end-to-end budget table, ``accuracy.json`` and the worst-images gallery."""
     from distill.models import load_model
     from distill.visualize import save_png
@@ -130,7 +134,7 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None) -> dict:
 
     t0 = time.perf_counter()
     out = export_dir(cfg)
-    images, gts = validation_set(cfg)
+    images, gts = val if val is not None else validation_set(cfg)
     onnx_spec = ModelSpec.from_onnx(out / "model.onnx")
     torch_spec = ModelSpec(image_size=onnx_spec.image_size, mean=onnx_spec.mean, std=onnx_spec.std,
                            pad_value=onnx_spec.pad_value, resize=onnx_spec.resize, threshold=onnx_spec.threshold,

@@ -80,7 +80,7 @@ class Segmenter:
         if self.bundle is not None:
             self.spec = self.bundle.spec
         elif path.suffix == ".onnx":
-            self.spec = ModelSpec.from_onnx(path)
+            self.spec = None  # read from the model by the runner's own session
         elif path.suffix in (".engine", ".plan"):
             import json
 
@@ -90,10 +90,12 @@ class Segmenter:
             self.spec = ModelSpec.from_dict(json.loads(sidecar.read_text())["spec"])
         else:
             raise InputError(f"{path}: expected a bundle folder, .onnx or .engine")
+        self.runner = self._open_runner(path, backend, threads, device_id)
+        self.spec = self.runner.spec
         if max_batch is not None and not 1 <= max_batch <= self.spec.max_batch:
+            self.runner.deactivate()
             raise InputError(f"max_batch must be in 1..{self.spec.max_batch} (the model's profile), got {max_batch}")
         self.max_batch = max_batch or self.spec.max_batch
-        self.runner = self._open_runner(path, backend, threads, device_id)
         self.backend = self.runner.name
         self.device = self.runner.device
         self.model_path = self.runner.model_path

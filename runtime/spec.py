@@ -58,10 +58,15 @@ class ModelSpec:
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:  # ORT reads the metadata; the runtime needs no onnx package
-            meta = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_modelmeta()
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT's own exception types for corrupt files
             raise InputError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
-        props = meta.custom_metadata_map
+        return cls.from_session(session, path)
+
+    @classmethod
+    def from_session(cls, session, path: str | Path) -> "ModelSpec":
+        """The ``edgeseg.io`` metadata of an open ONNX Runtime session (no second session needed)."""
+        props = session.get_modelmeta().custom_metadata_map
         if "edgeseg.io" not in props:
             raise InputError(f"{path}: has no edgeseg.io metadata; export it with `python -m export onnx` "
                              "or open a deploy bundle instead")

@@ -15,12 +15,13 @@ class Runner(abc.ABC):
     """One model on one device.
 
     ``infer`` checks the feed against the spec (name-free: one input) and calls ``_infer_impl``.
+    A runner given no spec reads it from the model when activated (ONNX metadata).
     Subclasses fill ``timings_ms`` with the last call's ``copy_in``, ``infer`` and ``copy_out``.
     """
 
     name = "base"
 
-    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int = 0):
+    def __init__(self, model_path: str | Path, spec: ModelSpec | None, threads: int = 0):
         self.model_path = Path(model_path)
         self.spec = spec
         self.threads = threads

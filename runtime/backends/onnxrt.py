@@ -24,7 +24,7 @@ class OnnxRuntimeRunner(Runner):
     and one device-to-host copy, each timed.
     """
 
-    def __init__(self, model_path: str | Path, spec: ModelSpec, provider: str = "cpu", threads: int = 0,
+    def __init__(self, model_path: str | Path, spec: ModelSpec | None, provider: str = "cpu", threads: int = 0,
                  device_id: int = 0, cache_dir: str | Path | None = None):
         super().__init__(model_path, spec, threads)
         if provider not in _PROVIDERS:
@@ -62,6 +62,8 @@ class OnnxRuntimeRunner(Runner):
             self.session = ort.InferenceSession(str(self.model_path), so, providers=providers)
         except Exception as e:  # ORT's own exception types; the file is the user's
             raise InputError(f"{self.model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+        if self.spec is None:
+            self.spec = ModelSpec.from_session(self.session, self.model_path)
         self.binding = self.session.io_binding()
 
     def _output_shape(self, batch: int) -> tuple[int, ...]:
