@@ -2,6 +2,10 @@
 
 Besides the shipped models, a few u8s8 variants answer where INT8 pays on this CPU
 (QOperator vs Q/DQ, quantizing only convolutions); each is calibrated on the same set.
+``activation_sweep`` times the student's architecture with SiLU (EfficientNet's own) and ReLU
+encoders, FP32 vs u8s8: ONNX Runtime runs a quantized SiLU as a table Sigmoid plus an INT8 Mul,
+while ReLU folds into the INT8 convolution. Latency does not depend on the weights' values, so
+those students are untrained (batch-norm statistics set on the calibration images).
 """
 from __future__ import annotations
 
@@ -48,6 +52,41 @@ def _variants(d: Path, tmp: Path, cfg: Config) -> dict[str, Path]:
     return out
 
 
+def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
+    """FP32 and u8s8 latency (1 thread, batch 8) of the configured student with each activation."""
+    import dataclasses
+
+    import torch
+
+    from calibration.quantize import batches_of, quantize_qdq
+    from calibration.synth import load_calibration_images
+    from distill.models import build_model
+    from distill.onnx_export import export_module
+    from export.onnx_model import simplify
+    from runtime.preprocess import normalise_batch
+
+    h, w = cfg.data.image_size
+    images = load_calibration_images(cfg.stage_dir("calibration") / "synthetic", (h, w), limit=64)
+    batches = batches_of(images, lambda b: normalise_batch(b, cfg.data.mean, cfg.data.std))
+    models = {}
+    for act in ("silu", "relu"):
+        torch.manual_seed(0)
+        student = build_model(dataclasses.replace(cfg.student, activation=act, encoder_weights="none")).train()
+        with torch.no_grad():  # batch-norm statistics of real inputs keep the activation ranges sane
+            for b in batches:
+                student(torch.from_numpy(b))
+        raw = export_module(student.eval(), tmp / f"{act}.raw.onnx", torch.from_numpy(batches[0][:1]), ["images"], ["logits"])
+        fp32 = simplify(raw, tmp / f"{act}.onnx")
+        models[f"{act}_fp32"] = fp32
+        models[f"{act}_u8s8"] = quantize_qdq(fp32, tmp / f"{act}.u8s8.onnx", batches, flavour="u8s8")
+    sessions = {k: _session(p, 1) for k, p in models.items()}
+    x = np.random.default_rng(0).standard_normal((8, 3, h, w)).astype(np.float32)
+    res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds)
+    return {act: {"fp32_ms": res[f"{act}_fp32"]["median_ms"], "u8s8_ms": res[f"{act}_u8s8"]["median_ms"],
+                  "u8s8_vs_fp32": ratio(res, f"{act}_fp32", f"{act}_u8s8"),
+                  "u8s8_vs_silu_fp32": ratio(res, "silu_fp32", f"{act}_u8s8")} for act in ("silu", "relu")}
+
+
 def run(cfg: Config, rounds: int = 20) -> dict:
     d = cfg.stage_dir("export")
     models = {"fp32": d / "model.onnx", "s8s8": d / "model.int8.onnx", "u8s8": d / "model.int8-cpu.onnx"}
@@ -70,6 +109,8 @@ def run(cfg: Config, rounds: int = 20) -> dict:
                 key = f"threads_{threads}_batch_{batch}"
                 out[key] = {k: {"median_ms": r["median_ms"], "speedup_vs_fp32": ratio(res, "fp32", k)}
                             for k, r in res.items()}
+        out["activation_sweep"] = _activation_sweep(cfg, Path(tmp), rounds)
+    out["student_activation"] = cfg.student.activation
     # headline figures: batch 8, one thread (steadier); the 2-thread table is kept beside it
     b8 = out["threads_1_batch_8"]
     out["u8s8_vs_fp32_speedup_batch8"] = b8["u8s8"]["speedup_vs_fp32"]

@@ -90,8 +90,16 @@ class ModelConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # 5 blocks = full-res output; 4 = half-res + x2 upsample
     encoder_weights: str = "none"  # imagenet | none | path to an encoder state_dict
     checkpoint: str = ""  # trained weights; empty = <run_dir>/teacher/best.pt for the teacher
+    # Encoder activation. silu is EfficientNet's own (and its ImageNet weights'); relu folds into
+    # the INT8 convolutions (ONNX Runtime CPU runs SiLU as a table Sigmoid plus an INT8 Mul:
+    # ~40% of INT8 latency), the EfficientNet-Lite trade. tu-* encoders only.
+    activation: Literal["silu", "relu", "relu6"] = "silu"
 
     def __post_init__(self):
+        require(self.activation in ("silu", "relu", "relu6"), "activation",
+                f"must be silu, relu or relu6, got {self.activation!r}")
+        require(self.activation == "silu" or self.encoder.startswith("tu-"), "activation",
+                f"{self.activation} needs a tu-* (timm) encoder, got {self.encoder!r}; e.g. tu-efficientnet_b0")
         require(len(self.decoder_channels) in (3, 4, 5), "decoder_channels",
                 f"must have 3, 4 or 5 entries (output stride 4, 2 or 1), got {list(self.decoder_channels)}")
         require(all(c > 0 for c in self.decoder_channels), "decoder_channels", "must be positive")
@@ -111,6 +119,9 @@ class StudentConfig(ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         require(self.feature_stride in (4, 8, 16, 32), "feature_stride", f"must be 4, 8, 16 or 32, got {self.feature_stride}")
+        require(not (self.freeze_encoder and self.activation != "silu"), "activation",
+                f"{self.activation} with freeze_encoder: true would freeze weights trained for SiLU under another "
+                "activation; set freeze_encoder: false or activation: silu")
 
 
 @dataclass(frozen=True)

@@ -29,18 +29,21 @@ class UnetSegmenter(nn.Module):
             4 at half resolution (then x2 bilinear), 3 at quarter resolution.
         encoder_weights: ``imagenet`` (downloaded by smp), ``none``, or a local state_dict path.
         feature_stride: stride of the encoder feature returned by :meth:`forward_features`.
+        activation: the encoder's activation (``silu``, EfficientNet's own, or ``relu``/``relu6``
+            for tu-* encoders: INT8-friendly, see ``ModelConfig.activation``).
     """
 
     def __init__(self, encoder: str, decoder_channels: tuple[int, ...], encoder_weights: str = "none",
-                 feature_stride: int = 8):
+                 feature_stride: int = 8, activation: str = "silu"):
         super().__init__()
         import segmentation_models_pytorch as smp
         from segmentation_models_pytorch.base import SegmentationHead
         from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 
         weights = "imagenet" if encoder_weights == "imagenet" else None
+        extra = {} if activation == "silu" else {"act_layer": activation}  # timm's create_model argument
         try:
-            self.encoder = smp.encoders.get_encoder(encoder, in_channels=3, depth=5, weights=weights)
+            self.encoder = smp.encoders.get_encoder(encoder, in_channels=3, depth=5, weights=weights, **extra)
         except KeyError:
             names = [n for n in smp.encoders.get_encoder_names() if "efficientnet" in n]
             raise InputError(f"unknown encoder {encoder!r}; EfficientNet choices: {', '.join(names)}") from None
@@ -56,6 +59,7 @@ class UnetSegmenter(nn.Module):
         self.output_stride = 2 ** (5 - n)
         self.feature_index = int(math.log2(feature_stride))
         self.feature_channels = self.encoder.out_channels[self.feature_index]
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, 1, H, W) person logits."""
@@ -94,14 +98,16 @@ class ProjectionHead(nn.Module):
 
 def build_model(cfg: ModelConfig, feature_stride: int = 8) -> UnetSegmenter:
     """The UNet a model config describes (weights random or from ``encoder_weights``)."""
-    return UnetSegmenter(cfg.encoder, tuple(cfg.decoder_channels), cfg.encoder_weights, feature_stride)
+    return UnetSegmenter(cfg.encoder, tuple(cfg.decoder_channels), cfg.encoder_weights, feature_stride, cfg.activation)
 
 
-def load_state_dict(path: str | Path, keys: tuple[str, ...] = ("model", "state_dict", "student")) -> dict:
+def load_state_dict(path: str | Path, keys: tuple[str, ...] = ("model", "state_dict", "student"),
+                    activation: str | None = None) -> dict:
     """A state_dict from a file holding either a plain state_dict or a checkpoint dict.
 
     A checkpoint dict is searched for the first of ``keys``; a ``module.`` prefix (from DDP) is
-    removed.
+    removed. ``activation``: the activation the caller builds the model with; an edgeseg
+    checkpoint trained with another is refused (the weights would load and compute nonsense).
     """
     path = Path(path)
     if not path.is_file():
@@ -113,6 +119,7 @@ def load_state_dict(path: str | Path, keys: tuple[str, ...] = ("model", "state_d
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a state_dict or a checkpoint dict, got {type(obj).__name__}")
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        check_activation(obj, activation, path)
         for key in keys:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -122,11 +129,22 @@ def load_state_dict(path: str | Path, keys: tuple[str, ...] = ("model", "state_d
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def check_activation(ckpt: dict, activation: str | None, path: str | Path) -> None:
+    """Refuse an edgeseg checkpoint whose recorded encoder activation differs from ``activation``."""
+    model = (ckpt.get("identity") or {}).get("model")
+    if activation is None or not isinstance(model, dict):
+        return
+    trained = model.get("activation", "silu")
+    if trained != activation:
+        raise InputError(f"{path}: was trained with activation {trained}, the config builds {activation}; "
+                         f"set activation: {trained} in the model section (or --set <model>.activation={trained})")
+
+
 def load_model(cfg: ModelConfig, checkpoint: str | Path, feature_stride: int = 8,
                keys: tuple[str, ...] = ("model", "state_dict", "student")) -> UnetSegmenter:
     """Build the UNet of ``cfg`` and load ``checkpoint`` into it strictly."""
     model = build_model(cfg, feature_stride)
-    state = load_state_dict(checkpoint, keys)
+    state = load_state_dict(checkpoint, keys, activation=cfg.activation)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

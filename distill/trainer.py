@@ -214,7 +214,10 @@ class Trainer:
     def _identity(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed by it."""
         c = config_to_dict(self.cfg)
-        return {"role": self.job.role, "model": config_to_dict(self.job.model), "train": config_to_dict(self.job.train),
+        model = config_to_dict(self.job.model)
+        if model.get("activation") == "silu":  # the default, implicit in checkpoints written before the option
+            del model["activation"]
+        return {"role": self.job.role, "model": model, "train": config_to_dict(self.job.train),
                 "loss": config_to_dict(self.job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
                 "world": self.world}
 

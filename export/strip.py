@@ -13,7 +13,7 @@ import torch
 
 from distill.checkpoint import load_checkpoint
 from distill.config import Config
-from distill.models import ProjectionHead, UnetSegmenter, build_model
+from distill.models import ProjectionHead, UnetSegmenter, build_model, check_activation
 from runtime.errors import InputError
 
 
@@ -28,6 +28,7 @@ def load_student(cfg: Config, checkpoint: str | Path) -> tuple[UnetSegmenter, di
         keys = ", ".join(sorted(k for k in ckpt if isinstance(k, str))[:8])
         raise InputError(f"{checkpoint}: has no 'student' weights (keys: {keys}); pass a distillation checkpoint "
                          "such as <run_dir>/distill/best.pt")
+    check_activation(ckpt, cfg.student.activation, checkpoint)
     model = build_model(cfg.student, cfg.student.feature_stride)
     try:
         model.load_state_dict(ckpt["student"], strict=True)

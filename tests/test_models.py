@@ -74,3 +74,35 @@ def test_gradients_reach_every_trainable_parameter_without_nan():
 def test_unknown_encoder_is_a_clear_error():
     with pytest.raises(InputError, match=r"unknown encoder 'efficientnet-b99'"):
         UnetSegmenter("efficientnet-b99", (16, 8, 8, 8))
+
+
+def test_relu_student_has_no_silu_and_a_relu_checkpoint_refuses_a_silu_config(tmp_path):
+    relu = ModelConfig(encoder="tu-test_efficientnet", decoder_channels=(16, 8, 8, 8), activation="relu")
+    m = build_model(relu)
+    kinds = {type(x).__name__ for x in m.encoder.modules()}
+    assert "ReLU" in kinds and "SiLU" not in kinds
+    # an edgeseg checkpoint records its model section; the weights alone fit either activation
+    ckpt = {"student": m.state_dict(), "identity": {"model": {"encoder": relu.encoder, "activation": "relu"}}}
+    torch.save(ckpt, tmp_path / "relu.pt")
+    silu = ModelConfig(encoder="tu-test_efficientnet", decoder_channels=(16, 8, 8, 8))
+    with pytest.raises(InputError, match=r"relu.pt: was trained with activation relu, the config builds silu; "
+                                         r"set activation: relu"):
+        load_model(silu, tmp_path / "relu.pt", keys=("student",))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(load_model(relu, tmp_path / "relu.pt", keys=("student",)).eval()(x), m.eval()(x))
+    # checkpoints from before the option carry no activation: they are SiLU
+    torch.save({"student": build_model(silu).state_dict(), "identity": {"model": {}}}, tmp_path / "old.pt")
+    load_model(silu, tmp_path / "old.pt", keys=("student",))
+    with pytest.raises(InputError, match="trained with activation silu"):
+        load_model(relu, tmp_path / "old.pt", keys=("student",))
+
+
+def test_activation_option_is_validated():
+    from distill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"activation.*needs a tu-\* \(timm\) encoder"):
+        ModelConfig(encoder="timm-efficientnet-b0", activation="relu")
+    with pytest.raises(ConfigError, match=r"activation.*freeze_encoder: true"):
+        StudentConfig(activation="relu", freeze_encoder=True)
+    with pytest.raises(ConfigError, match=r"activation.*must be silu, relu or relu6"):
+        ModelConfig(activation="gelu")

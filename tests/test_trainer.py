@@ -63,7 +63,7 @@ def test_checkpoint_student_loads_strictly_without_the_projection(tiny_run, tmp_
 
 
 def test_frozen_encoder_trains_only_decoder_head_and_projection(tiny_run, tmp_path):
-    _, cfg = _config(tiny_run, tmp_path, student={"freeze_encoder": True}, train={"epochs": 1})
+    _, cfg = _config(tiny_run, tmp_path, student={"freeze_encoder": True, "activation": "silu"}, train={"epochs": 1})
     trainer = Trainer(cfg, job_for(cfg, "student"), max_steps=2)
     trainer.run()
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
