@@ -2,6 +2,8 @@
 
 Speed is a property of the architecture, not of the weights, so the sweep exports each variant
 with random weights; every variant runs on ONNX Runtime CPU at the demo resolution, interleaved.
+The sweep uses EfficientNet's SiLU; the configured student (the headline) is added with its own
+activation when that differs.
 """
 from __future__ import annotations
 
@@ -41,22 +43,25 @@ def _session(path: Path, threads: int):
 
 def bench_decoders(cfg: Config, batch: int, threads: int, rounds: int) -> dict:
     hw = tuple(cfg.data.image_size)
-    models = {"teacher_b3_standard": TEACHER, **{k: ("tu-efficientnet_b0", v) for k, v in SWEEP.items()}}
-    default = "b0_half_" + "-".join(map(str, cfg.student.decoder_channels)) if len(cfg.student.decoder_channels) == 4 \
-        else "b0_" + "-".join(map(str, cfg.student.decoder_channels))
+    models = {"teacher_b3_standard": (*TEACHER, "silu"), **{k: ("tu-efficientnet_b0", v, "silu") for k, v in SWEEP.items()}}
+    dec = tuple(cfg.student.decoder_channels)
+    default = ("b0_half_" if len(dec) == 4 else "b0_") + "-".join(map(str, dec))
+    if cfg.student.activation != "silu":
+        default += f"_{cfg.student.activation}"
     if default not in models:
-        models[default] = ("tu-efficientnet_b0", tuple(cfg.student.decoder_channels))
+        models[default] = (cfg.student.encoder, dec, cfg.student.activation)
     x = np.random.default_rng(0).standard_normal((batch, 3, *hw)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         sessions, params = {}, {}
-        for name, (enc, dec) in models.items():
+        for name, (enc, dec, act) in models.items():
             torch.manual_seed(0)
-            m = UnetSegmenter(enc, dec).eval()
+            m = UnetSegmenter(enc, dec, activation=act).eval()
             params[name] = sum(p.numel() for p in m.parameters())
             path = export_module(m, Path(tmp) / f"{name}.onnx", torch.zeros(1, 3, *hw), ["images"], ["mask_logits"])
             sessions[name] = _session(path, threads)
         res = interleaved({n: (lambda s=s: s.run(None, {"images": x})) for n, s in sessions.items()}, rounds=rounds)
-    sweep = {n: {"decoder_channels": list(models[n][1]), "params": params[n], "median_ms": r["median_ms"],
+    sweep = {n: {"decoder_channels": list(models[n][1]), "activation": models[n][2], "params": params[n],
+                 "median_ms": r["median_ms"],
                  "speedup_vs_teacher": ratio(res, "teacher_b3_standard", n)} for n, r in res.items()}
     return {"default_student": default, "sweep": sweep,
             "student_vs_teacher_speedup": ratio(res, "teacher_b3_standard", default)}

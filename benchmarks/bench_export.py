@@ -71,7 +71,8 @@ def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
     models = {}
     for act in ("silu", "relu"):
         torch.manual_seed(0)
-        student = build_model(dataclasses.replace(cfg.student, activation=act, encoder_weights="none")).train()
+        student = build_model(dataclasses.replace(cfg.student, activation=act, encoder_weights="none",
+                                                   freeze_encoder=False)).train()
         with torch.no_grad():  # batch-norm statistics of real inputs keep the activation ranges sane
             for b in batches:
                 student(torch.from_numpy(b))

@@ -136,6 +136,22 @@ def test_s8s8_is_symmetric_int8_and_u8s8_has_uint8_activations(exported):
         assert (d / f"model.{name.replace('_', '-')}.onnx").is_file()
 
 
+def test_relu_student_runs_as_fused_int8_convolutions_on_the_cpu(exported, tmp_path):
+    """The tiny student uses ``activation: relu``: ORT folds every ReLU into a QLinearConv, so the
+    optimised u8s8 graph keeps no float activation and no table Sigmoid outside the SE gates."""
+    import onnxruntime as ort
+
+    _, _, run_dir, _, _, _ = exported
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(run_dir / "export" / "model.int8-cpu.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    se_gates = ops.count("ReduceMean")  # one squeeze-excitation per MBConv block
+    assert ops.count("QLinearConv") > 10 and se_gates > 0
+    assert "Relu" not in ops and "Sigmoid" not in ops and "QuickGelu" not in ops
+    assert ops.count("QLinearSigmoid") == se_gates  # only the SE gates; SiLU would add one per convolution
+
+
 def test_calibration_cache_matches_the_qdq_scales(exported):
     from calibration.quantize import activation_scales
 
