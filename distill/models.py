@@ -59,7 +59,6 @@ class UnetSegmenter(nn.Module):
         self.output_stride = 2 ** (5 - n)
         self.feature_index = int(math.log2(feature_stride))
         self.feature_channels = self.encoder.out_channels[self.feature_index]
-        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, 1, H, W) person logits."""

@@ -106,6 +106,6 @@ def test_ddp_two_processes_gloo(tiny_run, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "distill", "train", "--config", str(path), "--max-steps", "3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout[-1500:]}\nstderr: {r.stderr[-3000:]}"
     ckpt = load_checkpoint(tmp_path / "distill" / "last.pt")
     assert ckpt["identity"]["world"] == 2 and ckpt["step"] == 3
