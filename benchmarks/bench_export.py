@@ -30,7 +30,12 @@ def _session(path: Path, threads: int):
 
 def _variants(d: Path, tmp: Path, cfg: Config) -> dict[str, Path]:
     """The u8s8 alternatives, from the same calibration set."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from calibration.quantize import ArrayReader, batches_of, input_name
     from calibration.synth import load_calibration_images

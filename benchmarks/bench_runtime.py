@@ -28,7 +28,36 @@ def run(cfg: Config, rounds: int = 20, threads: int = 1, batch: int = 8) -> dict
     vga = measure(cfg, sample_images(batch, (480, 640)), rounds, threads)
     out["vga_480x640"] = {k: vga[k] for k in ("runtime_vs_torch_speedup", "pre_post_share", "stages_ms_batch8",
                                                "student_vs_teacher_speedup", "throughput_ips")}
+    out["vga_480x640"]["queue"] = queue_vs_predict(Path(cfg.run_dir) / "bundle", sample_images(64, (480, 640)),
+                                                   rounds, threads)
     return out
+
+
+def queue_vs_predict(bundle: Path, frames: list[np.ndarray], rounds: int, threads: int, callers: int = 4) -> dict:
+    """Frames per second served by ``submit`` from ``callers`` threads vs ``predict`` in batches.
+
+    ``submit`` letterboxes each frame in its caller's thread, so resizing overlaps the model;
+    ``predict`` resizes and runs one batch after the other in one thread. Same model, same
+    ORT threads.
+    """
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from runtime import Segmenter
+
+    with Segmenter(bundle, backend="onnxruntime-cpu", threads=threads, max_wait_ms=2.0) as seg, \
+            ThreadPoolExecutor(callers) as pool:
+        def by_predict():
+            for i in range(0, len(frames), seg.max_batch):
+                seg.predict(frames[i:i + seg.max_batch])
+
+        def by_queue():
+            wait([f.result() for f in [pool.submit(seg.submit, frame) for frame in frames]])
+
+        res = interleaved({"predict": by_predict, "queue": by_queue}, rounds=max(5, rounds // 2))
+        mean_batch = seg.mean_batch_size
+    return {"frames": len(frames), "callers": callers, "max_batch": seg.max_batch, "queue_mean_batch": mean_batch,
+            "fps": {k: len(frames) / (r["median_ms"] / 1000) for k, r in res.items()},
+            "queue_vs_predict_throughput": ratio(res, "predict", "queue")}
 
 
 def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) -> dict:

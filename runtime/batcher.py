@@ -13,9 +13,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable, Sequence
-
-import numpy as np
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +23,7 @@ _STOP = object()
 class MicroBatcher:
     """Groups single requests into batches for ``run_batch`` (list of inputs -> list of outputs)."""
 
-    def __init__(self, run_batch: Callable[[Sequence[np.ndarray]], list], max_batch: int, max_wait_ms: float = 5.0,
+    def __init__(self, run_batch: Callable[[list], list], max_batch: int, max_wait_ms: float = 5.0,
                  queue_size: int = 64):
         if max_batch < 1 or max_wait_ms < 0 or queue_size < 1:
             raise ValueError(f"need max_batch >= 1, max_wait_ms >= 0, queue_size >= 1; got {max_batch}, {max_wait_ms}, {queue_size}")
@@ -44,7 +42,7 @@ class MicroBatcher:
     def mean_batch_size(self) -> float:
         return self.requests / self.batches if self.batches else 0.0
 
-    def submit(self, item: np.ndarray, timeout: float | None = None) -> Future:
+    def submit(self, item: object, timeout: float | None = None) -> Future:
         """Queue one request; blocks while the queue is full (raises queue.Full after ``timeout``)."""
         fut: Future = Future()
         with self._close_lock:  # so no request can slip in behind the stop marker

@@ -48,11 +48,32 @@ def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [to_rgb_uint8(img, name=f"image {i}") for i, img in enumerate(images)]
 
 
-def prepare(images: Sequence[np.ndarray], spec: ModelSpec, buffers: BatchBuffers) -> tuple[np.ndarray, list[Placement]]:
-    """(the model input for the batch, each image's placement). Images must be HxWx3 uint8."""
+def fit(image: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, Placement]:
+    """One HxWx3 uint8 image letterboxed into its own model-sized array, and its placement.
+
+    The queue calls this in each caller's thread (OpenCV releases the GIL), so resizing the
+    next requests overlaps the model running the current batch.
+    """
+    return fit_image(image, spec.image_size, spec.resize, spec.pad_value)
+
+
+def prepare(images: Sequence, spec: ModelSpec, buffers: BatchBuffers,
+            fitted: bool = False) -> tuple[np.ndarray, list[Placement]]:
+    """(the model input for the batch, each image's placement).
+
+    Args:
+        images: HxWx3 uint8 images, letterboxed straight into the batch buffer; or, with
+            ``fitted``, the (array, placement) pairs of :func:`fit`, copied into it.
+    """
     batch = buffers.uint8(len(images))
-    placements = [fit_image(img, spec.image_size, spec.resize, spec.pad_value, out=batch[i])[1]
-                  for i, img in enumerate(images)]
+    if fitted:
+        placements = []
+        for slot, (array, placement) in zip(batch, images):
+            slot[...] = array
+            placements.append(placement)
+    else:
+        placements = [fit_image(img, spec.image_size, spec.resize, spec.pad_value, out=batch[i])[1]
+                      for i, img in enumerate(images)]
     if spec.fused:
         return batch, placements
     return normalise_batch(batch, spec.mean, spec.std, out=buffers.float32(len(images))), placements

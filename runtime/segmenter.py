@@ -21,7 +21,7 @@ from runtime.batcher import MicroBatcher
 from runtime.bundle import Bundle
 from runtime.errors import BackendUnavailableError, InputError
 from runtime.images import to_rgb_uint8
-from runtime.pipeline import BatchBuffers, check_images, finish, prepare
+from runtime.pipeline import BatchBuffers, check_images, finish, fit, prepare
 from runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,11 @@ class Segmenter:
             masks.extend(self._run_batch(images[i:i + self.max_batch]))
         return masks
 
-    def _run_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _run_batch(self, images: Sequence, fitted: bool = False) -> list[np.ndarray]:
+        """One model call; ``fitted``: the images were already letterboxed (see ``submit``)."""
         with self._lock:  # one model call at a time; the buffers are shared
             t0 = time.perf_counter()
-            feed, placements = prepare(images, self.spec, self._buffers)
+            feed, placements = prepare(images, self.spec, self._buffers, fitted=fitted)
             t1 = time.perf_counter()
             output = self.runner.infer(feed)
             t2 = time.perf_counter()
@@ -156,14 +157,19 @@ class Segmenter:
     # --- asynchronous, micro-batched ---------------------------------------------------------
 
     def submit(self, image: np.ndarray, timeout: float | None = None) -> Future:
-        """Queue one image; the Future resolves to its mask. Blocks while the queue is full."""
-        image = to_rgb_uint8(image, name="submitted image")
+        """Queue one image; the Future resolves to its mask. Blocks while the queue is full.
+
+        The image is converted and letterboxed here, in the caller's thread, so that work
+        overlaps the batch the model is running; the worker only copies and normalises.
+        """
+        fitted = fit(to_rgb_uint8(image, name="submitted image"), self.spec)
         if self._batcher is None:
             with self._lock:
                 if self._batcher is None:
                     wait, size = self._batcher_args
-                    self._batcher = MicroBatcher(self._run_batch, self.max_batch, wait, size)
-        return self._batcher.submit(image, timeout=timeout)
+                    self._batcher = MicroBatcher(lambda items: self._run_batch(items, fitted=True), self.max_batch,
+                                                 wait, size)
+        return self._batcher.submit(fitted, timeout=timeout)
 
     @property
     def mean_batch_size(self) -> float:
