@@ -48,13 +48,13 @@ def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [to_rgb_uint8(img, name=f"image {i}") for i, img in enumerate(images)]
 
 
-def fit(image: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, Placement]:
-    """One HxWx3 uint8 image letterboxed into its own model-sized array, and its placement.
+def fit(image: np.ndarray, spec: ModelSpec, out: np.ndarray | None = None) -> tuple[np.ndarray, Placement]:
+    """One HxWx3 uint8 image letterboxed into ``out`` (or its own model-sized array), and its placement.
 
     The queue calls this in each caller's thread (OpenCV releases the GIL), so resizing the
     next requests overlaps the model running the current batch.
     """
-    return fit_image(image, spec.image_size, spec.resize, spec.pad_value)
+    return fit_image(image, spec.image_size, spec.resize, spec.pad_value, out=out)
 
 
 def prepare(images: Sequence, spec: ModelSpec, buffers: BatchBuffers,
@@ -72,8 +72,7 @@ def prepare(images: Sequence, spec: ModelSpec, buffers: BatchBuffers,
             slot[...] = array
             placements.append(placement)
     else:
-        placements = [fit_image(img, spec.image_size, spec.resize, spec.pad_value, out=batch[i])[1]
-                      for i, img in enumerate(images)]
+        placements = [fit(img, spec, out=slot)[1] for slot, img in zip(batch, images)]
     if spec.fused:
         return batch, placements
     return normalise_batch(batch, spec.mean, spec.std, out=buffers.float32(len(images))), placements
