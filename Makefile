@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+EDGESEG := $(PY) -m edgeseg
 CONFIG ?= configs/demo.yaml
 DEVICE ?=
 DATA ?=
@@ -15,7 +16,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
 # run_dir of CONFIG, where every stage writes (asked of the config loader, so it is never repeated here)
-RUN_DIR = $(shell $(PY) -m distill run-dir $(ARGS) 2>/dev/null || echo runs/demo)
+RUN_DIR = $(shell $(EDGESEG) distill run-dir $(ARGS) 2>/dev/null || echo runs/demo)
 ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
         $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.edgeseg-installed
@@ -38,26 +39,26 @@ demo: setup
 
 # Demo only: train the B3 teacher on the generated data and export the stand-in ONNX feature teacher.
 teacher: setup
-	$(PY) -m distill train-teacher $(ARGS)
-	$(PY) -m distill export-feature-teacher $(ARGS)
+	$(EDGESEG) distill train-teacher $(ARGS)
+	$(EDGESEG) distill export-feature-teacher $(ARGS)
 
 distill: setup
-	$(PY) -m distill train $(ARGS)
-	$(if $(filter 1,$(BASELINE)),$(PY) -m distill train --baseline $(ARGS))
-	$(PY) -m distill evaluate $(ARGS) $(if $(filter 1,$(BASELINE)),--with-baseline)
+	$(EDGESEG) distill train $(ARGS)
+	$(if $(filter 1,$(BASELINE)),$(EDGESEG) distill train --baseline $(ARGS))
+	$(EDGESEG) distill evaluate $(ARGS) $(if $(filter 1,$(BASELINE)),--with-baseline)
 
 calibrate: setup
-	$(PY) -m calibration synth $(ARGS) --overwrite
-	$(PY) -m calibration report $(ARGS)
+	$(EDGESEG) calibration synth $(ARGS) --overwrite
+	$(EDGESEG) calibration report $(ARGS)
 
 export: setup
-	$(PY) -m export all $(ARGS)
+	$(EDGESEG) export all $(ARGS)
 
 deploy: setup
-	$(PY) -m export bundle $(ARGS)
+	$(EDGESEG) export bundle $(ARGS)
 
 profile: setup
-	$(PY) -m runtime profile --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/profile --batch 1,2,4,8 --iters 30
+	$(EDGESEG) runtime profile --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/profile --batch 1,2,4,8 --iters 30
 
 bench: setup
 	$(PY) -m benchmarks.run $(ARGS)

@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 
-from distill.config import Config, load_config
+from edgeseg.distill.config import Config, load_config
 
 
 def run(cfg: Config, config_path: str, overrides: tuple[str, ...] = (), images: int = 128) -> dict:
-    from calibration.filters import SetFilter
-    from calibration.synth import Synthesizer
+    from edgeseg.calibration.filters import SetFilter
+    from edgeseg.calibration.synth import Synthesizer
 
     synths = {mode: Synthesizer(load_config(config_path, Config, [*overrides, f"calibration.guidance.mode={mode}"]))
               for mode in ("none", "task")}

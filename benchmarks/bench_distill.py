@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from benchmarks.timing import interleaved, ratio
-from distill.config import Config
-from distill.models import UnetSegmenter
-from distill.onnx_export import export_module
+from edgeseg.distill.config import Config
+from edgeseg.distill.models import UnetSegmenter
+from edgeseg.distill.onnx_export import export_module
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def bench_decoders(cfg: Config, batch: int, threads: int, rounds: int) -> dict:
 
 def bench_iobinding(cfg: Config, batch: int, rounds: int) -> dict:
     """The feature teacher call: session.run with numpy copies vs IOBinding into the preallocated tensor."""
-    from distill.feature_onnx import expose_tensor
-    from distill.onnx_teacher import OnnxFeatureTeacher
+    from edgeseg.distill.feature_onnx import expose_tensor
+    from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
 
     exposed = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
     teacher = OnnxFeatureTeacher(exposed, "cpu", cfg.data.mean, cfg.data.std)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.timing import interleaved, ratio
-from distill.config import Config
+from edgeseg.distill.config import Config
 
 
 def _session(path: Path, threads: int):
@@ -37,10 +37,10 @@ def _variants(d: Path, tmp: Path, cfg: Config) -> dict[str, Path]:
         quantize_static,
     )
 
-    from calibration.quantize import ArrayReader, batches_of, input_name
-    from calibration.synth import load_calibration_images
-    from export.int8 import input_transform
-    from runtime.spec import ModelSpec
+    from edgeseg.calibration.quantize import ArrayReader, batches_of, input_name
+    from edgeseg.calibration.synth import load_calibration_images
+    from edgeseg.export.int8 import input_transform
+    from edgeseg.runtime.spec import ModelSpec
 
     spec = ModelSpec.from_onnx(d / "model.onnx")
     images = load_calibration_images(cfg.stage_dir("calibration") / "synthetic", tuple(spec.image_size), limit=64)
@@ -63,12 +63,12 @@ def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
 
     import torch
 
-    from calibration.quantize import batches_of, quantize_qdq
-    from calibration.synth import load_calibration_images
-    from distill.models import build_model
-    from distill.onnx_export import export_module
-    from export.onnx_model import simplify
-    from runtime.preprocess import normalise_batch
+    from edgeseg.calibration.quantize import batches_of, quantize_qdq
+    from edgeseg.calibration.synth import load_calibration_images
+    from edgeseg.distill.models import build_model
+    from edgeseg.distill.onnx_export import export_module
+    from edgeseg.export.onnx_model import simplify
+    from edgeseg.runtime.preprocess import normalise_batch
 
     h, w = cfg.data.image_size
     images = load_calibration_images(cfg.stage_dir("calibration") / "synthetic", (h, w), limit=64)

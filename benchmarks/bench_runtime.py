@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from benchmarks.timing import interleaved, ratio
-from distill.config import Config
+from edgeseg.distill.config import Config
 
 
 def run(cfg: Config, rounds: int = 20, threads: int = 1, batch: int = 8) -> dict:
-    from distill.data import load_sample, split_samples
-    from runtime.profiler import sample_images
+    from edgeseg.distill.data import load_sample, split_samples
+    from edgeseg.runtime.profiler import sample_images
 
     demo = [load_sample(s)[0] for s in split_samples(cfg, "val")[:batch]]
     out = measure(cfg, demo, rounds, threads)
@@ -42,7 +42,7 @@ def queue_vs_predict(bundle: Path, frames: list[np.ndarray], rounds: int, thread
     """
     from concurrent.futures import ThreadPoolExecutor, wait
 
-    from runtime import Segmenter
+    from edgeseg.runtime import Segmenter
 
     with Segmenter(bundle, backend="onnxruntime-cpu", threads=threads, max_wait_ms=2.0) as seg, \
             ThreadPoolExecutor(callers) as pool:
@@ -62,11 +62,11 @@ def queue_vs_predict(bundle: Path, frames: list[np.ndarray], rounds: int, thread
 
 def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) -> dict:
     batch = len(images)
-    from distill.models import load_model
-    from export.onnx_model import export_onnx
-    from export.strip import load_student
-    from runtime import Segmenter
-    from runtime.pipeline import BatchBuffers, finish, prepare
+    from edgeseg.distill.models import load_model
+    from edgeseg.export.onnx_model import export_onnx
+    from edgeseg.export.strip import load_student
+    from edgeseg.runtime import Segmenter
+    from edgeseg.runtime.pipeline import BatchBuffers, finish, prepare
 
     bundle = Path(cfg.run_dir) / "bundle"
     if not (bundle / "manifest.json").is_file():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from distill.cli import config_options, load
-from runtime.console import exit_on_user_error
+from edgeseg.distill.cli import config_options, load
+from edgeseg.runtime.console import exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHES = ("distill", "calibration", "export", "runtime")

@@ -1,4 +1,4 @@
-"""``python -m calibration``: synthesise an INT8 calibration set, and report on one."""
+"""``edgeseg calibration``: synthesise an INT8 calibration set, and report on one."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from distill.cli import config_options, load
-from runtime.console import exit_on_user_error
+from edgeseg.distill.cli import config_options, load
+from edgeseg.runtime.console import exit_on_user_error
 
-log = logging.getLogger("calibration")
+log = logging.getLogger(__name__)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,7 +32,7 @@ def main() -> None:
 @exit_on_user_error
 def synth(config_path, overrides, verbose, out, count, guidance, student, teacher_masks, overwrite):
     """Generate, filter and write a calibration set with manifest.json."""
-    from calibration.synth import Synthesizer
+    from edgeseg.calibration.synth import Synthesizer
 
     cfg = load(config_path, overrides, max(verbose, 1))
     out = out or cfg.stage_dir("calibration") / "synthetic"
@@ -53,7 +53,7 @@ def synth(config_path, overrides, verbose, out, count, guidance, student, teache
 @exit_on_user_error
 def report(config_path, overrides, verbose, calib, student, out):
     """Coverage, histogram KL and SQNR of a calibration set vs real and noise sets."""
-    from calibration.report import build_report
+    from edgeseg.calibration.report import build_report
 
     cfg = load(config_path, overrides, max(verbose, 1))
     calib = calib or cfg.stage_dir("calibration") / "synthetic"

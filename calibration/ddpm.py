@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -20,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from distill.config import DDPMConfig, config_to_dict
-from distill.data import Sample
-from runtime.images import read_rgb
+from edgeseg.distill.config import DDPMConfig, config_to_dict
+from edgeseg.distill.data import Sample
+from edgeseg.runtime.files import recover_dir, replace_dir, sha256_file, staging_dir
+from edgeseg.runtime.images import read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +41,10 @@ def build_unet(cfg: DDPMConfig):
 
 
 def _images_fingerprint(samples: list[Sample]) -> str:
+    """A key for the training images: names and contents (an edited image retrains the DDPM)."""
     h = hashlib.sha256()
     for s in samples:
-        st = s.image.stat()
-        h.update(f"{s.image.name}:{st.st_size}".encode())
+        h.update(f"{s.image.name}:{sha256_file(s.image)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -75,7 +74,7 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
-    folder = Path(folder)
+    folder = recover_dir(folder)
     meta = {"config": config_to_dict(cfg), "data": _images_fingerprint(samples), "images": len(samples), "seed": seed}
     meta_path = folder / _META
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == meta:
@@ -115,13 +114,11 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     unet.eval()
 
     # save atomically: a temporary folder renamed into place, the metadata last
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(folder)
     unet.save_pretrained(tmp / "unet")
     (tmp / _META).write_text(json.dumps({"key": meta, "scheduler": dict(scheduler.config),
                                          "train_seconds": time.perf_counter() - t0, "final_loss": loss.item()}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    replace_dir(tmp, folder)
     log.info("trained the DDPM (%d steps, %.0f s, final loss %.4f) -> %s", cfg.train_steps,
              time.perf_counter() - t0, loss.item(), folder)
     return unet, dict(scheduler.config)

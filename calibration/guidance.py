@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.models import UnetSegmenter
+from edgeseg.distill.models import UnetSegmenter
 
 
 class TeacherView:

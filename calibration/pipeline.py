@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from calibration.sampler import Guide, guidance_scale, normalise_gradient
-from distill.config import GuidanceConfig
-from runtime.errors import BackendUnavailableError, InputError
+from edgeseg.calibration.sampler import Guide, guidance_scale, normalise_gradient
+from edgeseg.distill.config import GuidanceConfig
+from edgeseg.runtime.errors import BackendUnavailableError, InputError
 
 log = logging.getLogger(__name__)
 

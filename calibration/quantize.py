@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
-from runtime.errors import InputError
+from edgeseg.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 

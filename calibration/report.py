@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.quantize import batches_of, quantize_qdq
-from calibration.synth import MANIFEST, load_calibration_images
-from distill.config import Config
-from runtime.files import write_json_atomic
-from runtime.preprocess import fit_image, normalise_batch
+from edgeseg.calibration.quantize import batches_of, quantize_qdq
+from edgeseg.calibration.synth import MANIFEST, load_calibration_images
+from edgeseg.distill.config import Config
+from edgeseg.runtime.files import write_json_atomic
+from edgeseg.runtime.preprocess import fit_image, normalise_batch
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def sqnr_per_tensor(fp32_aug: Path, qdq_path: Path, real_batches, float_acts=Non
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
 
-    from calibration.quantize import ArrayReader, input_name
+    from edgeseg.calibration.quantize import ArrayReader, input_name
 
     name = input_name(fp32_aug)
     if float_acts is None:
@@ -135,7 +135,7 @@ def noise_images(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
 
 
 def real_images(paths: list[Path], n: int, hw: tuple[int, int]) -> np.ndarray:
-    from runtime.images import read_rgb
+    from edgeseg.runtime.images import read_rgb
 
     step = max(1, len(paths) // max(n, 1))
     return np.stack([fit_image(read_rgb(p), hw, "letterbox")[0] for p in paths[::step][:n]])
@@ -163,12 +163,12 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
     import torch
     from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
 
-    from calibration.guidance import TeacherView
-    from calibration.synth import teacher_probabilities
-    from distill.data import split_samples
-    from distill.models import load_model
-    from distill.onnx_export import export_module
-    from distill.visualize import save_png
+    from edgeseg.calibration.guidance import TeacherView
+    from edgeseg.calibration.synth import teacher_probabilities
+    from edgeseg.distill.data import split_samples
+    from edgeseg.distill.models import load_model
+    from edgeseg.distill.onnx_export import export_module
+    from edgeseg.distill.visualize import save_png
 
     t0 = time.perf_counter()
     calib_dir = Path(calib_dir)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from distill.config import GuidanceConfig, SamplerConfig
+from edgeseg.distill.config import GuidanceConfig, SamplerConfig
 
 Guide = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -106,7 +106,7 @@ def guided_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, guid
 
     Since x0 = (x - sqrt(1 - a) eps) / sqrt(a), adding to eps moves x0 against g: down the loss.
     """
-    from calibration.guidance import diversity_loss
+    from edgeseg.calibration.guidance import diversity_loss
 
     x0 = predicted_x0(x, eps, alpha_bar).detach().requires_grad_(True)
     with torch.enable_grad():

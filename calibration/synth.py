@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -23,15 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
-from calibration.guidance import ConfidenceGuide, MixedGuide, ModeGuide, TaskGuide, TeacherView, kmeans, medoids
-from distill.config import Config, config_to_dict
-from distill.data import split_samples
-from distill.models import load_model
-from distill.trainer import resolve_device
-from runtime.errors import InputError
-from runtime.files import sha256_file
-from runtime.images import list_images, read_rgb
+from edgeseg.calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
+from edgeseg.calibration.guidance import ConfidenceGuide, MixedGuide, ModeGuide, TaskGuide, TeacherView, kmeans, medoids
+from edgeseg.distill.config import Config, config_to_dict
+from edgeseg.distill.data import split_samples
+from edgeseg.distill.models import load_model
+from edgeseg.distill.trainer import resolve_device
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import recover_dir, replace_dir, sha256_file, staging_dir
+from edgeseg.runtime.images import list_images, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +104,13 @@ def embed_real_images(view: TeacherView, paths: list[Path], limit: int = 256) ->
 
 
 def _fit(img: np.ndarray, hw) -> np.ndarray:
-    from runtime.preprocess import fit_image
+    from edgeseg.runtime.preprocess import fit_image
 
     return fit_image(img, hw, "letterbox")[0]
 
 
 class Synthesizer:
-    """Generates a calibration set for one config (``python -m calibration synth``)."""
+    """Generates a calibration set for one config (``edgeseg calibration synth``)."""
 
     def __init__(self, cfg: Config, guidance: str | None = None, student: str | Path | None = None):
         self.cfg = cfg
@@ -128,14 +126,14 @@ class Synthesizer:
 
     def _load_generator(self):
         if self.cal.generator == "pipeline":
-            from calibration.pipeline import check_pipeline_folder, load_pipeline
+            from edgeseg.calibration.pipeline import check_pipeline_folder, load_pipeline
 
             check_pipeline_folder(self.cal.model)
             self.pipe = load_pipeline(self.cal.model, self.device, img2img=self.cal.img2img_strength > 0)
             self.generator_info = {"kind": "pipeline", "path": str(self.cal.model),
                                    "class": type(self.pipe).__name__, "prompts": list(self.cal.prompts)}
             return
-        from calibration.ddpm import load_training_images, train_or_load
+        from edgeseg.calibration.ddpm import load_training_images, train_or_load
 
         folder = Path(self.cal.model) if self.cal.model else self.cfg.stage_dir("calibration") / "ddpm"
         if self.cal.model and not (folder / "ddpm.json").is_file():
@@ -188,7 +186,7 @@ class Synthesizer:
 
     def _generate(self, seeds: list[int], index: torch.Tensor, guide) -> np.ndarray:
         if self.cal.generator == "pipeline":
-            from calibration.pipeline import generate
+            from edgeseg.calibration.pipeline import generate
 
             prompts = [self.cal.prompts[int(i) % len(self.cal.prompts)] for i in index]
             init = None
@@ -197,7 +195,7 @@ class Synthesizer:
                 init = [read_rgb(sources[int(i) % len(sources)]) for i in index]
             return generate(self.pipe, prompts, seeds, self.size, self.cal.sampler.steps, 0.0, init,
                             self.cal.img2img_strength, guide, self.cal.guidance)
-        from calibration.sampler import sample
+        from edgeseg.calibration.sampler import sample
 
         init = None
         if self.cal.img2img_strength > 0:
@@ -244,7 +242,7 @@ class Synthesizer:
         check_request(out_dir, count, self.guidance_mode, overwrite,
                       self.student_path if self.guidance_mode == "confidence" else None)
         if self.cal.generator == "pipeline":
-            from calibration.pipeline import check_pipeline_folder
+            from edgeseg.calibration.pipeline import check_pipeline_folder
 
             check_pipeline_folder(self.cal.model)
         t0 = time.perf_counter()
@@ -294,9 +292,8 @@ class Synthesizer:
     def _write(self, out_dir: Path, kept: list[Candidate], manifest: dict, teacher_masks: bool) -> None:
         from PIL import Image
 
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "images").mkdir(parents=True)
+        tmp = staging_dir(out_dir)
+        (tmp / "images").mkdir()
         if teacher_masks:
             (tmp / "masks").mkdir()
         for k, c in enumerate(kept):
@@ -304,9 +301,7 @@ class Synthesizer:
             if teacher_masks:
                 Image.fromarray(c.mask * 255).save(tmp / "masks" / f"{k:05d}.png")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
 
 
 def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None = None, limit: int | None = None) -> np.ndarray:
@@ -314,13 +309,13 @@ def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None
 
     Raises InputError for a missing or empty folder, or images whose size is not ``image_hw``.
     """
-    folder = Path(folder)
+    folder = recover_dir(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: calibration folder does not exist; create one with `python -m calibration synth`")
+        raise InputError(f"{folder}: calibration folder does not exist; create one with `edgeseg calibration synth`")
     src = folder / "images" if (folder / "images").is_dir() else folder
     paths = list_images(src)
     if not paths:
-        raise InputError(f"{src}: calibration folder has no images (.png/.jpg); run `python -m calibration synth --out {folder}`")
+        raise InputError(f"{src}: calibration folder has no images (.png/.jpg); run `edgeseg calibration synth --out {folder}`")
     if limit:
         paths = paths[:limit]
     images = []
@@ -328,6 +323,6 @@ def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None
         img = read_rgb(p)
         if image_hw is not None and img.shape[:2] != tuple(image_hw):
             raise InputError(f"{p}: calibration image is {img.shape[1]}x{img.shape[0]} but the model takes "
-                             f"{image_hw[1]}x{image_hw[0]}; regenerate the set for this model (python -m calibration synth)")
+                             f"{image_hw[1]}x{image_hw[0]}; regenerate the set for this model (edgeseg calibration synth)")
         images.append(img)
     return np.stack(images)

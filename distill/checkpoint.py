@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.errors import InputError
-from runtime.files import atomic_path
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import atomic_path
 
 
 def save_atomic(obj: dict, path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""``python -m distill``: train the teacher, distil the student, evaluate, expose ONNX features."""
+"""``edgeseg distill``: train the teacher, distil the student, evaluate, expose ONNX features."""
 from __future__ import annotations
 
 import io
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from runtime.console import configure_logging, exit_on_user_error
-from runtime.files import write_json_atomic
+from edgeseg.runtime.console import configure_logging, exit_on_user_error
+from edgeseg.runtime.files import write_json_atomic
 
-log = logging.getLogger("distill")
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -29,7 +29,7 @@ def config_options(f):
 
 
 def load(config_path: str, overrides: tuple[str, ...], verbose: int):
-    from distill.config import Config, load_config
+    from edgeseg.distill.config import Config, load_config
 
     configure_logging(verbose)
     return load_config(config_path, Config, overrides)
@@ -48,7 +48,7 @@ def main() -> None:
 @exit_on_user_error
 def train(config_path, overrides, verbose, max_steps, baseline, fresh):
     """Distil the student from the teacher and the feature teacher."""
-    from distill.trainer import Trainer, job_for
+    from edgeseg.distill.trainer import Trainer, job_for
 
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "baseline" if baseline else "student")
@@ -64,7 +64,7 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh):
 @exit_on_user_error
 def train_teacher(config_path, overrides, verbose, max_steps, fresh):
     """Train the B3 teacher on ground truth (the demo's `make teacher`)."""
-    from distill.trainer import Trainer, job_for
+    from edgeseg.distill.trainer import Trainer, job_for
 
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "teacher")
@@ -87,8 +87,8 @@ def run_dir(config_path, overrides, verbose):
 @exit_on_user_error
 def export_feature_teacher(config_path, overrides, verbose, out):
     """Export the demo's ONNX feature teacher from the trained teacher."""
-    from distill.demo_feature_teacher import export_demo_feature_teacher
-    from distill.models import load_model
+    from edgeseg.distill.demo_feature_teacher import export_demo_feature_teacher
+    from edgeseg.distill.models import load_model
 
     cfg = load(config_path, overrides, verbose)
     teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).eval()
@@ -107,7 +107,7 @@ def export_feature_teacher(config_path, overrides, verbose, out):
 @exit_on_user_error
 def expose_feature(model, layer, out, input_size, verbose):
     """Cut MODEL at tensor LAYER (pruned, cached) and print its shape for the input size."""
-    from distill.feature_onnx import expose_tensor, probe_output_shape
+    from edgeseg.distill.feature_onnx import expose_tensor, probe_output_shape
 
     configure_logging(verbose)
     path = expose_tensor(model, layer, out)
@@ -142,10 +142,10 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
     import numpy as np
     import torch
 
-    from distill.data import SegmentationDataset, split_samples
-    from distill.evaluation import dataset_masks, latency_ms, make_loader, predict_logits, score
-    from distill.models import count_parameters, load_model
-    from distill.trainer import resolve_device
+    from edgeseg.distill.data import SegmentationDataset, split_samples
+    from edgeseg.distill.evaluation import dataset_masks, latency_ms, make_loader, predict_logits, score
+    from edgeseg.distill.models import count_parameters, load_model
+    from edgeseg.distill.trainer import resolve_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from distill.config_loader import ConfigError, config_to_dict, load_config, parse_config, require
+from edgeseg.distill.config_loader import ConfigError, config_to_dict, load_config, parse_config, require
 
 __all__ = [
     "Config", "DataConfig", "DemoDataConfig", "AugmentConfig", "ModelConfig", "StudentConfig",
@@ -270,7 +270,7 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Diffusion-synthesised INT8 calibration sets (``python -m calibration``)."""
+    """Diffusion-synthesised INT8 calibration sets (``edgeseg calibration``)."""
 
     generator: Literal["ddpm", "pipeline"] = "ddpm"  # embedded DDPM, or a diffusers pipeline folder
     model: str = ""  # local diffusers folder; empty = train (or reuse) <run_dir>/calibration/ddpm
@@ -302,7 +302,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """ONNX export, INT8 quantization and TensorRT engine build (``python -m export``)."""
+    """ONNX export, INT8 quantization and TensorRT engine build (``edgeseg export``)."""
 
     opset: int = 17  # ONNX opset
     fuse_preprocessing: bool = False  # true: input uint8 NHWC, normalisation inside the graph

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Literal, TypeVar, Union
 
 import yaml
 
-from runtime.errors import ConfigError
+from edgeseg.runtime.errors import ConfigError
 
 T = TypeVar("T")
 

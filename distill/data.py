@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distill.config import Config, DataConfig
-from runtime.errors import InputError
-from runtime.images import IMAGE_SUFFIXES, list_images, read_rgb
-from runtime.preprocess import fit_image, fit_mask
+from edgeseg.distill.config import Config, DataConfig
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.images import IMAGE_SUFFIXES, list_images, read_rgb
+from edgeseg.runtime.preprocess import fit_image, fit_mask
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def split_samples(cfg: Config, split: str) -> list[Sample]:
     d: DataConfig = cfg.data
     root = cfg.data_root
     if d.source == "demo":
-        from distill.demo_data import generate_demo_dataset
+        from edgeseg.distill.demo_data import generate_demo_dataset
 
         generate_demo_dataset(root, d.image_size, d.demo.train_count, d.demo.val_count, d.demo.seed,
                               d.demo.max_people, d.demo.empty_fraction)

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from distill.models import UnetSegmenter
+from edgeseg.distill.models import UnetSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _flatten_names(model) -> None:
 def export_demo_feature_teacher(teacher: UnetSegmenter, out: str | Path, image_hw: tuple[int, int],
                                 mean: Sequence[float], std: Sequence[float]) -> Path:
     """Export the stand-in feature teacher to ``out`` (atomically); return the path."""
-    from distill.onnx_export import export_module
+    from edgeseg.distill.onnx_export import export_module
 
     module = DemoFeatureExtractor(teacher, mean, std).eval()
     torch.manual_seed(0)

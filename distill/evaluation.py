@@ -6,8 +6,8 @@ import time
 import numpy as np
 import torch
 
-from distill.data import SegmentationDataset
-from runtime.metrics import SegmentationMeter
+from edgeseg.distill.data import SegmentationDataset
+from edgeseg.runtime.metrics import SegmentationMeter
 
 
 def make_loader(dataset: SegmentationDataset, batch_size: int, workers: int = 0) -> torch.utils.data.DataLoader:

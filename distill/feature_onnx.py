@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import InputError
-from runtime.files import atomic_path, sha256_file
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 

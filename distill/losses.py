@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.config import LossConfig, TemperatureConfig
+from edgeseg.distill.config import LossConfig, TemperatureConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distill.config import ModelConfig
-from runtime.errors import InputError
+from edgeseg.distill.config import ModelConfig
+from edgeseg.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 

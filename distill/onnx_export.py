@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from runtime.files import atomic_path
+from edgeseg.runtime.files import atomic_path
 
 log = logging.getLogger(__name__)
 

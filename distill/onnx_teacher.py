@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.errors import BackendUnavailableError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class OnnxFeatureTeacher:
         if len(inputs) != 1 or len(outputs) != 1:
             raise InputError(f"{self.path}: a feature teacher needs one input and one output, it has "
                              f"{len(inputs)} and {len(outputs)}; expose the wanted tensor first "
-                             "(python -m distill expose-feature MODEL --layer NAME --out OUT)")
+                             "(edgeseg distill expose-feature MODEL --layer NAME --out OUT)")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         if inputs[0].type not in _ORT_TO_TORCH or outputs[0].type not in _ORT_TO_TORCH:
             raise InputError(f"{self.path}: input/output types {inputs[0].type}/{outputs[0].type} unsupported; need float or float16")

@@ -27,15 +27,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
-from distill.config import Config, LossConfig, ModelConfig, TrainConfig, config_to_dict
-from distill.data import SegmentationDataset, split_samples
-from distill.evaluation import dataset_masks, make_loader, predict_logits, score
-from distill.losses import DistillationLoss, temperature_at
-from distill.models import ProjectionHead, UnetSegmenter, build_model, count_parameters, load_model
-from distill.visualize import comparison_grid, save_png
-from runtime.errors import InputError
-from runtime.files import atomic_path
+from edgeseg.distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
+from edgeseg.distill.config import Config, LossConfig, ModelConfig, TrainConfig, config_to_dict
+from edgeseg.distill.data import SegmentationDataset, split_samples
+from edgeseg.distill.evaluation import dataset_masks, make_loader, predict_logits, score
+from edgeseg.distill.losses import DistillationLoss, temperature_at
+from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, count_parameters, load_model
+from edgeseg.distill.visualize import comparison_grid, save_png
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ class Trainer:
 
         self.feature_teacher, projection = None, None
         if job.loss.feature > 0:
-            from distill.feature_onnx import expose_tensor
-            from distill.onnx_teacher import OnnxFeatureTeacher
+            from edgeseg.distill.feature_onnx import expose_tensor
+            from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
 
             if self.is_main:
                 exposed = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)

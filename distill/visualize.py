@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime.files import atomic_path
+from edgeseg.runtime.files import atomic_path
 
 
 def _mask_rgb(mask: np.ndarray, colour=(255, 255, 255)) -> np.ndarray:

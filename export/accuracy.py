@@ -15,10 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from runtime.backends.base import Runner
-from runtime.metrics import SegmentationMeter
-from runtime.pipeline import BatchBuffers, finish, prepare
-from runtime.spec import ModelSpec
+from edgeseg.runtime.backends.base import Runner
+from edgeseg.runtime.metrics import SegmentationMeter
+from edgeseg.runtime.pipeline import BatchBuffers, finish, prepare
+from edgeseg.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TorchRunner(Runner):
 
 
 def onnx_runner(path: Path, threads: int = 0) -> Runner:
-    from runtime.backends.onnxrt import OnnxRuntimeRunner
+    from edgeseg.runtime.backends.onnxrt import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(path, None, "cpu", threads=threads)  # the spec comes from its own session
 

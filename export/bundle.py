@@ -24,11 +24,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from distill.config import Config, config_to_dict
-from runtime.bundle import FORMAT, MANIFEST
-from runtime.errors import InputError
-from runtime.files import sha256_file
-from runtime.spec import ModelSpec
+from edgeseg.distill.config import Config, config_to_dict
+from edgeseg.runtime.bundle import FORMAT, MANIFEST
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import replace_dir, sha256_file, staging_dir
+from edgeseg.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ and a TensorRT version). Needs edgeseg (runtime install), TensorRT and cuda-pyth
 import sys
 from pathlib import Path
 
-from export.cli import main
+from edgeseg.export.cli import main
 
 sys.exit(main(["engine", "--bundle", str(Path(__file__).resolve().parent), *sys.argv[1:]]))
 '''
@@ -68,7 +68,7 @@ def check_budget(accuracy: dict, precision: str, budget_points: float) -> tuple[
     key = "deployed_int8_miou" if precision == "int8" else "fp16_miou"
     value = accuracy.get(key)
     if value is None:
-        return False, f"no {precision} accuracy was measured (run `python -m export accuracy`)"
+        return False, f"no {precision} accuracy was measured (run `edgeseg export accuracy`)"
     drop = (fp32 - value) * 100
     words = f"{precision} mIoU {value:.4f} vs FP32 {fp32:.4f}: {drop:.2f} points lost, budget {budget_points:.2f}"
     return drop <= budget_points + 1e-9, words
@@ -79,7 +79,7 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
     """Assemble, check and write the bundle (+ .tar.gz); returns its manifest."""
     accuracy_path = export_dir / "accuracy.json"
     if not accuracy_path.is_file():
-        raise InputError(f"{accuracy_path}: missing; run `make export` (python -m export all) before `make deploy`")
+        raise InputError(f"{accuracy_path}: missing; run `make export` (edgeseg export all) before `make deploy`")
     accuracy = json.loads(accuracy_path.read_text())
     precision = cfg.export.precision
     ok, words = check_budget(accuracy, precision, cfg.export.max_miou_drop)
@@ -105,9 +105,7 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         raise InputError(f"cannot write the bundle: {', '.join(missing)} missing; run `make export` first")
 
     spec = ModelSpec.from_onnx(export_dir / "model.onnx")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     listed = {}
     for name, (src, role) in files.items():
         if src.is_file():
@@ -129,9 +127,7 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         "config": config_to_dict(cfg),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     archive = out_dir.with_name(out_dir.name + ".tar.gz")
     tmp_archive = archive.with_name(f".{archive.name}.tmp")
     with tarfile.open(tmp_archive, "w:gz") as tar:

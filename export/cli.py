@@ -1,4 +1,4 @@
-"""``python -m export``: onnx, quantize, engine, accuracy, all, bundle."""
+"""``edgeseg export``: onnx, quantize, engine, accuracy, all, bundle."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ import logging
 
 import click
 
-from distill.cli import config_options, load
-from runtime.console import configure_logging, exit_on_user_error
+from edgeseg.distill.cli import config_options, load
+from edgeseg.runtime.console import configure_logging, exit_on_user_error
 
-log = logging.getLogger("export")
+log = logging.getLogger(__name__)
 
 
 def _echo(obj: dict) -> None:
@@ -29,7 +29,7 @@ def main() -> None:
 @exit_on_user_error
 def onnx(config_path, overrides, verbose, checkpoint):
     """Strip the projection head, export model.onnx (+ FP16), onnxsim, parity check."""
-    from export.stage import run_onnx
+    from edgeseg.export.stage import run_onnx
 
     _echo(run_onnx(load(config_path, overrides, max(verbose, 1)), checkpoint))
 
@@ -45,7 +45,7 @@ def onnx(config_path, overrides, verbose, checkpoint):
 @exit_on_user_error
 def quantize(config_path, overrides, verbose, calib, method, no_contrast, no_budget):
     """Q/DQ INT8 (s8s8 + u8s8), TensorRT calibration cache, accuracy budget."""
-    from export.stage import run_quantize
+    from edgeseg.export.stage import run_quantize
 
     if method:
         overrides = (*overrides, f"export.calibration_method={method}")
@@ -64,7 +64,7 @@ def engine(config_path, overrides, verbose, precision, bundle, dla_core):
     """Build a TensorRT engine with the path the installed TensorRT supports (or say why not)."""
     from pathlib import Path
 
-    from export.stage import run_engine
+    from edgeseg.export.stage import run_engine
 
     if bundle:
         configure_logging(max(verbose, 1))
@@ -83,7 +83,7 @@ def engine(config_path, overrides, verbose, precision, bundle, dla_core):
 @exit_on_user_error
 def accuracy(config_path, overrides, verbose, checkpoint):
     """Teacher -> student -> FP32 -> INT8 on the validation set: accuracy.json, table, gallery."""
-    from export.stage import run_accuracy
+    from edgeseg.export.stage import run_accuracy
 
     _echo(run_accuracy(load(config_path, overrides, max(verbose, 1)), checkpoint))
 
@@ -95,7 +95,7 @@ def accuracy(config_path, overrides, verbose, checkpoint):
 @exit_on_user_error
 def all_steps(config_path, overrides, verbose, checkpoint, calib):
     """onnx, quantize, engine and accuracy in one go (`make export`)."""
-    from export.stage import run_accuracy, run_engine, run_onnx, run_quantize, validation_set
+    from edgeseg.export.stage import run_accuracy, run_engine, run_onnx, run_quantize, validation_set
 
     cfg = load(config_path, overrides, max(verbose, 1))
     run_onnx(cfg, checkpoint)
@@ -115,7 +115,7 @@ def bundle(config_path, overrides, verbose, out, allow_over_budget):
     """Write the deploy bundle and its .tar.gz (`make deploy`)."""
     from pathlib import Path
 
-    from export.bundle import write_bundle
+    from edgeseg.export.bundle import write_bundle
 
     cfg = load(config_path, overrides, max(verbose, 1))
     out = Path(out) if out else Path(cfg.run_dir) / "bundle"

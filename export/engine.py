@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from runtime.errors import BackendUnavailableError, InputError
-from runtime.files import atomic_path, sha256_file, write_json_atomic
+from edgeseg.runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.files import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def plan_build(caps: TrtCapabilities, precision: Precision, files: dict[str, str
     def need(key: str, what: str) -> str:
         if not files.get(key):
             raise InputError(f"a {precision} engine on TensorRT {caps.version} needs the {what}; "
-                             f"run `python -m export quantize` / `python -m export onnx` first")
+                             f"run `edgeseg export quantize` / `edgeseg export onnx` first")
         return files[key]
 
     need("fp32", "FP32 ONNX")
@@ -159,13 +159,13 @@ def availability() -> tuple[bool, str]:
 
 
 def gpu_count() -> int:
-    from runtime.backends.tensorrt_engine import check_cuda, import_cudart
+    from edgeseg.runtime.backends.tensorrt_engine import check_cuda, import_cudart
 
     return int(check_cuda(import_cudart().cudaGetDeviceCount()))
 
 
 def gpu_info(device_id: int = 0) -> dict:
-    from runtime.backends.tensorrt_engine import check_cuda, import_cudart
+    from edgeseg.runtime.backends.tensorrt_engine import check_cuda, import_cudart
 
     props = check_cuda(import_cudart().cudaGetDeviceProperties(device_id))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)

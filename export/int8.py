@@ -19,15 +19,15 @@ from typing import Callable
 
 import numpy as np
 
-from calibration.quantize import activation_scales, batches_of, preprocess_for_quantization, quantize_qdq
-from calibration.report import noise_images, real_images
-from calibration.synth import load_calibration_images
-from distill.config import Config
-from export.accuracy import miou_of, onnx_runner, predict_masks
-from export.trt_cache import write_cache
-from runtime.files import write_json_atomic
-from runtime.preprocess import normalise_batch
-from runtime.spec import ModelSpec
+from edgeseg.calibration.quantize import activation_scales, batches_of, preprocess_for_quantization, quantize_qdq
+from edgeseg.calibration.report import noise_images, real_images
+from edgeseg.calibration.synth import load_calibration_images
+from edgeseg.distill.config import Config
+from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
+from edgeseg.export.trt_cache import write_cache
+from edgeseg.runtime.files import write_json_atomic
+from edgeseg.runtime.preprocess import normalise_batch
+from edgeseg.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def node_sensitivity(pre_fp32: Path, qdq: Path, batches: list[np.ndarray], work:
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
 
-    from calibration.quantize import ArrayReader, input_name
+    from edgeseg.calibration.quantize import ArrayReader, input_name
 
     aug = work / "qdq.aug.onnx"
     modify_model_output_intermediate_tensors(str(qdq), str(aug))
@@ -112,7 +112,7 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     report = {"calibration_dir": str(calib_dir), "calibration_images": len(images), "method": e.calibration_method,
               "files": {"int8": str(s8), "int8_cpu": str(export_dir / "model.int8-cpu.onnx"), "cache": str(cache)}}
     if contrast:
-        from distill.data import split_samples
+        from edgeseg.distill.data import split_samples
 
         real = real_images([s.image for s in split_samples(cfg, "train")], len(images), hw)
         for name, imgs in (("real", real), ("noise", noise_images(len(images), hw, cfg.calibration.seed))):

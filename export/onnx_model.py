@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from distill.config import Config, config_to_dict
-from distill.models import UnetSegmenter
-from distill.onnx_export import export_module
-from runtime.errors import InputError
-from runtime.files import atomic_path
+from edgeseg.distill.config import Config, config_to_dict
+from edgeseg.distill.models import UnetSegmenter
+from edgeseg.distill.onnx_export import export_module
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import atomic_path
 
 log = logging.getLogger(__name__)
 

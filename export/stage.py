@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.config import Config
-from runtime.errors import InputError
-from runtime.files import atomic_path, write_json_atomic
+from edgeseg.distill.config import Config
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ def export_dir(cfg: Config) -> Path:
 
 def run_onnx(cfg: Config, checkpoint: str | Path | None = None) -> dict:
     """Strip (verified), export ``model.onnx`` (+ ``model.fp16.onnx``), onnxsim, parity."""
-    from export.onnx_model import export_onnx
-    from export.strip import load_student, training_model, verify_stripped
+    from edgeseg.export.onnx_model import export_onnx
+    from edgeseg.export.strip import load_student, training_model, verify_stripped
 
     checkpoint = Path(checkpoint) if checkpoint else cfg.stage_dir("distill") / "best.pt"
     out = export_dir(cfg)
@@ -60,7 +60,7 @@ def write_fp16(src: Path, dst: Path) -> str:
 
 def validation_set(cfg: Config, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Validation images and masks at their original sizes."""
-    from distill.data import load_sample, split_samples
+    from edgeseg.distill.data import load_sample, split_samples
 
     samples = split_samples(cfg, "val")[:limit]
     pairs = [load_sample(s) for s in samples]
@@ -69,11 +69,11 @@ def validation_set(cfg: Config, limit: int | None = None) -> tuple[list[np.ndarr
 
 def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = True, budget: bool = True,
                  val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
-    from export.int8 import quantize_all
+    from edgeseg.export.int8 import quantize_all
 
     out = export_dir(cfg)
     if not (out / "model.onnx").is_file():
-        raise InputError(f"{out / 'model.onnx'}: missing; run `python -m export onnx` first")
+        raise InputError(f"{out / 'model.onnx'}: missing; run `edgeseg export onnx` first")
     calib = Path(calib) if calib else cfg.stage_dir("calibration") / "synthetic"
     if budget and val is None:
         val = validation_set(cfg)
@@ -82,8 +82,8 @@ def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = 
 
 def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, dla_core: int = -1) -> dict:
     """Build a TensorRT engine, or say in one line why not (and build nothing)."""
-    from export.engine import availability, build_engine, capabilities, plan_build, profile_shapes
-    from runtime.spec import ModelSpec
+    from edgeseg.export.engine import availability, build_engine, capabilities, plan_build, profile_shapes
+    from edgeseg.runtime.spec import ModelSpec
 
     can, why = availability()
     if not can:
@@ -97,7 +97,7 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
 
     caps = capabilities(trt.__version__)
     if bundle is not None:
-        from runtime.bundle import Bundle
+        from edgeseg.runtime.bundle import Bundle
 
         b = Bundle(bundle)
         files = {r: str(b.file(r)) for r in ("fp32", "int8", "fp16", "calibration-cache") if b.file(r)}
@@ -126,11 +126,11 @@ CONTRASTS = {"int8_real": "fp32", "int8_noise": "fp32", "int8_cpu": "fp32", "fp1
 def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
                  val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
     """The end-to-end budget table, ``accuracy.json`` and the worst-images gallery."""
-    from distill.models import load_model
-    from distill.visualize import save_png
-    from export.accuracy import TorchRunner, gallery, onnx_runner, predict_masks, score_masks
-    from export.strip import load_student
-    from runtime.spec import ModelSpec
+    from edgeseg.distill.models import load_model
+    from edgeseg.distill.visualize import save_png
+    from edgeseg.export.accuracy import TorchRunner, gallery, onnx_runner, predict_masks, score_masks
+    from edgeseg.export.strip import load_student
+    from edgeseg.runtime.spec import ModelSpec
 
     t0 = time.perf_counter()
     out = export_dir(cfg)

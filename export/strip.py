@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from distill.checkpoint import load_checkpoint
-from distill.config import Config
-from distill.models import ProjectionHead, UnetSegmenter, build_model, check_activation
-from runtime.errors import InputError
+from edgeseg.distill.checkpoint import load_checkpoint
+from edgeseg.distill.config import Config
+from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, check_activation
+from edgeseg.runtime.errors import InputError
 
 
 def load_student(cfg: Config, checkpoint: str | Path) -> tuple[UnetSegmenter, dict]:
@@ -40,7 +40,7 @@ def load_student(cfg: Config, checkpoint: str | Path) -> tuple[UnetSegmenter, di
 
 def training_model(cfg: Config, ckpt: dict) -> torch.nn.Module:
     """The student + projection head exactly as training ran them (for the strip check)."""
-    from distill.trainer import DistillationModel
+    from edgeseg.distill.trainer import DistillationModel
 
     student = build_model(cfg.student, cfg.student.feature_stride)
     student.load_state_dict(ckpt["student"])

@@ -11,8 +11,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from runtime.errors import InputError
-from runtime.files import write_text_atomic
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import write_text_atomic
 
 DEFAULT_TRT_VERSION = "10.3.0"  # JetPack 6.1 / 6.2
 

@@ -1,7 +1,7 @@
 """edgeseg.runtime: torch-free batched person segmentation from a deploy bundle.
 
-``from runtime import Segmenter``; see :mod:`runtime.segmenter`.
+``from edgeseg.runtime import Segmenter``; see :mod:`edgeseg.runtime.segmenter`.
 """
-from runtime.segmenter import Segmenter
+from edgeseg.runtime.segmenter import Segmenter
 
 __all__ = ["Segmenter"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.errors import InputError, IntegrityError
-from runtime.files import sha256_file
-from runtime.spec import ModelSpec
+from edgeseg.runtime.errors import InputError, IntegrityError
+from edgeseg.runtime.files import recover_dir, sha256_file
+from edgeseg.runtime.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "edgeseg-bundle/1"
@@ -21,7 +21,7 @@ class Bundle:
     """
 
     def __init__(self, path: str | Path, verify: bool = True):
-        self.path = Path(path)
+        self.path = recover_dir(path)  # finishes or undoes a replacement that a crash interrupted
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             raise InputError(f"{self.path}: not a deploy bundle (no {MANIFEST}); create one with `make deploy`")

@@ -1,4 +1,4 @@
-"""``python -m runtime``: segment a folder of images, or profile latency. Torch-free."""
+"""``edgeseg runtime``: segment a folder of images, or profile latency. Torch-free."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from runtime.console import configure_logging, exit_on_user_error
-from runtime.errors import InputError
-from runtime.files import atomic_path, write_json_atomic
+from edgeseg.runtime.console import configure_logging, exit_on_user_error
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import atomic_path, write_json_atomic
 
-log = logging.getLogger("runtime")
+log = logging.getLogger(__name__)
 
 _BACKENDS = click.Choice(["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"])
 
@@ -42,8 +42,8 @@ def infer(bundle, input_dir, output_dir, backend, threads, verbose):
     import numpy as np
     from tqdm import tqdm
 
-    from runtime.images import IMAGE_SUFFIXES, read_rgb
-    from runtime.segmenter import Segmenter
+    from edgeseg.runtime.images import IMAGE_SUFFIXES, read_rgb
+    from edgeseg.runtime.segmenter import Segmenter
 
     configure_logging(verbose)
     src, dst = Path(input_dir), Path(output_dir)
@@ -106,9 +106,9 @@ def infer(bundle, input_dir, output_dir, backend, threads, verbose):
 @exit_on_user_error
 def profile(bundle, batches, iters, warmup, image_size, backend, threads, out, verbose):
     """p50/p90/p99 latency, throughput and per-stage split per batch size."""
-    from runtime.profiler import plot, print_table
-    from runtime.profiler import profile as run_profile
-    from runtime.segmenter import Segmenter
+    from edgeseg.runtime.profiler import plot, print_table
+    from edgeseg.runtime.profiler import profile as run_profile
+    from edgeseg.runtime.segmenter import Segmenter
 
     configure_logging(verbose)
     try:

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable, TypeVar
 
-from runtime.errors import EdgesegError
+from edgeseg.runtime.errors import EdgesegError
 
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import InputError
+from edgeseg.runtime.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

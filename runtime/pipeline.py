@@ -12,10 +12,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from runtime.errors import InputError
-from runtime.images import to_rgb_uint8
-from runtime.preprocess import Placement, fit_image, normalise_batch
-from runtime.spec import ModelSpec
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.images import to_rgb_uint8
+from edgeseg.runtime.preprocess import Placement, fit_image, normalise_batch
+from edgeseg.runtime.spec import ModelSpec
 
 
 class BatchBuffers:

@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 import cv2
 import numpy as np
 
-from runtime.errors import InputError
+from edgeseg.runtime.errors import InputError
 
 ResizeMode = Literal["letterbox", "stretch"]
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.segmenter import STAGES, Segmenter
+from edgeseg.runtime.segmenter import STAGES, Segmenter
 
 log = logging.getLogger(__name__)
 

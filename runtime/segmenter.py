@@ -1,6 +1,6 @@
 """``Segmenter``: person masks for lists of images of any size, from a bundle, ONNX file or engine.
 
-    from runtime import Segmenter
+    from edgeseg.runtime import Segmenter
     with Segmenter("runs/demo/bundle") as seg:          # backend="auto" picks the best available
         masks = seg.predict([image_a, image_b])         # HxWx3 uint8 in, HxW uint8 (1 = person) out
         future = seg.submit(image_c)                    # micro-batched with other callers' requests
@@ -16,13 +16,13 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.backends.base import Runner
-from runtime.batcher import MicroBatcher
-from runtime.bundle import Bundle
-from runtime.errors import BackendUnavailableError, InputError
-from runtime.images import to_rgb_uint8
-from runtime.pipeline import BatchBuffers, check_images, finish, fit, prepare
-from runtime.spec import ModelSpec
+from edgeseg.runtime.backends.base import Runner
+from edgeseg.runtime.batcher import MicroBatcher
+from edgeseg.runtime.bundle import Bundle
+from edgeseg.runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.images import to_rgb_uint8
+from edgeseg.runtime.pipeline import BatchBuffers, check_images, finish, fit, prepare
+from edgeseg.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ def available_backends() -> list[str]:
 
 def _make_runner(backend: str, model: Path, spec: ModelSpec, threads: int, device_id: int) -> Runner:
     if backend == "tensorrt":
-        from runtime.backends.tensorrt_engine import TensorRTRunner
+        from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
 
         return TensorRTRunner(model, spec, device_id=device_id)
-    from runtime.backends.onnxrt import OnnxRuntimeRunner
+    from edgeseg.runtime.backends.onnxrt import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(model, spec, provider=backend.removeprefix("onnxruntime-"), threads=threads,
                              device_id=device_id)
@@ -86,7 +86,7 @@ class Segmenter:
 
             sidecar = path.with_name(path.name + ".json")
             if not sidecar.is_file():
-                raise InputError(f"{sidecar}: engine metadata missing; rebuild with `python -m export engine`")
+                raise InputError(f"{sidecar}: engine metadata missing; rebuild with `edgeseg export engine`")
             self.spec = ModelSpec.from_dict(json.loads(sidecar.read_text())["spec"])
         else:
             raise InputError(f"{path}: expected a bundle folder, .onnx or .engine")

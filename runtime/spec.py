@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from runtime.errors import InputError
+from edgeseg.runtime.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,12 @@ class ModelSpec:
         known = {f.name for f in fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
         if "image_size" not in kwargs:
-            raise InputError("model spec has no image_size; re-export the model with `python -m export onnx`")
+            raise InputError("model spec has no image_size; re-export the model with `edgeseg export onnx`")
         return cls(**kwargs)
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelSpec":
-        """Read the ``edgeseg.io`` metadata that ``python -m export onnx`` stores in the model."""
+        """Read the ``edgeseg.io`` metadata that ``edgeseg export onnx`` stores in the model."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -68,6 +68,6 @@ class ModelSpec:
         """The ``edgeseg.io`` metadata of an open ONNX Runtime session (no second session needed)."""
         props = session.get_modelmeta().custom_metadata_map
         if "edgeseg.io" not in props:
-            raise InputError(f"{path}: has no edgeseg.io metadata; export it with `python -m export onnx` "
+            raise InputError(f"{path}: has no edgeseg.io metadata; export it with `edgeseg export onnx` "
                              "or open a deploy bundle instead")
         return cls.from_dict(json.loads(props["edgeseg.io"]))

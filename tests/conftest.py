@@ -42,9 +42,9 @@ def write_config(run_dir: Path, **sections) -> Path:
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m <args>`` in a fresh process, as a user would."""
+    """Run ``python -m edgeseg <args>`` (the ``edgeseg`` command) in a fresh process, as a user would."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "edgeseg", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +55,10 @@ def tiny_run(tmp_path_factory):
     """
     import torch
 
-    from distill.config import Config, load_config
-    from distill.data import split_samples
-    from distill.demo_feature_teacher import export_demo_feature_teacher
-    from distill.models import build_model
+    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.data import split_samples
+    from edgeseg.distill.demo_feature_teacher import export_demo_feature_teacher
+    from edgeseg.distill.models import build_model
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     path = write_config(run_dir)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.filters import Confidence, SetFilter, dhash, hamming, teacher_confidence
-from calibration.guidance import ConfidenceGuide, ModeGuide, TaskGuide, TeacherView, binary_entropy, kmeans, medoids
-from calibration.sampler import guidance_scale, guided_eps, normalise_gradient, predicted_x0, sample
-from calibration.synth import Synthesizer, check_request, load_calibration_images
-from distill.config import Config, DDPMConfig, FilterConfig, GuidanceConfig, SamplerConfig, load_config
-from distill.models import UnetSegmenter
-from runtime.errors import InputError
+from edgeseg.calibration.filters import Confidence, SetFilter, dhash, hamming, teacher_confidence
+from edgeseg.calibration.guidance import ConfidenceGuide, ModeGuide, TaskGuide, TeacherView, binary_entropy, kmeans, medoids
+from edgeseg.calibration.sampler import guidance_scale, guided_eps, normalise_gradient, predicted_x0, sample
+from edgeseg.calibration.synth import Synthesizer, check_request, load_calibration_images
+from edgeseg.distill.config import Config, DDPMConfig, FilterConfig, GuidanceConfig, SamplerConfig, load_config
+from edgeseg.distill.models import UnetSegmenter
+from edgeseg.runtime.errors import InputError
 from tests.conftest import run_cli, write_config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -131,8 +131,8 @@ def test_kmeans_recovers_separated_clusters():
 
 @pytest.fixture(scope="module")
 def tiny_ddpm(tiny_run, tmp_path_factory):
-    from calibration.ddpm import train_or_load
-    from distill.data import split_samples
+    from edgeseg.calibration.ddpm import train_or_load
+    from edgeseg.distill.data import split_samples
 
     _, cfg = tiny_run
     folder = tmp_path_factory.mktemp("ddpm") / "ddpm"
@@ -142,8 +142,8 @@ def tiny_ddpm(tiny_run, tmp_path_factory):
 
 
 def test_ddpm_is_cached(tiny_run, tiny_ddpm):
-    from calibration.ddpm import train_or_load
-    from distill.data import split_samples
+    from edgeseg.calibration.ddpm import train_or_load
+    from edgeseg.distill.data import split_samples
 
     _, cfg = tiny_run
     unet, _, folder, ddpm = tiny_ddpm
@@ -201,7 +201,7 @@ def test_synth_writes_a_reproducible_set_with_manifest(tiny_run, tmp_path):
 
 
 def test_synth_teacher_masks_make_a_training_split(tiny_run, tmp_path):
-    from distill.data import folder_samples
+    from edgeseg.distill.data import folder_samples
 
     _, cfg = _cal_config(tiny_run, tmp_path, count=3)
     Synthesizer(cfg, guidance="mode").run(tmp_path / "hard", teacher_masks=True)
@@ -245,8 +245,8 @@ def test_cli_bad_inputs_are_one_line(tiny_run, tmp_path):
 
 
 def test_report_compares_synthetic_real_and_noise(tiny_run, tmp_path):
-    from calibration.report import build_report
-    from distill.models import build_model
+    from edgeseg.calibration.report import build_report
+    from edgeseg.distill.models import build_model
 
     path, cfg = _cal_config(tiny_run, tmp_path, report_images=4)
     Synthesizer(cfg).run(tmp_path / "calibration" / "synthetic")
@@ -307,7 +307,7 @@ def tiny_sd(tmp_path_factory):
 
 
 def test_pipeline_folder_is_checked(tmp_path):
-    from calibration.pipeline import check_pipeline_folder
+    from edgeseg.calibration.pipeline import check_pipeline_folder
 
     with pytest.raises(InputError, match=r"diffusers pipeline folder does not exist"):
         check_pipeline_folder(tmp_path / "nope")
@@ -316,7 +316,7 @@ def test_pipeline_folder_is_checked(tmp_path):
 
 
 def test_pipeline_generates_per_seed_and_guides(tiny_sd, tiny_teacher):
-    from calibration.pipeline import generate, load_pipeline
+    from edgeseg.calibration.pipeline import generate, load_pipeline
 
     pipe = load_pipeline(tiny_sd, torch.device("cpu"))
     a = generate(pipe, ["a person walking", "a crowd at night"], [1, 2], (32, 32), steps=3)
@@ -339,7 +339,7 @@ def test_synth_with_a_pipeline_from_a_local_folder(tiny_run, tiny_sd, tmp_path):
 
 
 def test_confidence_guidance_keeps_hard_images_a_minority(tiny_run, tmp_path):
-    from distill.models import build_model
+    from edgeseg.distill.models import build_model
 
     _, cfg = _cal_config(tiny_run, tmp_path, count=4, pool_factor=2.0,
                          guidance={"mode": "confidence", "t_start": 0.6, "t_stop": 0.3, "resolution": 32,

@@ -69,7 +69,7 @@ def test_export_without_a_student_or_a_calibration_folder(cfg_path, tiny_run, tm
     _, base = tiny_run
     _assert_one_line(run_cli("export", "onnx", "--config", str(cfg_path), "--checkpoint", str(base.teacher_checkpoint)),
                      "has no 'student' weights")
-    _assert_one_line(run_cli("export", "quantize", "--config", str(cfg_path)), "model.onnx: missing; run `python -m export onnx`")
+    _assert_one_line(run_cli("export", "quantize", "--config", str(cfg_path)), "model.onnx: missing; run `edgeseg export onnx`")
     _assert_one_line(run_cli("export", "bundle", "--config", str(cfg_path)), "accuracy.json: missing; run `make export`")
 
 

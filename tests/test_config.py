@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from distill.config import Config, load_config
-from runtime.errors import ConfigError
+from edgeseg.distill.config import Config, load_config
+from edgeseg.runtime.errors import ConfigError
 from tests.conftest import ROOT, run_cli
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.config import DataConfig
-from distill.data import SegmentationDataset, coco_samples, folder_samples, load_sample, read_mask
-from distill.demo_data import generate_demo_dataset, render_sample, _load_backgrounds
-from runtime.errors import InputError
-from runtime.images import read_rgb
+from edgeseg.distill.config import DataConfig
+from edgeseg.distill.data import SegmentationDataset, coco_samples, folder_samples, load_sample, read_mask
+from edgeseg.distill.demo_data import generate_demo_dataset, render_sample, _load_backgrounds
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.images import read_rgb
 
 
 def _write_pair(root, stem, size=(20, 30), mask_size=None, mode="RGB"):

@@ -11,11 +11,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from distill.config import Config, load_config
-from export.engine import (BuildPlan, capabilities, engine_metadata, engine_paths, plan_build, profile_shapes)
-from export.int8 import budget_search
-from export.trt_cache import decode_scale, encode_scale, read_cache, version_code, write_cache
-from runtime.errors import BackendUnavailableError, InputError, IntegrityError
+from edgeseg.distill.config import Config, load_config
+from edgeseg.export.engine import (BuildPlan, capabilities, engine_metadata, engine_paths, plan_build, profile_shapes)
+from edgeseg.export.int8 import budget_search
+from edgeseg.export.trt_cache import decode_scale, encode_scale, read_cache, version_code, write_cache
+from edgeseg.runtime.errors import BackendUnavailableError, InputError, IntegrityError
 from tests.conftest import run_cli, write_config
 
 
@@ -24,8 +24,8 @@ def exported(tiny_run, tmp_path_factory):
     """A tiny distillation checkpoint, a calibration folder, and the whole export run on them."""
     from PIL import Image
 
-    from distill.trainer import Trainer, job_for
-    from export.stage import run_accuracy, run_onnx, run_quantize
+    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.export.stage import run_accuracy, run_onnx, run_quantize
 
     _, base = tiny_run
     run_dir = tmp_path_factory.mktemp("export_run")
@@ -87,12 +87,12 @@ def test_polygraphy_agrees_with_the_saved_torch_outputs(exported):
 
 @pytest.mark.parametrize("fuse, output", [(True, "logits"), (False, "mask"), (True, "probabilities")])
 def test_fused_preprocessing_and_output_kinds(tiny_run, tmp_path, fuse, output):
-    from export.onnx_model import export_onnx
+    from edgeseg.export.onnx_model import export_onnx
 
     _, base = tiny_run
     path = write_config(tmp_path, export={"fuse_preprocessing": fuse, "output": output, "max_batch": 2, "opt_batch": 1})
     cfg = load_config(path, Config)
-    from distill.models import build_model
+    from edgeseg.distill.models import build_model
 
     torch.manual_seed(0)
     report = export_onnx(cfg, build_model(cfg.student).eval(), tmp_path)
@@ -105,7 +105,7 @@ def test_fused_preprocessing_and_output_kinds(tiny_run, tmp_path, fuse, output):
 
 
 def test_checkpoint_without_a_student_is_refused(tiny_run, tmp_path):
-    from export.strip import load_student
+    from edgeseg.export.strip import load_student
 
     _, cfg = tiny_run
     with pytest.raises(InputError, match=r"teacher/best.pt: has no 'student' weights \(keys: model\); pass a distillation checkpoint"):
@@ -153,7 +153,7 @@ def test_relu_student_runs_as_fused_int8_convolutions_on_the_cpu(exported, tmp_p
 
 
 def test_calibration_cache_matches_the_qdq_scales(exported):
-    from calibration.quantize import activation_scales
+    from edgeseg.calibration.quantize import activation_scales
 
     _, _, run_dir, _, _, _ = exported
     d = run_dir / "export"
@@ -173,7 +173,7 @@ def test_cache_format_by_hand(tmp_path):
 
 
 def test_quantize_refuses_bad_requests(tmp_path):
-    from calibration.quantize import quantize_qdq
+    from edgeseg.calibration.quantize import quantize_qdq
 
     with pytest.raises(InputError, match=r"calibration method must be one of minmax, entropy, percentile, got 'kl'"):
         quantize_qdq(tmp_path / "m.onnx", tmp_path / "q.onnx", [np.zeros((1, 3, 8, 8), np.float32)], method="kl")
@@ -281,8 +281,8 @@ def test_engine_command_without_tensorrt_says_why_and_builds_nothing(exported):
 # --- deploy bundle ---------------------------------------------------------------------------------
 
 def test_bundle_is_complete_verified_and_refuses_tampering(exported, tmp_path):
-    from export.bundle import write_bundle
-    from runtime.bundle import Bundle
+    from edgeseg.export.bundle import write_bundle
+    from edgeseg.runtime.bundle import Bundle
 
     cfg, _, run_dir, _, _, _ = exported
     out = tmp_path / "bundle"
@@ -305,7 +305,7 @@ def test_bundle_is_complete_verified_and_refuses_tampering(exported, tmp_path):
 
 
 def test_bundle_gates_on_the_accuracy_budget(exported, tmp_path):
-    from export.bundle import check_budget, write_bundle
+    from edgeseg.export.bundle import check_budget, write_bundle
 
     cfg, path, run_dir, _, _, acc = exported
     ok, words = check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.78}, "int8", 1.0)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from distill.feature_onnx import cached_path, expose_tensor, probe_output_shape
-from distill.onnx_teacher import OnnxFeatureTeacher
-from runtime.errors import InputError
+from edgeseg.distill.feature_onnx import cached_path, expose_tensor, probe_output_shape
+from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
+from edgeseg.runtime.errors import InputError
 from tests.conftest import run_cli
 
 WANTED = "segmentation_model_34_Concat_output_0"
@@ -127,7 +127,7 @@ def test_feature_teacher_needs_one_output(detector):
 def test_cuda_without_onnxruntime_gpu_says_what_to_install(detector):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")
-    from runtime.errors import BackendUnavailableError
+    from edgeseg.runtime.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match=r"pip install edgeseg\[gpu\]"):
         OnnxFeatureTeacher(expose_tensor(detector, WANTED), "cuda:0", MEAN, STD)

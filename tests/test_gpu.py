@@ -22,8 +22,8 @@ def _ort_cuda() -> bool:
 @needs_cuda
 @pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu")
 def test_cuda_iobinding_feature_teacher_equals_session_run(tiny_run):
-    from distill.feature_onnx import expose_tensor
-    from distill.onnx_teacher import OnnxFeatureTeacher
+    from edgeseg.distill.feature_onnx import expose_tensor
+    from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
 
     _, cfg = tiny_run
     path = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
@@ -40,15 +40,15 @@ def test_cuda_iobinding_feature_teacher_equals_session_run(tiny_run):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_build_and_tensorrt_runner_match_onnxruntime(tiny_run, tmp_path, precision):
 
-    from distill.config import Config, load_config
-    from distill.models import build_model
-    from export.engine import build_engine, capabilities, plan_build, profile_shapes
-    from export.int8 import input_transform
-    from export.onnx_model import export_onnx
-    from export.stage import write_fp16
-    from calibration.quantize import batches_of, quantize_qdq
-    from runtime import Segmenter
-    from runtime.spec import ModelSpec
+    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.models import build_model
+    from edgeseg.export.engine import build_engine, capabilities, plan_build, profile_shapes
+    from edgeseg.export.int8 import input_transform
+    from edgeseg.export.onnx_model import export_onnx
+    from edgeseg.export.stage import write_fp16
+    from edgeseg.calibration.quantize import batches_of, quantize_qdq
+    from edgeseg.runtime import Segmenter
+    from edgeseg.runtime.spec import ModelSpec
     import tensorrt as trt
 
     cfg = load_config(write_config(tmp_path, export={"max_batch": 4, "opt_batch": 2}), Config)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from distill.config import LossConfig, TemperatureConfig
-from distill.losses import (DistillationLoss, bce_loss, binary_kl, dice_loss, feature_mse, probability_mse,
+from edgeseg.distill.config import LossConfig, TemperatureConfig
+from edgeseg.distill.losses import (DistillationLoss, bce_loss, binary_kl, dice_loss, feature_mse, probability_mse,
                             temperature_at)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.config import ModelConfig, StudentConfig
-from distill.models import ProjectionHead, UnetSegmenter, build_model, load_model, load_state_dict
-from distill.trainer import DistillationModel
-from runtime.errors import InputError
+from edgeseg.distill.config import ModelConfig, StudentConfig
+from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, load_model, load_state_dict
+from edgeseg.distill.trainer import DistillationModel
+from edgeseg.runtime.errors import InputError
 
 TINY = dict(encoder="tu-test_efficientnet")
 
@@ -98,7 +98,7 @@ def test_relu_student_has_no_silu_and_a_relu_checkpoint_refuses_a_silu_config(tm
 
 
 def test_activation_option_is_validated():
-    from distill.config import ConfigError
+    from edgeseg.distill.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"activation.*needs a tu-\* \(timm\) encoder"):
         ModelConfig(encoder="timm-efficientnet-b0", activation="relu")

@@ -11,18 +11,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from runtime.errors import BackendUnavailableError, InputError, IntegrityError
-from runtime.preprocess import fit_image, fit_mask, normalise_batch, place
-from runtime.spec import ModelSpec
-from tests.conftest import ROOT, run_cli, write_config
+from edgeseg.runtime.errors import BackendUnavailableError, InputError, IntegrityError
+from edgeseg.runtime.preprocess import fit_image, fit_mask, normalise_batch, place
+from edgeseg.runtime.spec import ModelSpec
+from tests.conftest import run_cli, write_config
 
 
-def test_importing_the_runtime_does_not_import_torch():
-    code = ("import sys, runtime, runtime.cli, runtime.segmenter, runtime.profiler, runtime.backends.onnxrt, "
-            "runtime.backends.tensorrt_engine, runtime.bundle; "
-            "bad = [m for m in ('torch', 'distill', 'calibration', 'export', 'timm', 'segmentation_models_pytorch') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_importing_the_runtime_does_not_import_torch(tmp_path):
+    # Run outside the repository so that only the installed `edgeseg` namespace can be imported.
+    code = ("import sys, edgeseg, edgeseg.cli, edgeseg.runtime, edgeseg.runtime.cli, edgeseg.runtime.segmenter, "
+            "edgeseg.runtime.profiler, edgeseg.runtime.backends.onnxrt, edgeseg.runtime.backends.tensorrt_engine, "
+            "edgeseg.runtime.bundle; from edgeseg.runtime import Segmenter; "
+            "bad = [m for m in ('torch', 'edgeseg.distill', 'edgeseg.calibration', 'edgeseg.export', 'timm', "
+            "'segmentation_models_pytorch', 'onnx') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -44,7 +46,7 @@ def test_the_inverse_is_exact(mode):
     mask = np.zeros((h, w), np.uint8)
     mask[20:70, 30:120] = 1
     img = np.stack([mask * 200] * 3, axis=-1).astype(np.uint8)
-    from runtime.pipeline import finish
+    from edgeseg.runtime.pipeline import finish
 
     fitted, p = fit_image(img, (64, 64), mode, pad_value=(0, 0, 0))
     probs = fit_mask(mask, p).astype(np.float32)[None, None]  # 1 inside, 0 outside, at model size
@@ -72,12 +74,12 @@ def tiny_onnx(tiny_run, tmp_path_factory):
     """(ONNX path, torch student) exported with max batch 4; the student is random but fixed."""
     import torch
 
-    from distill.models import build_model
-    from export.onnx_model import export_onnx
+    from edgeseg.distill.models import build_model
+    from edgeseg.export.onnx_model import export_onnx
 
     _, base = tiny_run
     d = tmp_path_factory.mktemp("rt")
-    from distill.config import Config, load_config
+    from edgeseg.distill.config import Config, load_config
 
     cfg = load_config(write_config(d, export={"max_batch": 4, "opt_batch": 2}), Config)
     torch.manual_seed(3)
@@ -97,7 +99,7 @@ def _torch_masks(student, spec, images):
     """The reference: the same pipeline with the torch model (tests only)."""
     import torch
 
-    from runtime.pipeline import BatchBuffers, finish, prepare
+    from edgeseg.runtime.pipeline import BatchBuffers, finish, prepare
 
     feed, placements = prepare(images, spec, BatchBuffers(spec))
     with torch.no_grad():
@@ -106,7 +108,7 @@ def _torch_masks(student, spec, images):
 
 
 def test_segmenter_masks_match_the_torch_reference(tiny_onnx):
-    from runtime import Segmenter
+    from edgeseg.runtime import Segmenter
 
     path, student = tiny_onnx
     imgs = _images([(64, 64), (100, 50), (31, 77), (200, 120), (64, 64), (10, 10)])
@@ -120,7 +122,7 @@ def test_segmenter_masks_match_the_torch_reference(tiny_onnx):
 
 
 def test_segmenter_converts_odd_images_and_refuses_bad_input(tiny_onnx):
-    from runtime import Segmenter
+    from edgeseg.runtime import Segmenter
 
     path, _ = tiny_onnx
     gray = np.full((40, 40), 128, np.uint8)
@@ -151,7 +153,7 @@ def _backends():
 
 @pytest.mark.parametrize("backend", _backends())
 def test_every_backend_honours_the_runner_contract(tiny_onnx, backend):
-    from runtime.backends.onnxrt import OnnxRuntimeRunner
+    from edgeseg.runtime.backends.onnxrt import OnnxRuntimeRunner
 
     path, _ = tiny_onnx
     spec = ModelSpec.from_onnx(path)
@@ -174,7 +176,7 @@ def test_every_backend_honours_the_runner_contract(tiny_onnx, backend):
 def test_unavailable_backends_say_what_to_install(tiny_onnx):
     import onnxruntime as ort
 
-    from runtime import Segmenter
+    from edgeseg.runtime import Segmenter
 
     path, _ = tiny_onnx
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -185,7 +187,7 @@ def test_unavailable_backends_say_what_to_install(tiny_onnx):
 
 
 def test_engine_for_another_gpu_or_tensorrt_is_refused(tmp_path):
-    from runtime.backends.tensorrt_engine import check_engine_compatible
+    from edgeseg.runtime.backends.tensorrt_engine import check_engine_compatible
 
     meta = {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "gpu_name": "Orin", "precision": "int8"}
     check_engine_compatible(meta, "10.3.0", "8.7", "Orin", tmp_path / "m.engine")
@@ -198,7 +200,7 @@ def test_engine_for_another_gpu_or_tensorrt_is_refused(tmp_path):
 # --- the micro-batching queue ------------------------------------------------------------------------
 
 def test_queue_under_load_answers_every_request_correctly(tiny_onnx):
-    from runtime import Segmenter
+    from edgeseg.runtime import Segmenter
 
     path, _ = tiny_onnx
     sizes = [(48 + 7 * (i % 5), 40 + 11 * (i % 7)) for i in range(40)]
@@ -226,7 +228,7 @@ def test_queue_under_load_answers_every_request_correctly(tiny_onnx):
 
 
 def test_close_finishes_or_fails_pending_requests(tiny_onnx):
-    from runtime import Segmenter
+    from edgeseg.runtime import Segmenter
 
     path, _ = tiny_onnx
     img = _images([(64, 64)])[0]
@@ -237,7 +239,7 @@ def test_close_finishes_or_fails_pending_requests(tiny_onnx):
     with pytest.raises(RuntimeError, match=r"segmenter is closed"):
         seg.submit(img)
 
-    from runtime.batcher import MicroBatcher
+    from edgeseg.runtime.batcher import MicroBatcher
 
     gate = threading.Event()
     b = MicroBatcher(lambda items: (gate.wait(10), [1] * len(items))[1], max_batch=1, max_wait_ms=0)
@@ -256,7 +258,7 @@ def test_close_finishes_or_fails_pending_requests(tiny_onnx):
 
 
 def test_batch_errors_reach_every_caller():
-    from runtime.batcher import MicroBatcher
+    from edgeseg.runtime.batcher import MicroBatcher
 
     def boom(items):
         raise ValueError("model exploded")

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from distill.checkpoint import load_checkpoint
-from distill.config import Config, load_config
-from distill.models import load_model
-from distill.trainer import Trainer, job_for
+from edgeseg.distill.checkpoint import load_checkpoint
+from edgeseg.distill.config import Config, load_config
+from edgeseg.distill.models import load_model
+from edgeseg.distill.trainer import Trainer, job_for
 from tests.conftest import ROOT, write_config
 
 
@@ -71,7 +71,7 @@ def test_frozen_encoder_trains_only_decoder_head_and_projection(tiny_run, tmp_pa
     assert all(id(p) in optimised for p in trainer.model.student.decoder.parameters())
     assert all(id(p) in optimised for p in trainer.model.projection.parameters())
     torch.manual_seed(cfg.seed)
-    from distill.models import build_model
+    from edgeseg.distill.models import build_model
 
     initial = build_model(cfg.student).encoder.state_dict()
     trained = {k.removeprefix("encoder."): v for k, v in _weights(tmp_path / "distill" / "last.pt").items()
@@ -90,7 +90,7 @@ def test_baseline_uses_no_teacher(tiny_run, tmp_path):
 
 
 def test_changed_settings_refuse_to_resume(tiny_run, tmp_path):
-    from runtime.errors import InputError
+    from edgeseg.runtime.errors import InputError
 
     _, cfg = _config(tiny_run, tmp_path)
     Trainer(cfg, job_for(cfg, "student"), max_steps=1).run()
@@ -104,7 +104,7 @@ def test_ddp_two_processes_gloo(tiny_run, tmp_path):
 
     path, _ = _config(tiny_run, tmp_path, train={"epochs": 1, "batch_size": 2})
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "distill", "train", "--config", str(path), "--max-steps", "3"],
+                        "-m", "edgeseg", "distill", "train", "--config", str(path), "--max-steps", "3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout[-1500:]}\nstderr: {r.stderr[-3000:]}"
     ckpt = load_checkpoint(tmp_path / "distill" / "last.pt")

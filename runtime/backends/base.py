@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import InputError
-from runtime.spec import ModelSpec
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.spec import ModelSpec
 
 
 class Runner(abc.ABC):

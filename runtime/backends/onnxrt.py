@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import Runner
-from runtime.errors import BackendUnavailableError, InputError
-from runtime.spec import ModelSpec
+from edgeseg.runtime.backends.base import Runner
+from edgeseg.runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

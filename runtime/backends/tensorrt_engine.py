@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import Runner
-from runtime.errors import BackendUnavailableError, InputError, IntegrityError
-from runtime.spec import ModelSpec
+from edgeseg.runtime.backends.base import Runner
+from edgeseg.runtime.errors import BackendUnavailableError, InputError, IntegrityError
+from edgeseg.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def check_engine_compatible(meta: dict, trt_version: str, compute_capability: st
                         f"this one is {compute_capability} ({gpu_name})")
     if problems:
         raise IntegrityError(f"{engine}: built for {' and '.join(problems)}; engines are specific to both. Rebuild it "
-                             f"here: python build_engine.py (in the bundle) or python -m export engine --onnx "
+                             f"here: python build_engine.py (in the bundle) or edgeseg export engine --onnx "
                              f"<model.onnx> --precision {meta.get('precision', 'int8')}")
 
 
@@ -78,7 +78,7 @@ class TensorRTRunner(Runner):
         check_cuda(cudart.cudaSetDevice(self.device_id))
         sidecar = self.model_path.with_name(self.model_path.name + ".json")
         if not sidecar.is_file():
-            raise InputError(f"{sidecar}: engine metadata is missing; rebuild with `python -m export engine`")
+            raise InputError(f"{sidecar}: engine metadata is missing; rebuild with `edgeseg export engine`")
         meta = json.loads(sidecar.read_text())
         props = check_cuda(cudart.cudaGetDeviceProperties(self.device_id))
         name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)

@@ -1,3 +1,0 @@
-from calibration.cli import main
-
-main()

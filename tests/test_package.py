@@ -1,0 +1,97 @@
+"""The installed package: one `edgeseg` namespace, one `edgeseg` command, a torch-free base install."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from edgeseg.cli import STAGES, main
+from tests.conftest import ROOT
+
+STAGE_FOLDERS = ("distill", "calibration", "export", "runtime")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "--disable-pip-version-check", "-q", "-w", str(out), str(ROOT)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = out.glob("edgeseg-*.whl")
+    return path
+
+
+def test_the_wheel_installs_one_namespace_and_one_command(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top = {n.split("/")[0] for n in names}
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+        meta = z.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+    assert top == {"edgeseg", wheel.name.split("-py")[0] + ".dist-info"}, top
+    for stage in STAGE_FOLDERS:
+        assert f"edgeseg/{stage}/__init__.py" in names
+    assert "edgeseg/runtime/backends/onnxrt.py" in names
+    assert {"edgeseg/__init__.py", "edgeseg/__main__.py", "edgeseg/cli.py"} <= set(names)
+    assert not any(n.startswith("edgeseg/runtime/_root") for n in names)  # the root is mapped, not nested
+    assert re.findall(r"^(\S+) = (\S+)$", entry_points, re.M) == [("edgeseg", "edgeseg.cli:run")]
+    # An edge device's plain install brings the runtime's needs only: torch and friends sit in extras.
+    base = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert base and not any(re.search(r"\b(torch|timm|segmentation-models-pytorch|diffusers|onnxsim)\b", line)
+                            for line in base), base
+
+
+def test_source_imports_only_the_namespace():
+    # Old top-level names would still import from a checkout (the repository root is on sys.path in
+    # tests) but not from an installed wheel: no module may use them.
+    bad = []
+    for folder in (*STAGE_FOLDERS, "tests", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if re.match(r"\s*(from|import) (distill|calibration|export|runtime)\b", line):
+                    bad.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def _walk(group: click.Group, ctx: click.Context, path: tuple[str, ...]):
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _walk(cmd, click.Context(cmd, parent=ctx, info_name=name), (*path, name))
+
+
+def test_help_at_every_level_lists_commands_with_one_line_each():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"], prog_name="edgeseg")
+    assert top.exit_code == 0, top.output
+    for stage in STAGES:
+        assert re.search(rf"^  {stage}\s+\S.+$", top.output, re.M), top.output
+    commands = list(_walk(main, click.Context(main, info_name="edgeseg"), ()))
+    assert {p[0] for p, _ in commands} == set(STAGES)
+    assert ("distill", "train") in {p for p, _ in commands} and ("runtime", "infer") in {p for p, _ in commands}
+    for path, cmd in commands:
+        r = runner.invoke(main, [*path, "--help"], prog_name="edgeseg")
+        assert r.exit_code == 0, (path, r.output)
+        assert r.output.startswith(f"Usage: edgeseg {' '.join(path)}"), r.output
+        assert cmd.get_short_help_str(), f"`edgeseg {' '.join(path)}` has no help line"
+        if isinstance(cmd, click.Group):
+            for sub in cmd.list_commands(click.Context(cmd)):
+                assert re.search(rf"^  {re.escape(sub)}\s+\S", r.output, re.M), (path, sub, r.output)
+
+
+def test_python_m_edgeseg_and_the_console_script(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgeseg", "--version"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("edgeseg, version "), r.stdout + r.stderr
+    script = Path(sys.executable).parent / "edgeseg"
+    r = subprocess.run([str(script), "runtime", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "infer" in r.stdout and "profile" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([str(script), "nosuchstage"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "No such command 'nosuchstage'" in r.stderr
