@@ -89,12 +89,24 @@ class DistillationModel(nn.Module):
         return logits, self.projection(feature)
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """This rank's indices for one epoch: a (seed, epoch) permutation, sharded, optionally skipping ahead."""
+def steps_per_epoch(size: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps per epoch, the same on every rank: full global batches only."""
+    return size // (batch_size * world)
 
-    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0):
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """This rank's indices for one epoch: a (seed, epoch) permutation, sharded, optionally skipping ahead.
+
+    The permutation is cut to whole global batches before sharding, so every rank yields exactly
+    ``steps_per_epoch * batch_size`` indices: with uneven shards (15 images, 2 ranks, batch 4 gave
+    2 and 1 steps) one rank would leave the epoch early and the others would hang in all-reduce.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0,
+                 batch_size: int = 1):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(size, generator=g).tolist()
+        order = order[:steps_per_epoch(size, batch_size, world) * batch_size * world]
         self.indices = order[rank::world][skip:]
 
     def __iter__(self) -> Iterator[int]:
@@ -165,7 +177,7 @@ class Trainer:
         val_samples = split_samples(cfg, "val")
         self.train_set = SegmentationDataset(train_samples, cfg.data, train=True, seed=cfg.seed)
         self.val_set = SegmentationDataset(val_samples, cfg.data, train=False)
-        self.steps_per_epoch = len(self.train_set) // (job.train.batch_size * self.world)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), job.train.batch_size, self.world)
         if self.steps_per_epoch == 0:
             raise InputError(f"{len(self.train_set)} training images are fewer than one batch of "
                              f"{job.train.batch_size} x {self.world} processes; lower train.batch_size")
@@ -205,7 +217,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(job.train, self.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.epoch, self.batch_in_epoch, self.step, self.best_miou = 0, 0, 0, -1.0
+        self.epoch, self.batch_in_epoch, self.step, self.best_miou, self.best_epoch = 0, 0, 0, -1.0, 0
+        self.epoch_sums: dict[str, float] = {}  # this epoch's running loss sums (saved: a resumed epoch continues them)
         self.last_metrics: dict = {}
         log.info("%s: %d trainable / %d parameters, %d steps/epoch x %d epochs, device %s%s", job.role,
                  sum(p.numel() for p in params), count_parameters(self.model), self.steps_per_epoch,
@@ -238,15 +251,40 @@ class Trainer:
             self.model.projection.load_state_dict(ckpt["projection"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        elif self.scaler.is_enabled():
+            # A disabled scaler (CPU, or AMP off) saves an empty state, which load_state_dict rejects:
+            # a CPU checkpoint resumed on CUDA with AMP starts a fresh scale instead.
+            log.info("%s has no AMP scaler state (saved without AMP); starting a fresh gradient scale", last)
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         self.best_miou, self.last_metrics = ckpt["best_miou"], ckpt.get("metrics", {})
+        self.best_epoch = ckpt.get("best_epoch", 0)
+        self.epoch_sums = dict(ckpt.get("epoch_sums", {}))
         restore_rng(ckpt["rng"])
+        if self.is_main:
+            self._repair_best(ckpt, last)
         if ckpt.get("complete"):
             log.info("%s is complete (%d epochs); nothing to do (pass --fresh to retrain)", last, self.epoch)
             return True
         log.info("resuming from %s at epoch %d, batch %d (step %d)", last, self.epoch, self.batch_in_epoch, self.step)
         return False
+
+    def _repair_best(self, ckpt: dict, last: Path) -> None:
+        """Rewrite ``best.pt`` if a crash came between saving the best epoch's ``last.pt`` and copying it.
+
+        ``best.pt`` is a byte copy of ``last.pt`` taken right after the best epoch's save, so the only
+        window where it can lag is while ``last.pt`` still is that epoch's checkpoint.
+        """
+        import filecmp
+
+        best = self.job.out_dir / "best.pt"
+        at_best = self.best_epoch > 0 and ckpt["epoch"] == self.best_epoch and ckpt["batch_in_epoch"] == 0
+        if at_best and not (best.is_file() and filecmp.cmp(best, last, shallow=False)):
+            log.warning("%s is older than the best epoch (%d, val mIoU %.4f) recorded in %s; rewriting it",
+                        best, self.best_epoch, self.best_miou, last)
+            with atomic_path(best) as tmp:
+                shutil.copyfile(last, tmp)
 
     def _save(self, complete: bool) -> None:
         if not self.is_main:
@@ -260,7 +298,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-            "best_miou": self.best_miou, "metrics": self.last_metrics, "complete": complete,
+            "best_miou": self.best_miou, "best_epoch": self.best_epoch, "epoch_sums": self.epoch_sums,
+            "metrics": self.last_metrics, "complete": complete,
             "rng": capture_rng(), "identity": self._identity(), "config": config_to_dict(self.cfg),
         }
         save_atomic(ckpt, self.job.out_dir / "last.pt")
@@ -306,14 +345,14 @@ class Trainer:
         while self.epoch < train.epochs:
             self.train_set.set_epoch(self.epoch)
             sampler = EpochSampler(len(self.train_set), self.cfg.seed, self.epoch, self.rank, self.world,
-                                   skip=self.batch_in_epoch * train.batch_size)
+                                   skip=self.batch_in_epoch * train.batch_size, batch_size=train.batch_size)
             loader = torch.utils.data.DataLoader(self.train_set, batch_size=train.batch_size, sampler=sampler,
                                                  num_workers=self.cfg.data.workers, drop_last=True,
                                                  pin_memory=self.device.type == "cuda")
             self.net.train()
             if self.job.freeze_encoder:  # frozen BN statistics too, not only frozen weights
                 self.model.student.encoder.eval()
-            sums: dict[str, float] = {}
+            sums = self.epoch_sums
             t_epoch = time.perf_counter()
             bar = tqdm(loader, desc=f"{self.job.role} epoch {self.epoch + 1}/{train.epochs}",
                        initial=self.batch_in_epoch, total=self.steps_per_epoch, disable=None if self.is_main else True,
@@ -333,6 +372,7 @@ class Trainer:
             seen = self.batch_in_epoch
             self.epoch += 1
             self.batch_in_epoch = 0
+            self.epoch_sums = {}
             record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0]}
             if self.job.loss.kl > 0:
                 record["temperature"] = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
@@ -342,7 +382,7 @@ class Trainer:
                 record.update(self._validate())
                 self.last_metrics = record
                 if record["val_miou"] > self.best_miou:
-                    self.best_miou = record["val_miou"]
+                    self.best_miou, self.best_epoch = record["val_miou"], self.epoch
                     record["best"] = True
             if self.is_main:
                 with open(self.job.out_dir / "metrics.jsonl", "a") as f:

@@ -45,12 +45,77 @@ def test_resume_after_max_steps_equals_an_uninterrupted_run(tiny_run, tmp_path):
     for key in ("student", "projection"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
-    lines = [json.loads(l) for l in (tmp_path / "b" / "distill" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2]
+    # The JSONL equals the uninterrupted run's, value for value (epoch 1's losses were summed over a
+    # resumed epoch: before the sums were checkpointed they came out 5/8 of the true mean).
+    lines = _records(tmp_path / "b"), _records(tmp_path / "a")
+    assert [l["epoch"] for l in lines[0]] == [1, 2]
+    assert lines[0] == lines[1]
     for key in ("loss", "loss_kl", "loss_mse", "loss_bce", "loss_dice", "loss_feature", "lr", "temperature",
                 "val_miou", "val_person_iou", "val_agreement"):
-        assert key in lines[-1], key
+        assert key in lines[0][-1] and isinstance(lines[0][-1][key], float), key
+    assert 0 < lines[0][0]["loss"] < 10
     assert (tmp_path / "b" / "distill" / "vis" / "epoch_002.png").is_file()
+
+
+def _records(run_dir):
+    """metrics.jsonl without the wall-clock field."""
+    out = []
+    for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record.pop("epoch_time_s") > 0
+        out.append(record)
+    return out
+
+
+def test_a_crash_before_best_pt_is_copied_is_repaired_on_resume(tiny_run, tmp_path, monkeypatch):
+    import edgeseg.distill.trainer as trainer_module
+
+    _, cfg = _config(tiny_run, tmp_path, train={"epochs": 1})
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("killed between last.pt and best.pt")
+
+    monkeypatch.setattr(trainer_module.shutil, "copyfile", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, job_for(cfg, "student")).run()
+    last, best = tmp_path / "distill" / "last.pt", tmp_path / "distill" / "best.pt"
+    assert load_checkpoint(last)["complete"] and not best.exists()
+    monkeypatch.undo()
+    Trainer(cfg, job_for(cfg, "student")).run()  # nothing left to train; the resume repairs best.pt
+    a, b = load_checkpoint(last), load_checkpoint(best)
+    assert b["best_miou"] == a["best_miou"] and b["epoch"] == a["best_epoch"] == 1
+    assert best.read_bytes() == last.read_bytes()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_every_rank_runs_the_same_number_of_steps(world, batch):
+    from edgeseg.distill.trainer import EpochSampler, steps_per_epoch
+
+    for size in range(batch * world, 41):
+        for skip_steps in (0, 1):
+            lengths = [len(EpochSampler(size, 0, 3, rank, world, skip=skip_steps * batch, batch_size=batch))
+                       for rank in range(world)]
+            steps = steps_per_epoch(size, batch, world)
+            assert lengths == [(steps - skip_steps) * batch] * world, (size, world, batch, lengths)
+        shards = [EpochSampler(size, 0, 3, rank, world, batch_size=batch).indices for rank in range(world)]
+        flat = [i for s in shards for i in s]
+        assert len(set(flat)) == len(flat)  # disjoint shards
+
+
+def test_a_cpu_checkpoint_resumes_with_an_enabled_amp_scaler(tiny_run, tmp_path):
+    # On CUDA with AMP the trainer's scaler is enabled; a checkpoint written on CPU holds the empty
+    # state of a disabled scaler, which GradScaler.load_state_dict refuses.
+    _, cfg = _config(tiny_run, tmp_path)
+    Trainer(cfg, job_for(cfg, "student"), max_steps=1).run()
+    assert load_checkpoint(tmp_path / "distill" / "last.pt")["scaler"] == {}
+    trainer = Trainer(cfg, job_for(cfg, "student"))
+    trainer._setup()
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # what AMP on a GPU gives
+    with pytest.raises(RuntimeError, match="empty"):
+        trainer.scaler.load_state_dict({})  # the library's rule this guards against
+    assert trainer._resume() is False and trainer.step == 1
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 65536.0
 
 
 def test_checkpoint_student_loads_strictly_without_the_projection(tiny_run, tmp_path):
@@ -102,10 +167,13 @@ def test_changed_settings_refuse_to_resume(tiny_run, tmp_path):
 def test_ddp_two_processes_gloo(tiny_run, tmp_path):
     import subprocess
 
-    path, _ = _config(tiny_run, tmp_path, train={"epochs": 1, "batch_size": 2})
+    # 16 images, 2 ranks, batch 2: 4 steps an epoch; 6 steps cross the epoch boundary (validation,
+    # JSONL and checkpoint on rank 0 while rank 1 waits at the barrier) and stop mid-epoch 2.
+    path, _ = _config(tiny_run, tmp_path, train={"epochs": 2, "batch_size": 2})
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "edgeseg", "distill", "train", "--config", str(path), "--max-steps", "3"],
+                        "-m", "edgeseg", "distill", "train", "--config", str(path), "--max-steps", "6"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout[-1500:]}\nstderr: {r.stderr[-3000:]}"
     ckpt = load_checkpoint(tmp_path / "distill" / "last.pt")
-    assert ckpt["identity"]["world"] == 2 and ckpt["step"] == 3
+    assert ckpt["identity"]["world"] == 2 and (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 2, 6)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()] == [1]
