@@ -139,11 +139,10 @@ def evaluate(config_path, overrides, verbose, checkpoint, baseline, with_baselin
 
 
 def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) -> dict:
-    import numpy as np
     import torch
 
     from edgeseg.distill.data import SegmentationDataset, split_samples
-    from edgeseg.distill.evaluation import dataset_masks, latency_ms, make_loader, predict_logits, score
+    from edgeseg.distill.evaluation import latency_ms, load_eval_set, logits_to_masks, make_loader, predict_logits, score
     from edgeseg.distill.models import count_parameters, load_model
     from edgeseg.distill.trainer import resolve_device
 
@@ -152,11 +151,12 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
     device = resolve_device(cfg.device)
     val = SegmentationDataset(split_samples(cfg, "val"), cfg.data, train=False)
     loader = make_loader(val, 16, cfg.data.workers)
-    gt, _ = dataset_masks(val)
+    ev = load_eval_set(val)
+    gt = ev.gt
     teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(device)
     student = load_model(cfg.student, checkpoint, cfg.student.feature_stride, keys=("student",)).to(device)
-    t_pred = (predict_logits(teacher, loader, device) > 0).astype(np.uint8)
-    s_pred = (predict_logits(student, loader, device) > 0).astype(np.uint8)
+    t_pred = logits_to_masks(predict_logits(teacher, loader, device), ev.placements)
+    s_pred = logits_to_masks(predict_logits(student, loader, device), ev.placements)
     t_score, s_score = score(t_pred, gt), score(s_pred, gt, t_pred)
     lat = latency_ms({"teacher": teacher, "student": student}, cfg.data.image_size, device, repeats=latency_repeats)
     report = {
@@ -171,7 +171,7 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
     }
     if baseline:
         b = load_model(cfg.student, baseline, cfg.student.feature_stride, keys=("student",)).to(device)
-        b_pred = (predict_logits(b, loader, device) > 0).astype(np.uint8)
+        b_pred = logits_to_masks(predict_logits(b, loader, device), ev.placements)
         b_score = score(b_pred, gt, t_pred)
         report["student_nodistill_miou"] = b_score["miou"]
         report["student_nodistill_agreement"] = b_score["agreement"]

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from edgeseg.distill.data import SegmentationDataset
-from edgeseg.runtime.metrics import SegmentationMeter
+from edgeseg.distill.data import SegmentationDataset, load_sample
+from edgeseg.runtime.metrics import score_masks
+from edgeseg.runtime.pipeline import masks_at_source
+from edgeseg.runtime.preprocess import Placement, place
 
 
 def make_loader(dataset: SegmentationDataset, batch_size: int, workers: int = 0) -> torch.utils.data.DataLoader:
@@ -27,26 +30,42 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device) -> np.n
     return np.concatenate(out) if out else np.zeros((0, 0, 0), np.float32)
 
 
-def dataset_masks(dataset: SegmentationDataset) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W) uint8 ground-truth masks and (N, H, W, 3) uint8 images of an un-augmented set."""
-    masks, images = [], []
+@dataclass
+class EvalSet:
+    """What scoring an un-augmented data set needs, loaded once."""
+
+    gt: list[np.ndarray]  # (h, w) uint8 {0, 1} ground truth at each image's original size
+    placements: list[Placement]  # where each image sits in the letterboxed model input
+    images: np.ndarray  # (N, H, W, 3) uint8 letterboxed images (visualisation)
+    gt_fitted: np.ndarray  # (N, H, W) uint8 letterboxed ground truth (visualisation)
+
+
+def load_eval_set(dataset: SegmentationDataset) -> EvalSet:
+    gt, placements, images, fitted = [], [], [], []
     for i in range(len(dataset)):
         _, mask, raw = dataset[i]
-        masks.append(mask[0].numpy().astype(np.uint8))
+        source_image, source_mask = load_sample(dataset.samples[i])
+        gt.append((source_mask > 0).astype(np.uint8))
+        placements.append(place(source_image.shape[:2], dataset.size, "letterbox"))
         images.append(raw.numpy().transpose(1, 2, 0))
-    return np.stack(masks), np.stack(images)
+        fitted.append(mask[0].numpy().astype(np.uint8))
+    return EvalSet(gt, placements, np.stack(images), np.stack(fitted))
 
 
-def score(pred: np.ndarray, gt: np.ndarray, reference: np.ndarray | None = None, boundary_px: int = 0) -> dict[str, float]:
-    """mIoU / person IoU (/ boundary IoU) of ``pred`` vs ``gt``, and agreement with ``reference``."""
-    meter = SegmentationMeter(boundary_px=boundary_px)
-    meter.update(pred, gt)
-    out = meter.summary()
-    del out["agreement"]  # pixel accuracy vs GT is not what "agreement" means here
-    if reference is not None:
-        agree = SegmentationMeter()
-        agree.update(pred, reference)
-        out["agreement"] = agree.agreement
+def logits_to_masks(logits: np.ndarray, placements: list[Placement]) -> list[np.ndarray]:
+    """(N, H, W) letterboxed logits -> per image masks at original size, exactly as the runtime does."""
+    return masks_at_source(logits, placements, cut=0.0)
+
+
+def score(pred: list[np.ndarray], gt: list[np.ndarray], reference: list[np.ndarray] | None = None,
+          boundary_px: int = 0) -> dict[str, float]:
+    """mIoU / person IoU (/ boundary IoU) of ``pred`` vs ``gt``, and agreement with ``reference``.
+
+    Masks at original size (see :func:`logits_to_masks`): the one scoring path shared with the
+    export stage's accuracy report (:func:`edgeseg.runtime.metrics.score_masks`).
+    """
+    out = score_masks(pred, gt, reference, boundary_px)
+    del out["per_image_iou"]
     return out
 
 

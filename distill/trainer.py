@@ -30,7 +30,7 @@ import torch.nn as nn
 from edgeseg.distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from edgeseg.distill.config import Config, LossConfig, ModelConfig, TrainConfig, config_to_dict
 from edgeseg.distill.data import SegmentationDataset, split_samples
-from edgeseg.distill.evaluation import dataset_masks, make_loader, predict_logits, score
+from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_loader, predict_logits, score
 from edgeseg.distill.losses import DistillationLoss, temperature_at
 from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, count_parameters, load_model
 from edgeseg.distill.visualize import comparison_grid, save_png
@@ -309,23 +309,26 @@ class Trainer:
     def _prepare_validation(self) -> None:
         bs = max(self.job.train.batch_size, 8)
         self.val_loader = make_loader(self.val_set, bs, self.cfg.data.workers)
-        self.val_gt, self.val_images = dataset_masks(self.val_set)
-        self.val_teacher = None
+        self.val = load_eval_set(self.val_set)
+        self.val_teacher = self.val_teacher_fitted = None
         if self.teacher is not None:  # frozen: its predictions are computed once
-            self.val_teacher = (predict_logits(self.teacher, self.val_loader, self.device) > 0).astype(np.uint8)
-            s = score(self.val_teacher, self.val_gt)
+            logits = predict_logits(self.teacher, self.val_loader, self.device)
+            self.val_teacher = logits_to_masks(logits, self.val.placements)
+            self.val_teacher_fitted = (logits > 0).astype(np.uint8)
+            s = score(self.val_teacher, self.val.gt)
             log.info("teacher on validation: mIoU %.4f, person IoU %.4f", s["miou"], s["person_iou"])
 
     def _validate(self) -> dict:
-        pred = (predict_logits(self.model.student, self.val_loader, self.device) > 0).astype(np.uint8)
-        metrics = {f"val_{k}": v for k, v in score(pred, self.val_gt, self.val_teacher).items()}
+        logits = predict_logits(self.model.student, self.val_loader, self.device)
+        pred = logits_to_masks(logits, self.val.placements)
+        metrics = {f"val_{k}": v for k, v in score(pred, self.val.gt, self.val_teacher).items()}
         n = min(self.job.train.vis_images, len(pred))
-        if n:
+        if n:  # the picture shows the model's input view (letterboxed)
             name = "student" if self.job.role != "teacher" else "model"
-            preds = {"teacher": self.val_teacher[:n]} if self.val_teacher is not None else {}
-            preds[name] = pred[:n]
+            preds = {"teacher": self.val_teacher_fitted[:n]} if self.val_teacher is not None else {}
+            preds[name] = (logits[:n] > 0).astype(np.uint8)
             pair = ("teacher", name) if self.val_teacher is not None else None
-            grid = comparison_grid(self.val_images[:n], self.val_gt[:n], preds, pair)
+            grid = comparison_grid(self.val.images[:n], self.val.gt_fitted[:n], preds, pair)
             save_png(grid, self.job.out_dir / "vis" / f"epoch_{self.epoch:03d}.png")
         return metrics
 

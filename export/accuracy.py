@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from edgeseg.runtime.backends.base import Runner
-from edgeseg.runtime.metrics import SegmentationMeter
+from edgeseg.runtime.metrics import SegmentationMeter, score_masks as score_all
 from edgeseg.runtime.pipeline import BatchBuffers, finish, prepare
 from edgeseg.runtime.spec import ModelSpec
 
@@ -82,14 +82,8 @@ class BackendScore:
 
 def score_masks(name: str, preds: list[np.ndarray], gts: list[np.ndarray],
                 fp32: list[np.ndarray] | None = None) -> BackendScore:
-    meter = SegmentationMeter(boundary_px=BOUNDARY_PX)
-    agree = SegmentationMeter() if fp32 is not None else None
-    for i, (p, g) in enumerate(zip(preds, gts)):
-        meter.update(p, g)
-        if agree is not None:
-            agree.update(p, fp32[i])
-    return BackendScore(name, meter.miou, meter.person_iou, meter.boundary_iou,
-                        agree.agreement if agree is not None else None, meter.per_image_iou)
+    s = score_all(preds, gts, fp32, boundary_px=BOUNDARY_PX)
+    return BackendScore(name, s["miou"], s["person_iou"], s["boundary_iou"], s.get("agreement"), s["per_image_iou"])
 
 
 def miou_of(preds: list[np.ndarray], gts: list[np.ndarray]) -> float:

@@ -85,14 +85,25 @@ def finish(output: np.ndarray, placements: Sequence[Placement], spec: ModelSpec)
     (bilinear; nearest for a mask output) and thresholded there: at logit(threshold) for
     logits, so no sigmoid is ever computed.
     """
-    out = output[:, 0] if output.ndim == 4 else output
     if spec.output == "logits":
         cut = float(np.log(spec.threshold / (1 - spec.threshold)))
     elif spec.output == "probabilities":
         cut = spec.threshold
     else:
         cut = 0.5  # a 0/1 mask
-    resample = cv2.INTER_NEAREST if spec.output == "mask" else cv2.INTER_LINEAR
+    return masks_at_source(output, placements, cut, nearest=spec.output == "mask")
+
+
+def masks_at_source(output: np.ndarray, placements: Sequence[Placement], cut: float,
+                    nearest: bool = False) -> list[np.ndarray]:
+    """(B, [1,] H, W) scores at model size -> per image (h, w) uint8 {0, 1} masks at original size.
+
+    Crops each image's letterbox, resizes the crop's scores to the original size (bilinear, or
+    nearest for 0/1 masks) and thresholds them at ``cut``. Shared by the runtime and by
+    distillation's evaluation, so training-time and deployment figures are scored alike.
+    """
+    out = output[:, 0] if output.ndim == 4 else output
+    resample = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     masks = []
     for scores, p in zip(out, placements):
         crop = scores[p.top:p.top + p.height, p.left:p.left + p.width]

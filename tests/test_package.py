@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,9 +20,13 @@ STAGE_FOLDERS = ("distill", "calibration", "export", "runtime")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy of the sources: setuptools' build/ folder would otherwise keep stale modules.
+    src = tmp_path_factory.mktemp("src") / "edgeseg"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", "results"))
     out = tmp_path_factory.mktemp("wheel")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "--disable-pip-version-check", "-q", "-w", str(out), str(ROOT)],
+                        "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = out.glob("edgeseg-*.whl")
