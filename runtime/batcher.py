@@ -1,10 +1,14 @@
 """A micro-batching queue: concurrent callers' images grouped into batches for one model.
 
-``submit`` puts (image, Future) on a bounded queue (a full queue blocks the caller: back
-pressure) and returns the Future. One worker thread takes the first waiting request, waits at
-most ``max_wait_ms`` for more (up to ``max_batch``), runs them as one batch and resolves each
-Future with its own result, or with the batch's exception. ``close`` finishes every request
-already queued (or, with ``cancel=True``, fails them) and stops the worker.
+``submit`` appends (image, Future) to a bounded queue and returns the Future; a full queue
+blocks the caller (back pressure) until there is room, its ``timeout`` runs out
+(``queue.Full``) or the queue closes (:class:`ClosedError`). One worker thread takes the first
+waiting request, waits at most ``max_wait_ms`` for more (up to ``max_batch``), runs them as one
+batch and resolves each Future with its own result, or with the batch's exception. ``close``
+finishes every request already queued (or, with ``cancel=True``, fails them) and stops the worker.
+
+All state sits behind one condition variable, and every wait on it releases the lock: a caller
+blocked on a full queue never holds up other callers' timeouts or ``close()``.
 """
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
-log = logging.getLogger(__name__)
+from edgeseg.runtime.errors import ClosedError
 
-_STOP = object()
+log = logging.getLogger(__name__)
 
 
 class MicroBatcher:
@@ -30,9 +35,10 @@ class MicroBatcher:
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._pending: deque = deque()
+        self._cond = threading.Condition()
         self._closed = False
-        self._close_lock = threading.Lock()
         self.batches = 0
         self.requests = 0
         self._worker = threading.Thread(target=self._loop, name="edgeseg-batcher", daemon=True)
@@ -42,33 +48,55 @@ class MicroBatcher:
     def mean_batch_size(self) -> float:
         return self.requests / self.batches if self.batches else 0.0
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def submit(self, item: object, timeout: float | None = None) -> Future:
-        """Queue one request; blocks while the queue is full (raises queue.Full after ``timeout``)."""
+        """Queue one request; blocks while the queue is full.
+
+        Raises:
+            queue.Full: the queue stayed full for ``timeout`` seconds.
+            ClosedError: the queue is closed (before or while waiting for room).
+        """
         fut: Future = Future()
-        with self._close_lock:  # so no request can slip in behind the stop marker
-            if self._closed:
-                raise RuntimeError("the segmenter is closed; submit() needs an open one")
-            self._queue.put((item, fut), timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ClosedError("the segmenter is closed; submit() needs an open one (create a new Segmenter)")
+                if len(self._pending) < self.queue_size:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise queue.Full(f"the request queue stayed full ({self.queue_size}) for {timeout} s")
+                self._cond.wait(remaining)  # releases the lock: others submit, time out or close meanwhile
+            self._pending.append((item, fut))
+            self._cond.notify_all()
         return fut
 
-    def _loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
+    def _next_batch(self) -> list | None:
+        """Wait for the first request, then up to ``max_wait_s`` for more; None once closed and drained."""
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            batch = [self._pending.popleft()]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
+                if self._pending:
+                    batch.append(self._pending.popleft())
+                    continue
                 remaining = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
+                if self._closed or remaining <= 0:
                     break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
+                self._cond.wait(remaining)
+            self._cond.notify_all()  # room for callers blocked on a full queue
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
             self._run(batch)
 
     def _run(self, batch: list) -> None:
@@ -77,7 +105,10 @@ class MicroBatcher:
         if not live:
             return
         try:
-            results = self.run_batch([batch[i][0] for i in live])
+            results = list(self.run_batch([batch[i][0] for i in live]))
+            if len(results) != len(live):  # never leave a caller waiting on a result that will not come
+                raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(live)} "
+                                   "requests; this is a bug in the backend")
         except Exception as e:  # every waiting caller gets the batch's error
             for i in live:
                 futures[i].set_exception(e)
@@ -89,17 +120,13 @@ class MicroBatcher:
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop accepting requests; finish (or with ``cancel`` fail) the queued ones; join the worker."""
-        with self._close_lock:
-            if self._closed:
-                return
+        with self._cond:
+            already = self._closed
             self._closed = True
-        if cancel:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    item[1].set_exception(RuntimeError("the segmenter was closed before this request ran"))
-        self._queue.put(_STOP)
-        self._worker.join(timeout)
+            if cancel:
+                while self._pending:
+                    self._pending.popleft()[1].set_exception(
+                        ClosedError("the segmenter was closed before this request ran"))
+            self._cond.notify_all()  # wakes the worker and every caller blocked on a full queue
+        if not already or cancel:
+            self._worker.join(timeout)

@@ -25,3 +25,7 @@ class BackendUnavailableError(EdgesegError, RuntimeError):
 
 class IntegrityError(EdgesegError):
     """A bundle or engine file that does not match its manifest (hash, GPU, TensorRT version)."""
+
+
+class ClosedError(EdgesegError, RuntimeError):
+    """A request to a Segmenter (or its queue) after ``close()``."""

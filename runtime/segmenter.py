@@ -19,7 +19,7 @@ import numpy as np
 from edgeseg.runtime.backends.base import Runner
 from edgeseg.runtime.batcher import MicroBatcher
 from edgeseg.runtime.bundle import Bundle
-from edgeseg.runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.errors import BackendUnavailableError, ClosedError, InputError
 from edgeseg.runtime.images import to_rgb_uint8
 from edgeseg.runtime.pipeline import BatchBuffers, check_images, finish, fit, prepare
 from edgeseg.runtime.spec import ModelSpec
@@ -103,6 +103,7 @@ class Segmenter:
         self._lock = threading.Lock()
         self._batcher: MicroBatcher | None = None
         self._batcher_args = (max_wait_ms, queue_size)
+        self._closed = False
         self.last_timings_ms: dict[str, float] = {s: 0.0 for s in STAGES}
         log.info("Segmenter: %s on %s (%s)", self.backend, self.device, self.model_path.name)
 
@@ -132,6 +133,7 @@ class Segmenter:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """HxWx3 uint8 RGB images (any sizes; grayscale, RGBA, 16-bit converted) -> HxW uint8 masks."""
+        self._check_open("predict")
         images = check_images(images)
         masks: list[np.ndarray] = []
         for i in range(0, len(images), self.max_batch):
@@ -162,9 +164,11 @@ class Segmenter:
         The image is converted and letterboxed here, in the caller's thread, so that work
         overlaps the batch the model is running; the worker only copies and normalises.
         """
+        self._check_open("submit")
         fitted = fit(to_rgb_uint8(image, name="submitted image"), self.spec)
         if self._batcher is None:
             with self._lock:
+                self._check_open("submit")  # never a new batcher on a runner that close() released
                 if self._batcher is None:
                     wait, size = self._batcher_args
                     self._batcher = MicroBatcher(lambda items: self._run_batch(items, fitted=True), self.max_batch,
@@ -176,11 +180,20 @@ class Segmenter:
         """Mean batch size the micro-batcher has run (0 before any ``submit``)."""
         return self._batcher.mean_batch_size if self._batcher else 0.0
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ClosedError(f"the segmenter is closed; {what}() needs an open one (create a new Segmenter)")
+
     def close(self, cancel: bool = False) -> None:
-        """Finish (or with ``cancel`` fail) pending requests, then release the model."""
+        """Finish (or with ``cancel`` fail) pending requests, then release the model. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         if self._batcher is not None:
             self._batcher.close(cancel=cancel)
-        self.runner.deactivate()
+        with self._lock:  # after the last batch: no model call can be running
+            self.runner.deactivate()
 
     def __enter__(self) -> "Segmenter":
         return self

@@ -257,6 +257,74 @@ def test_close_finishes_or_fails_pending_requests(tiny_onnx):
             f.result(timeout=10)
 
 
+def test_a_caller_blocked_on_a_full_queue_holds_up_no_one():
+    import queue as queue_module
+
+    from edgeseg.runtime.batcher import MicroBatcher
+    from edgeseg.runtime.errors import ClosedError
+
+    gate = threading.Event()
+    b = MicroBatcher(lambda items: (gate.wait(20), list(items))[1], max_batch=1, max_wait_ms=0, queue_size=1)
+    first = b.submit(1)
+    deadline = time.monotonic() + 5
+    while b._pending and time.monotonic() < deadline:  # the worker takes `first` and blocks on the gate
+        time.sleep(0.01)
+    queued = b.submit(2)  # fills the queue
+    outcome = {}
+
+    def blocked():
+        try:
+            b.submit(3)  # no timeout: waits for room
+            outcome["blocked"] = "submitted"
+        except ClosedError as e:
+            outcome["blocked"] = e
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    with pytest.raises(queue_module.Full):
+        b.submit(4, timeout=0.2)  # its own timeout holds although another caller is blocked
+    assert time.monotonic() - t0 < 5
+    closer = threading.Thread(target=b.close, kwargs={"cancel": True})
+    closer.start()
+    t.join(5)
+    assert not t.is_alive() and isinstance(outcome["blocked"], ClosedError)  # woken by close, told why
+    assert "closed" in str(outcome["blocked"])
+    with pytest.raises(ClosedError, match="closed before this request ran"):
+        queued.result(timeout=5)
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive() and first.result(timeout=5) == 1
+
+
+def test_submit_after_close_never_builds_a_new_batcher(tiny_onnx):
+    from edgeseg.runtime import Segmenter
+    from edgeseg.runtime.errors import ClosedError
+
+    path, _ = tiny_onnx
+    img = _images([(64, 64)])[0]
+    seg = Segmenter(path)
+    seg.close()  # before any submit: there is no batcher yet
+    with pytest.raises(ClosedError, match="segmenter is closed; submit"):
+        seg.submit(img)
+    with pytest.raises(ClosedError, match="segmenter is closed; predict"):
+        seg.predict([img])
+    assert seg._batcher is None
+    seg.close()  # idempotent
+
+
+def test_a_short_result_list_fails_every_future():
+    from edgeseg.runtime.batcher import MicroBatcher
+
+    b = MicroBatcher(lambda items: list(items)[:-1], max_batch=4, max_wait_ms=20)
+    fs = [b.submit(i) for i in range(5)]
+    for f in fs:
+        with pytest.raises(RuntimeError, match=r"returned \d results for a batch of \d"):
+            f.result(timeout=10)
+    b.close()
+
+
 def test_batch_errors_reach_every_caller():
     from edgeseg.runtime.batcher import MicroBatcher
 
