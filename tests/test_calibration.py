@@ -154,6 +154,27 @@ def test_ddpm_is_cached(tiny_run, tiny_ddpm):
         assert torch.equal(a, b)
 
 
+def test_ddpm_cache_key_follows_image_contents(tiny_run, tmp_path):
+    import shutil
+
+    from edgeseg.calibration.ddpm import _images_fingerprint
+    from edgeseg.distill.data import split_samples
+
+    _, cfg = tiny_run
+    samples = split_samples(cfg, "train")[:3]
+    copies = []
+    for s in samples:
+        dst = tmp_path / s.image.name
+        shutil.copyfile(s.image, dst)
+        copies.append(type(s)(**{**s.__dict__, "image": dst}))
+    before = _images_fingerprint(copies)
+    data = bytearray(copies[1].image.read_bytes())
+    data[-20] ^= 0xFF  # same name, same size, other content
+    copies[1].image.write_bytes(bytes(data))
+    assert copies[1].image.stat().st_size == samples[1].image.stat().st_size
+    assert _images_fingerprint(copies) != before
+
+
 def test_sampling_is_per_image_deterministic(tiny_ddpm):
     unet, sched, _, _ = tiny_ddpm
     cfg, g = SamplerConfig(steps=5), GuidanceConfig(mode="none")
@@ -259,6 +280,26 @@ def test_report_compares_synthetic_real_and_noise(tiny_run, tmp_path):
     assert r["counts"]["kept"] == 6 and r["tensors"] > 10
     assert (tmp_path / "calibration" / "report.json").is_file()
     assert (tmp_path / "calibration" / "contact_sheet.png").is_file()
+
+    # A set made of the held-out images themselves: its ranges are the held-out ranges, so nothing
+    # is clipped (coverage exactly 1) and its histograms are the held-out ones (KL 0). That fixes
+    # the ordering against the real and noise sets, whatever the model.
+    from PIL import Image
+
+    from edgeseg.calibration.report import real_images
+    from edgeseg.distill.data import split_samples
+
+    held_out = real_images([s.image for s in split_samples(cfg, "val")], cfg.calibration.report_images,
+                           cfg.data.image_size)
+    same = tmp_path / "held_out_set" / "images"
+    same.mkdir(parents=True)
+    for i, img in enumerate(held_out):
+        Image.fromarray(img).save(same / f"{i:05d}.png")
+    r = build_report(cfg, same.parent, out_dir=tmp_path / "report2")
+    assert r["coverage_synthetic"] == 1.0
+    assert r["hist_kl_synthetic"] == pytest.approx(0.0, abs=1e-12)
+    assert r["coverage_synthetic"] >= max(r["coverage_real"], r["coverage_noise"])
+    assert r["hist_kl_synthetic"] < min(r["hist_kl_real"], r["hist_kl_noise"])
 
 
 # --- the diffusers pipeline generator --------------------------------------------------------------
