@@ -72,7 +72,7 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     """
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
-    from tqdm import tqdm
+    from edgeseg.runtime.progress import LoggedProgress
 
     folder = recover_dir(folder)
     meta = {"config": config_to_dict(cfg), "data": _images_fingerprint(samples), "images": len(samples), "seed": seed}
@@ -93,7 +93,7 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     g = torch.Generator().manual_seed(seed)
     unet.train()
-    bar = tqdm(range(cfg.train_steps), desc="training the DDPM", disable=None, leave=False)
+    bar = LoggedProgress(range(cfg.train_steps), desc="training the DDPM", logger=log)
     for step in bar:
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
         x0 = data[idx]

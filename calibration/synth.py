@@ -208,7 +208,7 @@ class Synthesizer:
 
     def generate_pool(self, pool_size: int, progress: bool = True, start: int = 0) -> list[Candidate]:
         """Generate and score pool images ``start .. start + pool_size - 1`` (no filtering)."""
-        from tqdm import tqdm
+        from edgeseg.runtime.progress import LoggedProgress
 
         if not hasattr(self, "teacher"):
             teacher = load_model(self.cfg.teacher, self.cfg.teacher_checkpoint)
@@ -217,7 +217,8 @@ class Synthesizer:
         guide, self.guide_info = self._make_guide(start + pool_size)
         bs = self.cal.sampler.batch_size
         out: list[Candidate] = []
-        bar = tqdm(total=pool_size, desc=f"sampling ({self.guidance_mode})", disable=None if progress else True, leave=False)
+        bar = LoggedProgress(total=pool_size, desc=f"sampling ({self.guidance_mode})", logger=log,
+                             **({} if progress else {"disable": True, "every_s": float("inf")}))
         end = start + pool_size
         for b, first in enumerate(range(start, end, bs)):
             index = torch.arange(first, min(first + bs, end))

@@ -265,7 +265,7 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
     The set's parameters are stored in ``root/demo.json``; a matching file means the set is
     complete (it is written last), so an interrupted generation is redone, never half-used.
     """
-    from tqdm import tqdm
+    from edgeseg.runtime.progress import LoggedProgress
 
     root = Path(root)
     params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "train_count": train_count,
@@ -283,7 +283,7 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
             if int(stale.stem) >= count:
                 stale.unlink()
                 (root / split / "masks" / stale.name).unlink(missing_ok=True)
-        for i in tqdm(range(count), desc=f"demo data ({split})", disable=None, leave=False):
+        for i in LoggedProgress(range(count), desc=f"demo data ({split})", logger=log):
             img, mask = render_sample(seed, split, i, tuple(image_size), max_people, empty_fraction, backgrounds)
             Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
             Image.fromarray(mask * 255).save(root / split / "masks" / f"{i:05d}.png")

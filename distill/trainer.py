@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Role = Literal["teacher", "student", "baseline"]
 CHECKPOINT_FORMAT = "edgeseg-train/1"
+PROGRESS_EVERY_S = 30.0  # a log line at least this often inside an epoch (logs, not only the terminal bar)
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,8 @@ class Trainer:
             if self.job.freeze_encoder:  # frozen BN statistics too, not only frozen weights
                 self.model.student.encoder.eval()
             sums = self.epoch_sums
-            t_epoch = time.perf_counter()
+            t_epoch = t_logged = time.perf_counter()
+            start_batch = self.batch_in_epoch
             bar = tqdm(loader, desc=f"{self.job.role} epoch {self.epoch + 1}/{train.epochs}",
                        initial=self.batch_in_epoch, total=self.steps_per_epoch, disable=None if self.is_main else True,
                        leave=False)
@@ -367,6 +369,14 @@ class Trainer:
                 self.batch_in_epoch += 1
                 self.step += 1
                 bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                now = time.perf_counter()
+                if self.is_main and now - t_logged >= PROGRESS_EVERY_S:
+                    t_logged = now
+                    per_step = (now - t_epoch) / (self.batch_in_epoch - start_batch)
+                    log.info("%s epoch %d/%d: batch %d/%d, loss %.4f, %.2f s/step, epoch ends in about %.0f s",
+                             self.job.role, self.epoch + 1, train.epochs, self.batch_in_epoch, self.steps_per_epoch,
+                             sums["loss"] / max(self.batch_in_epoch, 1), per_step,
+                             per_step * (self.steps_per_epoch - self.batch_in_epoch))
                 if self.max_steps is not None and self.step >= self.max_steps:
                     self._save(complete=False)
                     log.info("stopped after --max-steps %d; resume by running the same command", self.max_steps)

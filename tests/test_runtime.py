@@ -380,3 +380,19 @@ def test_profile_cli_writes_json_and_plot(tiny_onnx, tmp_path):
 def test_runtime_cli_refuses_a_missing_bundle(tmp_path):
     r = run_cli("runtime", "profile", "--bundle", str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "does not exist" in r.stderr
+
+
+def test_long_steps_log_progress_off_a_terminal(caplog):
+    import logging
+
+    from edgeseg.runtime.progress import LoggedProgress
+
+    log = logging.getLogger("edgeseg.test.progress")
+    with caplog.at_level(logging.INFO, logger="edgeseg.test.progress"):
+        assert list(LoggedProgress(range(4), desc="sampling", logger=log, every_s=0.0)) == [0, 1, 2, 3]
+        quiet = LoggedProgress(total=10, desc="quiet", logger=log, every_s=3600)
+        quiet.update(5)
+        quiet.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [l.split(" (")[0] for l in lines] == ["sampling: 1/4", "sampling: 2/4", "sampling: 3/4", "sampling: 4/4"]
+    assert "s left" in lines[0]
