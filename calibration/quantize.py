@@ -93,7 +93,11 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[
     t0 = time.perf_counter()
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
-    extra = {"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True}
+    extra = {"ActivationSymmetric": flavour == "s8s8", "WeightSymmetric": True,
+             # s8s8 is TensorRT's model: its ONNX parser takes DequantizeLinear only on int8/fp8/int4
+             # inputs, not the int32 bias ORT writes by default (ORT issue 17738, onnx-tensorrt issue
+             # 850), so Conv biases stay float there; TensorRT fuses them into its INT8 kernels anyway.
+             "QuantizeBias": flavour != "s8s8"}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     with tempfile.TemporaryDirectory(prefix="edgeseg-q-") as tmp:

@@ -18,6 +18,8 @@ Python and unit-tested anywhere; only :func:`build_engine` needs TensorRT and a 
 """
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -203,6 +205,10 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
 
     paths = engine_paths(out_dir, plan.precision, plan.dla_core)
     t0 = time.perf_counter()
+    if importlib.util.find_spec("onnx") is not None:  # absent on a runtime-only device: its parser speaks then
+        from edgeseg.export.trt_rules import check_for_tensorrt
+
+        check_for_tensorrt(plan.onnx)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0

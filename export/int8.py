@@ -23,6 +23,7 @@ from edgeseg.calibration.quantize import activation_scales, batches_of, preproce
 from edgeseg.calibration.report import noise_images, real_images
 from edgeseg.calibration.synth import load_calibration_images
 from edgeseg.distill.config import Config
+from edgeseg.export.trt_rules import check_for_tensorrt
 from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
 from edgeseg.export.trt_cache import write_cache
 from edgeseg.runtime.files import write_json_atomic
@@ -107,6 +108,7 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     pre = preprocess_for_quantization(fp32, export_dir / "model.pre.onnx")
     q = dict(method=e.calibration_method, percentile=e.percentile, preprocessed=True)
     s8 = quantize_qdq(pre, export_dir / "model.int8.onnx", batches, flavour="s8s8", **q)
+    check_for_tensorrt(s8)  # the TensorRT model: fail here, not on the device
     quantize_qdq(pre, export_dir / "model.int8-cpu.onnx", batches, flavour="u8s8", **q)
     cache = write_cache(activation_scales(s8), export_dir / "calibration.cache")
     report = {"calibration_dir": str(calib_dir), "calibration_images": len(images), "method": e.calibration_method,
@@ -121,6 +123,7 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
             report["files"][f"int8_{name}"] = str(path)
     if val is not None:
         report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val)
+        check_for_tensorrt(export_dir / "model.int8-mixed.onnx")
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(export_dir / "quantize.json", report)
     return report

@@ -44,7 +44,8 @@ class DeployModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.fuse:
-            images = images.permute(0, 3, 1, 2).float() * self.scale + self.bias
+            # Cast first: TensorRT takes uint8 only at network I/O and Cast, so no Transpose of uint8.
+            images = images.float().permute(0, 3, 1, 2) * self.scale + self.bias
         logits = self.student(images)
         if self.output == "probabilities":
             return torch.sigmoid(logits)

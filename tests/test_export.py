@@ -349,3 +349,72 @@ def test_bundle_gates_on_the_accuracy_budget(exported, tmp_path):
     assert not (tmp_path / "b").exists()
     manifest = write_bundle(tight, export_copy, tmp_path / "b", None, allow_over_budget=True)
     assert (tmp_path / "b" / "manifest.json").is_file() and manifest["budget"]["met"] is False
+
+
+# --- what TensorRT's ONNX parser accepts ----------------------------------------------------------
+
+def test_the_tensorrt_models_pass_the_parser_rules(exported):
+    from edgeseg.export.trt_rules import tensorrt_problems
+
+    _, _, run_dir, _, _, _, _ = exported
+    d = run_dir / "export"
+    assert tensorrt_problems(d / "model.int8.onnx") == []
+    assert tensorrt_problems(d / "model.onnx") == []
+    dq_inputs = {n.input[0] for n in onnx.load(d / "model.int8.onnx").graph.node if n.op_type == "DequantizeLinear"}
+    inits = {i.name: i.data_type for i in onnx.load(d / "model.int8.onnx").graph.initializer}
+    assert onnx.TensorProto.INT32 not in {inits[i] for i in dq_inputs if i in inits}  # biases stay float
+    # the u8s8 CPU model breaks them (uint8, non-zero zero-points, int32 biases): the check can fail
+    problems = tensorrt_problems(d / "model.int8-cpu.onnx")
+    assert any("DequantizeLinear of a INT32 tensor" in p for p in problems)
+    assert any("zero-point" in p for p in problems)
+
+
+def test_ort_default_bias_quantization_is_refused_for_tensorrt(exported, tmp_path):
+    from edgeseg.calibration.quantize import batches_of, quantize_qdq
+    from edgeseg.export.trt_rules import check_for_tensorrt
+
+    _, _, run_dir, _, _, _, _ = exported
+    batches = batches_of(np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8),
+                         lambda b: ((b.astype(np.float32) / 255 - 0.45) / 0.226).transpose(0, 3, 1, 2))
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from edgeseg.calibration.quantize import ArrayReader, input_name
+
+    src = run_dir / "export" / "model.onnx"
+    bad = tmp_path / "default.onnx"
+    quantize_static(str(src), str(bad), ArrayReader(input_name(src), batches), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})  # ORT's default bias
+    with pytest.raises(InputError, match=r"default.onnx: TensorRT's ONNX parser would refuse it: .*"
+                                         r"DequantizeLinear of a INT32 tensor"):
+        check_for_tensorrt(bad)
+    ok = quantize_qdq(src, tmp_path / "ours.onnx", batches, flavour="s8s8")
+    check_for_tensorrt(ok)
+
+
+def test_fused_uint8_input_is_cast_before_any_transpose(tiny_run, tmp_path):
+    from edgeseg.export.trt_rules import tensorrt_problems
+    from edgeseg.export.stage import run_onnx
+
+    _, base = tiny_run
+    path = write_config(tmp_path, data={"root": str(base.data_root)},
+                        teacher={"checkpoint": str(base.teacher_checkpoint)},
+                        export={"fuse_preprocessing": True, "output": "mask", "max_batch": 2, "opt_batch": 1})
+    cfg = load_config(path, Config)
+    from edgeseg.distill.models import build_model
+
+    (tmp_path / "distill").mkdir()
+    torch.save({"student": build_model(cfg.student).state_dict()}, tmp_path / "distill" / "best.pt")
+    run_onnx(cfg)
+    m = onnx.load(tmp_path / "export" / "model.onnx")
+    first = next(n for n in m.graph.node if "images" in n.input)
+    assert first.op_type == "Cast"
+    assert tensorrt_problems(m) == []
+    # the old order (Transpose of uint8, then Cast) is refused
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2], name="T"),
+                           helper.make_node("Cast", ["t"], ["y"], to=TensorProto.FLOAT, name="C")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 4, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
+    problems = tensorrt_problems(helper.make_model(g))
+    assert any("T: Transpose produces uint8" in p for p in problems) and any("reads the uint8 input" in p for p in problems)
