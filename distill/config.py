@@ -28,13 +28,16 @@ class DemoDataConfig:
     """The embedded, procedurally generated person data set."""
 
     train_count: int = 800  # images in the training split
-    val_count: int = 200  # images in the validation split
+    val_count: int = 200  # images in the validation split (selection: best checkpoint, budget, thresholds)
+    test_count: int = 400  # held-out test split: every reported quality figure
+    test_shift_count: int = 400  # the same scenes under a deployment-domain shift (held-out backgrounds, light)
     seed: int = 0  # one seed fixes every image and mask
     max_people: int = 3  # people per image, 0..max_people
     empty_fraction: float = 0.1  # share of images with nobody in them
 
     def __post_init__(self):
         require(self.train_count >= 1 and self.val_count >= 1, "train_count/val_count", "must be >= 1")
+        require(self.test_count >= 0 and self.test_shift_count >= 0, "test_count/test_shift_count", "must be >= 0")
         require(0.0 <= self.empty_fraction < 1.0, "empty_fraction", f"must be in [0, 1), got {self.empty_fraction}")
         require(self.max_people >= 1, "max_people", f"must be >= 1, got {self.max_people}")
 
@@ -62,8 +65,12 @@ class DataConfig:
     root: str = ""  # folder: <root>/<train>/{images,masks}; coco: JSON files under <root>
     train: str = "train"  # split folder (folder) or annotation JSON (coco), relative to root
     val: str = "val"
+    test: str = "test"  # optional held-out split (folder or COCO JSON); reports fall back to val without it
+    test_shift: str = "test_shift"  # optional deployment-domain split, reported beside test
     train_images: str = ""  # coco only: image folder of the train split, relative to root
     val_images: str = ""  # coco only: image folder of the val split
+    test_images: str = ""  # coco only: image folder of the test split
+    test_shift_images: str = ""  # coco only: image folder of the test_shift split
     image_size: tuple[int, int] = (128, 128)  # (height, width) in pixels, multiples of 32
     mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB normalisation of the UNets' input
     std: tuple[float, float, float] = IMAGENET_STD

@@ -119,25 +119,61 @@ def coco_samples(annotation_json: str | Path, image_dir: str | Path) -> list[Sam
     return samples
 
 
-def split_samples(cfg: Config, split: str) -> list[Sample]:
-    """The samples of ``split`` ('train' or 'val') for the configured source.
+SPLITS = ("train", "val", "test", "test_shift")
+OPTIONAL_SPLITS = ("test", "test_shift")
 
-    The demo source generates its set under ``<run_dir>/data`` first (once; cached).
-    """
+
+def _ensure_demo(cfg: Config) -> None:
     d: DataConfig = cfg.data
-    root = cfg.data_root
     if d.source == "demo":
         from edgeseg.distill.demo_data import generate_demo_dataset
 
-        generate_demo_dataset(root, d.image_size, d.demo.train_count, d.demo.val_count, d.demo.seed,
-                              d.demo.max_people, d.demo.empty_fraction)
-    rel = d.train if split == "train" else d.val
+        generate_demo_dataset(cfg.data_root, d.image_size, d.demo.train_count, d.demo.val_count, d.demo.seed,
+                              d.demo.max_people, d.demo.empty_fraction, d.demo.test_count, d.demo.test_shift_count)
+
+
+def has_split(cfg: Config, split: str) -> bool:
+    """Whether the data set has ``split`` (train and val always; test and test_shift are optional)."""
+    if split not in OPTIONAL_SPLITS:
+        return True
+    d: DataConfig = cfg.data
+    if d.source == "demo":
+        return (d.demo.test_count if split == "test" else d.demo.test_shift_count) > 0
+    rel = cfg.data_root / getattr(d, split)
     if d.source == "coco":
-        images = d.train_images if split == "train" else d.val_images
+        return rel.is_file() and bool(getattr(d, f"{split}_images"))
+    return (rel / "images").is_dir()
+
+
+def split_samples(cfg: Config, split: str) -> list[Sample]:
+    """The samples of ``split`` (train, val, test or test_shift) for the configured source.
+
+    The demo source generates its set under ``<run_dir>/data`` first (once; cached).
+    """
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    d: DataConfig = cfg.data
+    _ensure_demo(cfg)
+    rel = getattr(d, split)
+    if d.source == "coco":
+        images = getattr(d, f"{split}_images")
         if not images:
             raise InputError(f"data.{split}_images must name the COCO image folder of the {split} split")
-        return coco_samples(root / rel, root / images)
-    return folder_samples(root / rel)
+        return coco_samples(cfg.data_root / rel, cfg.data_root / images)
+    return folder_samples(cfg.data_root / rel)
+
+
+def report_splits(cfg: Config) -> tuple[list[str], str]:
+    """The splits quality figures are reported on, and a note for the reports.
+
+    ``test`` (with ``test_shift`` beside it when present); without a test split, ``val``, the
+    split that also chose the checkpoint, which the note says plainly.
+    """
+    if has_split(cfg, "test"):
+        names = ["test"] + (["test_shift"] if has_split(cfg, "test_shift") else [])
+        return names, "figures on the held-out test split; val chose the checkpoint and the INT8 budget"
+    return ["val"], ("this data has no test split: the figures are on val, the selection split that also chose "
+                     "the checkpoint and the INT8 budget, so they are optimistic; add <root>/test to report held out")
 
 
 def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:

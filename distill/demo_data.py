@@ -8,6 +8,11 @@ hands. Backgrounds are random crops, flips, colour shifts and blends of the phot
 textures bundled with scikit-image (no people among them), with distractor shapes in clothing
 colours, foreground occluders that cut people's masks, lighting gradients, blur and noise.
 Everything is a function of (seed, split, index), so the set is identical on every machine.
+
+Splits: ``train`` and ``val`` (selection), ``test`` (the same kind of scenes, reported on) and
+``test_shift``, a deployment-domain shift that training never sees: backgrounds from source
+photographs held out of the other splits, under low light with sensor noise, strong backlight
+or colour casts (see :func:`_deployment_shift`).
 """
 from __future__ import annotations
 
@@ -24,19 +29,22 @@ log = logging.getLogger(__name__)
 
 # scikit-image photographs and textures that load offline and contain no people.
 _BACKGROUND_SOURCES = (
-    "brick", "grass", "gravel", "coffee", "rocket", "chelsea", "hubble_deep_field", "retina",
-    "coins", "moon", "page", "text", "immunohistochemistry", "cell", "clock", "stereo_motorcycle",
+    "brick", "grass", "gravel", "chelsea", "hubble_deep_field", "retina",
+    "coins", "moon", "page", "text", "immunohistochemistry", "cell",
 )
+# Held out of train/val/test: only the shifted test split draws on these.
+_SHIFT_BACKGROUND_SOURCES = ("coffee", "rocket", "clock", "stereo_motorcycle", "colorwheel")
+SPLITS = ("train", "val", "test", "test_shift")
 _SKIN_TONES = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 66],
                         [141, 85, 36], [92, 56, 30]], np.float32)
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
-def _load_backgrounds() -> list[np.ndarray]:
+def _load_backgrounds(names: tuple[str, ...] = _BACKGROUND_SOURCES) -> list[np.ndarray]:
     import skimage.data
 
     out = []
-    for name in _BACKGROUND_SOURCES:
+    for name in names:
         img = getattr(skimage.data, name)()
         if isinstance(img, tuple):  # stereo pairs
             img = img[0]
@@ -221,7 +229,7 @@ def render_sample(seed: int, split: str, index: int, size: tuple[int, int], max_
     Returns:
         ((H, W, 3) uint8 RGB image, (H, W) uint8 mask with 1 = person).
     """
-    split_id = {"train": 0, "val": 1}.get(split, 2)
+    split_id = SPLITS.index(split)
     rng = np.random.default_rng([seed, split_id, index])
     side = 2 * max(size)
     c = _Canvas(rng=rng, size=side, backgrounds=backgrounds)
@@ -253,14 +261,42 @@ def render_sample(seed: int, split: str, index: int, size: tuple[int, int], max_
     img = img.resize((w, h), Image.BOX)
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    out = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(1, 6), size=(h, w, 3))
+    out = np.asarray(img, np.float32)
+    if split == "test_shift":
+        out = _deployment_shift(out, rng)
+    out = out + rng.normal(0, rng.uniform(1, 6), size=(h, w, 3))
     mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX)) > 127
     return out.clip(0, 255).astype(np.uint8), mask_small.astype(np.uint8)
 
 
+def _deployment_shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One deployment-domain condition that training never shows, applied to a (H, W, 3) float image.
+
+    - low light: exposure x0.15-0.4 with a gamma lift, then shot and read noise (a dark, grainy camera);
+    - backlight: a bright source on one side (up to +220) that washes the scene out, people darker;
+    - colour cast: strong per-channel gains (sodium, LED or tungsten light) and lowered contrast.
+    """
+    h, w = image.shape[:2]
+    kind = rng.integers(3)
+    if kind == 0:
+        lit = 255 * (np.clip(image, 0, 255) / 255 * rng.uniform(0.15, 0.4)) ** rng.uniform(0.8, 1.0)
+        shot = rng.normal(0, 1, image.shape) * np.sqrt(np.maximum(lit, 0) * rng.uniform(0.5, 2.0))
+        return lit + shot + rng.normal(0, rng.uniform(4, 10), image.shape)
+    if kind == 1:
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        cy, cx = rng.uniform(-0.2, 1.2) * h, (rng.choice([-0.3, 1.3]) + rng.uniform(-0.2, 0.2)) * w
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / max(h, w)
+        glow = rng.uniform(150, 220) * np.exp(-(d / rng.uniform(0.4, 0.8)) ** 2)
+        return image * rng.uniform(0.45, 0.7) + glow[:, :, None] * np.array([1.0, 0.97, 0.9])
+    gains = rng.choice([[1.35, 0.95, 0.45], [0.6, 0.9, 1.4], [1.3, 0.75, 1.2], [0.8, 1.3, 0.7]])
+    mean = image.mean()
+    return (mean + (image - mean) * rng.uniform(0.5, 0.8)) * np.asarray(gains) * rng.uniform(0.8, 1.1)
+
+
 def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_count: int, val_count: int,
-                          seed: int = 0, max_people: int = 3, empty_fraction: float = 0.1) -> Path:
-    """Write ``root/{train,val}/{images,masks}/NNNNN.png`` unless an identical set is there.
+                          seed: int = 0, max_people: int = 3, empty_fraction: float = 0.1, test_count: int = 0,
+                          test_shift_count: int = 0) -> Path:
+    """Write ``root/{train,val,test,test_shift}/{images,masks}/NNNNN.png`` unless an identical set is there.
 
     The set's parameters are stored in ``root/demo.json``; a matching file means the set is
     complete (it is written last), so an interrupted generation is redone, never half-used.
@@ -269,14 +305,16 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
 
     root = Path(root)
     params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "train_count": train_count,
-              "val_count": val_count, "seed": seed, "max_people": max_people, "empty_fraction": empty_fraction}
+              "val_count": val_count, "test_count": test_count, "test_shift_count": test_shift_count, "seed": seed,
+              "max_people": max_people, "empty_fraction": empty_fraction}
     stamp = root / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         log.info("demo data set in %s is up to date", root)
         return root
     stamp.unlink(missing_ok=True)
-    backgrounds = _load_backgrounds()
-    for split, count in (("train", train_count), ("val", val_count)):
+    backgrounds = {"source": _load_backgrounds(), "shift": _load_backgrounds(_SHIFT_BACKGROUND_SOURCES)}
+    counts = {"train": train_count, "val": val_count, "test": test_count, "test_shift": test_shift_count}
+    for split, count in counts.items():
         (root / split / "images").mkdir(parents=True, exist_ok=True)
         (root / split / "masks").mkdir(parents=True, exist_ok=True)
         for stale in (root / split / "images").glob("*.png"):
@@ -284,9 +322,11 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
                 stale.unlink()
                 (root / split / "masks" / stale.name).unlink(missing_ok=True)
         for i in LoggedProgress(range(count), desc=f"demo data ({split})", logger=log):
-            img, mask = render_sample(seed, split, i, tuple(image_size), max_people, empty_fraction, backgrounds)
+            img, mask = render_sample(seed, split, i, tuple(image_size), max_people, empty_fraction,
+                                      backgrounds["shift" if split == "test_shift" else "source"])
             Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
             Image.fromarray(mask * 255).save(root / split / "masks" / f"{i:05d}.png")
     stamp.write_text(json.dumps(params, indent=1))
-    log.info("wrote the demo data set (%d train, %d val at %s) to %s", train_count, val_count, image_size, root)
+    log.info("wrote the demo data set (%s at %s) to %s", ", ".join(f"{n} {s}" for s, n in counts.items()),
+             image_size, root)
     return root

@@ -61,17 +61,26 @@ def package_versions() -> dict[str, str]:
 
 
 def check_budget(accuracy: dict, precision: str, budget_points: float) -> tuple[bool, str]:
-    """Does the deployed precision keep FP32 mIoU within the budget? (ok, the figures in words)."""
+    """Do the deployed models keep FP32 mIoU within the budget? (ok, the figures in words).
+
+    For INT8 both models are gated: the s8s8 one TensorRT builds and the u8s8 one the CPU
+    runtime serves (``cpu_model_miou``), each by its own measured mIoU on the report split.
+    """
     fp32 = accuracy["fp32_miou"]
+    split = accuracy.get("split", "val")
     if precision == "fp32":
-        return True, f"FP32 mIoU {fp32:.4f}"
-    key = "deployed_int8_miou" if precision == "int8" else "fp16_miou"
-    value = accuracy.get(key)
-    if value is None:
-        return False, f"no {precision} accuracy was measured (run `edgeseg export accuracy`)"
-    drop = (fp32 - value) * 100
-    words = f"{precision} mIoU {value:.4f} vs FP32 {fp32:.4f}: {drop:.2f} points lost, budget {budget_points:.2f}"
-    return drop <= budget_points + 1e-9, words
+        return True, f"FP32 mIoU {fp32:.4f} ({split})"
+    checks = [("int8", "deployed_int8_miou"), ("int8 CPU (u8s8)", "cpu_model_miou")] if precision == "int8" \
+        else [("fp16", "fp16_miou")]
+    ok, words = True, []
+    for label, key in checks:
+        value = accuracy.get(key)
+        if value is None:
+            return False, f"no {label} accuracy was measured (run `edgeseg export accuracy`)"
+        drop = (fp32 - value) * 100
+        words.append(f"{label} mIoU {value:.4f} vs FP32 {fp32:.4f}: {drop:.2f} points lost")
+        ok &= drop <= budget_points + 1e-9
+    return ok, "; ".join(words) + f", budget {budget_points:.2f} ({split})"
 
 
 def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: Path | None,
@@ -87,10 +96,11 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         raise InputError(f"refusing to deploy: {words}. Raise export.max_miou_drop, choose another export.precision, "
                          "or pass --allow-over-budget")
     int8_source = Path(accuracy.get("deployed_int8_model") or export_dir / "model.int8.onnx")
-    files = {  # bundle name -> (source, role)
+    cpu_source = Path(accuracy.get("cpu_model_file") or export_dir / "model.int8-cpu.onnx")
+    files = {  # bundle name -> (source, role); the budget's mixed models ship under the plain names
         "model.onnx": (export_dir / "model.onnx", "fp32"),
         "model.int8.onnx": (int8_source, "int8"),
-        "model.int8-cpu.onnx": (export_dir / "model.int8-cpu.onnx", "int8-cpu"),
+        "model.int8-cpu.onnx": (cpu_source, "int8-cpu"),
         "model.fp16.onnx": (export_dir / "model.fp16.onnx", "fp16"),
         "calibration.cache": (export_dir / "calibration.cache", "calibration-cache"),
         "accuracy.json": (accuracy_path, "report"),
@@ -120,7 +130,8 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         "precision": precision,
         "normalisation": "fused in the graph" if spec.fused else {"mean": list(spec.mean), "std": list(spec.std)},
         "budget": {"max_miou_drop_points": cfg.export.max_miou_drop, "met": ok, "figures": words},
-        "float_nodes": accuracy.get("mixed_float_nodes", []) if accuracy.get("deployed_int8_model") else [],
+        "float_nodes": accuracy.get("mixed_float_nodes", []) if accuracy.get("deployed_int8") == "mixed" else [],
+        "cpu_float_nodes": accuracy.get("cpu_mixed_float_nodes", []) if accuracy.get("cpu_model") == "int8_cpu_mixed" else [],
         "files": listed,
         "versions": package_versions(),
         "accuracy": {k: v for k, v in accuracy.items() if not isinstance(v, (dict, list))},

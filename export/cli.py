@@ -99,9 +99,9 @@ def all_steps(config_path, overrides, verbose, checkpoint, calib):
 
     cfg = load(config_path, overrides, max(verbose, 1))
     run_onnx(cfg, checkpoint)
-    val = validation_set(cfg)  # read once: the budget search and the report use the same images
-    run_quantize(cfg, calib, val=val)
-    report = run_accuracy(cfg, checkpoint, val=val)
+    # val selects (the budget search); the report is on test and test_shift, never on val when they exist
+    run_quantize(cfg, calib, val=validation_set(cfg))
+    report = run_accuracy(cfg, checkpoint)
     run_engine(cfg, cfg.export.precision)
     _echo(report)
 

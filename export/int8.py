@@ -5,10 +5,16 @@ report), ``model.int8-cpu.onnx`` (u8s8: ONNX Runtime CPU) and ``calibration.cach
 implicit INT8, from the s8s8 model's own scales). With ``contrast=True`` also the same s8s8
 model calibrated on as many real training images and on uniform noise, for the report.
 
-Accuracy budget: if s8s8 loses more than ``max_miou_drop`` mIoU points against FP32, nodes are
-ranked by the SQNR of their output's own quantization (pre- vs post-Q/DQ, ORT's
-``qdq_loss_debug``) on held-out images, and the worst are kept in float, doubling their number
-until the budget holds and then bisecting down to the fewest that do.
+Accuracy budget, for each flavour (s8s8 for TensorRT, u8s8 for the CPU runtime): if it loses
+more than ``max_miou_drop`` mIoU points against FP32 on the validation split (selection only;
+reports use test), nodes are ranked by the SQNR of their output's own quantization (pre- vs
+post-Q/DQ, ORT's ``qdq_loss_debug``) on held-out calibration images, and the worst are kept in
+float, doubling their number until the budget holds and then bisecting down to the fewest that
+do. The chosen models are ``model.int8-mixed.onnx`` and ``model.int8-cpu-mixed.onnx``.
+
+Calibration matrix (``contrast=True``): both flavours x {minmax, percentile} x {synthetic, real
+training images, uniform noise} under ``matrix/``, so the accuracy report can show whether the
+calibration source matters at all.
 """
 from __future__ import annotations
 
@@ -109,58 +115,99 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     q = dict(method=e.calibration_method, percentile=e.percentile, preprocessed=True)
     s8 = quantize_qdq(pre, export_dir / "model.int8.onnx", batches, flavour="s8s8", **q)
     check_for_tensorrt(s8)  # the TensorRT model: fail here, not on the device
-    quantize_qdq(pre, export_dir / "model.int8-cpu.onnx", batches, flavour="u8s8", **q)
+    u8 = quantize_qdq(pre, export_dir / "model.int8-cpu.onnx", batches, flavour="u8s8", **q)
     cache = write_cache(activation_scales(s8), export_dir / "calibration.cache")
     report = {"calibration_dir": str(calib_dir), "calibration_images": len(images), "method": e.calibration_method,
-              "files": {"int8": str(s8), "int8_cpu": str(export_dir / "model.int8-cpu.onnx"), "cache": str(cache)}}
+              "files": {"int8": str(s8), "int8_cpu": str(u8), "cache": str(cache)}}
     if contrast:
         from edgeseg.distill.data import split_samples
 
-        real = real_images([s.image for s in split_samples(cfg, "train")], len(images), hw)
-        for name, imgs in (("real", real), ("noise", noise_images(len(images), hw, cfg.calibration.seed))):
-            path = quantize_qdq(pre, export_dir / f"model.int8-{name}.onnx", batches_of(imgs, to_input),
-                                flavour="s8s8", **q)
+        sources = {"synthetic": batches,
+                   "real": batches_of(real_images([s.image for s in split_samples(cfg, "train")], len(images), hw),
+                                      to_input),
+                   "noise": batches_of(noise_images(len(images), hw, cfg.calibration.seed), to_input)}
+        for name in ("real", "noise"):  # the contrasts of the report's chain, as before
+            path = quantize_qdq(pre, export_dir / f"model.int8-{name}.onnx", sources[name], flavour="s8s8", **q)
             report["files"][f"int8_{name}"] = str(path)
+        report["matrix"] = write_matrix(pre, export_dir, sources, e.percentile, report["files"], e.calibration_method)
     if val is not None:
-        report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val)
+        report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val, "s8s8")
         check_for_tensorrt(export_dir / "model.int8-mixed.onnx")
+        report["budget_cpu"] = run_budget(cfg, export_dir, pre, u8, batches, val, "u8s8")
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(export_dir / "quantize.json", report)
     return report
 
 
-def run_budget(cfg: Config, export_dir: Path, pre: Path, s8: Path, calib_batches: list[np.ndarray],
-               val: tuple[list[np.ndarray], list[np.ndarray]]) -> dict:
-    """The accuracy budget on the validation set; writes ``model.int8-mixed.onnx`` when nodes stay float."""
+MATRIX_METHODS = ("minmax", "percentile")
+MATRIX_SOURCES = ("synthetic", "real", "noise")
+FLAVOURS = ("s8s8", "u8s8")
+
+
+def matrix_name(flavour: str, method: str, calibration: str) -> str:
+    return f"matrix/{flavour}-{method}-{calibration}.onnx"
+
+
+def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray]], percentile: float,
+                 files: dict[str, str], method: str) -> list[dict]:
+    """Both flavours x two calibration methods x three sources; models already written are reused."""
+    import shutil
+
+    reuse = {("s8s8", method, "synthetic"): files["int8"], ("u8s8", method, "synthetic"): files["int8_cpu"],
+             ("s8s8", method, "real"): files["int8_real"], ("s8s8", method, "noise"): files["int8_noise"]}
+    rows = []
+    for flavour in FLAVOURS:
+        for m in MATRIX_METHODS:
+            for source in MATRIX_SOURCES:
+                path = export_dir / matrix_name(flavour, m, source)
+                path.parent.mkdir(exist_ok=True)
+                if (flavour, m, source) in reuse:
+                    shutil.copyfile(reuse[(flavour, m, source)], path)
+                else:
+                    quantize_qdq(pre, path, sources[source], m, flavour, percentile=percentile, preprocessed=True)
+                rows.append({"flavour": flavour, "method": m, "calibration": source, "model": str(path)})
+    return rows
+
+
+def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_batches: list[np.ndarray],
+               val: tuple[list[np.ndarray], list[np.ndarray]], flavour: str = "s8s8") -> dict:
+    """The accuracy budget of one flavour on the validation split (selection, never the reported split).
+
+    Writes ``model.int8-mixed.onnx`` (s8s8) or ``model.int8-cpu-mixed.onnx`` (u8s8): the plain model
+    when it meets the budget, else the one with the fewest nodes in float that does.
+    """
     import shutil
     import tempfile
 
     e = cfg.export
     images, gts = val
     fp32_miou = miou_of(predict_masks(onnx_runner(export_dir / "model.onnx"), images), gts)
-    int8_miou = miou_of(predict_masks(onnx_runner(s8), images), gts)
-    out = {"fp32_miou": fp32_miou, "int8_miou": int8_miou, "budget_points": e.max_miou_drop}
-    mixed = export_dir / "model.int8-mixed.onnx"
+    int8_miou = miou_of(predict_masks(onnx_runner(quantized), images), gts)
+    out = {"flavour": flavour, "split": "val", "fp32_miou": fp32_miou, "int8_miou": int8_miou,
+           "budget_points": e.max_miou_drop}
+    mixed = export_dir / ("model.int8-mixed.onnx" if flavour == "s8s8" else "model.int8-cpu-mixed.onnx")
+    out["model"] = str(mixed)
     if fp32_miou - int8_miou <= e.max_miou_drop / 100:
-        shutil.copyfile(s8, mixed)
+        shutil.copyfile(quantized, mixed)
         out.update(mixed_miou=int8_miou, float_nodes=[], trials=[], met=True)
         return out
     held_out = calib_batches[: max(1, len(calib_batches) // 4)]
     with tempfile.TemporaryDirectory(prefix="edgeseg-budget-") as tmp:
         tmp = Path(tmp)
-        ranked = node_sensitivity(pre, s8, held_out, tmp)
+        ranked = node_sensitivity(pre, quantized, held_out, tmp)
         names = [n for n, _ in ranked]
 
         def evaluate(nodes: list[str]) -> float:
-            path = quantize_qdq(pre, tmp / f"m{len(nodes)}.onnx", calib_batches, e.calibration_method, "s8s8",
+            path = quantize_qdq(pre, tmp / f"m{len(nodes)}.onnx", calib_batches, e.calibration_method, flavour,
                                 exclude_nodes=nodes, percentile=e.percentile, preprocessed=True)
             return miou_of(predict_masks(onnx_runner(path), images), gts)
 
         nodes, miou, trials = budget_search(evaluate, names, fp32_miou, e.max_miou_drop, e.max_float_nodes)
-        quantize_qdq(pre, mixed, calib_batches, e.calibration_method, "s8s8", exclude_nodes=nodes,
+        quantize_qdq(pre, mixed, calib_batches, e.calibration_method, flavour, exclude_nodes=nodes,
                      percentile=e.percentile, preprocessed=True)
     sqnr = dict(ranked)
     out.update(mixed_miou=miou, float_nodes=[{"node": n, "sqnr_db": sqnr[n]} for n in nodes], trials=trials,
                met=fp32_miou - miou <= e.max_miou_drop / 100)
-    log.info("accuracy budget: %d float nodes -> mIoU %.4f (FP32 %.4f, INT8 %.4f)", len(nodes), miou, fp32_miou, int8_miou)
+    log.info("accuracy budget (%s, val): %d float nodes -> mIoU %.4f (FP32 %.4f, plain INT8 %.4f)", flavour,
+             len(nodes), miou, fp32_miou, int8_miou)
     return out

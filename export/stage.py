@@ -58,13 +58,18 @@ def write_fp16(src: Path, dst: Path) -> str:
     return str(dst)
 
 
-def validation_set(cfg: Config, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Validation images and masks at their original sizes."""
+def eval_set(cfg: Config, split: str, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images and masks of ``split`` at their original sizes."""
     from edgeseg.distill.data import load_sample, split_samples
 
-    samples = split_samples(cfg, "val")[:limit]
+    samples = split_samples(cfg, split)[:limit]
     pairs = [load_sample(s) for s in samples]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def validation_set(cfg: Config, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The selection split (accuracy budget): validation images and masks at original size."""
+    return eval_set(cfg, "val", limit)
 
 
 def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = True, budget: bool = True,
@@ -120,33 +125,17 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
 
 
 CHAIN = ("teacher", "student", "fp32", "int8_synthetic", "mixed")
-CONTRASTS = {"int8_real": "fp32", "int8_noise": "fp32", "int8_cpu": "fp32", "fp16": "fp32"}
+CONTRASTS = {"int8_real": "fp32", "int8_noise": "fp32", "int8_cpu": "fp32", "int8_cpu_mixed": "fp32", "fp16": "fp32"}
+MODELS = (("fp32", "model.onnx"), ("int8_synthetic", "model.int8.onnx"), ("mixed", "model.int8-mixed.onnx"),
+          ("int8_real", "model.int8-real.onnx"), ("int8_noise", "model.int8-noise.onnx"),
+          ("int8_cpu", "model.int8-cpu.onnx"), ("int8_cpu_mixed", "model.int8-cpu-mixed.onnx"),
+          ("fp16", "model.fp16.onnx"))
 
 
-def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
-                 val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
-    """The end-to-end budget table, ``accuracy.json`` and the worst-images gallery."""
-    from edgeseg.distill.models import load_model
-    from edgeseg.distill.visualize import save_png
-    from edgeseg.export.accuracy import TorchRunner, gallery, onnx_runner, predict_masks, score_masks
-    from edgeseg.export.strip import load_student
-    from edgeseg.runtime.spec import ModelSpec
+def _split_block(runners: dict, images: list, gts: list) -> tuple[dict, dict, dict]:
+    """Every runner's masks and scores on one split: (report block, predictions, scores)."""
+    from edgeseg.export.accuracy import predict_masks, score_masks
 
-    t0 = time.perf_counter()
-    out = export_dir(cfg)
-    images, gts = val if val is not None else validation_set(cfg)
-    onnx_spec = ModelSpec.from_onnx(out / "model.onnx")
-    torch_spec = ModelSpec(image_size=onnx_spec.image_size, mean=onnx_spec.mean, std=onnx_spec.std,
-                           pad_value=onnx_spec.pad_value, resize=onnx_spec.resize, threshold=onnx_spec.threshold,
-                           max_batch=onnx_spec.max_batch)
-    student, _ = load_student(cfg, checkpoint or cfg.stage_dir("distill") / "best.pt")
-    runners = {"teacher": TorchRunner(load_model(cfg.teacher, cfg.teacher_checkpoint), torch_spec),
-               "student": TorchRunner(student, torch_spec)}
-    for name, file in (("fp32", "model.onnx"), ("int8_synthetic", "model.int8.onnx"), ("mixed", "model.int8-mixed.onnx"),
-                       ("int8_real", "model.int8-real.onnx"), ("int8_noise", "model.int8-noise.onnx"),
-                       ("int8_cpu", "model.int8-cpu.onnx"), ("fp16", "model.fp16.onnx")):
-        if (out / file).is_file():
-            runners[name] = onnx_runner(out / file)
     preds = {}
     for name, runner in runners.items():
         try:
@@ -156,32 +145,104 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
                 raise
             log.info("fp16 model not evaluated on this CPU (%s)", str(e).splitlines()[0][:100])
     scores = {n: score_masks(n, p, gts, preds.get("fp32")) for n, p in preds.items()}
-    onnx_report = json.loads((out / "onnx.json").read_text()) if (out / "onnx.json").is_file() else {}
-    quant = json.loads((out / "quantize.json").read_text()) if (out / "quantize.json").is_file() else {}
-    budget = quant.get("budget", {})
-    report = {f"{n}_miou": s.miou for n, s in scores.items()}
-    report["backends"] = {n: s.to_dict() for n, s in scores.items()}
+    block = {f"{n}_miou": s.miou for n, s in scores.items()}
+    block["backends"] = {n: s.to_dict() for n, s in scores.items()}
     prev = None
     for n in CHAIN:
         if n in scores:
-            report["backends"][n]["delta_points"] = None if prev is None else (scores[n].miou - scores[prev].miou) * 100
+            block["backends"][n]["delta_points"] = None if prev is None else (scores[n].miou - scores[prev].miou) * 100
             prev = n
     for n, ref in CONTRASTS.items():
         if n in scores and ref in scores:
-            report["backends"][n]["delta_points"] = (scores[n].miou - scores[ref].miou) * 100
+            block["backends"][n]["delta_points"] = (scores[n].miou - scores[ref].miou) * 100
+    block["images"] = len(images)
+    return block, preds, scores
+
+
+def _deployed(budget: dict, plain: str, mixed: str) -> str:
+    """Which model the budget search (on val) chose: the plain one if it met the budget, else the mixed one."""
+    if not budget or not budget.get("float_nodes"):
+        return plain
+    return mixed
+
+
+def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
+                 sets: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] | None = None) -> dict:
+    """The end-to-end budget table on the report splits, ``accuracy.json`` and the worst-images gallery.
+
+    Figures are on ``test`` (``test_shift`` beside it) when the data has them; which INT8 model is
+    deployed was decided on ``val`` by the budget search (``quantize.json``), never on these splits.
+    """
+    from edgeseg.distill.data import report_splits
+    from edgeseg.distill.models import load_model
+    from edgeseg.distill.visualize import save_png
+    from edgeseg.export.accuracy import TorchRunner, gallery, miou_of, onnx_runner, predict_masks
+    from edgeseg.export.strip import load_student
+    from edgeseg.runtime.spec import ModelSpec
+
+    t0 = time.perf_counter()
+    out = export_dir(cfg)
+    splits, note = report_splits(cfg)
+    if sets is None:
+        sets = {s: eval_set(cfg, s) for s in splits}
+    splits = [s for s in splits if s in sets] or list(sets)
+    onnx_spec = ModelSpec.from_onnx(out / "model.onnx")
+    torch_spec = ModelSpec(image_size=onnx_spec.image_size, mean=onnx_spec.mean, std=onnx_spec.std,
+                           pad_value=onnx_spec.pad_value, resize=onnx_spec.resize, threshold=onnx_spec.threshold,
+                           max_batch=onnx_spec.max_batch)
+    student, _ = load_student(cfg, checkpoint or cfg.stage_dir("distill") / "best.pt")
+    runners = {"teacher": TorchRunner(load_model(cfg.teacher, cfg.teacher_checkpoint), torch_spec),
+               "student": TorchRunner(student, torch_spec)}
+    for name, file in MODELS:
+        if (out / file).is_file():
+            runners[name] = onnx_runner(out / file)
+    quant = json.loads((out / "quantize.json").read_text()) if (out / "quantize.json").is_file() else {}
+    deployed = _deployed(quant.get("budget", {}), "int8_synthetic", "mixed")
+    cpu_model = _deployed(quant.get("budget_cpu", {}), "int8_cpu", "int8_cpu_mixed")
+
+    blocks, main_preds, main_scores = {}, None, None
+    for split in splits:
+        images, gts = sets[split]
+        block, preds, scores = _split_block(runners, images, gts)
+        if deployed in scores:
+            block["deployed_int8_miou"] = scores[deployed].miou
+        if cpu_model in scores:
+            block["cpu_model_miou"] = scores[cpu_model].miou
+        blocks[split] = block
+        if main_preds is None:
+            main_preds, main_scores = preds, scores
+    main = splits[0]
+    report = {"split": main, "selection_split": "val", "note": note, **blocks[main]}
+    for split in splits[1:]:
+        report[split] = blocks[split]
+
+    matrix = []
+    for row in quant.get("matrix", []):
+        runner = onnx_runner(Path(row["model"]))
+        for split in splits:
+            images, gts = sets[split]
+            matrix.append({"flavour": row["flavour"], "method": row["method"], "calibration": row["calibration"],
+                           "split": split, "miou": miou_of(predict_masks(runner, images), gts)})
+    report["matrix"] = matrix
+
+    budget = quant.get("budget", {})
     report["mixed_float_nodes"] = [f["node"] for f in budget.get("float_nodes", [])]
+    report["cpu_mixed_float_nodes"] = [f["node"] for f in quant.get("budget_cpu", {}).get("float_nodes", [])]
     report["budget_points"] = cfg.export.max_miou_drop
-    plain_ok = "int8_synthetic" in scores and (scores["fp32"].miou - scores["int8_synthetic"].miou) * 100 <= cfg.export.max_miou_drop
-    deployed = "int8_synthetic" if plain_ok or "mixed" not in scores else "mixed"
-    if deployed in scores:
+    report["budget_selection"] = {k: {f: v.get(f) for f in ("split", "fp32_miou", "int8_miou", "mixed_miou", "met")}
+                                  for k, v in (("s8s8", budget), ("u8s8", quant.get("budget_cpu", {}))) if v}
+    if deployed in runners:
         report["deployed_int8"] = deployed
-        report["deployed_int8_miou"] = scores[deployed].miou
-        report["deployed_int8_model"] = str(out / ("model.int8.onnx" if deployed == "int8_synthetic" else "model.int8-mixed.onnx"))
-    report["parity_max_abs"] = onnx_report.get("parity_max_abs")
-    report["nodes_before_onnxsim"] = onnx_report.get("nodes_before_onnxsim")
-    report["nodes_after_onnxsim"] = onnx_report.get("nodes_after_onnxsim")
-    report["val_images"] = len(images)
-    report["gallery"] = str(save_png(gallery(images, gts, preds, scores, cfg.export.gallery_images), out / "worst_images.png"))
+        report["deployed_int8_model"] = str(out / dict(MODELS)[deployed])
+    if cpu_model in runners:
+        report["cpu_model"] = cpu_model
+        report["cpu_model_file"] = str(out / dict(MODELS)[cpu_model])
+    onnx_report = json.loads((out / "onnx.json").read_text()) if (out / "onnx.json").is_file() else {}
+    for key in ("parity_max_abs", "nodes_before_onnxsim", "nodes_after_onnxsim"):
+        report[key] = onnx_report.get(key)
+    images, gts = sets[main]
+    report["gallery"] = str(save_png(gallery(images, gts, main_preds, main_scores, cfg.export.gallery_images),
+                                     out / "worst_images.png"))
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "accuracy.json", report)
     print_table(report)
@@ -190,6 +251,7 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
 
 def print_table(report: dict) -> None:
     rows = report["backends"]
+    print(f"accuracy on {report.get('split', '?')} ({report.get('note', '')})", file=sys.stderr)
     print(f"{'backend':16s}{'mIoU':>8s}{'person':>8s}{'boundary':>9s}{'agree':>8s}{'delta':>8s}", file=sys.stderr)
     for name, r in rows.items():
         agree = f"{r['agreement_fp32']:8.4f}" if r.get("agreement_fp32") is not None else f"{'':8s}"

@@ -17,7 +17,7 @@ TINY = {
     "seed": 0,
     "device": "cpu",
     "threads": 1,
-    "data": {"source": "demo", "image_size": [64, 64], "demo": {"train_count": 16, "val_count": 8}},
+    "data": {"source": "demo", "image_size": [64, 64], "demo": {"train_count": 16, "val_count": 8, "test_count": 8, "test_shift_count": 8}},
     "teacher": {"encoder": "tu-test_efficientnet", "decoder_channels": [32, 16, 16, 8, 8]},
     "student": {"encoder": "tu-test_efficientnet", "decoder_channels": [16, 8, 8, 8], "activation": "relu"},
     "feature_teacher": {"tensor": "neck_Concat_output_0", "hidden_channels": 16},

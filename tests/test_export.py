@@ -331,24 +331,46 @@ def test_bundle_gates_on_the_accuracy_budget(exported, tmp_path):
     from edgeseg.export.bundle import check_budget, write_bundle
 
     cfg, path, run_dir, _, _, acc, _ = exported
-    ok, words = check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.78}, "int8", 1.0)
-    assert not ok and "2.00 points lost, budget 1.00" in words
-    assert check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.795}, "int8", 1.0)[0]
+    ok, words = check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.78, "cpu_model_miou": 0.80, "split": "test"},
+                             "int8", 1.0)
+    assert not ok and "int8 mIoU 0.7800 vs FP32 0.8000: 2.00 points lost" in words and "budget 1.00 (test)" in words
+    # the CPU-served u8s8 model is gated by its own figure: over budget alone, it refuses too
+    ok, words = check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.795, "cpu_model_miou": 0.785}, "int8", 1.0)
+    assert not ok and "int8 CPU (u8s8) mIoU 0.7850 vs FP32 0.8000: 1.50 points lost" in words
+    assert check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.795, "cpu_model_miou": 0.80}, "int8", 1.0)[0]
+    assert not check_budget({"fp32_miou": 0.80, "deployed_int8_miou": 0.795}, "int8", 1.0)[0]  # u8s8 unmeasured
     # The real export folder with an accuracy report that misses the budget (whatever this tiny
     # model's INT8 happened to score), so the refusal is exercised on every run.
     import shutil
 
     export_copy = tmp_path / "export"
     shutil.copytree(run_dir / "export", export_copy)
-    over = {**acc, "fp32_miou": 0.80, "deployed_int8_miou": 0.77}
+    over = {**acc, "fp32_miou": 0.80, "deployed_int8_miou": 0.799, "cpu_model_miou": 0.77}
     (export_copy / "accuracy.json").write_text(json.dumps(over))
     tight = load_config(path, Config, ["export.max_miou_drop=1.0"])
-    with pytest.raises(InputError, match=r"refusing to deploy: int8 mIoU 0.7700 vs FP32 0.8000: 3.00 points lost, "
-                                         r"budget 1.00.* pass --allow-over-budget"):
+    with pytest.raises(InputError, match=r"refusing to deploy: .*int8 CPU \(u8s8\) mIoU 0.7700 vs FP32 0.8000: "
+                                         r"3.00 points lost.* pass --allow-over-budget"):
         write_bundle(tight, export_copy, tmp_path / "b", None)
     assert not (tmp_path / "b").exists()
     manifest = write_bundle(tight, export_copy, tmp_path / "b", None, allow_over_budget=True)
     assert (tmp_path / "b" / "manifest.json").is_file() and manifest["budget"]["met"] is False
+
+
+def test_accuracy_report_is_on_test_with_the_shift_and_the_matrix(exported):
+    _, _, run_dir, _, quant, acc, _ = exported
+    assert acc["split"] == "test" and acc["selection_split"] == "val" and "test_shift" in acc
+    assert acc["images"] == 8 and acc["test_shift"]["images"] == 8  # the tiny config's test splits
+    for key in ("fp32_miou", "int8_synthetic_miou", "int8_cpu_miou", "cpu_model_miou", "deployed_int8_miou"):
+        assert 0.0 <= acc[key] <= 1.0 and 0.0 <= acc["test_shift"][key] <= 1.0, key
+    assert acc["cpu_model_miou"] == acc[f"{acc['cpu_model']}_miou"]
+    cells = {(r["flavour"], r["method"], r["calibration"], r["split"]) for r in acc["matrix"]}
+    assert cells == {(f, m, c, s) for f in ("s8s8", "u8s8") for m in ("minmax", "percentile")
+                     for c in ("synthetic", "real", "noise") for s in ("test", "test_shift")}
+    row = next(r for r in acc["matrix"] if (r["flavour"], r["method"], r["calibration"], r["split"]) ==
+               ("s8s8", "minmax", "synthetic", "test"))
+    assert row["miou"] == pytest.approx(acc["int8_synthetic_miou"])  # the same model, the same split
+    # the budget decided on val: its figures are not the reported ones
+    assert quant["budget"]["split"] == "val" and quant["budget_cpu"]["flavour"] == "u8s8"
 
 
 # --- what TensorRT's ONNX parser accepts ----------------------------------------------------------
