@@ -252,7 +252,12 @@ class Synthesizer:
         t_gen = time.perf_counter() - t0
 
         # the best first (most confident teacher), then the filters decide
-        val_hashes = [dhash(_fit(read_rgb(s.image), self.size)) for s in split_samples(self.cfg, "val")]
+        from edgeseg.distill.data import has_split
+
+        # every evaluation split: a synthetic image must not copy one the figures are measured on
+        held_out = [s for split in ("val", "test", "test_shift") if has_split(self.cfg, split)
+                    for s in split_samples(self.cfg, split)]
+        val_hashes = [dhash(_fit(read_rgb(s.image), self.size)) for s in held_out]
         flt = SetFilter(self.cal.filter, val_hashes)
         passing, dropped = [], []
         for c in sorted(pool, key=lambda c: -c.conf.confidence):

@@ -127,7 +127,7 @@ def expose_feature(model, layer, out, input_size, verbose):
 @click.option("--latency-repeats", type=int, default=20, show_default=True)
 @exit_on_user_error
 def evaluate(config_path, overrides, verbose, checkpoint, baseline, with_baseline, out, latency_repeats):
-    """Teacher vs student on the validation set: mIoU, agreement, size, latency."""
+    """Teacher vs student on the test split (test_shift beside it): mIoU, agreement, size, latency."""
     cfg = load(config_path, overrides, verbose)
     checkpoint = checkpoint or cfg.stage_dir("distill") / "best.pt"
     if with_baseline and not baseline:
@@ -139,42 +139,44 @@ def evaluate(config_path, overrides, verbose, checkpoint, baseline, with_baselin
 
 
 def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) -> dict:
+    """The report: quality on the report splits (test, with test_shift beside it), size and latency."""
     import torch
 
-    from edgeseg.distill.data import SegmentationDataset, split_samples
-    from edgeseg.distill.evaluation import latency_ms, load_eval_set, logits_to_masks, make_loader, predict_logits, score
+    from edgeseg.distill.data import report_splits
+    from edgeseg.distill.evaluation import latency_ms, score_split
     from edgeseg.distill.models import count_parameters, load_model
     from edgeseg.distill.trainer import resolve_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    val = SegmentationDataset(split_samples(cfg, "val"), cfg.data, train=False)
-    loader = make_loader(val, 16, cfg.data.workers)
-    ev = load_eval_set(val)
-    gt = ev.gt
     teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(device)
     student = load_model(cfg.student, checkpoint, cfg.student.feature_stride, keys=("student",)).to(device)
-    t_pred = logits_to_masks(predict_logits(teacher, loader, device), ev.placements)
-    s_pred = logits_to_masks(predict_logits(student, loader, device), ev.placements)
-    t_score, s_score = score(t_pred, gt), score(s_pred, gt, t_pred)
+    models = {"teacher": teacher, "student": student}
+    if baseline:
+        models["baseline"] = load_model(cfg.student, baseline, cfg.student.feature_stride, keys=("student",)).to(device)
+    splits, note = report_splits(cfg)
+    blocks = {}
+    for split in splits:
+        s = score_split(cfg, models, split, device)
+        block = {"teacher_miou": s["teacher"]["miou"], "student_miou": s["student"]["miou"],
+                 "teacher_person_iou": s["teacher"]["person_iou"], "student_person_iou": s["student"]["person_iou"],
+                 "agreement": s["student"]["agreement"], "images": s["student"]["images"]}
+        if "baseline" in s:
+            block["student_nodistill_miou"] = s["baseline"]["miou"]
+            block["student_nodistill_agreement"] = s["baseline"]["agreement"]
+        blocks[split] = block
     lat = latency_ms({"teacher": teacher, "student": student}, cfg.data.image_size, device, repeats=latency_repeats)
-    report = {
-        "teacher_miou": t_score["miou"], "student_miou": s_score["miou"],
-        "teacher_person_iou": t_score["person_iou"], "student_person_iou": s_score["person_iou"],
-        "agreement": s_score["agreement"],
+    report = {"split": splits[0], "selection_split": "val", "note": note, **blocks[splits[0]]}
+    for split in splits[1:]:
+        report[split] = blocks[split]
+    report.update({
         "teacher_params": count_parameters(teacher), "student_params": count_parameters(student),
         "teacher_size_mb": _state_size_mb(teacher), "student_size_mb": _state_size_mb(student),
         "teacher_latency_ms": lat["teacher"], "student_latency_ms": lat["student"],
         "latency_backend": f"torch eager, {device}, batch 1, {torch.get_num_threads()} threads",
-        "image_size": list(cfg.data.image_size), "val_images": len(val),
-    }
-    if baseline:
-        b = load_model(cfg.student, baseline, cfg.student.feature_stride, keys=("student",)).to(device)
-        b_pred = logits_to_masks(predict_logits(b, loader, device), ev.placements)
-        b_score = score(b_pred, gt, t_pred)
-        report["student_nodistill_miou"] = b_score["miou"]
-        report["student_nodistill_agreement"] = b_score["agreement"]
+        "image_size": list(cfg.data.image_size),
+    })
     return report
 
 
@@ -190,6 +192,7 @@ def _print_table(report: dict) -> None:
     rows = [("mIoU", "teacher_miou", "student_miou"), ("person IoU", "teacher_person_iou", "student_person_iou"),
             ("params", "teacher_params", "student_params"), ("size (MB)", "teacher_size_mb", "student_size_mb"),
             ("latency (ms)", "teacher_latency_ms", "student_latency_ms")]
+    print(f"on {report['split']} ({report['note']})", file=sys.stderr)
     print(f"{'':14s}{'teacher':>12s}{'student':>12s}", file=sys.stderr)
     for label, a, b in rows:
         fa = f"{report[a]:12.4f}" if isinstance(report[a], float) else f"{report[a]:12d}"
@@ -198,6 +201,11 @@ def _print_table(report: dict) -> None:
     print(f"agreement with teacher: {report['agreement']:.4f}", file=sys.stderr)
     if "student_nodistill_miou" in report:
         print(f"student trained on ground truth alone: mIoU {report['student_nodistill_miou']:.4f}", file=sys.stderr)
+    if "test_shift" in report:
+        s = report["test_shift"]
+        print(f"test_shift: teacher {s['teacher_miou']:.4f}, student {s['student_miou']:.4f}"
+              + (f", ground truth alone {s['student_nodistill_miou']:.4f}" if "student_nodistill_miou" in s else ""),
+              file=sys.stderr)
 
 
 def _plain(d: dict) -> dict:

@@ -69,6 +69,22 @@ def score(pred: list[np.ndarray], gt: list[np.ndarray], reference: list[np.ndarr
     return out
 
 
+def score_split(cfg, models: dict[str, torch.nn.Module], split: str, device: torch.device,
+                reference: str | None = "teacher") -> dict[str, dict[str, float]]:
+    """Every model's scores on one split; ``agreement`` is measured against ``reference``'s masks."""
+    from edgeseg.distill.data import split_samples
+
+    dataset = SegmentationDataset(split_samples(cfg, split), cfg.data, train=False)
+    loader = make_loader(dataset, 16, cfg.data.workers)
+    ev = load_eval_set(dataset)
+    masks = {n: logits_to_masks(predict_logits(m, loader, device), ev.placements) for n, m in models.items()}
+    ref = masks.get(reference) if reference else None
+    out = {n: score(p, ev.gt, ref if n != reference else None) for n, p in masks.items()}
+    for s in out.values():
+        s["images"] = len(dataset)
+    return out
+
+
 @torch.no_grad()
 def latency_ms(models: dict[str, torch.nn.Module], image_hw: tuple[int, int], device: torch.device,
                repeats: int = 20, warmup: int = 3) -> dict[str, float]:

@@ -177,3 +177,40 @@ def test_ddp_two_processes_gloo(tiny_run, tmp_path):
     ckpt = load_checkpoint(tmp_path / "distill" / "last.pt")
     assert ckpt["identity"]["world"] == 2 and (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 2, 6)
     assert [json.loads(l)["epoch"] for l in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_evaluation_reports_test_with_the_shift_and_names_the_split(tiny_run, tmp_path):
+    from edgeseg.distill.cli import _evaluate
+
+    _, cfg = _config(tiny_run, tmp_path, train={"epochs": 1})
+    Trainer(cfg, job_for(cfg, "student")).run()
+    report = _evaluate(cfg, tmp_path / "distill" / "best.pt", None, latency_repeats=1)
+    assert report["split"] == "test" and report["selection_split"] == "val" and "held-out test" in report["note"]
+    assert report["images"] == 8 and report["test_shift"]["images"] == 8
+    for block in (report, report["test_shift"]):
+        assert 0 <= block["student_miou"] <= 1 and 0 <= block["agreement"] <= 1
+    # test and test_shift are different images: the two blocks are separate measurements
+    assert report["test_shift"]["teacher_miou"] != report["teacher_miou"]
+
+
+def test_report_splits_fall_back_to_val_and_say_so(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from edgeseg.distill.data import has_split, report_splits, split_samples
+
+    for split in ("train", "val"):
+        for d in ("images", "masks"):
+            (tmp_path / "data" / split / d).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "data" / split / "images" / "a.png")
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "data" / split / "masks" / "a.png")
+    path = write_config(tmp_path, data={"source": "folder", "root": str(tmp_path / "data")})
+    cfg = load_config(path, Config)
+    splits, note = report_splits(cfg)
+    assert splits == ["val"] and "no test split" in note and "optimistic" in note
+    (tmp_path / "data" / "test" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "test" / "masks").mkdir(parents=True)
+    assert has_split(cfg, "test") and not has_split(cfg, "test_shift")
+    assert report_splits(cfg)[0] == ["test"]
+    with pytest.raises(Exception, match="unknown split 'holdout'"):
+        split_samples(cfg, "holdout")
