@@ -14,6 +14,24 @@ from edgeseg.distill.config import Config, load_config
 
 
 def run(cfg: Config, config_path: str, overrides: tuple[str, ...] = (), images: int = 128) -> dict:
+    """Headline speeds at torch's default thread count; ``threads_1`` repeats them at 1 thread."""
+    import os
+
+    import torch
+
+    default = torch.get_num_threads()
+    out = measure(cfg, config_path, overrides, images)
+    out["default_threads"] = os.cpu_count()
+    torch.set_num_threads(1)
+    try:
+        one = measure(cfg, config_path, overrides, images // 2)
+    finally:
+        torch.set_num_threads(default)
+    out["threads_1"] = {k: v for k, v in one.items() if k.endswith(("_images_per_s", "overhead"))}
+    return out
+
+
+def measure(cfg: Config, config_path: str, overrides: tuple[str, ...], images: int) -> dict:
     from edgeseg.calibration.filters import SetFilter
     from edgeseg.calibration.synth import Synthesizer
 

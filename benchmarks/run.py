@@ -1,6 +1,6 @@
 """``make bench``: run the benchmarks and write ``benchmarks/results/<name>.json``.
 
-    python -m benchmarks.run --config configs/demo.yaml [--only distill,runtime] [--rounds 20]
+    python -m benchmarks.run --config configs/demo.yaml [--only distill,runtime] [--rounds 20] [--seeds 0,1,2]
 
 Needs the demo's artifacts (``make demo``): the benchmarks measure what the pipeline built.
 """
@@ -34,8 +34,9 @@ def _machine() -> dict:
 @config_options
 @click.option("--only", default=",".join(BENCHES), show_default=True, help="Comma-separated benchmarks to run.")
 @click.option("--rounds", type=int, default=20, show_default=True, help="Interleaved rounds per measurement.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the distillation seed study.")
 @exit_on_user_error
-def main(config_path, overrides, verbose, only, rounds):
+def main(config_path, overrides, verbose, only, rounds, seeds):
     cfg = load(config_path, overrides, verbose)
     wanted = [b.strip() for b in only.split(",") if b.strip()]
     unknown = set(wanted) - set(BENCHES)
@@ -47,7 +48,7 @@ def main(config_path, overrides, verbose, only, rounds):
         print(f"benchmark {name} ...", file=sys.stderr, flush=True)
         if name == "distill":
             from benchmarks.bench_distill import run
-            result = run(cfg, rounds)
+            result = run(cfg, rounds, tuple(int(x) for x in seeds.split(",") if x.strip()))
         elif name == "calibration":
             from benchmarks.bench_calibration import run
             result = run(cfg, config_path, overrides)

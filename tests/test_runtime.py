@@ -396,3 +396,19 @@ def test_long_steps_log_progress_off_a_terminal(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert [l.split(" (")[0] for l in lines] == ["sampling: 1/4", "sampling: 2/4", "sampling: 3/4", "sampling: 4/4"]
     assert "s left" in lines[0]
+
+
+def test_fast_shrink_stays_close_to_area_averaging():
+    import cv2
+
+    from edgeseg.runtime.preprocess import resize_image
+
+    rng = np.random.default_rng(0)
+    frame = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (0, 0), 2)
+    fast = resize_image(frame, (96, 128)).astype(np.float32)
+    area = cv2.resize(frame, (128, 96), interpolation=cv2.INTER_AREA).astype(np.float32)
+    assert fast.shape == area.shape and np.abs(fast - area).mean() < 1.0
+    # at most 2x: exactly one area pass; up: bilinear
+    small = frame[:150, :200]
+    assert np.array_equal(resize_image(small, (96, 128)), cv2.resize(small, (128, 96), interpolation=cv2.INTER_AREA))
+    assert np.array_equal(resize_image(small, (300, 400)), cv2.resize(small, (400, 300), interpolation=cv2.INTER_LINEAR))
