@@ -186,6 +186,29 @@ def test_unavailable_backends_say_what_to_install(tiny_onnx):
         Segmenter(path, backend="tflite")
 
 
+def test_a_provider_that_silently_fell_back_is_refused(tiny_onnx, monkeypatch):
+    # ONNX Runtime drops a provider it cannot start and runs on the next one (here the CPU) with
+    # only a warning. Claim CUDA is available so the real session takes that path.
+    import onnxruntime as ort
+
+    from edgeseg.runtime.backends.onnxrt import OnnxRuntimeRunner, trt_profile
+    from edgeseg.runtime.spec import ModelSpec
+
+    path, _ = tiny_onnx
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is really available here")
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real, "CUDAExecutionProvider"])
+    runner = OnnxRuntimeRunner(path, None, provider="cuda")
+    with pytest.raises(BackendUnavailableError, match=r"could not start CUDAExecutionProvider here \(it fell back to "
+                                                      r"CPUExecutionProvider\)"):
+        runner.activate()
+    spec = ModelSpec(image_size=(64, 96), max_batch=8, opt_batch=4)
+    assert trt_profile(spec) == {"trt_profile_min_shapes": "images:1x3x64x96",
+                                 "trt_profile_opt_shapes": "images:4x3x64x96",
+                                 "trt_profile_max_shapes": "images:8x3x64x96"}
+
+
 def test_engine_for_another_gpu_or_tensorrt_is_refused(tmp_path):
     from edgeseg.runtime.backends.tensorrt_engine import check_engine_compatible
 

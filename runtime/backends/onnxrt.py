@@ -15,6 +15,19 @@ log = logging.getLogger(__name__)
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
+def trt_profile(spec: ModelSpec) -> dict[str, str]:
+    """The TensorRT EP's explicit optimization profile: batch 1 .. max_batch, tuned for opt_batch.
+
+    Without it the EP builds an engine for the first batch size it sees and rebuilds whenever a
+    larger one arrives. Format per ONNX Runtime's TensorRT EP docs: ``"name:1x3x128x128"``.
+    """
+    def shape(batch: int) -> str:
+        return f"{spec.input_name}:" + "x".join(str(d) for d in spec.input_shape(batch))
+
+    return {"trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(spec.opt_batch),
+            "trt_profile_max_shapes": shape(spec.max_batch)}
+
+
 class OnnxRuntimeRunner(Runner):
     """An ONNX model on one ONNX Runtime execution provider.
 
@@ -54,17 +67,30 @@ class OnnxRuntimeRunner(Runner):
             providers = [(wanted, {"device_id": self.device_id}), "CPUExecutionProvider"]
         elif self.provider == "tensorrt":
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            if self.spec is None:  # the profile needs the I/O contract before the TensorRT session exists
+                self.spec = ModelSpec.from_session(self._session(ort, so, ["CPUExecutionProvider"]), self.model_path)
             providers = [(wanted, {"device_id": self.device_id, "trt_engine_cache_enable": True,
                                    "trt_engine_cache_path": str(self.cache_dir), "trt_fp16_enable": True,
-                                   "trt_int8_enable": "int8" in self.model_path.name}),
+                                   "trt_int8_enable": "int8" in self.model_path.name, **trt_profile(self.spec)}),
                          ("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), so, providers=providers)
-        except Exception as e:  # ORT's own exception types; the file is the user's
-            raise InputError(f"{self.model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+        self.session = self._session(ort, so, providers)
+        # ONNX Runtime falls back to the next provider (at worst the CPU) without an error when the
+        # one asked for fails to load (missing CUDA/TensorRT libraries): refuse instead of running slow.
+        got = self.session.get_providers()[0]
+        if got != wanted:
+            self.session = None
+            raise BackendUnavailableError(f"ONNX Runtime could not start {wanted} here (it fell back to {got}); "
+                                          "check the CUDA/TensorRT libraries ONNX Runtime's log names, or pick "
+                                          "another backend")
         if self.spec is None:
             self.spec = ModelSpec.from_session(self.session, self.model_path)
         self.binding = self.session.io_binding()
+
+    def _session(self, ort, so, providers):
+        try:
+            return ort.InferenceSession(str(self.model_path), so, providers=providers)
+        except Exception as e:  # ORT's own exception types; the file is the user's
+            raise InputError(f"{self.model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
 
     def _output_shape(self, batch: int) -> tuple[int, ...]:
         h, w = self.spec.image_size
