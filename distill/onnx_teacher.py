@@ -4,8 +4,9 @@ The student's batch is already on the training device, normalised for the UNets.
 teacher wants plain [0, 1] RGB, so the normalisation is undone there (one fused multiply-add
 on the device), and that tensor's memory is bound as the session's input; the output is bound
 to a preallocated torch tensor that is reused while the batch shape stays the same. No numpy,
-no host round trip: on CUDA ORT runs on torch's current stream, on the CPU it reads and writes
-torch's memory directly.
+no host round trip: on CUDA ORT runs on a dedicated stream ordered after torch's writes and
+before torch's reads (``wait_stream`` both ways), on the CPU it reads and writes torch's memory
+directly.
 """
 from __future__ import annotations
 
@@ -50,13 +51,19 @@ class OnnxFeatureTeacher:
                     "the feature teacher needs ONNX Runtime's CUDA provider on a CUDA device; "
                     "install it with `pip install edgeseg[gpu]` (onnxruntime-gpu) or set device: cpu")
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            # ORT launches its kernels on torch's stream: ordering with torch's work comes free.
-            options = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream)}
+            # ORT runs on a dedicated stream of ours. Not torch's current stream: on the default
+            # stream its handle is 0, which ORT reads as "no user stream" and then runs on a
+            # non-blocking stream of its own that may read the bound input before torch wrote it.
+            # Ordering is made explicit in __call__ (wait_stream both ways). ORT's CUDA EP option
+            # `user_compute_stream` (ONNX Runtime CUDA EP docs, "Configuration Options").
+            self._stream = torch.cuda.Stream(device=index)
+            options = {"device_id": index, "user_compute_stream": str(self._stream.cuda_stream)}
             providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
             self._bind_device = ("cuda", index)
         else:
             providers = ["CPUExecutionProvider"]
             self._bind_device = ("cpu", 0)
+            self._stream = None
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as e:  # ORT's own exception types; the file is the user's
@@ -127,7 +134,13 @@ class OnnxFeatureTeacher:
             torch.addcmul(self._mean, images, self._std, out=self._in)  # un-normalise straight into the bound buffer
         else:
             self._in.copy_(torch.addcmul(self._mean, images, self._std))
+        if self._stream is None:
+            self.session.run_with_iobinding(self._binding)
+            return self._out
+        producer = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(producer)  # ORT's kernels start after torch has written the input
         self.session.run_with_iobinding(self._binding)
+        producer.wait_stream(self._stream)  # torch's next kernels read the output after ORT wrote it
         return self._out
 
     @torch.no_grad()
