@@ -51,8 +51,12 @@ def capabilities(version: str) -> TrtCapabilities:
         major = int(version.split(".")[0])
     except ValueError:
         raise InputError(f"cannot parse TensorRT version {version!r}") from None
-    if major < 8:
-        raise BackendUnavailableError(f"TensorRT {version} is too old; edgeseg needs TensorRT 8.6 or newer")
+    if major < 10:
+        # Below 10 a network needs NetworkDefinitionCreationFlag.EXPLICIT_BATCH and the bindings API
+        # (execute_async_v2); edgeseg uses the name-based I/O of TensorRT 10 (set_tensor_address,
+        # execute_async_v3), so it refuses rather than fail half way through a build.
+        raise BackendUnavailableError(f"TensorRT {version} is too old; edgeseg needs TensorRT 10 or newer "
+                                      "(JetPack 6, or pip install 'edgeseg[gpu]')")
     return TrtCapabilities(version=version, major=major, precision_flags=major <= 10, implicit_int8=major <= 10,
                            strongly_typed=major >= 9)
 
@@ -118,12 +122,17 @@ def profile_shapes(layout: str, image_hw: tuple[int, int], max_batch: int, opt_b
     return {"min": shape(min_batch), "opt": shape(opt_batch), "max": shape(max_batch)}
 
 
-def engine_paths(out_dir: Path, precision: Precision, dla_core: int = -1) -> dict[str, Path]:
-    """Engine, sidecar metadata and the timing cache shared by every build in ``out_dir``."""
-    suffix = f".dla{dla_core}" if dla_core >= 0 else ""
+def engine_paths(out_dir: Path, precision: Precision, dla_core: int = -1, device_build: bool = False) -> dict[str, Path]:
+    """Engine, sidecar metadata and the timing cache shared by every build in ``out_dir``.
+
+    ``device_build``: built inside a deploy bundle on its target device (``build_engine.py``).
+    Those get a name of their own (``model.int8.device.engine``) and never replace a file the
+    bundle's manifest hashes, so the bundle still verifies after the build.
+    """
+    suffix = (f".dla{dla_core}" if dla_core >= 0 else "") + (".device" if device_build else "")
     return {"engine": out_dir / f"model.{precision}{suffix}.engine",
             "metadata": out_dir / f"model.{precision}{suffix}.engine.json",
-            "timing_cache": out_dir / "timing.cache"}
+            "timing_cache": out_dir / ("device.timing.cache" if device_build else "timing.cache")}
 
 
 def engine_metadata(plan: BuildPlan, caps: TrtCapabilities, gpu: dict, profile: dict, io: dict,
@@ -199,11 +208,11 @@ def cache_calibrator(cache_path: str, batch: int):
 
 
 def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict, out_dir: Path,
-                 workspace_mib: int) -> dict:
+                 workspace_mib: int, device_build: bool = False) -> dict:
     """Build and write the engine + sidecar (needs TensorRT and a GPU); returns the metadata."""
     import tensorrt as trt
 
-    paths = engine_paths(out_dir, plan.precision, plan.dla_core)
+    paths = engine_paths(out_dir, plan.precision, plan.dla_core, device_build)
     t0 = time.perf_counter()
     if importlib.util.find_spec("onnx") is not None:  # absent on a runtime-only device: its parser speaks then
         from edgeseg.export.trt_rules import check_for_tensorrt
@@ -234,13 +243,19 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
     # one timing cache for every build in the folder: later builds skip measured tactics
     cache_bytes = paths["timing_cache"].read_bytes() if paths["timing_cache"].is_file() else b""
     timing_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        # IBuilderConfig.setTimingCache returns false when the cache was made by another TensorRT or
+        # GPU (TensorRT API docs): build without the stale entries rather than fail.
+        log.warning("%s: timing cache does not match this TensorRT/GPU; starting a fresh one", paths["timing_cache"])
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise RuntimeError("TensorRT refused an empty timing cache")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT {caps.version} failed to build the {plan.precision} engine (see its log above)")
     with atomic_path(paths["engine"]) as tmp:
         tmp.write_bytes(bytes(serialized))
-    paths["timing_cache"].write_bytes(bytes(config.get_timing_cache().serialize()))
+    with atomic_path(paths["timing_cache"]) as tmp:  # shared by later builds: never half-written
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     meta = engine_metadata(plan, caps, gpu_info(), profile, io, time.perf_counter() - t0)
     meta["engine_sha256"] = sha256_file(paths["engine"])
     write_json_atomic(paths["metadata"], meta)

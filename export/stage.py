@@ -121,7 +121,8 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
     files = {k: v for k, v in files.items() if v and Path(v).is_file()}
     plan = plan_build(caps, precision, files, dla_core)
     profile = profile_shapes(spec.input_layout, spec.image_size, spec.max_batch, spec.opt_batch)
-    return {"built": True, **build_engine(plan, caps, profile, spec.to_dict(), out, workspace)}
+    return {"built": True, **build_engine(plan, caps, profile, spec.to_dict(), out, workspace,
+                                          device_build=bundle is not None)}
 
 
 CHAIN = ("teacher", "student", "fp32", "int8_synthetic", "mixed")

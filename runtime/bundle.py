@@ -62,26 +62,45 @@ class Bundle:
         }.get(backend)
         if choice is None:
             raise InputError(f"unknown backend {backend!r}")
+        if backend == "tensorrt":
+            engines = self.engines()
+            if engines:
+                return engines[0]
         for role in choice:
             f = self.file(role)
             if f is not None:
                 return f
-        if backend == "tensorrt":
-            built = self.device_engine()
-            if built is not None:
-                return built
         raise InputError(f"{self.path}: has no {' or '.join(choice)} model for backend {backend}"
                          + ("; build the engine on this device with `python build_engine.py`" if backend == "tensorrt" else ""))
 
-    def device_engine(self) -> Path | None:
-        """An engine built on this device by ``build_engine.py`` (not in the manifest).
+    def engines(self) -> list[Path]:
+        """Engines to try, best first: built on this device for the bundle's precision, then the
+        other device builds, then the shipped ones of the bundle's precision, then the rest.
 
-        It is trusted only if its sidecar's ``onnx_sha256`` is the hash of one of the bundle's
+        A shipped engine may have been built for another GPU or TensorRT: the runner refuses it
+        and ``backend="auto"`` moves on to the next backend.
+        """
+        shipped = [self.path / n for n, i in self.manifest.get("files", {}).items() if i.get("role") == "engine"]
+        built = self.device_engines()
+        mine = lambda e: f".{self.precision}." in e.name  # noqa: E731
+        return ([e for e in built if mine(e)] + [e for e in built if not mine(e)]
+                + [e for e in shipped if mine(e)] + [e for e in shipped if not mine(e)])
+
+    def device_engine(self) -> Path | None:
+        """The engine ``build_engine.py`` built on this device for the bundle's precision, if any."""
+        built = [e for e in self.device_engines() if f".{self.precision}." in e.name]
+        return built[0] if built else None
+
+    def device_engines(self) -> list[Path]:
+        """Engines built on this device by ``build_engine.py`` (not in the manifest).
+
+        Each is trusted only if its sidecar's ``onnx_sha256`` is the hash of one of the bundle's
         ONNX files: the engine then provably came from this bundle's model.
         """
         import json
 
         onnx_hashes = {i["sha256"] for n, i in self.manifest.get("files", {}).items() if n.endswith(".onnx")}
+        out = []
         for engine in sorted(self.path.glob("*.engine")):
             if engine.name in self.manifest.get("files", {}):
                 continue
@@ -92,5 +111,5 @@ class Bundle:
             if meta.get("onnx_sha256") not in onnx_hashes:
                 raise IntegrityError(f"{engine}: was not built from this bundle's models (ONNX hash mismatch); "
                                      "delete it and run `python build_engine.py` in the bundle")
-            return engine
-        return None
+            out.append(engine)
+        return out

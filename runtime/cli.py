@@ -35,9 +35,11 @@ def main() -> None:
 @click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False), help="Where masks and overlays go.")
 @click.option("--backend", type=_BACKENDS, default="auto", show_default=True)
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("--device-id", type=int, default=0, show_default=True, help="CUDA GPU for GPU backends.")
+@click.option("--cuda-graphs", is_flag=True, help="Replay a CUDA graph per batch size (native TensorRT backend).")
 @click.option("-v", "--verbose", count=True)
 @exit_on_user_error
-def infer(bundle, input_dir, output_dir, backend, threads, verbose):
+def infer(bundle, input_dir, output_dir, backend, threads, device_id, cuda_graphs, verbose):
     """Write <name>.mask.png (0/255) and <name>.overlay.png for every image in --input."""
     import numpy as np
     from tqdm import tqdm
@@ -54,7 +56,7 @@ def infer(bundle, input_dir, output_dir, backend, threads, verbose):
         raise InputError(f"{src}: input folder is empty")
     dst.mkdir(parents=True, exist_ok=True)
     done, skipped = 0, []
-    with Segmenter(bundle, backend=backend, threads=threads) as seg:
+    with Segmenter(bundle, backend=backend, threads=threads, device_id=device_id, cuda_graphs=cuda_graphs) as seg:
         print(f"backend {seg.backend} on {seg.device}", file=sys.stderr)
         batch: list[tuple[Path, np.ndarray]] = []
 
@@ -100,11 +102,13 @@ def infer(bundle, input_dir, output_dir, backend, threads, verbose):
               help="Size of the (synthetic) input images; they are resized to the model's input.")
 @click.option("--backend", type=_BACKENDS, default="auto", show_default=True)
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("--device-id", type=int, default=0, show_default=True, help="CUDA GPU for GPU backends.")
+@click.option("--cuda-graphs", is_flag=True, help="Replay a CUDA graph per batch size (native TensorRT backend).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for profile.json and latency.png (default: <bundle>/../profile).")
 @click.option("-v", "--verbose", count=True)
 @exit_on_user_error
-def profile(bundle, batches, iters, warmup, image_size, backend, threads, out, verbose):
+def profile(bundle, batches, iters, warmup, image_size, backend, threads, device_id, cuda_graphs, out, verbose):
     """p50/p90/p99 latency, throughput and per-stage split per batch size."""
     from edgeseg.runtime.profiler import plot, print_table
     from edgeseg.runtime.profiler import profile as run_profile
@@ -118,7 +122,7 @@ def profile(bundle, batches, iters, warmup, image_size, backend, threads, out, v
     if iters < 1:
         raise InputError(f"--iters must be >= 1, got {iters}")
     out_dir = Path(out) if out else Path(bundle).resolve().parent / "profile"
-    with Segmenter(bundle, backend=backend, threads=threads) as seg:
+    with Segmenter(bundle, backend=backend, threads=threads, device_id=device_id, cuda_graphs=cuda_graphs) as seg:
         bad = [b for b in sizes if not 1 <= b <= seg.max_batch]
         if bad:
             raise InputError(f"--batch sizes {bad} outside 1..{seg.max_batch} (the model's profile maximum)")

@@ -19,7 +19,7 @@ import numpy as np
 from edgeseg.runtime.backends.base import Runner
 from edgeseg.runtime.batcher import MicroBatcher
 from edgeseg.runtime.bundle import Bundle
-from edgeseg.runtime.errors import BackendUnavailableError, ClosedError, InputError
+from edgeseg.runtime.errors import BackendUnavailableError, ClosedError, InputError, IntegrityError
 from edgeseg.runtime.images import to_rgb_uint8
 from edgeseg.runtime.pipeline import BatchBuffers, check_images, finish, fit, prepare
 from edgeseg.runtime.spec import ModelSpec
@@ -38,7 +38,9 @@ def available_backends() -> list[str]:
 
     providers = ort.get_available_providers()
     out = []
-    if importlib.util.find_spec("tensorrt") is not None and "CUDAExecutionProvider" in providers:
+    # the native TensorRT backend needs TensorRT and cuda-python, not ONNX Runtime's CUDA provider
+    cuda_python = importlib.util.find_spec("cuda") is not None
+    if importlib.util.find_spec("tensorrt") is not None and cuda_python:
         out.append("tensorrt")
     if "TensorrtExecutionProvider" in providers:
         out.append("onnxruntime-tensorrt")
@@ -48,11 +50,12 @@ def available_backends() -> list[str]:
     return out
 
 
-def _make_runner(backend: str, model: Path, spec: ModelSpec, threads: int, device_id: int) -> Runner:
+def _make_runner(backend: str, model: Path, spec: ModelSpec, threads: int, device_id: int,
+                 cuda_graphs: bool = False) -> Runner:
     if backend == "tensorrt":
         from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
 
-        return TensorRTRunner(model, spec, device_id=device_id)
+        return TensorRTRunner(model, spec, device_id=device_id, cuda_graphs=cuda_graphs)
     from edgeseg.runtime.backends.onnxrt import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(model, spec, provider=backend.removeprefix("onnxruntime-"), threads=threads,
@@ -69,11 +72,14 @@ class Segmenter:
         max_batch: largest batch per model call (default and cap: the model's profile maximum).
         max_wait_ms: how long ``submit`` waits to fill a batch.
         queue_size: pending ``submit`` requests before callers block (back-pressure).
+        device_id: the CUDA GPU (TensorRT, ONNX Runtime CUDA/TensorRT EPs).
+        cuda_graphs: replay a captured CUDA graph per batch size (native TensorRT backend only).
     """
 
     def __init__(self, path: str | Path, backend: str = "auto", threads: int = 0, max_batch: int | None = None,
-                 max_wait_ms: float = 5.0, queue_size: int = 64, device_id: int = 0):
+                 max_wait_ms: float = 5.0, queue_size: int = 64, device_id: int = 0, cuda_graphs: bool = False):
         path = Path(path)
+        self.cuda_graphs = cuda_graphs
         if not path.exists():
             raise InputError(f"{path}: does not exist; pass a deploy bundle folder, an .onnx or an .engine file")
         self.bundle = Bundle(path) if path.is_dir() else None
@@ -119,14 +125,16 @@ class Segmenter:
         for name in candidates:
             try:
                 model = self.bundle.model_for(name) if self.bundle else path
-                runner = _make_runner(name, model, self.spec, threads, device_id)
+                runner = _make_runner(name, model, self.spec, threads, device_id, self.cuda_graphs)
                 runner.activate()
                 return runner
-            except (BackendUnavailableError, InputError) as e:
+            except (BackendUnavailableError, InputError, IntegrityError) as e:
+                # IntegrityError: an engine built for another GPU or TensorRT; auto moves on, and says so
                 if backend != "auto":
                     raise
                 errors.append(f"{name}: {e}")
-                log.info("backend %s not usable here: %s", name, e)
+                log.log(logging.WARNING if isinstance(e, IntegrityError) else logging.INFO,
+                        "backend %s not usable here, trying the next: %s", name, e)
         raise BackendUnavailableError("no backend can run this model here: " + " | ".join(errors))
 
     # --- synchronous, batched ----------------------------------------------------------------

@@ -3,8 +3,13 @@
 Memory and streams come from cuda-python (``cuda.bindings.runtime``), not a hand-written
 ctypes layer. Buffers are allocated once for the profile's maximum batch and reused; a call
 copies the batch into a pinned host buffer, then host-to-device, runs, and copies back, all on
-the runner's stream, and synchronises once. With ``cuda_graphs=True`` each batch size's
-enqueue is captured once and replayed (shapes are fixed per batch size).
+the runner's stream, and synchronises once (stage times come from CUDA events recorded on the
+stream). With ``cuda_graphs=True`` each batch size's enqueue is captured once and replayed
+(shapes are fixed per batch size); the graphs are destroyed on ``deactivate``.
+
+The CUDA device is per host thread (CUDA runtime docs, ``cudaSetDevice``): every call sets the
+runner's device first, because the micro-batcher runs inference in its own worker thread, not
+in the thread that activated the runner.
 """
 from __future__ import annotations
 
@@ -102,6 +107,7 @@ class TensorRTRunner(Runner):
         self._dev_out = check_cuda(cudart.cudaMalloc(self._host_out.nbytes))
         self.context.set_tensor_address(self.spec.input_name, int(self._dev_in))
         self.context.set_tensor_address(self.spec.output_name, int(self._dev_out))
+        self._events = [check_cuda(cudart.cudaEventCreate()) for _ in range(4)]
 
     def _pinned(self, shape, dtype) -> np.ndarray:
         """A numpy view of page-locked host memory (fast, truly asynchronous copies)."""
@@ -113,23 +119,26 @@ class TensorRTRunner(Runner):
 
     def _infer_impl(self, feed: np.ndarray) -> np.ndarray:
         cudart = self.cudart
+        check_cuda(cudart.cudaSetDevice(self.device_id))  # this thread's device (the batcher's worker too)
         batch = feed.shape[0]
         kind = cudart.cudaMemcpyKind
         host_in = self._host_in[:batch]
         host_out = self._host_out[:batch]
-        t0 = self._clock()
+        e0, e1, e2, e3 = self._events
         host_in[...] = feed
+        check_cuda(cudart.cudaEventRecord(e0, self.stream))
         check_cuda(cudart.cudaMemcpyAsync(self._dev_in, host_in.ctypes.data, host_in.nbytes,
                                           kind.cudaMemcpyHostToDevice, self.stream))
-        check_cuda(cudart.cudaStreamSynchronize(self.stream))
-        t1 = self._clock()
+        check_cuda(cudart.cudaEventRecord(e1, self.stream))
         self._enqueue(batch)
-        check_cuda(cudart.cudaStreamSynchronize(self.stream))
-        t2 = self._clock()
+        check_cuda(cudart.cudaEventRecord(e2, self.stream))
         check_cuda(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._dev_out, host_out.nbytes,
                                           kind.cudaMemcpyDeviceToHost, self.stream))
-        check_cuda(cudart.cudaStreamSynchronize(self.stream))
-        self.timings_ms = {"copy_in": t1 - t0, "infer": t2 - t1, "copy_out": self._clock() - t2}
+        check_cuda(cudart.cudaEventRecord(e3, self.stream))
+        check_cuda(cudart.cudaStreamSynchronize(self.stream))  # the call's one synchronisation
+        self.timings_ms = {"copy_in": float(check_cuda(cudart.cudaEventElapsedTime(e0, e1))),
+                           "infer": float(check_cuda(cudart.cudaEventElapsedTime(e1, e2))),
+                           "copy_out": float(check_cuda(cudart.cudaEventElapsedTime(e2, e3)))}
         return host_out  # the pinned buffer itself: valid until the next call
 
     def _enqueue(self, batch: int) -> None:
@@ -151,9 +160,12 @@ class TensorRTRunner(Runner):
 
     def _deactivate_impl(self) -> None:
         cudart = self.cudart
+        cudart.cudaSetDevice(self.device_id)
         for g in self._graphs.values():
             cudart.cudaGraphExecDestroy(g)
         self._graphs.clear()
+        for e in getattr(self, "_events", []):
+            cudart.cudaEventDestroy(e)
         cudart.cudaFree(self._dev_in)
         cudart.cudaFree(self._dev_out)
         for p in getattr(self, "_pinned_ptrs", []):
