@@ -409,6 +409,14 @@ class Trainer:
             _barrier(self.world)
         return self.last_metrics
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: one rank stopping alone would leave the others
+        waiting in the gradient all-reduce forever, so they agree first (a one-element all-reduce)."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
     def _step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
         images = images.to(self.device, non_blocking=True)
         masks = masks.to(self.device, non_blocking=True)
@@ -420,8 +428,9 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             logits, projected = self.net(images)
         loss, terms = self.loss_fn(logits, masks, temperature, teacher_logits, projected, teacher_feature)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower train.lr or check the data")
+        if not self._all_finite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step} (on this rank or another); "
+                                     "lower train.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.job.train.grad_clip_norm > 0:

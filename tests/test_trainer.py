@@ -214,3 +214,24 @@ def test_report_splits_fall_back_to_val_and_say_so(tmp_path):
     assert report_splits(cfg)[0] == ["test"]
     with pytest.raises(Exception, match="unknown split 'holdout'"):
         split_samples(cfg, "holdout")
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    import subprocess
+
+    script = tmp_path / "nan_rank.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from edgeseg.distill.trainer import Trainer\n"
+        "dist.init_process_group('gloo')\n"
+        "t = Trainer.__new__(Trainer)\n"
+        "t.world = dist.get_world_size()\n"
+        "rank = dist.get_rank()\n"
+        "result = (t._all_finite(torch.tensor(1.0)), t._all_finite(torch.tensor(float('nan') if rank == 1 else 2.0)))\n"
+        f"open(r'{tmp_path}' + f'/rank{{rank}}.txt', 'w').write(repr(result))\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # rank 0's own loss was finite: it stops too (each rank writes its own file: no interleaved stdout)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["(True, False)", "(True, False)"]
