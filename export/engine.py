@@ -22,7 +22,7 @@ import importlib.util
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -183,6 +183,15 @@ def gpu_info(device_id: int = 0) -> dict:
     return {"name": name.strip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def network_tensor_names(network) -> set[str]:
+    """Every tensor name of a parsed TensorRT network (the ONNX tensor names), via the network API."""
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        names.update(layer.get_output(j).name for j in range(layer.num_outputs))
+    return names
+
+
 def cache_calibrator(cache_path: str, batch: int):
     """An implicit-INT8 calibrator that only replays a calibration cache (TensorRT 10, DLA)."""
     import tensorrt as trt
@@ -226,6 +235,26 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
     if not parser.parse_from_file(str(plan.onnx)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise InputError(f"{plan.onnx}: TensorRT {caps.version} cannot parse it ({errors[:300]})")
+    cache_report = None
+    if plan.calibration_cache:
+        # The cache is written now, for this TensorRT (its header carries the version) and with
+        # only the tensor names of the network just parsed: the export-time cache holds the
+        # Q/DQ model's names and a default version, which TensorRT would ignore or not match.
+        from edgeseg.export.trt_cache import read_cache, write_cache
+
+        _, scales = read_cache(plan.calibration_cache)
+        names = network_tensor_names(network)
+        kept = {n: s for n, s in scales.items() if n in names}
+        if not kept:
+            raise InputError(f"{plan.calibration_cache}: none of its tensors is in {plan.onnx}; re-export the model "
+                             "and its calibration together (make export)")
+        build_cache = write_cache(kept, paths["engine"].with_name(paths["engine"].name + ".calibration.cache"),
+                                  caps.version)
+        cache_report = {"file": str(build_cache), "tensors": len(kept), "dropped_not_in_network": len(scales) - len(kept),
+                        "network_tensors_without_scale": len(names - set(kept)), "header_version": caps.version}
+        log.info("calibration cache for TensorRT %s: %d tensors (%d not in the parsed network dropped)", caps.version,
+                 len(kept), len(scales) - len(kept))
+        plan = replace(plan, calibration_cache=str(build_cache))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     for name in plan.flags:
@@ -258,6 +287,10 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     meta = engine_metadata(plan, caps, gpu_info(), profile, io, time.perf_counter() - t0)
     meta["engine_sha256"] = sha256_file(paths["engine"])
+    meta["dla_core"] = plan.dla_core
+    meta["static_batch"] = profile["min"][0] == profile["max"][0]
+    if cache_report:
+        meta["calibration_cache"] = cache_report
     write_json_atomic(paths["metadata"], meta)
     log.info("built %s (%.0f s) -> %s", plan.precision, meta["build_seconds"], paths["engine"])
     return meta

@@ -120,7 +120,10 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
         workspace = cfg.export.workspace_mib
     files = {k: v for k, v in files.items() if v and Path(v).is_file()}
     plan = plan_build(caps, precision, files, dla_core)
-    profile = profile_shapes(spec.input_layout, spec.image_size, spec.max_batch, spec.opt_batch)
+    if dla_core >= 0:  # DLA takes static shapes only: one batch size, partial batches padded at run time
+        profile = profile_shapes(spec.input_layout, spec.image_size, spec.max_batch, spec.max_batch, spec.max_batch)
+    else:
+        profile = profile_shapes(spec.input_layout, spec.image_size, spec.max_batch, spec.opt_batch)
     return {"built": True, **build_engine(plan, caps, profile, spec.to_dict(), out, workspace,
                                           device_build=bundle is not None)}
 

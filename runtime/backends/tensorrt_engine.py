@@ -90,6 +90,12 @@ class TensorRTRunner(Runner):
         check_engine_compatible(meta, trt.__version__, f"{props.major}.{props.minor}", name.strip("\x00"), self.model_path)
         self.trt_logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.trt_logger)
+        dla_core = int(meta.get("dla_core", -1))
+        if dla_core >= 0:  # a DLA engine is deserialised by a runtime bound to its core (TensorRT DLA docs)
+            runtime.DLA_core = dla_core
+        # a static engine (DLA) runs one batch size: smaller batches are padded up to it
+        profile = meta.get("profile", {})
+        self.static_batch = int(profile["max"][0]) if profile and profile["min"][0] == profile["max"][0] else None
         self.engine = runtime.deserialize_cuda_engine(self.model_path.read_bytes())
         if self.engine is None:
             raise InputError(f"{self.model_path}: TensorRT could not deserialize the engine")
@@ -121,16 +127,19 @@ class TensorRTRunner(Runner):
         cudart = self.cudart
         check_cuda(cudart.cudaSetDevice(self.device_id))  # this thread's device (the batcher's worker too)
         batch = feed.shape[0]
+        run_batch = self.static_batch or batch
         kind = cudart.cudaMemcpyKind
-        host_in = self._host_in[:batch]
-        host_out = self._host_out[:batch]
+        host_in = self._host_in[:run_batch]
+        host_out = self._host_out[:run_batch]
         e0, e1, e2, e3 = self._events
-        host_in[...] = feed
+        host_in[:batch] = feed
+        if run_batch > batch:
+            host_in[batch:] = 0  # padding rows: computed and dropped
         check_cuda(cudart.cudaEventRecord(e0, self.stream))
         check_cuda(cudart.cudaMemcpyAsync(self._dev_in, host_in.ctypes.data, host_in.nbytes,
                                           kind.cudaMemcpyHostToDevice, self.stream))
         check_cuda(cudart.cudaEventRecord(e1, self.stream))
-        self._enqueue(batch)
+        self._enqueue(run_batch)
         check_cuda(cudart.cudaEventRecord(e2, self.stream))
         check_cuda(cudart.cudaMemcpyAsync(host_out.ctypes.data, self._dev_out, host_out.nbytes,
                                           kind.cudaMemcpyDeviceToHost, self.stream))
@@ -139,11 +148,12 @@ class TensorRTRunner(Runner):
         self.timings_ms = {"copy_in": float(check_cuda(cudart.cudaEventElapsedTime(e0, e1))),
                            "infer": float(check_cuda(cudart.cudaEventElapsedTime(e1, e2))),
                            "copy_out": float(check_cuda(cudart.cudaEventElapsedTime(e2, e3)))}
-        return host_out  # the pinned buffer itself: valid until the next call
+        return host_out[:batch]  # the pinned buffer itself: valid until the next call
 
     def _enqueue(self, batch: int) -> None:
         cudart = self.cudart
-        self.context.set_input_shape(self.spec.input_name, self.spec.input_shape(batch))
+        if not self.context.set_input_shape(self.spec.input_name, self.spec.input_shape(batch)):
+            raise InputError(f"{self.model_path}: batch {batch} is outside the engine's optimization profile")
         if not self.cuda_graphs:
             if not self.context.execute_async_v3(self.stream):
                 raise RuntimeError("TensorRT enqueue failed")

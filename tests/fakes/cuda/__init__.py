@@ -1,0 +1,1 @@
+"""Fake ``cuda`` namespace (cuda-python); see ``cuda.bindings.runtime``."""
