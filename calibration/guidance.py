@@ -40,9 +40,17 @@ class TeacherView:
             x01 = F.interpolate(x01, size=self.image_hw, mode="bilinear", align_corners=False)
         return (x01 - self.mean.to(x.device)) / self.std.to(x.device)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, 1, H, W) and the deepest encoder feature, average-pooled (B, C)."""
-        features = self.model.encoder(self.prepare(x))
+        """Logits (B, 1, H, W) and the deepest encoder feature, average-pooled (B, C).
+
+        Inputs are moved to the model's device (differentiably); the synthesizer keeps the model
+        on the generator's device, so guidance makes no copies.
+        """
+        features = self.model.encoder(self.prepare(x.to(self.device)))
         logits = self.model.segmentation_head(self.model.decoder(features))
         return logits, features[-1].mean(dim=(2, 3))
 

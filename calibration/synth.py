@@ -86,7 +86,7 @@ def teacher_probabilities(view: TeacherView, images: np.ndarray, batch: int = 32
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         logits, _ = view(x)
-        out.append(torch.sigmoid(logits[:, 0]).numpy())
+        out.append(torch.sigmoid(logits[:, 0]).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -99,7 +99,7 @@ def embed_real_images(view: TeacherView, paths: list[Path], limit: int = 256) ->
     for i in range(0, len(chosen), 32):
         imgs = np.stack([_fit(read_rgb(p), view.image_hw) for p in chosen[i:i + 32]])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        embs.append(view(x)[1].numpy())
+        embs.append(view(x)[1].float().cpu().numpy())
     return np.concatenate(embs), chosen
 
 
@@ -161,7 +161,7 @@ class Synthesizer:
         if mode == "task":
             return TaskGuide(teacher), {}
         if mode == "confidence":
-            student = load_model(self.cfg.student, self.student_path, keys=("student",))
+            student = load_model(self.cfg.student, self.student_path, keys=("student",)).to(self.device)
             view = TeacherView(student, res, self.cfg.data.mean, self.cfg.data.std)
             # every k-th pool image is hard, k = 1 / hard_fraction: an exact, reproducible share
             every = max(1, round(1 / g.hard_fraction)) if g.hard_fraction > 0 else pool_size + 1
@@ -194,7 +194,7 @@ class Synthesizer:
                 sources = getattr(self, "medoid_paths", None) or [s.image for s in split_samples(self.cfg, "train")]
                 init = [read_rgb(sources[int(i) % len(sources)]) for i in index]
             return generate(self.pipe, prompts, seeds, self.size, self.cal.sampler.steps, 0.0, init,
-                            self.cal.img2img_strength, guide, self.cal.guidance)
+                            self.cal.img2img_strength, guide, self.cal.guidance, index=index)
         from edgeseg.calibration.sampler import sample
 
         init = None
@@ -211,7 +211,8 @@ class Synthesizer:
         from edgeseg.runtime.progress import LoggedProgress
 
         if not hasattr(self, "teacher"):
-            teacher = load_model(self.cfg.teacher, self.cfg.teacher_checkpoint)
+            # on the generator's device: guidance differentiates the teacher on the generator's images
+            teacher = load_model(self.cfg.teacher, self.cfg.teacher_checkpoint).to(self.device)
             self.teacher = TeacherView(teacher, self.size, self.cfg.data.mean, self.cfg.data.std)
             self._load_generator()
         guide, self.guide_info = self._make_guide(start + pool_size)

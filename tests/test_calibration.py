@@ -391,3 +391,62 @@ def test_confidence_guidance_keeps_hard_images_a_minority(tiny_run, tmp_path):
     assert manifest["guidance"]["mode"] == "confidence"
     assert manifest["guidance"]["hard_images"] == 2  # pool of 8, every 4th image is hard
     assert len(manifest["guidance"]["student_sha256"]) == 64
+
+
+class _RecordingGuide:
+    """A guide (our interface) that records what the generator hands it and pulls nothing."""
+
+    def __init__(self):
+        self.indices, self.inputs = [], []
+
+    def __call__(self, x0, index):
+        self.indices.append(index.tolist())
+        self.inputs.append(x0.detach().clone())
+        return (x0 * 0).flatten(1).sum(1), torch.zeros(len(x0), 2)
+
+
+def test_pipeline_guidance_sees_pool_indices_and_the_predicted_clean_image(tiny_sd):
+    from edgeseg.calibration.pipeline import _PredictedX0, generate, guidance_vae, load_pipeline
+
+    pipe = load_pipeline(tiny_sd, torch.device("cpu"))
+    g = GuidanceConfig(t_start=1.0, t_stop=0.0, scale=1.0)
+    rec = _RecordingGuide()
+    generate(pipe, ["a", "b"], [5, 6], (32, 32), steps=3, guide=rec, guidance=g, index=torch.tensor([34, 35]))
+    assert rec.indices and all(i == [34, 35] for i in rec.indices)  # the pool's indices, not 0..B-1
+    assert "step" not in vars(pipe.scheduler)  # the capture is undone after the call
+    # the guide's input is the decoded predicted clean latents of the step (DDIM's pred_original_sample)
+    capture = _PredictedX0(pipe.scheduler)
+    latents = torch.randn(1, 4, 4, 4)
+    pipe.scheduler.set_timesteps(3)
+    t = pipe.scheduler.timesteps[0]
+    prev, x0 = capture(torch.randn(1, 4, 4, 4), t, latents, return_dict=False)
+    assert capture.x0 is not None and torch.equal(capture.x0, x0) and not torch.equal(x0, prev)
+    # SDXL-style VAE: fp16 with force_upcast decodes guidance in float32, the pipeline's VAE untouched
+    assert guidance_vae(pipe) is pipe.vae
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe.vae.to(torch.float16)
+    try:
+        upcast = guidance_vae(pipe)
+        assert upcast is not pipe.vae and upcast.dtype == torch.float32 and pipe.vae.dtype == torch.float16
+        assert guidance_vae(pipe) is upcast  # made once
+    finally:
+        pipe.vae.to(torch.float32)
+    with pytest.raises(ValueError, match="1 pool indices for 2 seeds"):
+        generate(pipe, ["a", "b"], [5, 6], (32, 32), steps=2, index=torch.tensor([3]))
+
+
+def test_synth_hands_the_pipeline_each_batchs_pool_indices(tiny_run, tiny_sd, tmp_path, monkeypatch):
+    import edgeseg.calibration.pipeline as pipeline_module
+
+    _, cfg = _cal_config(tiny_run, tmp_path, generator="pipeline", model=str(tiny_sd), img2img_strength=0.0,
+                         sampler={"steps": 2, "batch_size": 2})
+    seen = []
+    real = pipeline_module.generate
+
+    def counting(*args, index=None, **kwargs):  # counts calls; the real generate runs
+        seen.append(index.tolist())
+        return real(*args, index=index, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "generate", counting)
+    Synthesizer(cfg).generate_pool(6, progress=False)
+    assert seen == [[0, 1], [2, 3], [4, 5]]
