@@ -77,3 +77,50 @@ def test_engine_build_and_tensorrt_runner_match_onnxruntime(tiny_run, tmp_path, 
         assert trt_seg.device.startswith("cuda")
         agree = np.mean([np.mean(a == b) for a, b in zip(trt_seg.predict(frames), ref.predict(frames))])
     assert agree > (0.999 if precision == "fp32" else 0.97)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_trainer_on_cuda_with_amp_resumes_exactly(tiny_run, tmp_path):
+    """A few AMP steps on the GPU: finite losses, and a run stopped and resumed equals an uninterrupted one."""
+    from edgeseg.distill.checkpoint import load_checkpoint
+    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.trainer import Trainer, job_for
+
+    _, base = tiny_run
+    common = dict(device="cuda", data={"root": str(base.data_root)}, teacher={"checkpoint": str(base.teacher_checkpoint)},
+                  train={"epochs": 1, "batch_size": 4, "amp": True})
+    if _ort_cuda():
+        common["feature_teacher"] = {"onnx": str(base.feature_teacher_onnx)}
+    else:  # the feature teacher needs ORT's CUDA provider on a CUDA device
+        common["loss"] = {"feature": 0.0}
+    a = load_config(write_config(tmp_path / "a", **common), Config)
+    Trainer(a, job_for(a, "student")).run()
+    b = load_config(write_config(tmp_path / "b", **common), Config)
+    Trainer(b, job_for(b, "student"), max_steps=2).run()
+    Trainer(b, job_for(b, "student")).run()
+    ca, cb = load_checkpoint(tmp_path / "a" / "distill" / "last.pt"), load_checkpoint(tmp_path / "b" / "distill" / "last.pt")
+    assert ca["scaler"] and ca["scaler"]["scale"] > 0  # AMP really ran with a scaler
+    for name, value in ca["student"].items():
+        assert torch.equal(value, cb["student"][name]), name
+    assert np.isfinite(ca["metrics"]["loss"])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu")
+def test_runtime_cuda_provider_matches_the_cpu(tiny_run, tmp_path):
+    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.models import build_model
+    from edgeseg.export.onnx_model import export_onnx
+    from edgeseg.runtime import Segmenter
+
+    cfg = load_config(write_config(tmp_path, export={"max_batch": 4, "opt_batch": 2}), Config)
+    torch.manual_seed(0)
+    export_onnx(cfg, build_model(cfg.student).eval(), tmp_path)
+    frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(3)]
+    with Segmenter(tmp_path / "model.onnx", backend="onnxruntime-cuda") as gpu, \
+            Segmenter(tmp_path / "model.onnx", backend="onnxruntime-cpu") as cpu:
+        assert gpu.device == "cuda:0"
+        agree = np.mean([np.mean(a == b) for a, b in zip(gpu.predict(frames), cpu.predict(frames))])
+    assert agree > 0.999
