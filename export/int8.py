@@ -46,10 +46,37 @@ def input_transform(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
     return lambda b: normalise_batch(b, spec.mean, spec.std)
 
 
+_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish")
+_FUSED_PRODUCERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def with_fused_producers(pre_fp32: Path, nodes: list[str]) -> list[str]:
+    """``nodes`` plus, for each activation among them, the Conv/MatMul feeding it.
+
+    ONNX Runtime quantizes Conv -> Relu as one unit (no Q/DQ between them, the activation folds
+    into the INT8 convolution), so the quantized tensor of that pair is the activation's output.
+    Keeping only the activation in float would leave the convolution quantized: both go.
+    """
+    import onnx
+
+    graph = onnx.load(str(pre_fp32)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    by_name = {n.name: n for n in graph.node}
+    out = list(nodes)
+    for name in nodes:
+        node = by_name.get(name)
+        if node is not None and node.op_type in _ACTIVATIONS and node.input:
+            src = producer.get(node.input[0])
+            if src is not None and src.op_type in _FUSED_PRODUCERS and src.name not in out:
+                out.append(src.name)
+    return out
+
+
 def node_sensitivity(pre_fp32: Path, qdq: Path, batches: list[np.ndarray], work: Path) -> list[tuple[str, float]]:
     """(node name, SQNR dB of its output's quantization) for the pre-processed FP32 model, worst first."""
     import onnx
-    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations,
+                                                         compute_signal_to_quantization_noice_ratio,
                                                          create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
 
@@ -58,9 +85,12 @@ def node_sensitivity(pre_fp32: Path, qdq: Path, batches: list[np.ndarray], work:
     aug = work / "qdq.aug.onnx"
     modify_model_output_intermediate_tensors(str(qdq), str(aug))
     acts = collect_activations(str(aug), ArrayReader(input_name(qdq), batches))
-    errors = compute_activation_error(create_activation_matching(acts))  # qdq_err: this tensor's own quantization
+    # each tensor's own quantization error: its value before vs after its Q/DQ pair (SQNR, dB).
+    # (compute_activation_error also wants the float model's activations, which this does not need.)
+    errors = {t: compute_signal_to_quantization_noice_ratio(m["pre_qdq"], m["post_qdq"])
+              for t, m in create_activation_matching(acts).items() if "pre_qdq" in m and "post_qdq" in m}
     producer = {o: n.name for n in onnx.load(str(pre_fp32)).graph.node for o in n.output}
-    ranked = [(producer[t], e["qdq_err"]) for t, e in errors.items() if t in producer and np.isfinite(e["qdq_err"])]
+    ranked = [(producer[t], float(e)) for t, e in errors.items() if t in producer and np.isfinite(e)]
     return sorted(ranked, key=lambda x: x[1])
 
 
@@ -199,12 +229,15 @@ def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_
 
         def evaluate(nodes: list[str]) -> float:
             path = quantize_qdq(pre, tmp / f"m{len(nodes)}.onnx", calib_batches, e.calibration_method, flavour,
-                                exclude_nodes=nodes, percentile=e.percentile, preprocessed=True)
+                                exclude_nodes=with_fused_producers(pre, nodes), percentile=e.percentile,
+                                preprocessed=True)
             return miou_of(predict_masks(onnx_runner(path), images), gts)
 
         nodes, miou, trials = budget_search(evaluate, names, fp32_miou, e.max_miou_drop, e.max_float_nodes)
-        quantize_qdq(pre, mixed, calib_batches, e.calibration_method, flavour, exclude_nodes=nodes,
-                     percentile=e.percentile, preprocessed=True)
+        if miou <= int8_miou:  # unreachable and nothing better than the plain model: ship the plain one
+            nodes, miou = [], int8_miou
+        quantize_qdq(pre, mixed, calib_batches, e.calibration_method, flavour,
+                     exclude_nodes=with_fused_producers(pre, nodes), percentile=e.percentile, preprocessed=True)
     sqnr = dict(ranked)
     out.update(mixed_miou=miou, float_nodes=[{"node": n, "sqnr_db": sqnr[n]} for n in nodes], trials=trials,
                met=fp32_miou - miou <= e.max_miou_drop / 100)

@@ -441,3 +441,49 @@ def test_fused_uint8_input_is_cast_before_any_transpose(tiny_run, tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
     problems = tensorrt_problems(helper.make_model(g))
     assert any("T: Transpose produces uint8" in p for p in problems) and any("reads the uint8 input" in p for p in problems)
+
+
+def test_the_budget_bites_keeps_nodes_float_on_val_for_both_flavours(tiny_run, tmp_path):
+    """A zero budget and a calibration that clips (uniform noise): plain INT8 misses the budget on val,
+    and the search keeps the fewest nodes in float that recover it, for both flavours."""
+    import dataclasses
+
+    from edgeseg.calibration.quantize import batches_of, preprocess_for_quantization, quantize_qdq
+    from edgeseg.calibration.report import noise_images
+    from edgeseg.distill.models import build_model
+    from edgeseg.export.int8 import input_transform, run_budget
+    from edgeseg.export.onnx_model import export_onnx
+    from edgeseg.export.stage import validation_set
+    from edgeseg.runtime.spec import ModelSpec
+
+    _, base = tiny_run
+    cfg = load_config(write_config(tmp_path, data={"root": str(base.data_root)},
+                                   export={"max_batch": 4, "opt_batch": 2, "max_miou_drop": 0.0,
+                                           "max_float_nodes": 64}), Config)
+    from edgeseg.runtime import Segmenter
+
+    torch.manual_seed(3)
+    student = build_model(cfg.student).eval()
+    images, _ = validation_set(cfg)
+    x = torch.from_numpy(input_transform(ModelSpec(image_size=(64, 64)))(np.stack(images)))
+    with torch.no_grad():  # centre the logits on zero: about half the pixels are people
+        student.segmentation_head[0].bias -= student(x).median()
+    d = tmp_path / "export"
+    export_onnx(cfg, student, d)
+    spec = ModelSpec.from_onnx(d / "model.onnx")
+    pre = preprocess_for_quantization(d / "model.onnx", d / "model.pre.onnx")
+    batches = batches_of(noise_images(8, spec.image_size, 0), input_transform(spec))
+    # the FP32 model's own masks as ground truth: FP32 scores 1.0, every INT8 flip costs
+    with Segmenter(d / "model.onnx", backend="onnxruntime-cpu") as seg:
+        val = (images, seg.predict(images))
+    for flavour, mixed in (("s8s8", "model.int8-mixed.onnx"), ("u8s8", "model.int8-cpu-mixed.onnx")):
+        plain = quantize_qdq(pre, d / f"plain-{flavour}.onnx", batches, flavour=flavour, preprocessed=True)
+        loss = run_budget(cfg, d, pre, plain, batches, val, flavour)  # budget 0: what plain INT8 loses
+        lost_points = (loss["fp32_miou"] - loss["int8_miou"]) * 100
+        half = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, max_miou_drop=lost_points / 2))
+        out = run_budget(half, d, pre, plain, batches, val, flavour)  # recover at least half of it
+        assert out["split"] == "val" and out["flavour"] == flavour
+        assert out["int8_miou"] < out["fp32_miou"], "precondition: plain INT8 loses something on val"
+        assert out["float_nodes"] and out["trials"], "the search ran and kept nodes in float"
+        assert out["met"] and out["fp32_miou"] - out["mixed_miou"] <= lost_points / 200 + 1e-9
+        assert out["mixed_miou"] > out["int8_miou"] and (d / mixed).is_file() and out["model"].endswith(mixed)
