@@ -21,7 +21,7 @@ ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
         $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.edgeseg-installed
 
-.PHONY: setup demo teacher distill calibrate export deploy profile bench test test-all clean
+.PHONY: setup demo teacher distill calibrate export deploy profile serve bench test test-all clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q $(TORCH_SPEC)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[train,dev]'
+	# the CPU Triton server (tests, make serve): the binary only; the wheel's numpy<2 pin would break OpenCV 5
+	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps 'nvidia-pytriton==0.7.0'
 	touch $@
 
 demo: setup
@@ -59,6 +61,11 @@ deploy: setup
 
 profile: setup
 	$(EDGESEG) runtime profile --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/profile --batch 1,2,4,8 --iters 30
+
+# Triton on 127.0.0.1 serving the demo bundle (ports printed); try it with tritonclient. Ctrl-C stops it.
+serve: setup
+	$(EDGESEG) serve triton --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/triton
+	$(EDGESEG) serve start --repository $(RUN_DIR)/triton
 
 bench: setup
 	$(PY) -m benchmarks.run $(ARGS)

@@ -94,6 +94,46 @@ def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
                   "u8s8_vs_silu_fp32": ratio(res, "silu_fp32", f"{act}_u8s8")} for act in ("silu", "relu")}
 
 
+def budget_study(cfg: Config, budget_points: float = 0.0) -> dict:
+    """The demo student with a lossless budget (``export.max_miou_drop=0``): plain INT8 misses it on
+    val whenever it changes a single pixel, so the search must keep nodes in float. Nodes are chosen
+    on val; the plain and mixed models are then scored on test and test_shift."""
+    import dataclasses
+    import shutil
+
+    from edgeseg.calibration.quantize import batches_of
+    from edgeseg.calibration.synth import load_calibration_images
+    from edgeseg.distill.data import report_splits
+    from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
+    from edgeseg.export.int8 import input_transform, run_budget
+    from edgeseg.export.stage import eval_set, validation_set
+    from edgeseg.runtime.spec import ModelSpec
+
+    src = cfg.stage_dir("export")
+    tight = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, max_miou_drop=budget_points))
+    spec = ModelSpec.from_onnx(src / "model.onnx")
+    calib = load_calibration_images(cfg.stage_dir("calibration") / "synthetic", tuple(spec.image_size),
+                                    limit=cfg.export.calibration_images)
+    batches = batches_of(calib, input_transform(spec))
+    val = validation_set(cfg)
+    splits = report_splits(cfg)[0]
+    sets = {s: eval_set(cfg, s) for s in splits}
+    out = {"budget_points": budget_points, "selection_split": "val", "report_splits": splits}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for f in ("model.onnx", "model.pre.onnx", "model.int8.onnx", "model.int8-cpu.onnx"):
+            shutil.copyfile(src / f, d / f)
+        for flavour, plain in (("s8s8", "model.int8.onnx"), ("u8s8", "model.int8-cpu.onnx")):
+            b = run_budget(tight, d, d / "model.pre.onnx", d / plain, batches, val, flavour)
+            row = {"val": {k: b[k] for k in ("fp32_miou", "int8_miou", "mixed_miou", "met")},
+                   "float_nodes": [f["node"] for f in b["float_nodes"]], "trials": b["trials"]}
+            for split, (images, gts) in sets.items():
+                row[split] = {name: miou_of(predict_masks(onnx_runner(d / f), images), gts)
+                              for name, f in (("fp32", "model.onnx"), ("plain", plain), ("mixed", Path(b["model"]).name))}
+            out[flavour] = row
+    return out
+
+
 def run(cfg: Config, rounds: int = 20) -> dict:
     d = cfg.stage_dir("export")
     models = {"fp32": d / "model.onnx", "s8s8": d / "model.int8.onnx", "u8s8": d / "model.int8-cpu.onnx"}
@@ -132,4 +172,5 @@ def run(cfg: Config, rounds: int = 20) -> dict:
     # headline figures: batch 8 at the machine's default thread count; the 1-thread ones in threads_1
     out.update(headline["default"])
     out["threads_1"] = headline["1"]
+    out["budget_study"] = budget_study(cfg)
     return out

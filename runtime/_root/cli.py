@@ -4,6 +4,7 @@
     edgeseg calibration synth | report
     edgeseg export onnx | quantize | engine | accuracy | all | bundle
     edgeseg runtime infer | profile
+    edgeseg serve triton | deepstream | start
 
 Stage groups are imported lazily: ``edgeseg --help`` and ``edgeseg runtime ...`` work on an edge
 device that installed only the runtime, and a stage whose extra is missing says which one to install.
@@ -23,10 +24,11 @@ STAGES: dict[str, tuple[str, str, str | None]] = {
     "calibration": ("edgeseg.calibration.cli", "Synthesise an INT8 calibration set and report on it.", "train"),
     "export": ("edgeseg.export.cli", "ONNX, INT8, TensorRT engines, accuracy and the deploy bundle.", "train"),
     "runtime": ("edgeseg.runtime.cli", "Segment images with a bundle and profile latency (no torch).", None),
+    "serve": ("edgeseg.export.serve_cli", "Triton repository, DeepStream config and a local Triton server.", "serve"),
 }
 
 # Modules only the heavy extras bring; a stage that misses one names the extra instead of a traceback.
-_EXTRA_MODULES = {"torch", "torchvision", "timm", "segmentation_models_pytorch", "onnx", "onnxsim", "onnxscript",
+_EXTRA_MODULES = {"tritonclient", "google", "torch", "torchvision", "timm", "segmentation_models_pytorch", "onnx", "onnxsim", "onnxscript",
                   "diffusers", "skimage", "pycocotools", "polygraphy", "onnxconverter_common"}
 
 

@@ -1,0 +1,452 @@
+"""A Triton Inference Server model repository from a deploy bundle, and a launcher for the server.
+
+Repository layout (``edgeseg serve triton --bundle B --out REPO``)::
+
+    REPO/
+      edgeseg/                   Python backend: the bundle through edgeseg's runtime (ONNX Runtime CPU,
+        config.pbtxt             or the engine where TensorRT exists). IMAGE uint8 [H, W, 3], any size ->
+        1/model.py               MASK uint8 [H, W] at the image's size. Dynamic batching; instance groups.
+        1/bundle/                a copy of the bundle (hash-verified when the model loads)
+      edgeseg_preprocess/        Python: letterbox + normalise -> INPUT float [3, h, w] and PLACEMENT
+      edgeseg_postprocess/       Python: logits + PLACEMENT + the original size -> MASK
+      edgeseg_trt/               tensorrt_plan: the engine, built on the server's GPU (build_engine.py)
+      edgeseg_onnx/              onnxruntime backend with the TensorRT accelerator (GPU servers)
+      edgeseg_gpu/               ensemble: preprocess -> edgeseg_trt -> postprocess
+
+Every ``config.pbtxt`` is parsed with Triton's own ``ModelConfig`` protobuf (shipped in
+``tritonclient``), which rejects unknown fields and wrong types. Only ``edgeseg`` runs on a CPU
+server (the ``nvidia-pytriton`` wheel's ``tritonserver`` has the Python backend only); the GPU
+models are validated, not run, here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from edgeseg.runtime.bundle import Bundle
+from edgeseg.runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.files import replace_dir, staging_dir
+
+log = logging.getLogger(__name__)
+
+CPU_MODEL = "edgeseg"
+
+_PYTHON_MODEL = '''"""Triton Python backend model: edgeseg's runtime serving a deploy bundle (written by edgeseg serve triton)."""
+import json
+import os
+import site
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# A stub started by `edgeseg serve start` (or the tests) names the launching environment's site
+# folders, so edgeseg and its dependencies import here as they do there (.pth files included).
+for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)):
+    site.addsitedir(_d)
+
+
+def _array(request, name):
+    # DLPack, not as_numpy(): the backend's numpy bridge is built against NumPy 1's ABI and, under
+    # NumPy 2, reads inputs as zeros and sends outputs empty without an error. DLPack is ABI-stable.
+    return np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name))
+
+
+def _tensor(name, array):
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from edgeseg.runtime import Segmenter
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        bundle = Path(args["model_repository"]) / args["model_version"] / "bundle"
+        self.segmenter = Segmenter(bundle, backend=params.get("backend", "auto"), threads=int(params.get("threads", "0")))
+
+    def execute(self, requests):
+        # Triton hands over the requests its dynamic batcher grouped; they are run as model batches.
+        images, owners, responses = [], [], [None] * len(requests)
+        for r, request in enumerate(requests):
+            x = _array(request, "IMAGE")
+            problem = _check(x)
+            if problem:
+                responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
+                continue
+            images.extend(x)
+            owners.extend([r] * len(x))
+        if images:
+            try:
+                masks = self.segmenter.predict(images)
+            except Exception as e:  # one bad batch fails its requests, the server keeps serving
+                for r in set(owners):
+                    responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"edgeseg: {e}"))
+                masks = None
+            if masks is not None:
+                for r in sorted(set(owners)):
+                    mine = np.stack([m for m, o in zip(masks, owners) if o == r])
+                    responses[r] = pb_utils.InferenceResponse(output_tensors=[_tensor("MASK", mine)])
+        return responses
+
+    def finalize(self):
+        self.segmenter.close()
+
+
+def _check(x):
+    if x.dtype != np.uint8:
+        return f"IMAGE must be uint8 RGB, got {x.dtype}"
+    if x.ndim != 4 or x.shape[-1] != 3:
+        return f"IMAGE must be [batch, height, width, 3], got {list(x.shape)}"
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        return f"IMAGE is empty ({x.shape[1]}x{x.shape[2]}); send a real image"
+    return None
+'''
+
+
+def cpu_config(name: str, max_batch: int, instances: int, max_queue_delay_us: int, threads: int = 0) -> str:
+    """config.pbtxt of the Python-backend model (runs anywhere the runtime runs)."""
+    return f'''# edgeseg person segmentation through edgeseg's runtime (Python backend). Triton batches
+# requests of equal image size; masks come back at each image's own size.
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+input [ {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }} ]
+output [ {{ name: "MASK" data_type: TYPE_UINT8 dims: [ -1, -1 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}
+instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
+parameters [
+  {{ key: "backend" value: {{ string_value: "auto" }} }},
+  {{ key: "threads" value: {{ string_value: "{threads}" }} }}
+]
+'''
+
+
+def gpu_configs(bundle: Bundle, max_batch: int, opt_batch: int, instances: int, max_queue_delay_us: int) -> dict[str, str]:
+    """config.pbtxt of the GPU models: TensorRT plan, ONNX Runtime (TensorRT accelerator), pre/post, ensemble."""
+    spec = bundle.spec
+    h, w = spec.image_size
+    in_dims = f"[ {h}, {w}, 3 ]" if spec.fused else f"[ 3, {h}, {w} ]"
+    in_type = "TYPE_UINT8" if spec.fused else "TYPE_FP32"
+    out_type = "TYPE_UINT8" if spec.output == "mask" else "TYPE_FP32"
+    model_io = (f'input [ {{ name: "{spec.input_name}" data_type: {in_type} dims: {in_dims} }} ]\n'
+                f'output [ {{ name: "{spec.output_name}" data_type: {out_type} dims: [ 1, {h}, {w} ] }} ]\n')
+    batching = (f"dynamic_batching {{ preferred_batch_size: [ {opt_batch}, {max_batch} ] "
+                f"max_queue_delay_microseconds: {max_queue_delay_us} }}\n")
+    gpu_group = f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]\n"
+    precision = "FP16" if bundle.precision in ("fp16", "int8") else "FP32"
+    return {
+        "edgeseg_trt": (f'# the bundle\'s engine; build it on this GPU: python build_engine.py, then copy\n'
+                        f'# model.{bundle.precision}.device.engine to edgeseg_trt/1/model.plan\n'
+                        f'name: "edgeseg_trt"\nplatform: "tensorrt_plan"\nmax_batch_size: {max_batch}\n'
+                        + model_io + batching + gpu_group),
+        "edgeseg_onnx": (f'name: "edgeseg_onnx"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n' + model_io
+                         + batching + gpu_group
+                         + 'optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt" '
+                         f'parameters {{ key: "precision_mode" value: "{precision}" }} '
+                         'parameters { key: "max_workspace_size_bytes" value: "1073741824" } '
+                         'parameters { key: "trt_engine_cache_enable" value: "1" } } ] } }\n'),
+        "edgeseg_preprocess": ('# letterbox + normalise on the CPU; PLACEMENT = top, left, height, width, src_h, src_w\n'
+                               f'name: "edgeseg_preprocess"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+                               'input [ { name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] } ]\n'
+                               f'output [ {{ name: "INPUT" data_type: {in_type} dims: {in_dims} }}, '
+                               '{ name: "PLACEMENT" data_type: TYPE_INT32 dims: [ 6 ] } ]\n'
+                               f'instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n'),
+        "edgeseg_postprocess": (f'name: "edgeseg_postprocess"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+                                f'input [ {{ name: "LOGITS" data_type: {out_type} dims: [ 1, {h}, {w} ] }}, '
+                                '{ name: "PLACEMENT" data_type: TYPE_INT32 dims: [ 6 ] } ]\n'
+                                'output [ { name: "MASK" data_type: TYPE_UINT8 dims: [ -1, -1 ] } ]\n'
+                                f'instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n'),
+        "edgeseg_gpu": (f'# preprocess (CPU) -> TensorRT (GPU) -> postprocess (CPU)\nname: "edgeseg_gpu"\n'
+                        f'platform: "ensemble"\nmax_batch_size: {max_batch}\n'
+                        'input [ { name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] } ]\n'
+                        'output [ { name: "MASK" data_type: TYPE_UINT8 dims: [ -1, -1 ] } ]\n'
+                        'ensemble_scheduling { step [\n'
+                        '  { model_name: "edgeseg_preprocess" model_version: -1 input_map { key: "IMAGE" value: "IMAGE" } '
+                        'output_map { key: "INPUT" value: "model_input" } output_map { key: "PLACEMENT" value: "placement" } },\n'
+                        f'  {{ model_name: "edgeseg_trt" model_version: -1 input_map {{ key: "{spec.input_name}" '
+                        f'value: "model_input" }} output_map {{ key: "{spec.output_name}" value: "logits" }} }},\n'
+                        '  { model_name: "edgeseg_postprocess" model_version: -1 input_map { key: "LOGITS" value: "logits" } '
+                        'input_map { key: "PLACEMENT" value: "placement" } output_map { key: "MASK" value: "MASK" } }\n'
+                        '] }\n'),
+    }
+
+
+_PRE_MODEL = '''"""Triton Python model: letterbox + normalise with edgeseg's runtime (written by edgeseg serve triton)."""
+import json
+import os
+import site
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# A stub started by `edgeseg serve start` (or the tests) names the launching environment's site
+# folders, so edgeseg and its dependencies import here as they do there (.pth files included).
+for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)):
+    site.addsitedir(_d)
+
+
+def _array(request, name):
+    # DLPack, not as_numpy(): the backend's numpy bridge is built against NumPy 1's ABI and, under
+    # NumPy 2, reads inputs as zeros and sends outputs empty without an error. DLPack is ABI-stable.
+    return np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name))
+
+
+def _tensor(name, array):
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from edgeseg.runtime.spec import ModelSpec
+
+        self.spec = ModelSpec.from_dict(json.loads((Path(__file__).parent / "spec.json").read_text()))
+
+    def execute(self, requests):
+        from edgeseg.runtime.pipeline import BatchBuffers, prepare
+
+        out = []
+        for request in requests:
+            images = list(_array(request, "IMAGE"))
+            feed, placements = prepare(images, self.spec, BatchBuffers(self.spec))
+            place = np.array([[p.top, p.left, p.height, p.width, *p.src_hw] for p in placements], np.int32)
+            out.append(pb_utils.InferenceResponse(output_tensors=[_tensor("INPUT", feed), _tensor("PLACEMENT", place)]))
+        return out
+'''
+
+_POST_MODEL = '''"""Triton Python model: masks at each image's size with edgeseg's runtime (written by edgeseg serve triton)."""
+import json
+import os
+import site
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# A stub started by `edgeseg serve start` (or the tests) names the launching environment's site
+# folders, so edgeseg and its dependencies import here as they do there (.pth files included).
+for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)):
+    site.addsitedir(_d)
+
+
+def _array(request, name):
+    # DLPack, not as_numpy(): the backend's numpy bridge is built against NumPy 1's ABI and, under
+    # NumPy 2, reads inputs as zeros and sends outputs empty without an error. DLPack is ABI-stable.
+    return np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name))
+
+
+def _tensor(name, array):
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from edgeseg.runtime.spec import ModelSpec
+
+        self.spec = ModelSpec.from_dict(json.loads((Path(__file__).parent / "spec.json").read_text()))
+
+    def execute(self, requests):
+        from edgeseg.runtime.pipeline import finish
+        from edgeseg.runtime.preprocess import Placement
+
+        out = []
+        for request in requests:
+            logits = _array(request, "LOGITS")
+            place = _array(request, "PLACEMENT")
+            placements = [Placement((int(p[4]), int(p[5])), tuple(self.spec.image_size), *map(int, p[:4])) for p in place]
+            masks = finish(logits, placements, self.spec)
+            if len({m.shape for m in masks}) != 1:
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("images of one request must share a size")))
+                continue
+            out.append(pb_utils.InferenceResponse(output_tensors=[_tensor("MASK", np.stack(masks))]))
+        return out
+'''
+
+
+def validate_config(text: str, where: str = "config.pbtxt"):
+    """Parse with Triton's ModelConfig protobuf; raise InputError on unknown fields or wrong types."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise BackendUnavailableError("validating Triton configs needs tritonclient: pip install 'edgeseg[serve]'") from None
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise InputError(f"{where}: not a valid Triton model config ({e})") from None
+    return config
+
+
+def write_repository(bundle_dir: str | Path, out: str | Path, max_batch: int | None = None, instances: int = 1,
+                     max_queue_delay_us: int = 2000, threads: int = 0) -> dict:
+    """Write the model repository for ``bundle_dir`` into ``out`` (atomically); returns what was written."""
+    bundle = Bundle(bundle_dir)  # verified: a repository is never made from a changed bundle
+    spec = bundle.spec
+    max_batch = max_batch or spec.max_batch
+    if not 1 <= max_batch <= spec.max_batch:
+        raise InputError(f"--max-batch must be in 1..{spec.max_batch} (the bundle's profile), got {max_batch}")
+    if instances < 1 or max_queue_delay_us < 0:
+        raise InputError(f"--instances must be >= 1 and --max-queue-delay-us >= 0, got {instances}, {max_queue_delay_us}")
+    out = Path(out)
+    tmp = staging_dir(out)
+    configs = {CPU_MODEL: cpu_config(CPU_MODEL, max_batch, instances, max_queue_delay_us, threads),
+               **gpu_configs(bundle, max_batch, min(spec.opt_batch, max_batch), instances, max_queue_delay_us)}
+    for name, text in configs.items():
+        validate_config(text, f"{name}/config.pbtxt")
+        (tmp / name / "1").mkdir(parents=True)
+        (tmp / name / "config.pbtxt").write_text(text)
+    shutil.copytree(bundle.path, tmp / CPU_MODEL / "1" / "bundle")
+    (tmp / CPU_MODEL / "1" / "model.py").write_text(_PYTHON_MODEL)
+    for name, code in (("edgeseg_preprocess", _PRE_MODEL), ("edgeseg_postprocess", _POST_MODEL)):
+        (tmp / name / "1" / "model.py").write_text(code)
+        (tmp / name / "1" / "spec.json").write_text(json.dumps(spec.to_dict()))
+    onnx = bundle.file("int8" if bundle.precision == "int8" else "fp32") or bundle.file("fp32")
+    shutil.copyfile(onnx, tmp / "edgeseg_onnx" / "1" / "model.onnx")
+    engine = bundle.device_engine()
+    if engine is not None:
+        shutil.copyfile(engine, tmp / "edgeseg_trt" / "1" / "model.plan")
+    replace_dir(tmp, out)
+    log.info("Triton repository (%s, max batch %d, %d instance(s)) -> %s", ", ".join(configs), max_batch, instances, out)
+    return {"repository": str(out), "models": sorted(configs), "served_here": CPU_MODEL, "max_batch": max_batch,
+            "engine_included": engine is not None}
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+def find_tritonserver() -> Path:
+    """The ``tritonserver`` binary the ``nvidia-pytriton`` wheel ships (x86_64 Linux), or one on PATH."""
+    try:
+        import pytriton
+
+        binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
+        if binary.is_file():
+            return binary
+    except ImportError:
+        pass
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found)
+    raise BackendUnavailableError("no tritonserver found: pip install nvidia-pytriton --no-deps (x86_64 Linux; its "
+                                  "numpy<2 pin conflicts with OpenCV 5, the server binary does not need it), or run "
+                                  "NVIDIA's Triton container")
+
+
+def python_backend_dir(work: Path) -> Path:
+    """A backend folder whose Python backend uses the stub for this interpreter's version.
+
+    The wheel keeps stubs per Python version apart from the backend; Triton looks for
+    ``backends/python/triton_python_backend_stub``. Links in ``work`` assemble that layout
+    without touching site-packages.
+    """
+    root = find_tritonserver().parent.parent
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise BackendUnavailableError(f"{root}: no Python backend stub for Python {version}")
+    py = work / "backends" / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for src in [*(root / "backends" / "python").iterdir(), stub]:
+        link = py / src.name
+        if not link.exists():
+            link.symlink_to(src)
+    return work / "backends"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """A ``tritonserver`` on 127.0.0.1 with free ports, reaped on exit (a context manager)."""
+
+    def __init__(self, repository: str | Path, work: str | Path, log_file: str | Path | None = None):
+        self.repository, self.work = Path(repository), Path(work)
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_file = Path(log_file) if log_file else self.work / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        self.work.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        # the stub embeds Python: it must load this interpreter's libpython and see its packages
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [sysconfig.get_config_var("LIBDIR"),
+                                                               env.get("LD_LIBRARY_PATH")]))
+        import site
+
+        env["EDGESEG_SITE_DIRS"] = os.pathsep.join(site.getsitepackages())
+        cmd = [str(find_tritonserver()), f"--model-repository={self.repository}",
+               f"--backend-directory={python_backend_dir(self.work)}",
+               "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+               "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+               "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+               f"--load-model={CPU_MODEL}", "--model-control-mode=explicit", "--log-verbose=0"]
+        self._log = open(self.log_file, "w")
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        import urllib.request
+
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}; see {self.log_file}:\n"
+                                   + self.log_file.read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{CPU_MODEL}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        log.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s; see {self.log_file}")
+
+    def metrics(self) -> dict[str, float]:
+        """Triton's Prometheus counters of the served model (inference and execution counts)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
+                                "nv_inference_request_failure")) and f'model="{CPU_MODEL}"' in line:
+                out[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
