@@ -19,7 +19,7 @@ from edgeseg.distill.cli import config_options, load
 from edgeseg.runtime.console import exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = ("distill", "calibration", "export", "runtime")
+BENCHES = ("distill", "calibration", "export", "runtime", "serving")
 
 
 def _machine() -> dict:
@@ -55,8 +55,11 @@ def main(config_path, overrides, verbose, only, rounds, seeds):
         elif name == "export":
             from benchmarks.bench_export import run
             result = run(cfg, rounds)
-        else:
+        elif name == "runtime":
             from benchmarks.bench_runtime import run
+            result = run(cfg, rounds)
+        else:
+            from benchmarks.bench_serving import run
             result = run(cfg, rounds)
         result["machine"] = _machine()
         result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

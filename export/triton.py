@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 CPU_MODEL = "edgeseg"
 
-_PYTHON_MODEL = '''"""Triton Python backend model: edgeseg's runtime serving a deploy bundle (written by edgeseg serve triton)."""
-import json
+# Shared by the generated Python models: imports, the launcher's site folders, tensors through DLPack.
+_PRELUDE = '''import json
 import os
 import site
 from pathlib import Path
@@ -62,7 +62,20 @@ def _array(request, name):
 
 def _tensor(name, array):
     return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+'''
 
+# Pre/post models read the bundle's I/O contract from spec.json beside them.
+_WITH_SPEC = '''
+
+class _WithSpec:
+    def initialize(self, args):
+        from edgeseg.runtime.spec import ModelSpec
+
+        self.spec = ModelSpec.from_dict(json.loads((Path(__file__).parent / "spec.json").read_text()))
+'''
+
+_PYTHON_MODEL = '''"""Triton Python backend model: edgeseg's runtime serving a deploy bundle (written by edgeseg serve triton)."""
+''' + _PRELUDE + '''
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -181,36 +194,9 @@ def gpu_configs(bundle: Bundle, max_batch: int, opt_batch: int, instances: int, 
 
 
 _PRE_MODEL = '''"""Triton Python model: letterbox + normalise with edgeseg's runtime (written by edgeseg serve triton)."""
-import json
-import os
-import site
-from pathlib import Path
+''' + _PRELUDE + _WITH_SPEC + '''
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-# A stub started by `edgeseg serve start` (or the tests) names the launching environment's site
-# folders, so edgeseg and its dependencies import here as they do there (.pth files included).
-for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)):
-    site.addsitedir(_d)
-
-
-def _array(request, name):
-    # DLPack, not as_numpy(): the backend's numpy bridge is built against NumPy 1's ABI and, under
-    # NumPy 2, reads inputs as zeros and sends outputs empty without an error. DLPack is ABI-stable.
-    return np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name))
-
-
-def _tensor(name, array):
-    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        from edgeseg.runtime.spec import ModelSpec
-
-        self.spec = ModelSpec.from_dict(json.loads((Path(__file__).parent / "spec.json").read_text()))
-
+class TritonPythonModel(_WithSpec):
     def execute(self, requests):
         from edgeseg.runtime.pipeline import BatchBuffers, prepare
 
@@ -224,36 +210,9 @@ class TritonPythonModel:
 '''
 
 _POST_MODEL = '''"""Triton Python model: masks at each image's size with edgeseg's runtime (written by edgeseg serve triton)."""
-import json
-import os
-import site
-from pathlib import Path
+''' + _PRELUDE + _WITH_SPEC + '''
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-# A stub started by `edgeseg serve start` (or the tests) names the launching environment's site
-# folders, so edgeseg and its dependencies import here as they do there (.pth files included).
-for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)):
-    site.addsitedir(_d)
-
-
-def _array(request, name):
-    # DLPack, not as_numpy(): the backend's numpy bridge is built against NumPy 1's ABI and, under
-    # NumPy 2, reads inputs as zeros and sends outputs empty without an error. DLPack is ABI-stable.
-    return np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name))
-
-
-def _tensor(name, array):
-    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        from edgeseg.runtime.spec import ModelSpec
-
-        self.spec = ModelSpec.from_dict(json.loads((Path(__file__).parent / "spec.json").read_text()))
-
+class TritonPythonModel(_WithSpec):
     def execute(self, requests):
         from edgeseg.runtime.pipeline import finish
         from edgeseg.runtime.preprocess import Placement
