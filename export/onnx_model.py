@@ -141,6 +141,30 @@ def save_polygraphy_reference(records: list, out_dir: Path, output_name: str) ->
     return in_path, out_path
 
 
+def spatial_means_to_global_pool(model) -> int:
+    """Rewrite ``ReduceMean(axes=[2, 3], keepdims=1)`` on NCHW tensors as ``GlobalAveragePool``; returns the count.
+
+    The same function (the squeeze-excitation's spatial mean). Quantized, ONNX Runtime runs a
+    float ReduceMean between a DequantizeLinear and a QuantizeLinear, whose summation order
+    depends on the batch it runs in: one image's requantized mean can flip by one step between a
+    batch of 1 and a batch of 5, and the flip travels to a visible mask difference. The pooled
+    form becomes ``QLinearGlobalAveragePool``, an exact integer sum per image and channel, so a
+    served mask no longer depends on what else was in its batch.
+    """
+    from onnx import helper
+
+    count = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "ReduceMean" or len(node.input) != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if sorted(attrs.get("axes", [])) in ([2, 3], [-2, -1]) and attrs.get("keepdims", 1) == 1:
+            model.graph.node[i].CopyFrom(helper.make_node("GlobalAveragePool", list(node.input), list(node.output),
+                                                          name=node.name))
+            count += 1
+    return count
+
+
 def export_onnx(cfg: Config, student: UnetSegmenter, out_dir: Path) -> dict:
     """``model.onnx`` (simplified) in ``out_dir``; returns the export report.
 
@@ -153,7 +177,7 @@ def export_onnx(cfg: Config, student: UnetSegmenter, out_dir: Path) -> dict:
     final = out_dir / "model.onnx"
     meta = {"edgeseg.io": json.dumps(io_contract(cfg)), "edgeseg.config": json.dumps(config_to_dict(cfg))}
     export_module(deploy, raw, example_input(cfg, 1, 0), ["images"], [OUTPUT_NAMES[e.output]], opset=e.opset,
-                  metadata=meta)
+                  metadata=meta, transform=spatial_means_to_global_pool)
     nodes_before = count_nodes(raw)
     simplify(raw, final)
     raw.unlink()

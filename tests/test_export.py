@@ -169,8 +169,8 @@ def test_relu_student_runs_as_fused_int8_convolutions_on_the_cpu(exported, tmp_p
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(run_dir / "export" / "model.int8-cpu.onnx"), so, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-    se_gates = ops.count("ReduceMean")  # one squeeze-excitation per MBConv block
-    assert ops.count("QLinearConv") > 10 and se_gates > 0
+    se_gates = ops.count("QLinearGlobalAveragePool")  # one squeeze-excitation per MBConv block, pooled in INT8
+    assert ops.count("QLinearConv") > 10 and se_gates > 0 and "ReduceMean" not in ops
     assert "Relu" not in ops and "Sigmoid" not in ops and "QuickGelu" not in ops
     assert ops.count("QLinearSigmoid") == se_gates  # only the SE gates; SiLU would add one per convolution
 
@@ -487,3 +487,29 @@ def test_the_budget_bites_keeps_nodes_float_on_val_for_both_flavours(tiny_run, t
         assert out["float_nodes"] and out["trials"], "the search ran and kept nodes in float"
         assert out["met"] and out["fp32_miou"] - out["mixed_miou"] <= lost_points / 200 + 1e-9
         assert out["mixed_miou"] > out["int8_miou"] and (d / mixed).is_file() and out["model"].endswith(mixed)
+
+
+def test_served_masks_do_not_depend_on_the_batch(exported):
+    """A float ReduceMean between Q/DQ summed in a batch-dependent order and flipped requantized
+    SE means (8 of 371 demo requests changed); the export pools with GlobalAveragePool instead,
+    which quantizes to an exact integer QLinearGlobalAveragePool."""
+    import onnxruntime as ort
+
+    _, _, run_dir, _, _, _, _ = exported
+    d = run_dir / "export"
+    graph = onnx.load(d / "model.onnx").graph
+    assert not [n for n in graph.node if n.op_type == "ReduceMean"]
+    assert sum(n.op_type == "GlobalAveragePool" for n in graph.node) >= 1  # the squeeze-excitation means
+    rng = np.random.default_rng(0)
+    x = ((rng.integers(0, 256, (12, 64, 64, 3)).astype(np.float32) / 255 - 0.45) / 0.226).transpose(0, 3, 1, 2).copy()
+    for name in ("model.int8-cpu.onnx", "model.int8.onnx", "model.onnx"):
+        for threads in (1, 2):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            s = ort.InferenceSession(str(d / name), so, providers=["CPUExecutionProvider"])
+            alone = [s.run(None, {"images": x[i:i + 1]})[0][0] for i in range(len(x))]
+            for b in (2, 3, 4):
+                for start in range(0, len(x) - b + 1, b):
+                    out = s.run(None, {"images": x[start:start + b]})[0]
+                    for j in range(b):
+                        assert np.array_equal(out[j], alone[start + j]), (name, threads, b, start + j)
