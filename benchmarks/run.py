@@ -37,7 +37,7 @@ def _machine() -> dict:
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the distillation seed study.")
 @exit_on_user_error
 def main(config_path, overrides, verbose, only, rounds, seeds):
-    cfg = load(config_path, overrides, verbose)
+    cfg = load(config_path, overrides, max(verbose, 1))  # info: minutes of training must show in the log
     wanted = [b.strip() for b in only.split(",") if b.strip()]
     unknown = set(wanted) - set(BENCHES)
     if unknown:
