@@ -100,3 +100,21 @@ def test_python_m_edgeseg_and_the_console_script(tmp_path):
     assert r.returncode == 0 and "infer" in r.stdout and "profile" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([str(script), "nosuchstage"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "No such command 'nosuchstage'" in r.stderr
+
+
+def test_a_stage_without_its_extra_names_the_pip_line(tmp_path):
+    # An edge device has the runtime only: hide torch and run a training command.
+    code = ("import sys\n"
+            "class Hide:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+            "sys.meta_path.insert(0, Hide())\n"
+            "sys.argv = ['edgeseg', 'distill', 'train', '--config', sys.argv[1]]\n"
+            "from edgeseg.cli import run\n"
+            "run()\n")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / "demo.yaml")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert r.stderr.strip().splitlines()[-1] == ("error: `edgeseg distill` needs torch, which is not installed; "
+                                                 "install the stage's extra: pip install 'edgeseg[train]'")

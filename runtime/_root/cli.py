@@ -28,8 +28,8 @@ STAGES: dict[str, tuple[str, str, str | None]] = {
 }
 
 # Modules only the heavy extras bring; a stage that misses one names the extra instead of a traceback.
-_EXTRA_MODULES = {"tritonclient", "google", "torch", "torchvision", "timm", "segmentation_models_pytorch", "onnx", "onnxsim", "onnxscript",
-                  "diffusers", "skimage", "pycocotools", "polygraphy", "onnxconverter_common"}
+_EXTRA_MODULES = {"torch", "torchvision", "timm", "segmentation_models_pytorch", "onnx", "onnxsim", "onnxscript",
+                  "diffusers", "skimage", "pycocotools", "polygraphy", "onnxconverter_common", "tritonclient", "google"}
 
 
 class StageGroup(click.Group):
