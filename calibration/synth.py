@@ -250,7 +250,6 @@ class Synthesizer:
         t0 = time.perf_counter()
         pool_size = math.ceil(self.cal.pool_factor * count)
         pool = self.generate_pool(pool_size)
-        t_gen = time.perf_counter() - t0
 
         # the best first (most confident teacher), then the filters decide
         from edgeseg.distill.data import has_split
@@ -261,18 +260,38 @@ class Synthesizer:
         val_hashes = [dhash(_fit(read_rgb(s.image), self.size)) for s in held_out]
         flt = SetFilter(self.cal.filter, val_hashes)
         passing, dropped = [], []
-        for c in sorted(pool, key=lambda c: -c.conf.confidence):
-            reason, h = flt.check(c.image, c.conf)
-            c.dhash = f"{h:016x}"
-            if reason is None:
-                passing.append(c)
-            else:
-                dropped.append({"pool_index": c.pool_index, "seed": c.seed, "reason": reason, **c.scores})
+
+        def screen(candidates: list[Candidate]) -> None:  # the best first (most confident teacher)
+            for c in sorted(candidates, key=lambda c: -c.conf.confidence):
+                reason, h = flt.check(c.image, c.conf)
+                c.dhash = f"{h:016x}"
+                if reason is None:
+                    passing.append(c)
+                else:
+                    dropped.append({"pool_index": c.pool_index, "seed": c.seed, "reason": reason, **c.scores})
+
+        screen(pool)
+        rounds = 0
+        # The count asked for is the count delivered: more rounds, sized by the pass rate so far,
+        # continue the pool's indices (and seeds), so the same config still gives the same set.
+        while len(passing) < count and rounds < self.cal.max_extra_rounds:
+            rounds += 1
+            rate = max(len(passing) / len(pool), 0.05)
+            extra = min(pool_size, math.ceil(1.25 * (count - len(passing)) / rate))
+            log.info("%d of %d passed the filters (%s); round %d generates %d more", len(passing), count,
+                     ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v), rounds, extra)
+            more = self.generate_pool(extra, start=len(pool))
+            pool.extend(more)
+            screen(more)
+        if len(passing) < count:
+            raise InputError(f"asked for {count} calibration images but only {len(passing)} of {len(pool)} generated "
+                             f"passed the filters after {rounds} extra round(s) (dropped: "
+                             + ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v)
+                             + "); relax calibration.filter, raise calibration.pool_factor or max_extra_rounds, "
+                             "or ask for fewer with --count")
+        t_gen = time.perf_counter() - t0
         kept = passing[:count]
         kept.sort(key=lambda c: c.pool_index)
-        if len(kept) < count:
-            log.warning("only %d of %d images passed the filters (pool of %d); raise calibration.pool_factor or relax "
-                        "calibration.filter", len(kept), count, pool_size)
         manifest = {
             "format": FORMAT,
             "generator": self.generator_info,
@@ -282,7 +301,7 @@ class Synthesizer:
             "image_size": list(self.size),
             "seed": self.cal.seed,
             "counts": {"generated": len(pool), "kept": len(kept), "dropped": dict(flt.dropped),
-                       "surplus": len(passing) - len(kept)},
+                       "surplus": len(passing) - len(kept), "extra_rounds": rounds},
             "pass_rate": len(passing) / len(pool),
             "seconds": {"generate": t_gen, "total": time.perf_counter() - t0},
             "images": [{"file": f"images/{k:05d}.png", "pool_index": c.pool_index, "seed": c.seed, "batch": c.batch,

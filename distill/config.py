@@ -283,6 +283,7 @@ class CalibrationConfig:
     model: str = ""  # local diffusers folder; empty = train (or reuse) <run_dir>/calibration/ddpm
     count: int = 256  # images to keep
     pool_factor: float = 2.0  # generate up to pool_factor * count, keep the best that pass
+    max_extra_rounds: int = 4  # if too few pass, generate more (sized by the pass rate) at most this often
     seed: int = 1234  # base seed; image i uses seed + i
     prompts: tuple[str, ...] = (
         "a photo of a person walking in a city street",
@@ -304,6 +305,7 @@ class CalibrationConfig:
                 f"({self.img2img_strength}) needs a DDPM trained up to that noise level: set ddpm.max_t >= it "
                 f"(now {self.ddpm.max_t}), or 1.0 for generation from pure noise")
         require(self.pool_factor >= 1, "pool_factor", f"must be >= 1, got {self.pool_factor}")
+        require(self.max_extra_rounds >= 0, "max_extra_rounds", f"must be >= 0, got {self.max_extra_rounds}")
         require(0 <= self.img2img_strength < 1, "img2img_strength", f"must be in [0, 1), got {self.img2img_strength}")
 
 

@@ -450,3 +450,30 @@ def test_synth_hands_the_pipeline_each_batchs_pool_indices(tiny_run, tiny_sd, tm
     monkeypatch.setattr(pipeline_module, "generate", counting)
     Synthesizer(cfg).generate_pool(6, progress=False)
     assert seen == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_the_count_asked_for_is_the_count_delivered(tiny_run, tmp_path):
+    from edgeseg.runtime.errors import InputError
+
+    _, probe_cfg = _cal_config(tiny_run, tmp_path / "probe")
+    # the first round of a 6-image request with pool_factor 1 (same batches, same seeds)
+    from edgeseg.calibration.filters import dhash
+
+    hashes = [dhash(c.image) for c in Synthesizer(probe_cfg).generate_pool(6, progress=False)]
+    distances = sorted(bin(a ^ b).count("1") for i, a in enumerate(hashes) for b in hashes[i + 1:])
+    # near-duplicate threshold at a low pairwise distance: part of each round is dropped as near copies
+    flt = {"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0, "dedup_bits": distances[1]}
+    _, cfg = _cal_config(tiny_run, tmp_path / "a", pool_factor=1.0, filter=flt)
+    m = Synthesizer(cfg).run(tmp_path / "a" / "set")
+    assert m["counts"]["kept"] == 6 and len(list((tmp_path / "a" / "set" / "images").glob("*.png"))) == 6
+    assert m["counts"]["extra_rounds"] >= 1 and m["counts"]["generated"] > 6
+    assert m["counts"]["dropped"]["near_duplicate"] > 0
+    again = Synthesizer(cfg).run(tmp_path / "a" / "again")
+    assert again["counts"] == m["counts"]  # extra rounds continue the seeds: still reproducible
+
+    _, impossible = _cal_config(tiny_run, tmp_path / "b", pool_factor=1.0, max_extra_rounds=1,
+                                filter={**flt, "min_person_fraction": 0.99})
+    with pytest.raises(InputError, match=r"asked for 6 calibration images but only \d+ of \d+ generated passed the "
+                                         r"filters after 1 extra round\(s\) \(dropped: empty_mask \d+"):
+        Synthesizer(impossible).run(tmp_path / "b" / "set")
+    assert not (tmp_path / "b" / "set").exists()  # nothing half-written
