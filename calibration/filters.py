@@ -53,7 +53,7 @@ class SetFilter:
         validation_hashes: dHashes of the validation images (the leak check).
     """
 
-    REASONS = ("empty_mask", "uncertain_mask", "near_duplicate", "validation_leak")
+    REASONS = ("empty_mask", "uncertain_mask", "near_duplicate", "validation_leak", "train_copy")
 
     def __init__(self, cfg: FilterConfig, validation_hashes: list[int]):
         self.cfg = cfg
@@ -61,11 +61,16 @@ class SetFilter:
         self.kept_hashes: list[int] = []
         self.dropped = {r: 0 for r in self.REASONS}
 
-    def check(self, image: np.ndarray, conf: Confidence) -> tuple[str | None, int]:
-        """(the reason to drop it or None, its hash); a kept image is remembered for dedup."""
+    def check(self, image: np.ndarray, conf: Confidence, train_ssim: float | None = None) -> tuple[str | None, int]:
+        """(the reason to drop it or None, its hash); a kept image is remembered for dedup.
+
+        ``train_ssim``: SSIM to the nearest training image (None: not measured, not checked).
+        """
         h = dhash(image)
         reason = None
-        if conf.person_fraction < self.cfg.min_person_fraction:
+        if train_ssim is not None and train_ssim > self.cfg.max_train_ssim:
+            reason = "train_copy"
+        elif conf.person_fraction < self.cfg.min_person_fraction:
             reason = "empty_mask"
         elif conf.uncertain_fraction > self.cfg.max_uncertain_fraction:
             reason = "uncertain_mask"

@@ -156,6 +156,36 @@ def contact_sheet(images: np.ndarray, masks: np.ndarray, columns: int = 8, limit
     return sheet
 
 
+def similarity_summary(manifest: dict, calib_dir: Path, cfg: Config, out_dir: Path, pairs: int = 8) -> dict:
+    """How close the kept images are to training data: quantiles of SSIM to the nearest training
+    image (and to the img2img source), and ``closest_pairs.png`` (synthetic | nearest training image)."""
+    from edgeseg.distill.data import split_samples
+    from edgeseg.distill.visualize import save_png
+    from edgeseg.runtime.images import read_rgb
+    from edgeseg.runtime.preprocess import fit_image
+
+    images = [i for i in manifest.get("images", []) if "train_ssim" in i]
+    if not images:
+        return {}
+    out: dict = {}
+    for key in ("train_ssim", "source_ssim", "train_hash_bits"):
+        values = [i[key] for i in images if key in i]
+        if values:
+            out[f"{key}_quantiles"] = {f"p{q}": float(np.percentile(values, q)) for q in (5, 25, 50, 75, 95, 100)}
+    out["train_ssim_median"] = out["train_ssim_quantiles"]["p50"]
+    by_name = {s.image.name: s.image for s in split_samples(cfg, "train")}
+    hw = tuple(cfg.data.image_size)
+    rows = []
+    for i in sorted(images, key=lambda i: -i["train_ssim"])[:pairs]:
+        synthetic = read_rgb(calib_dir / i["file"])
+        nearest = fit_image(read_rgb(by_name[i["train_nearest"]]), hw, "letterbox")[0] if i["train_nearest"] in by_name \
+            else np.zeros_like(synthetic)
+        rows.append(np.concatenate([synthetic, nearest], axis=1))
+    if rows:
+        out["closest_pairs"] = str(save_png(np.concatenate(rows, axis=0), out_dir / "closest_pairs.png"))
+    return out
+
+
 def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | Path | None = None,
                  out_dir: str | Path | None = None) -> dict:
     """Compute the report for ``calib_dir``; write ``report.json`` and ``contact_sheet.png`` to ``out_dir``."""
@@ -240,6 +270,7 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
         report[f"sqnr_db_{s}"] = float(np.median(list(sqnr[s].values())))
         report[f"max_over_p9999_{s}"] = float(np.median([r[f"max_{s}"] / r["real_p9999"] for r in per_tensor
                                                           if r["real_p9999"] > 0]))
+    report.update(similarity_summary(manifest, calib_dir, cfg, out_dir))
     report["counts"] = manifest.get("counts", {"kept": n})
     report["generator"] = manifest.get("generator", {})
     report["contact_sheet"] = str(sheet)

@@ -51,10 +51,11 @@ class Candidate:
     mode: int | str | None = None  # mode-guidance cluster, or the prompt
     source: int | None = None  # img2img: index of the training image it started from
     dhash: str = ""  # set by the filter
+    similarity: dict = dataclasses.field(default_factory=dict)  # train_ssim, train_nearest, ... (synth.run)
 
     @property
     def scores(self) -> dict:
-        return dataclasses.asdict(self.conf)
+        return {**dataclasses.asdict(self.conf), **self.similarity}
 
 
 def check_request(out_dir: Path, count: int, guidance: str, overwrite: bool, student: Path | None) -> None:
@@ -261,9 +262,19 @@ class Synthesizer:
         flt = SetFilter(self.cal.filter, val_hashes)
         passing, dropped = [], []
 
+        from edgeseg.calibration.similarity import TrainIndex
+
+        train_paths = [s.image for s in split_samples(self.cfg, "train")]
+        index = TrainIndex(np.stack([_fit(read_rgb(p), self.size) for p in train_paths]))
+
         def screen(candidates: list[Candidate]) -> None:  # the best first (most confident teacher)
+            for c in candidates:  # how close each image is to real data (manifest, filter, report)
+                c.similarity = index.nearest(c.image)
+                c.similarity["train_nearest"] = train_paths[c.similarity["train_nearest"]].name
+                if c.source is not None:
+                    c.similarity["source_ssim"] = index.ssim(c.image, c.source % len(train_paths))
             for c in sorted(candidates, key=lambda c: -c.conf.confidence):
-                reason, h = flt.check(c.image, c.conf)
+                reason, h = flt.check(c.image, c.conf, c.similarity["train_ssim"])
                 c.dhash = f"{h:016x}"
                 if reason is None:
                     passing.append(c)

@@ -41,7 +41,7 @@ def test_set_filter_drops_by_reason():
     assert flt.check(a, good)[0] is None
     assert flt.check(a.copy(), good)[0] == "near_duplicate"
     assert flt.check(b, good)[0] is None
-    assert flt.dropped == {"empty_mask": 1, "uncertain_mask": 1, "near_duplicate": 1, "validation_leak": 1}
+    assert flt.dropped == {"empty_mask": 1, "uncertain_mask": 1, "near_duplicate": 1, "validation_leak": 1, "train_copy": 0}
 
 
 def test_teacher_confidence_by_hand():
@@ -477,3 +477,31 @@ def test_the_count_asked_for_is_the_count_delivered(tiny_run, tmp_path):
                                          r"filters after 1 extra round\(s\) \(dropped: empty_mask \d+"):
         Synthesizer(impossible).run(tmp_path / "b" / "set")
     assert not (tmp_path / "b" / "set").exists()  # nothing half-written
+
+
+def test_near_copies_of_training_images_are_measured_and_dropped(tiny_run, tmp_path):
+    from edgeseg.calibration.filters import Confidence, SetFilter
+    from edgeseg.calibration.similarity import TrainIndex
+    from edgeseg.distill.config import FilterConfig
+    from edgeseg.distill.data import split_samples
+    from edgeseg.runtime.images import read_rgb
+    from edgeseg.runtime.preprocess import fit_image
+
+    _, cfg = tiny_run
+    train = np.stack([fit_image(read_rgb(s.image), (64, 64), "letterbox")[0] for s in split_samples(cfg, "train")])
+    index = TrainIndex(train)
+    planted = np.clip(train[5].astype(int) + np.random.default_rng(0).integers(-3, 4, train[5].shape), 0, 255)
+    near = index.nearest(planted.astype(np.uint8))
+    assert near["train_nearest"] == 5 and near["train_ssim"] > 0.9 and near["train_hash_bits"] <= 4
+    other = index.nearest(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert other["train_ssim"] < 0.3
+    flt = SetFilter(FilterConfig(min_person_fraction=0.0, max_uncertain_fraction=1.0), [])
+    conf = Confidence(0.5, 0.0, 0.9)
+    assert flt.check(planted.astype(np.uint8), conf, near["train_ssim"])[0] == "train_copy"
+    assert flt.dropped["train_copy"] == 1
+
+    # every kept image of a synthesized set carries its similarity in the manifest
+    _, cal = _cal_config(tiny_run, tmp_path)
+    m = Synthesizer(cal).run(tmp_path / "set")
+    assert all(0 <= i["train_ssim"] <= 1 and i["train_nearest"].endswith(".png") for i in m["images"])
+    assert all("source_ssim" in i for i in m["images"])  # img2img: similarity to its own source too
