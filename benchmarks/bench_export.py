@@ -59,7 +59,7 @@ def _variants(d: Path, tmp: Path, cfg: Config) -> dict[str, Path]:
 
 
 def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
-    """FP32 and u8s8 latency (1 thread, batch 8) of the configured student with each activation."""
+    """FP32 and u8s8 latency (batch 8, default threads and 1 thread) of the configured student with each activation."""
     import dataclasses
 
     import torch
@@ -86,12 +86,15 @@ def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
         fp32 = simplify(raw, tmp / f"{act}.onnx")
         models[f"{act}_fp32"] = fp32
         models[f"{act}_u8s8"] = quantize_qdq(fp32, tmp / f"{act}.u8s8.onnx", batches, flavour="u8s8")
-    sessions = {k: _session(p, 1) for k, p in models.items()}
     x = np.random.default_rng(0).standard_normal((8, 3, h, w)).astype(np.float32)
-    res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds)
-    return {act: {"fp32_ms": res[f"{act}_fp32"]["median_ms"], "u8s8_ms": res[f"{act}_u8s8"]["median_ms"],
-                  "u8s8_vs_fp32": ratio(res, f"{act}_fp32", f"{act}_u8s8"),
-                  "u8s8_vs_silu_fp32": ratio(res, "silu_fp32", f"{act}_u8s8")} for act in ("silu", "relu")}
+    out = {}
+    for threads, tag in ((0, "default_threads"), (1, "threads_1")):
+        sessions = {k: _session(p, threads) for k, p in models.items()}
+        res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds)
+        out[tag] = {act: {"fp32_ms": res[f"{act}_fp32"]["median_ms"], "u8s8_ms": res[f"{act}_u8s8"]["median_ms"],
+                          "u8s8_vs_fp32": ratio(res, f"{act}_fp32", f"{act}_u8s8"),
+                          "u8s8_vs_silu_fp32": ratio(res, "silu_fp32", f"{act}_u8s8")} for act in ("silu", "relu")}
+    return out
 
 
 def budget_study(cfg: Config, budget_points: float = 0.0) -> dict:
