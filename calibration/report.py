@@ -195,7 +195,7 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
 
     from edgeseg.calibration.guidance import TeacherView
     from edgeseg.calibration.synth import teacher_probabilities
-    from edgeseg.distill.data import split_samples
+    from edgeseg.distill.data import has_split, split_samples
     from edgeseg.distill.models import load_model
     from edgeseg.distill.onnx_export import export_module
     from edgeseg.distill.visualize import save_png
@@ -211,7 +211,8 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
         "noise": noise_images(n, hw, seed=cfg.calibration.seed),
         "real": real_images([s.image for s in split_samples(cfg, "train")], n, hw),
     }
-    held_out = real_images([s.image for s in split_samples(cfg, "val")], cfg.calibration.report_images, hw)
+    held_out_split = "test" if has_split(cfg, "test") else "val"  # val chose the checkpoint: test when there is one
+    held_out = real_images([s.image for s in split_samples(cfg, held_out_split)], cfg.calibration.report_images, hw)
     to_input = lambda b: normalise_batch(b, cfg.data.mean, cfg.data.std)
     student_ckpt = Path(student_checkpoint) if student_checkpoint else cfg.stage_dir("distill") / "best.pt"
     student = load_model(cfg.student, student_ckpt, keys=("student",))
@@ -263,6 +264,7 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
     sheet = save_png(contact_sheet(synthetic, probs > 0.5), out_dir / "contact_sheet.png")
     manifest = json.loads((calib_dir / MANIFEST).read_text()) if (calib_dir / MANIFEST).is_file() else {}
     report = {"calibration_dir": str(calib_dir), "images": n, "held_out_images": len(held_out),
+              "held_out_split": held_out_split,
               "tensors": len(per_tensor), "calibration_method": cfg.export.calibration_method}
     for s in sets:
         report[f"coverage_{s}"] = float(np.mean([r[f"coverage_{s}"] for r in per_tensor]))

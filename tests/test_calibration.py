@@ -289,7 +289,7 @@ def test_report_compares_synthetic_real_and_noise(tiny_run, tmp_path):
     from edgeseg.calibration.report import real_images
     from edgeseg.distill.data import split_samples
 
-    held_out = real_images([s.image for s in split_samples(cfg, "val")], cfg.calibration.report_images,
+    held_out = real_images([s.image for s in split_samples(cfg, "test")], cfg.calibration.report_images,
                            cfg.data.image_size)
     same = tmp_path / "held_out_set" / "images"
     same.mkdir(parents=True)
