@@ -10,7 +10,7 @@ import torch
 from edgeseg.distill.data import SegmentationDataset, load_sample
 from edgeseg.runtime.metrics import score_masks
 from edgeseg.runtime.pipeline import masks_at_source
-from edgeseg.runtime.preprocess import Placement, place
+from edgeseg.runtime.preprocess import Placement, fit_image, fit_mask
 
 
 def make_loader(dataset: SegmentationDataset, batch_size: int, workers: int = 0) -> torch.utils.data.DataLoader:
@@ -42,13 +42,13 @@ class EvalSet:
 
 def load_eval_set(dataset: SegmentationDataset) -> EvalSet:
     gt, placements, images, fitted = [], [], [], []
-    for i in range(len(dataset)):
-        _, mask, raw = dataset[i]
-        source_image, source_mask = load_sample(dataset.samples[i])
+    for sample in dataset.samples:  # each file read once; fitted exactly as the un-augmented dataset does
+        source_image, source_mask = load_sample(sample)
+        image, placement = fit_image(source_image, dataset.size, "letterbox", dataset.pad)
         gt.append((source_mask > 0).astype(np.uint8))
-        placements.append(place(source_image.shape[:2], dataset.size, "letterbox"))
-        images.append(raw.numpy().transpose(1, 2, 0))
-        fitted.append(mask[0].numpy().astype(np.uint8))
+        placements.append(placement)
+        images.append(image)
+        fitted.append(fit_mask(source_mask, placement))
     return EvalSet(gt, placements, np.stack(images), np.stack(fitted))
 
 

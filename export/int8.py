@@ -50,25 +50,30 @@ _ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwis
 _FUSED_PRODUCERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-def with_fused_producers(pre_fp32: Path, nodes: list[str]) -> list[str]:
-    """``nodes`` plus, for each activation among them, the Conv/MatMul feeding it.
+def fused_producers(pre_fp32: Path) -> dict[str, str]:
+    """Activation node -> the Conv/MatMul feeding it, for the pairs ONNX Runtime quantizes as one unit.
 
-    ONNX Runtime quantizes Conv -> Relu as one unit (no Q/DQ between them, the activation folds
-    into the INT8 convolution), so the quantized tensor of that pair is the activation's output.
-    Keeping only the activation in float would leave the convolution quantized: both go.
+    Conv -> Relu has no Q/DQ between them (the activation folds into the INT8 convolution), so
+    the quantized tensor of that pair is the activation's output. Keeping only the activation
+    in float would leave the convolution quantized: both must go (see :func:`with_fused`).
     """
     import onnx
 
     graph = onnx.load(str(pre_fp32)).graph
     producer = {o: n for n in graph.node for o in n.output}
-    by_name = {n.name: n for n in graph.node}
-    out = list(nodes)
-    for name in nodes:
-        node = by_name.get(name)
-        if node is not None and node.op_type in _ACTIVATIONS and node.input:
+    pairs = {}
+    for node in graph.node:
+        if node.op_type in _ACTIVATIONS and node.input:
             src = producer.get(node.input[0])
-            if src is not None and src.op_type in _FUSED_PRODUCERS and src.name not in out:
-                out.append(src.name)
+            if src is not None and src.op_type in _FUSED_PRODUCERS:
+                pairs[node.name] = src.name
+    return pairs
+
+
+def with_fused(nodes: list[str], pairs: dict[str, str]) -> list[str]:
+    """``nodes`` plus the fused producer of each activation among them."""
+    out = list(nodes)
+    out += [pairs[n] for n in nodes if n in pairs and pairs[n] not in out]
     return out
 
 
@@ -163,7 +168,8 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     if val is not None:
         report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val, "s8s8")
         check_for_tensorrt(export_dir / "model.int8-mixed.onnx")
-        report["budget_cpu"] = run_budget(cfg, export_dir, pre, u8, batches, val, "u8s8")
+        report["budget_cpu"] = run_budget(cfg, export_dir, pre, u8, batches, val, "u8s8",
+                                          fp32_miou=report["budget"]["fp32_miou"])
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(export_dir / "quantize.json", report)
     return report
@@ -200,7 +206,8 @@ def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray
 
 
 def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_batches: list[np.ndarray],
-               val: tuple[list[np.ndarray], list[np.ndarray]], flavour: str = "s8s8") -> dict:
+               val: tuple[list[np.ndarray], list[np.ndarray]], flavour: str = "s8s8",
+               fp32_miou: float | None = None) -> dict:
     """The accuracy budget of one flavour on the validation split (selection, never the reported split).
 
     Writes ``model.int8-mixed.onnx`` (s8s8) or ``model.int8-cpu-mixed.onnx`` (u8s8): the plain model
@@ -211,7 +218,8 @@ def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_
 
     e = cfg.export
     images, gts = val
-    fp32_miou = miou_of(predict_masks(onnx_runner(export_dir / "model.onnx"), images), gts)
+    if fp32_miou is None:  # callers checking both flavours measure FP32 once
+        fp32_miou = miou_of(predict_masks(onnx_runner(export_dir / "model.onnx"), images), gts)
     int8_miou = miou_of(predict_masks(onnx_runner(quantized), images), gts)
     out = {"flavour": flavour, "split": "val", "fp32_miou": fp32_miou, "int8_miou": int8_miou,
            "budget_points": e.max_miou_drop}
@@ -226,10 +234,11 @@ def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_
         tmp = Path(tmp)
         ranked = node_sensitivity(pre, quantized, held_out, tmp)
         names = [n for n, _ in ranked]
+        pairs = fused_producers(pre)
 
         def evaluate(nodes: list[str]) -> float:
             path = quantize_qdq(pre, tmp / f"m{len(nodes)}.onnx", calib_batches, e.calibration_method, flavour,
-                                exclude_nodes=with_fused_producers(pre, nodes), percentile=e.percentile,
+                                exclude_nodes=with_fused(nodes, pairs), percentile=e.percentile,
                                 preprocessed=True)
             return miou_of(predict_masks(onnx_runner(path), images), gts)
 
@@ -237,7 +246,7 @@ def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_
         if miou <= int8_miou:  # unreachable and nothing better than the plain model: ship the plain one
             nodes, miou = [], int8_miou
         quantize_qdq(pre, mixed, calib_batches, e.calibration_method, flavour,
-                     exclude_nodes=with_fused_producers(pre, nodes), percentile=e.percentile, preprocessed=True)
+                     exclude_nodes=with_fused(nodes, pairs), percentile=e.percentile, preprocessed=True)
     sqnr = dict(ranked)
     out.update(mixed_miou=miou, float_nodes=[{"node": n, "sqnr_db": sqnr[n]} for n in nodes], trials=trials,
                met=fp32_miou - miou <= e.max_miou_drop / 100)

@@ -77,7 +77,7 @@ def models(tiny_run, tmp_path_factory):
 def _build(models, precision, dla_core=-1, out=None):
     import tensorrt as trt
 
-    from edgeseg.export.engine import build_engine, capabilities, plan_build, profile_shapes
+    from edgeseg.export.engine import build_engine, capabilities, engine_paths, plan_build, profile_shapes
 
     d, spec, files, _ = models
     caps = capabilities(trt.__version__)
@@ -88,8 +88,7 @@ def _build(models, precision, dla_core=-1, out=None):
     out = out or d / f"build-{trt.__version__}-{precision}-{dla_core}"
     out.mkdir(exist_ok=True)
     meta = build_engine(plan, caps, profile, spec.to_dict(), out, 64)
-    return out / Path(meta["engine_file"]).name if "engine_file" in meta else \
-        sorted(out.glob(f"model.{precision}*.engine"))[0], meta
+    return engine_paths(out, precision, dla_core)["engine"], meta
 
 
 def _ort_masks(models, images):
