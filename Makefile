@@ -1,6 +1,6 @@
 # edgeseg: distill -> calibrate -> export -> deploy -> profile.
 # Variables: CONFIG=file.yaml  DEVICE=cpu|cuda|cuda:N  DATA=/folder/with/train+val  SET="a.b=1 c.d=2"
-#            BASELINE=0 (skip the ground-truth-only student)  TORCH_SPEC="torch==X torchvision==Y"
+#            BASELINE=0 (skip the ground-truth-only student)  TARGET=dir (unlabelled deployment images)  TORCH_SPEC="torch==X torchvision==Y"
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +11,8 @@ DEVICE ?=
 DATA ?=
 SET ?=
 BASELINE ?= 1
+TARGET ?=
+TARGET_COUNT ?= 192
 # The pair that works on these machines (see README); on a Jetson or another CUDA build, pick yours.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
@@ -49,9 +51,15 @@ distill: setup
 	$(if $(filter 1,$(BASELINE)),$(EDGESEG) distill train --baseline $(ARGS))
 	$(EDGESEG) distill evaluate $(ARGS) $(if $(filter 1,$(BASELINE)),--with-baseline)
 
+# The calibration set (source domain); then, when there are target images (the demo's 8, or TARGET=dir),
+# labelled target-domain pairs: a target calibration set and extra distillation data (README "Calibration").
 calibrate: setup
 	$(EDGESEG) calibration synth $(ARGS) --overwrite
 	$(EDGESEG) calibration report $(ARGS)
+	@target="$(or $(TARGET),$(RUN_DIR)/data/target_images)"; if [ -d "$$target" ]; then \
+	  echo "$(EDGESEG) calibration synth $(ARGS) --target-images $$target --out $(RUN_DIR)/calibration/target --count $(TARGET_COUNT) --overwrite"; \
+	  $(EDGESEG) calibration synth $(ARGS) --target-images $$target --out $(RUN_DIR)/calibration/target --count $(TARGET_COUNT) --overwrite; \
+	else echo "no target images in $$target: target-domain pairs skipped (set TARGET=dir)"; fi
 
 export: setup
 	$(EDGESEG) export all $(ARGS)

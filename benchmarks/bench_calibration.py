@@ -35,8 +35,9 @@ def measure(cfg: Config, config_path: str, overrides: tuple[str, ...], images: i
     from edgeseg.calibration.filters import SetFilter
     from edgeseg.calibration.synth import Synthesizer
 
+    guided = cfg.calibration.guidance.mode if cfg.calibration.guidance.mode != "none" else "task"
     synths = {mode: Synthesizer(load_config(config_path, Config, [*overrides, f"calibration.guidance.mode={mode}"]))
-              for mode in ("none", "task")}
+              for mode in ("none", guided)}
     bs = cfg.calibration.sampler.batch_size
     pools: dict[str, list] = {m: [] for m in synths}
     seconds = {m: 0.0 for m in synths}
@@ -48,20 +49,24 @@ def measure(cfg: Config, config_path: str, overrides: tuple[str, ...], images: i
             t0 = time.perf_counter()
             pools[mode].extend(s.generate_pool(n, progress=False, start=start))
             seconds[mode] += time.perf_counter() - t0
-    out = {"images_per_variant": images, "batch_size": bs, "generator": "embedded DDPM",
-           "img2img_strength": cfg.calibration.img2img_strength}
+    out = {"images_per_variant": images, "batch_size": bs, "generator": f"embedded ({cfg.calibration.generator})",
+           "img2img_strength": cfg.calibration.img2img_strength, "guided_mode": guided}
     for mode, pool in pools.items():
         flt = SetFilter(cfg.calibration.filter, [])
-        passed = sum(flt.check(c.image, c.conf)[0] is None for c in pool)
+        passed = sum(flt.check(c.image, c.conf, condition_iou=c.condition_iou)[0] is None for c in pool)
         out[f"{mode}_images_per_s"] = len(pool) / seconds[mode]
         out[f"{mode}_pass_rate"] = passed / len(pool)
         out[f"{mode}_dropped"] = dict(flt.dropped)
         out[f"{mode}_mean_confidence"] = float(np.mean([c.conf.confidence for c in pool]))
-    out["guidance_overhead"] = seconds["task"] / seconds["none"]
-    out["guided_pass_rate_gain"] = out["task_pass_rate"] - out["none_pass_rate"]
+        ious = [c.condition_iou for c in pool if c.condition_iou is not None]
+        if ious:  # label fidelity with and without guidance, same seeds and masks
+            out[f"{mode}_condition_iou_median"] = float(np.median(ious))
+    out["guidance_overhead"] = seconds[guided] / seconds["none"]
+    out["guided_pass_rate_gain"] = out[f"{guided}_pass_rate"] - out["none_pass_rate"]
     report = cfg.stage_dir("calibration") / "report.json"
     if report.is_file():
         r = json.loads(report.read_text())
-        out["quality"] = {k: r[k] for k in r if k.startswith(("coverage_", "sqnr_db_", "hist_kl_", "max_over"))}
+        out["quality"] = {k: r[k] for k in r if k.startswith(("coverage_", "sqnr_db_", "hist_kl_", "max_over", "int8_miou_", "condition_iou",
+                                                               "train_ssim_median"))}
         out["quality"]["source"] = str(report)
     return out

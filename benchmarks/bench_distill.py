@@ -95,8 +95,50 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+TARGET_SHARE = 0.25  # share of each epoch from target-domain pairs: fixed beforehand, not tuned on these figures
+HARD = {"share": 0.2, "count": 128, "every": 2, "start": 1}  # ConfiG hard examples, fixed beforehand likewise
+
+
+def _variants(cfg: Config, run: Config, seed: int) -> dict[str, Config]:
+    """The synthetic-data variants of one seed's distillation (same seed, data, teachers and budget)."""
+    import dataclasses
+
+    from edgeseg.distill.config import HardExamplesConfig
+
+    out = {}
+    target_set = cfg.stage_dir("calibration") / "target"
+    base = cfg.stage_dir("seeds") / f"seed{seed}"
+    pinned = dataclasses.replace(run, data=dataclasses.replace(run.data, root=str(cfg.data_root)),
+                                 teacher=dataclasses.replace(run.teacher, checkpoint=str(cfg.teacher_checkpoint)),
+                                 feature_teacher=dataclasses.replace(run.feature_teacher, onnx=str(cfg.feature_teacher_onnx)),
+                                 calibration=dataclasses.replace(run.calibration, model=str(cfg.stage_dir("calibration") / "cddpm")))
+    if (target_set / "masks").is_dir():
+        out["target"] = dataclasses.replace(pinned, run_dir=f"{base}-target", train=dataclasses.replace(
+            run.train, extra_data=str(target_set), extra_share=TARGET_SHARE))
+    else:
+        log.warning("seed study: no target-domain pairs in %s (make calibrate writes them): target variant skipped", target_set)
+    if cfg.calibration.generator == "conditional":
+        out["hard"] = dataclasses.replace(pinned, run_dir=f"{base}-hard", train=dataclasses.replace(
+            run.train, hard_examples=HardExamplesConfig(**HARD)))
+    return out
+
+
+def _hard_cost(run_dir: Path) -> dict:
+    """What the hard examples cost one run: generation seconds (manifests) and training seconds (metrics)."""
+    import json
+
+    gen = [json.loads(m.read_text())["seconds"]["total"] for m in sorted((run_dir / "distill" / "hard").glob("*/manifest.json"))]
+    metrics = run_dir / "distill" / "metrics.jsonl"
+    train = sum(json.loads(line)["epoch_time_s"] for line in metrics.read_text().splitlines()) if metrics.is_file() else 0.0
+    return {"generations": len(gen), "generate_s": float(sum(gen)), "train_s_including_generation": float(train)}
+
+
 def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """Distilled vs ground-truth-only student over ``seeds``: test and test_shift mIoU, paired gains."""
+    """Distilled vs ground-truth-only student over ``seeds``: test and test_shift mIoU, paired gains.
+
+    Beside them, the distilled student with target-domain pairs (``target``) and with ConfiG hard
+    examples (``hard``), each paired by seed with the plain distilled student.
+    """
     import dataclasses
 
     from edgeseg.distill.data import has_split
@@ -123,11 +165,23 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
             models[name] = load_model(cfg.student, job.out_dir / "best.pt", cfg.student.feature_stride,
                                       keys=("student",)).to(device)
         row = {"seed": seed}
+        for variant, vrun in _variants(cfg, run, seed).items():
+            job = job_for(vrun, "student")
+            log.info("seed study: seed %d, student + %s -> %s", seed, variant, job.out_dir)
+            Trainer(vrun, job).run()
+            models[variant] = load_model(cfg.student, job.out_dir / "best.pt", cfg.student.feature_stride,
+                                         keys=("student",)).to(device)
+            if variant == "hard":
+                row["hard_cost"] = _hard_cost(Path(vrun.run_dir))
         for split in splits:
             sc = score_split(cfg, models, split, device)
             row[split] = {"student_miou": sc["student"]["miou"], "nodistill_miou": sc["nodistill"]["miou"],
                           "teacher_miou": sc["teacher"]["miou"], "agreement": sc["student"]["agreement"],
                           "distill_gain": sc["student"]["miou"] - sc["nodistill"]["miou"]}
+            for variant in ("target", "hard"):
+                if variant in sc:
+                    row[split][f"{variant}_miou"] = sc[variant]["miou"]
+                    row[split][f"{variant}_gain"] = sc[variant]["miou"] - sc["student"]["miou"]
         per_seed.append(row)
     out: dict = {"seeds": list(seeds), "splits": splits, "per_seed": per_seed}
     for split in splits:
@@ -142,6 +196,25 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
         # what the shift costs the distilled student (no synthetic data involved), paired by seed
         out["shift_loss_mean"], out["shift_loss_std"] = _mean_std(
             [r["test"]["student_miou"] - r["test_shift"]["student_miou"] for r in per_seed])
+    for variant, name in (("target", "target_domain"), ("hard", "hard_examples")):
+        if not all(f"{variant}_gain" in r[splits[0]] for r in per_seed):
+            continue
+        for split in splits:
+            mean, std = _mean_std([r[split][f"{variant}_gain"] for r in per_seed])
+            if split == "test":  # on the source domain the question is what it costs: a delta
+                out[f"{name}_delta_test_mean"], out[f"{name}_delta_test_std"] = mean, std
+            else:
+                out[f"{name}_gain_{split}_mean"], out[f"{name}_gain_{split}_std"] = mean, std
+            m, sd = _mean_std([r[split][f"{variant}_miou"] for r in per_seed])
+            out[f"{variant}_{split}_miou_mean"], out[f"{variant}_{split}_miou_std"] = m, sd
+        if "test_shift" in splits and out.get("shift_loss_mean", 0) > 0:
+            out[f"{name}_recovered_shift_share"] = out[f"{name}_gain_test_shift_mean"] / out["shift_loss_mean"]
+    if all("hard_cost" in r for r in per_seed):
+        out["hard_examples_cost"] = {k: float(np.mean([r["hard_cost"][k] for r in per_seed]))
+                                     for k in per_seed[0]["hard_cost"]}
+        out["hard_examples_settings"] = dict(HARD)
+    if any("target_miou" in r[splits[0]] for r in per_seed):
+        out["target_domain_share"] = TARGET_SHARE
     gain, std = out["distill_gain_mean"], out["distill_gain_std"]
     out["distill_gain_verdict"] = (f"gain {gain * 100:+.2f} points, std {std * 100:.2f} over {len(seeds)} seeds: "
                                    + ("beyond 2 std" if gain > 2 * std else "within noise (under 2 std)"))

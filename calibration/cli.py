@@ -23,20 +23,26 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: <run_dir>/calibration/synthetic).")
 @click.option("--count", type=int, default=None, help="Images to keep (default: calibration.count).")
-@click.option("--guidance", type=click.Choice(["none", "task", "confidence", "mode"]), default=None,
+@click.option("--guidance", type=click.Choice(["none", "task", "confidence", "mode", "mask"]), default=None,
               help="Teacher guidance (default: calibration.guidance.mode).")
 @click.option("--student", type=click.Path(dir_okay=False), default=None,
               help="Student checkpoint for confidence guidance (default: <run_dir>/distill/best.pt).")
-@click.option("--teacher-masks", is_flag=True, help="Also write the teacher's masks (the set becomes a training split).")
+@click.option("--teacher-masks", is_flag=True,
+              help="Write the teacher's masks as labels (default: the conditioning masks of the mask-conditioned "
+                   "generator; none for the others).")
+@click.option("--target-images", type=click.Path(), default=None,
+              help="Folder of a few unlabelled deployment-domain images to steer towards "
+                   "(default: calibration.target.images).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @exit_on_user_error
-def synth(config_path, overrides, verbose, out, count, guidance, student, teacher_masks, overwrite):
-    """Generate, filter and write a calibration set with manifest.json."""
+def synth(config_path, overrides, verbose, out, count, guidance, student, teacher_masks, target_images, overwrite):
+    """Generate, filter and write a calibration set (images, labels, manifest.json)."""
     from edgeseg.calibration.synth import Synthesizer
 
     cfg = load(config_path, overrides, max(verbose, 1))
     out = out or cfg.stage_dir("calibration") / "synthetic"
-    manifest = Synthesizer(cfg, guidance, student).run(out, count, overwrite=overwrite, teacher_masks=teacher_masks)
+    manifest = Synthesizer(cfg, guidance, student, target_images).run(out, count, overwrite=overwrite,
+                                                                       teacher_masks=teacher_masks)
     counts = manifest["counts"]
     print(f"kept {counts['kept']} of {counts['generated']} generated; dropped {counts['dropped']}", file=sys.stderr)
     click.echo(json.dumps({"out": str(out), "counts": counts, "seconds": manifest["seconds"]}))

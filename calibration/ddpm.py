@@ -1,7 +1,12 @@
-"""The embedded generator: a small pixel-space DDPM trained on the training images, cached.
+"""The embedded generators: small pixel-space DDPMs trained on the training split, cached.
 
 Real diffusion (diffusers ``UNet2DModel`` + ``DDPMScheduler``, epsilon prediction, EMA
-weights), small enough to train in a few minutes on two CPU cores. The trained model is saved
+weights), small enough to train in a few minutes on two CPU cores. Two kinds:
+
+- unconditional (``generator: ddpm``): images only; used for img2img re-renders;
+- mask-conditioned (``generator: conditional``): the person mask, scaled to [-1, 1], is a fourth
+  input channel beside the noisy image, so sampling from pure noise for a given mask yields an
+  image of people where the mask says: a labelled pair with no source image. The trained model is saved
 with ``save_pretrained`` under ``<run_dir>/calibration/ddpm`` beside ``ddpm.json``, which
 records what it was trained on; a later run with the same settings and data reuses it.
 """
@@ -28,13 +33,13 @@ log = logging.getLogger(__name__)
 _META = "ddpm.json"
 
 
-def build_unet(cfg: DDPMConfig):
-    """A UNet2DModel without attention (convolutions only: fast on a CPU)."""
+def build_unet(cfg: DDPMConfig, conditional: bool = False):
+    """A UNet2DModel without attention (convolutions only: fast on a CPU); 4 inputs if conditional."""
     from diffusers import UNet2DModel
 
     n = len(cfg.block_out_channels)
     return UNet2DModel(
-        sample_size=cfg.image_size, in_channels=3, out_channels=3, layers_per_block=1,
+        sample_size=cfg.image_size, in_channels=4 if conditional else 3, out_channels=3, layers_per_block=1,
         block_out_channels=tuple(cfg.block_out_channels), norm_num_groups=8,
         down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n, add_attention=False,
     )
@@ -48,24 +53,61 @@ def _images_fingerprint(samples: list[Sample]) -> str:
     return h.hexdigest()[:16]
 
 
+def _square(a: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square and box-resize to ``size``."""
+    h, w = a.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return np.asarray(Image.fromarray(a[top:top + side, left:left + side]).resize((size, size), Image.BOX))
+
+
 def load_training_images(samples: list[Sample], size: int) -> torch.Tensor:
     """(N, 3, size, size) float32 in [-1, 1]: each image centre-cropped to a square and resized."""
-    out = np.empty((len(samples), size, size, 3), np.uint8)
-    for i, s in enumerate(samples):
-        img = read_rgb(s.image)
-        h, w = img.shape[:2]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        out[i] = np.asarray(Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), Image.BOX))
+    out = np.stack([_square(read_rgb(s.image), size) for s in samples]) if samples else np.empty((0, size, size, 3), np.uint8)
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, seed: int = 0):
+def load_training_masks(samples: list[Sample], size: int) -> torch.Tensor:
+    """(N, 1, size, size) float32 in {0, 1}: each mask cropped and resized like its image (box, then > 0.5)."""
+    from edgeseg.distill.data import load_sample
+
+    out = np.empty((len(samples), size, size), np.float32)
+    for i, s in enumerate(samples):
+        _, mask = load_sample(s)
+        out[i] = _square(mask.astype(np.uint8) * 255, size) > 127
+    return torch.from_numpy(out)[:, None]
+
+
+def condition_input(mask: torch.Tensor) -> torch.Tensor:
+    """A {0, 1} mask as the generator's conditioning channel: [-1, 1] like the image."""
+    return mask * 2 - 1
+
+
+class ConditionedUNet(torch.nn.Module):
+    """A 4-input UNet bound to a batch of masks: ``model(x, t)`` denoises x for those masks.
+
+    The sampler calls every generator as ``unet(x, t).sample``; binding the masks keeps it that way.
+    """
+
+    def __init__(self, unet, mask: torch.Tensor):
+        from edgeseg.calibration.masks import check_condition_masks
+
+        super().__init__()
+        check_condition_masks(mask, unet.config.sample_size)
+        self.unet, self.cond = unet, condition_input(mask)
+        self.config = unet.config
+
+    def forward(self, x: torch.Tensor, t):
+        return self.unet(torch.cat([x, self.cond.to(x.dtype)], dim=1), t)
+
+
+def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, seed: int = 0, conditional: bool = False):
     """The DDPM UNet (eval mode) from ``folder`` if it matches, else trained on ``samples`` and saved.
 
     With ``cfg.max_t < 1`` it trains only on noise levels t < max_t * T: image-to-image
     sampling from real images at strength s <= max_t never sees higher ones, so the whole
-    budget goes to the levels it uses.
+    budget goes to the levels it uses. ``conditional`` trains on (image, mask) pairs, the mask
+    as a fourth input channel (flipped together with its image).
 
     Returns:
         (UNet2DModel, its scheduler config dict).
@@ -75,7 +117,8 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     from edgeseg.runtime.progress import LoggedProgress
 
     folder = recover_dir(folder)
-    meta = {"config": config_to_dict(cfg), "data": _images_fingerprint(samples), "images": len(samples), "seed": seed}
+    meta = {"config": config_to_dict(cfg), "data": _images_fingerprint(samples), "images": len(samples), "seed": seed,
+            **({"conditional": True} if conditional else {})}
     meta_path = folder / _META
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == meta:
         log.info("reusing the trained DDPM in %s", folder)
@@ -84,8 +127,10 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     data = load_training_images(samples, cfg.image_size)
-    unet = build_unet(cfg)
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2")
+    masks = load_training_masks(samples, cfg.image_size) if conditional else None
+    unet = build_unet(cfg, conditional)
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2",
+                              prediction_type=cfg.prediction)
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = min(100, cfg.train_steps // 10 + 1)
@@ -97,11 +142,15 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     for step in bar:
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
         x0 = data[idx]
-        flip = torch.rand(cfg.batch_size, generator=g) < 0.5
-        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5).view(-1, 1, 1, 1)
+        x0 = torch.where(flip, x0.flip(-1), x0)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, max(1, int(round(cfg.max_t * cfg.timesteps))), (cfg.batch_size,), generator=g)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        xt = scheduler.add_noise(x0, noise, t)
+        if masks is not None:
+            m = masks[idx]
+            xt = torch.cat([xt, condition_input(torch.where(flip, m.flip(-1), m))], dim=1)
+        loss = F.mse_loss(unet(xt, t).sample, x0 if cfg.prediction == "sample" else noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

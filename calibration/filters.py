@@ -53,7 +53,7 @@ class SetFilter:
         validation_hashes: dHashes of the validation images (the leak check).
     """
 
-    REASONS = ("empty_mask", "uncertain_mask", "near_duplicate", "validation_leak", "train_copy")
+    REASONS = ("empty_mask", "uncertain_mask", "condition_mismatch", "near_duplicate", "validation_leak", "train_copy")
 
     def __init__(self, cfg: FilterConfig, validation_hashes: list[int]):
         self.cfg = cfg
@@ -61,10 +61,12 @@ class SetFilter:
         self.kept_hashes: list[int] = []
         self.dropped = {r: 0 for r in self.REASONS}
 
-    def check(self, image: np.ndarray, conf: Confidence, train_ssim: float | None = None) -> tuple[str | None, int]:
+    def check(self, image: np.ndarray, conf: Confidence, train_ssim: float | None = None,
+              condition_iou: float | None = None) -> tuple[str | None, int]:
         """(the reason to drop it or None, its hash); a kept image is remembered for dedup.
 
         ``train_ssim``: SSIM to the nearest training image (None: not measured, not checked).
+        ``condition_iou``: teacher mask vs the mask it was generated for (None: unconditional).
         """
         h = dhash(image)
         reason = None
@@ -74,6 +76,8 @@ class SetFilter:
             reason = "empty_mask"
         elif conf.uncertain_fraction > self.cfg.max_uncertain_fraction:
             reason = "uncertain_mask"
+        elif condition_iou is not None and condition_iou < self.cfg.min_condition_iou:
+            reason = "condition_mismatch"
         elif self.validation.size and hamming(h, self.validation).min() <= self.cfg.leak_bits:
             reason = "validation_leak"
         elif self.kept_hashes and hamming(h, np.asarray(self.kept_hashes, np.uint64)).min() <= self.cfg.dedup_bits:

@@ -97,6 +97,24 @@ class ConfidenceGuide:
 
 
 @dataclass
+class MaskGuide:
+    """The teacher should find people exactly where the conditioning mask has them (mean pixel BCE).
+
+    For the mask-conditioned generator: ``masks`` holds each pool image's conditioning mask, at
+    any resolution (resized to the teacher's logits).
+    """
+
+    teacher: TeacherView
+    masks: dict  # pool index -> (1, h, w) {0, 1} conditioning mask, filled by the synthesizer per batch
+
+    def __call__(self, x0: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, emb = self.teacher(x0)
+        target = torch.stack([self.masks[int(i)] for i in index]).to(logits)
+        target = F.interpolate(target, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2, 3)), emb
+
+
+@dataclass
 class ModeGuide:
     """Pull each sample towards the prototype (k-means centre) of its assigned mode."""
 

@@ -17,6 +17,7 @@ import torch
 from edgeseg.distill.config import GuidanceConfig, SamplerConfig
 
 Guide = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Steer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_scheduler(cfg: SamplerConfig, scheduler_config: dict):
@@ -24,7 +25,8 @@ def make_scheduler(cfg: SamplerConfig, scheduler_config: dict):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cls = DDIMScheduler if cfg.scheduler == "ddim" else DDPMScheduler
-    sched = cls.from_config(scheduler_config)
+    # the sampler hands the scheduler a noise prediction whatever the model predicts (see ``sample``)
+    sched = cls.from_config({**scheduler_config, "prediction_type": "epsilon"})
     sched.set_timesteps(cfg.steps)
     return sched
 
@@ -50,7 +52,8 @@ def normalise_gradient(grad: torch.Tensor, clip: float) -> torch.Tensor:
 
 def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerConfig, guidance: GuidanceConfig,
            guide: Guide | None = None, index: torch.Tensor | None = None, size: int | None = None,
-           init: torch.Tensor | None = None, strength: float = 0.0, stats: dict | None = None) -> torch.Tensor:
+           init: torch.Tensor | None = None, strength: float = 0.0, stats: dict | None = None,
+           steer: Steer | None = None, steer_t_stop: float = 0.0) -> torch.Tensor:
     """Generate one batch.
 
     Args:
@@ -63,6 +66,9 @@ def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerC
         strength: ... noised to this fraction of the schedule (0 < strength < 1); the first
             ``(1 - strength) * steps`` steps are skipped.
         stats: if given, receives ``guided_steps`` and ``steps``.
+        steer: maps (x0, index) to where the predicted clean image should go (target-domain
+            statistics); applied at every step with t/T >= ``steer_t_stop``, the noise prediction
+            recomputed so the step continues from the moved x0.
 
     Returns:
         (B, 3, size, size) images in [-1, 1].
@@ -80,13 +86,19 @@ def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerC
     alphas = sched.alphas_cumprod
     T = sched.config.num_train_timesteps
     guided = 0
+    predicts_x0 = scheduler_config.get("prediction_type") == "sample"
     for t in timesteps:
         with torch.no_grad():
             eps = unet(x, t).sample
+            if predicts_x0:  # a clean-image model: the noise its prediction implies
+                a = alphas[int(t)]
+                eps = (x - a.sqrt() * eps) / (1 - a).sqrt().clamp_min(1e-8)
         s = guidance_scale(guidance, float(t) / T) if guide is not None else 0.0
         if s > 0:
             eps = guided_eps(x, eps, alphas[int(t)], guide, index, guidance, s)
             guided += 1
+        if steer is not None and float(t) / T >= steer_t_stop:
+            eps = steered_eps(x, eps, alphas[int(t)], steer, index)
         kwargs = {"eta": sampler.eta} if sampler.scheduler == "ddim" else {}
         with torch.no_grad():
             x = sched.step(eps, t, x, generator=gens if _needs_noise(sampler) else None, **kwargs).prev_sample
@@ -115,6 +127,14 @@ def guided_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, guid
             loss = loss + guidance.diversity * diversity_loss(emb)
         (grad,) = torch.autograd.grad(loss.sum(), x0)
     return eps + scale * normalise_gradient(grad, guidance.grad_clip)
+
+
+def steered_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, steer: Steer,
+                index: torch.Tensor) -> torch.Tensor:
+    """The noise prediction whose implied clean image is ``steer(x0)``: (x_t - sqrt(a) x0') / sqrt(1 - a)."""
+    with torch.no_grad():
+        x0 = steer(predicted_x0(x, eps, alpha_bar), index)
+        return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt().clamp_min(1e-8)
 
 
 def _needs_noise(sampler: SamplerConfig) -> bool:

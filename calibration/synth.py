@@ -4,7 +4,8 @@ The set is written into a temporary folder and renamed into place at the end, so
 interrupted run leaves either the old set or the new one, never a half of each. Layout::
 
     <out>/images/00000.png ...   kept images at the model's input size
-    <out>/masks/00000.png ...    the teacher's masks (with --teacher-masks: a training split)
+    <out>/masks/00000.png ...    labels: the conditioning masks (mask-conditioned generator), or the
+                                 teacher's masks with --teacher-masks (either way a training split)
     <out>/manifest.json          generator, checkpoint hashes, seeds, guidance, scores, counts
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from edgeseg.calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
-from edgeseg.calibration.guidance import ConfidenceGuide, MixedGuide, ModeGuide, TaskGuide, TeacherView, kmeans, medoids
+from edgeseg.calibration.guidance import (ConfidenceGuide, MaskGuide, MixedGuide, ModeGuide, TaskGuide, TeacherView, kmeans,
+                                          medoids)
 from edgeseg.distill.config import Config, config_to_dict
 from edgeseg.distill.data import split_samples
 from edgeseg.distill.models import load_model
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "edgeseg-calibration/1"
-GUIDANCE_MODES = ("none", "task", "confidence", "mode")
+GUIDANCE_MODES = ("none", "task", "confidence", "mode", "mask")
 
 
 @dataclass
@@ -52,10 +54,14 @@ class Candidate:
     source: int | None = None  # img2img: index of the training image it started from
     dhash: str = ""  # set by the filter
     similarity: dict = dataclasses.field(default_factory=dict)  # train_ssim, train_nearest, ... (synth.run)
+    condition: np.ndarray | None = None  # (H, W) uint8 mask the image was generated for (conditional generator)
+    condition_iou: float | None = None  # teacher mask vs conditioning mask
+    target: int | None = None  # index of the target image whose statistics steered it
 
     @property
     def scores(self) -> dict:
-        return {**dataclasses.asdict(self.conf), **self.similarity}
+        extra = {} if self.condition_iou is None else {"condition_iou": self.condition_iou}
+        return {**dataclasses.asdict(self.conf), **self.similarity, **extra}
 
 
 def check_request(out_dir: Path, count: int, guidance: str, overwrite: bool, student: Path | None) -> None:
@@ -113,11 +119,19 @@ def _fit(img: np.ndarray, hw) -> np.ndarray:
 class Synthesizer:
     """Generates a calibration set for one config (``edgeseg calibration synth``)."""
 
-    def __init__(self, cfg: Config, guidance: str | None = None, student: str | Path | None = None):
+    def __init__(self, cfg: Config, guidance: str | None = None, student: str | Path | None = None,
+                 target_images: str | Path | None = None, student_model=None, sample_seed: int | None = None):
+        """``target_images`` overrides calibration.target.images; ``student_model`` (an in-memory
+        student, for hard examples during training) replaces the checkpoint for confidence guidance;
+        ``sample_seed`` replaces calibration.seed for sampling only (the cached generator stays)."""
         self.cfg = cfg
         self.cal = cfg.calibration
         self.guidance_mode = guidance or self.cal.guidance.mode
         self.student_path = Path(student) if student else cfg.stage_dir("distill") / "best.pt"
+        self.student_model = student_model
+        self.sample_seed = self.cal.seed if sample_seed is None else int(sample_seed)
+        self.target_folder = str(target_images) if target_images else self.cal.target.images
+        self.conditional = self.cal.generator == "conditional"
         self.device = resolve_device(cfg.device)
         self.size = tuple(cfg.data.image_size)
         if cfg.threads:
@@ -134,20 +148,31 @@ class Synthesizer:
             self.generator_info = {"kind": "pipeline", "path": str(self.cal.model),
                                    "class": type(self.pipe).__name__, "prompts": list(self.cal.prompts)}
             return
-        from edgeseg.calibration.ddpm import load_training_images, train_or_load
+        from edgeseg.calibration.ddpm import load_training_images, load_training_masks, train_or_load
 
-        folder = Path(self.cal.model) if self.cal.model else self.cfg.stage_dir("calibration") / "ddpm"
+        default = "cddpm" if self.conditional else "ddpm"
+        folder = Path(self.cal.model) if self.cal.model else self.cfg.stage_dir("calibration") / default
         if self.cal.model and not (folder / "ddpm.json").is_file():
             raise InputError(f"{folder}: not an edgeseg DDPM folder (no ddpm.json); set calibration.generator: pipeline "
                              "for a diffusers pipeline, or leave calibration.model empty to train the embedded DDPM")
         train = split_samples(self.cfg, "train")
         strength = self.cal.img2img_strength
-        self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, train, folder, seed=self.cal.seed)
+        self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, train, folder, seed=self.cal.seed,
+                                                         conditional=self.conditional)
+        if self.conditional != (self.unet.config.in_channels == 4):
+            raise InputError(f"{folder}: holds a{'n un' if self.conditional else ' mask-'}conditional DDPM but "
+                             f"calibration.generator is {self.cal.generator}; point calibration.model elsewhere")
+        if self.conditional:
+            from edgeseg.calibration.masks import MaskSource
+
+            self.mask_source = MaskSource(load_training_masks(train, self.cal.ddpm.image_size), self.cal.masks)
         if strength > 0:  # img2img sources: the training images at the generator's resolution
             self.sources = load_training_images(train, self.cal.ddpm.image_size)
         weights = next((folder / "unet").glob("*.safetensors"), None) or next((folder / "unet").glob("*.bin"))
-        self.generator_info = {"kind": "ddpm", "path": str(folder), "checkpoint_sha256": sha256_file(weights),
-                               "resolution": self.cal.ddpm.image_size}
+        self.generator_info = {"kind": "conditional" if self.conditional else "ddpm", "path": str(folder),
+                               "checkpoint_sha256": sha256_file(weights), "resolution": self.cal.ddpm.image_size}
+        if self.conditional:
+            self.generator_info["masks"] = config_to_dict(self.cal.masks)
 
     def _make_guide(self, pool_size: int):
         mode = self.guidance_mode
@@ -161,14 +186,21 @@ class Synthesizer:
             return None, {}
         if mode == "task":
             return TaskGuide(teacher), {}
+        if mode == "mask":
+            if not self.conditional:
+                raise InputError("--guidance mask needs the mask-conditioned generator (calibration.generator: conditional)")
+            return MaskGuide(teacher, {}), {}
         if mode == "confidence":
-            student = load_model(self.cfg.student, self.student_path, keys=("student",)).to(self.device)
+            student = self.student_model if self.student_model is not None else load_model(
+                self.cfg.student, self.student_path, keys=("student",)).to(self.device)
             view = TeacherView(student, res, self.cfg.data.mean, self.cfg.data.std)
             # every k-th pool image is hard, k = 1 / hard_fraction: an exact, reproducible share
             every = max(1, round(1 / g.hard_fraction)) if g.hard_fraction > 0 else pool_size + 1
             is_hard = torch.arange(pool_size) % every == 0
             guide = MixedGuide(TaskGuide(teacher), ConfidenceGuide(teacher, view, g.gamma), is_hard)
-            return guide, {"student_sha256": sha256_file(self.student_path), "hard_images": int(is_hard.sum())}
+            origin = ({"student": "in memory (training)"} if self.student_model is not None
+                      else {"student_sha256": sha256_file(self.student_path)})
+            return guide, {**origin, "hard_images": int(is_hard.sum())}
         # mode guidance: k-means over teacher embeddings of real images, an equal share per mode
         paths = [s.image for s in split_samples(self.cfg, "train")]
         emb, chosen = embed_real_images(self.teacher, paths, limit=len(paths))
@@ -185,7 +217,8 @@ class Synthesizer:
                 "medoids": [p.name for p in self.medoid_paths]}
         return ModeGuide(teacher, protos, self.assignment), info
 
-    def _generate(self, seeds: list[int], index: torch.Tensor, guide) -> np.ndarray:
+    def _generate(self, seeds: list[int], index: torch.Tensor, guide) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, H, W, 3) uint8 images at the model's size, and their conditioning masks (or None)."""
         if self.cal.generator == "pipeline":
             from edgeseg.calibration.pipeline import generate
 
@@ -195,15 +228,29 @@ class Synthesizer:
                 sources = getattr(self, "medoid_paths", None) or [s.image for s in split_samples(self.cfg, "train")]
                 init = [read_rgb(sources[int(i) % len(sources)]) for i in index]
             return generate(self.pipe, prompts, seeds, self.size, self.cal.sampler.steps, 0.0, init,
-                            self.cal.img2img_strength, guide, self.cal.guidance, index=index)
+                            self.cal.img2img_strength, guide, self.cal.guidance, index=index), None
         from edgeseg.calibration.sampler import sample
 
-        init = None
+        init, unet, masks = None, self.unet, None
         if self.cal.img2img_strength > 0:
             init = self.sources[torch.from_numpy(self.source_of[index.numpy()])]
-        x = sample(self.unet, self.scheduler_config, seeds, self.cal.sampler, self.cal.guidance, guide, index,
-                   init=init, strength=self.cal.img2img_strength)
-        return images_to_model(x, self.size)
+        if self.conditional:
+            from edgeseg.calibration.ddpm import ConditionedUNet
+            from edgeseg.calibration.masks import masks_to_model
+
+            cond = self.mask_source(seeds)
+            unet, masks = ConditionedUNet(self.unet, cond.to(self.device)), masks_to_model(cond, self.size)
+            if isinstance(guide, MaskGuide):  # this batch's conditioning masks, by pool index
+                guide.masks.clear()
+                guide.masks.update({int(i): cond[j] for j, i in enumerate(index)})
+        target, w = self.target, self.cal.target.weight
+        steer = (lambda x0, i: target.steer(x0, i, w)) if target is not None and w > 0 else None
+        x = sample(unet, self.scheduler_config, seeds, self.cal.sampler, self.cal.guidance, guide, index,
+                   init=init, strength=self.cal.img2img_strength, steer=steer, steer_t_stop=self.cal.target.t_stop)
+        images = images_to_model(x, self.size)
+        if target is not None and self.cal.target.noise:
+            images = target.add_noise(images, index, seeds)
+        return images, masks
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -216,6 +263,15 @@ class Synthesizer:
             teacher = load_model(self.cfg.teacher, self.cfg.teacher_checkpoint).to(self.device)
             self.teacher = TeacherView(teacher, self.size, self.cfg.data.mean, self.cfg.data.std)
             self._load_generator()
+            self.target = None
+            if self.target_folder:
+                if self.cal.generator == "pipeline":
+                    raise InputError("target-domain steering (calibration.target.images) needs the embedded generator "
+                                     "(calibration.generator: conditional or ddpm)")
+                from edgeseg.calibration.target import TargetDomain
+
+                self.target = TargetDomain.from_folder(self.target_folder, self.size, self.cal.ddpm.image_size)
+                log.info("steering towards %d target images in %s", len(self.target), self.target_folder)
         guide, self.guide_info = self._make_guide(start + pool_size)
         bs = self.cal.sampler.batch_size
         out: list[Candidate] = []
@@ -224,15 +280,23 @@ class Synthesizer:
         end = start + pool_size
         for b, first in enumerate(range(start, end, bs)):
             index = torch.arange(first, min(first + bs, end))
-            seeds = [self.cal.seed + int(i) for i in index]
-            images = self._generate(seeds, index, guide)
+            seeds = [self.sample_seed + int(i) for i in index]
+            images, conditions = self._generate(seeds, index, guide)
             probs = teacher_probabilities(self.teacher, images)
             for j, (img, p, c) in enumerate(zip(images, probs, teacher_confidence(probs))):
                 i = int(index[j])
                 mode = int(self.assignment[i]) if self.guidance_mode == "mode" else (
                     self.cal.prompts[i % len(self.cal.prompts)] if self.cal.generator == "pipeline" else None)
-                out.append(Candidate(i, seeds[j], b, img, (p > 0.5).astype(np.uint8), c, mode,
-                                     source=int(self.source_of[i]) if hasattr(self, "sources") else None))
+                cand = Candidate(i, seeds[j], b, img, (p > 0.5).astype(np.uint8), c, mode,
+                                 source=int(self.source_of[i]) if hasattr(self, "sources") else None)
+                if conditions is not None:
+                    from edgeseg.calibration.masks import mask_iou
+
+                    cand.condition = conditions[j]
+                    cand.condition_iou = mask_iou(cand.mask, cand.condition)
+                if self.target is not None:
+                    cand.target = int(self.target.of(torch.tensor(i)))
+                out.append(cand)
             bar.update(len(index))
         bar.close()
         return out
@@ -266,6 +330,7 @@ class Synthesizer:
 
         train_paths = [s.image for s in split_samples(self.cfg, "train")]
         index = TrainIndex(np.stack([_fit(read_rgb(p), self.size) for p in train_paths]))
+        target_index = TrainIndex(self.target.images) if self.target is not None else None
 
         def screen(candidates: list[Candidate]) -> None:  # the best first (most confident teacher)
             for c in candidates:  # how close each image is to real data (manifest, filter, report)
@@ -274,7 +339,9 @@ class Synthesizer:
                 if c.source is not None:
                     c.similarity["source_ssim"] = index.ssim(c.image, c.source % len(train_paths))
             for c in sorted(candidates, key=lambda c: -c.conf.confidence):
-                reason, h = flt.check(c.image, c.conf, c.similarity["train_ssim"])
+                if self.target is not None:  # the target images are read for statistics only: show they are not copied
+                    c.similarity["target_ssim"] = max(target_index.ssim(c.image, k) for k in range(len(self.target)))
+                reason, h = flt.check(c.image, c.conf, c.similarity["train_ssim"], c.condition_iou)
                 c.dhash = f"{h:016x}"
                 if reason is None:
                     passing.append(c)
@@ -310,13 +377,16 @@ class Synthesizer:
             "guidance": {"mode": self.guidance_mode, **config_to_dict(self.cal.guidance), **self.guide_info},
             "sampler": config_to_dict(self.cal.sampler),
             "image_size": list(self.size),
-            "seed": self.cal.seed,
+            "seed": self.sample_seed,
+            "labels": "teacher" if teacher_masks else ("condition" if self.conditional else None),
+            "target": self.target.info() if self.target is not None else None,
             "counts": {"generated": len(pool), "kept": len(kept), "dropped": dict(flt.dropped),
                        "surplus": len(passing) - len(kept), "extra_rounds": rounds},
             "pass_rate": len(passing) / len(pool),
             "seconds": {"generate": t_gen, "total": time.perf_counter() - t0},
             "images": [{"file": f"images/{k:05d}.png", "pool_index": c.pool_index, "seed": c.seed, "batch": c.batch,
-                        "mode": c.mode, "source": c.source, **c.scores, "dhash": c.dhash} for k, c in enumerate(kept)],
+                        "mode": c.mode, "source": c.source, "target": c.target, **c.scores, "dhash": c.dhash}
+                       for k, c in enumerate(kept)],
             "dropped": dropped,
             "config": config_to_dict(self.cfg),
         }
@@ -331,12 +401,14 @@ class Synthesizer:
 
         tmp = staging_dir(out_dir)
         (tmp / "images").mkdir()
-        if teacher_masks:
+        labelled = teacher_masks or self.conditional
+        if labelled:
             (tmp / "masks").mkdir()
         for k, c in enumerate(kept):
             Image.fromarray(c.image).save(tmp / "images" / f"{k:05d}.png")
-            if teacher_masks:
-                Image.fromarray(c.mask * 255).save(tmp / "masks" / f"{k:05d}.png")
+            if labelled:
+                label = c.mask if teacher_masks else c.condition
+                Image.fromarray(label * 255).save(tmp / "masks" / f"{k:05d}.png")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, out_dir)
 

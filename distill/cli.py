@@ -45,11 +45,23 @@ def main() -> None:
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (checkpoint, exit 0).")
 @click.option("--baseline", is_flag=True, help="Train the student on ground truth alone (no teacher terms).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing last.pt and start over.")
+@click.option("--extra-data", type=click.Path(), default=None,
+              help="Folder of extra labelled pairs (images/, masks/), e.g. from `calibration synth --target-images` "
+                   "(train.extra_data).")
+@click.option("--extra-share", type=float, default=None,
+              help="Share of each epoch's images drawn from --extra-data, in [0, 1) (train.extra_share).")
+@click.option("--hard-examples", "hard_share", type=float, default=None,
+              help="Share of each epoch's images from confidence-guided hard examples, regenerated against the "
+                   "student every --hard-every epochs, in [0, 1) (train.hard_examples.share).")
+@click.option("--hard-every", type=int, default=None, help="Epochs between hard-example regenerations.")
 @exit_on_user_error
-def train(config_path, overrides, verbose, max_steps, baseline, fresh):
-    """Distil the student from the teacher and the feature teacher."""
+def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_data, extra_share, hard_share, hard_every):
+    """Distil the student from the teacher and the feature teacher (optionally with synthetic pairs)."""
     from edgeseg.distill.trainer import Trainer, job_for
 
+    options = {"train.extra_data": extra_data, "train.extra_share": extra_share,
+               "train.hard_examples.share": hard_share, "train.hard_examples.every": hard_every}
+    overrides = tuple(overrides) + tuple(f"{k}={v}" for k, v in options.items() if v is not None)
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "baseline" if baseline else "student")
     metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh).run()

@@ -31,6 +31,7 @@ class DemoDataConfig:
     val_count: int = 200  # images in the validation split (selection: best checkpoint, budget, thresholds)
     test_count: int = 400  # held-out test split: every reported quality figure
     test_shift_count: int = 400  # the same scenes under a deployment-domain shift (held-out backgrounds, light)
+    target_count: int = 8  # unlabelled deployment-domain images in <data>/target_images (seed disjoint from test_shift)
     seed: int = 0  # one seed fixes every image and mask
     max_people: int = 3  # people per image, 0..max_people
     empty_fraction: float = 0.1  # share of images with nobody in them
@@ -180,6 +181,26 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class HardExamplesConfig:
+    """Confidence-guided hard examples (ConfiG) mixed into distillation, regenerated against the student.
+
+    Every ``every`` epochs from ``start``, the mask-conditioned generator samples ``count`` pairs
+    guided to maximise t^g + (1 - s)^g (teacher sure, current student not; calibration.guidance
+    sets g, scale and the guided range); each is labelled by its conditioning mask.
+    """
+
+    share: float = 0.0  # share of each epoch's images drawn from the hard set, in [0, 1); 0 = off
+    count: int = 128  # pairs per regeneration
+    every: int = 2  # epochs between regenerations
+    start: int = 1  # first epoch with hard examples (the student has trained this many epochs)
+
+    def __post_init__(self):
+        require(0 <= self.share < 1, "share", f"must be in [0, 1), got {self.share}")
+        require(self.count >= 1, "count", f"must be >= 1, got {self.count}")
+        require(self.every >= 1 and self.start >= 0, "every/start", f"need every >= 1 and start >= 0, got {self.every}, {self.start}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation of one training run (the student, or the teacher with ``make teacher``)."""
 
@@ -193,6 +214,12 @@ class TrainConfig:
     amp: bool = True  # mixed precision (float16 autocast + GradScaler); used on CUDA only
     vis_images: int = 4  # validation images in each epoch's visualisation PNG
     eval_every: int = 1  # epochs between validations (the last epoch always validates)
+    # Extra labelled pairs mixed into training (e.g. target-domain pairs from `calibration synth
+    # --target-images`): a folder with images/ and masks/. The budget stays the same: this share of
+    # each epoch's images comes from the folder, the rest from the training split.
+    extra_data: str = ""
+    extra_share: float = 0.0  # in [0, 1); 0 = no extra data
+    hard_examples: HardExamplesConfig = field(default_factory=HardExamplesConfig)
 
     def __post_init__(self):
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -202,6 +229,13 @@ class TrainConfig:
         require(self.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+        require(0 <= self.extra_share < 1, "extra_share", f"must be in [0, 1), got {self.extra_share}")
+        require(self.extra_share == 0 or bool(self.extra_data), "extra_data",
+                "extra_share > 0 needs a folder of pairs (train.extra_data or --extra-data DIR)")
+        require(not self.extra_data or self.extra_share > 0, "extra_share",
+                f"extra_data ({self.extra_data}) is used only with a share > 0: set train.extra_share (--extra-share)")
+        require(self.extra_share + self.hard_examples.share < 1, "extra_share + hard_examples.share",
+                f"must stay below 1 (some real training images each epoch), got {self.extra_share + self.hard_examples.share}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +249,9 @@ class DDPMConfig:
     lr: float = 1e-3
     timesteps: int = 1000  # DDPM noise levels
     max_t: float = 1.0  # train on noise levels t < max_t * timesteps only (img2img never goes higher)
+    # what the UNet predicts: the noise (epsilon), or the clean image (sample), which a small model
+    # on a short CPU budget learns to render coherently far sooner (README "Calibration")
+    prediction: Literal["epsilon", "sample"] = "epsilon"
 
     def __post_init__(self):
         require(self.image_size % 8 == 0 and self.image_size >= 16, "image_size", f"must be a multiple of 8 and >= 16, got {self.image_size}")
@@ -240,7 +277,8 @@ class SamplerConfig:
 class GuidanceConfig:
     """Teacher guidance of the sampler: eps_hat = eps - s(t) * g, g = normalised grad of the task loss."""
 
-    mode: Literal["none", "task", "confidence", "mode"] = "task"
+    # mask: the mask-conditioned generator's teacher should find people where the conditioning mask has them
+    mode: Literal["none", "task", "confidence", "mode", "mask"] = "task"
     scale: float = 0.4  # s at the strongest point of the schedule
     schedule: Literal["constant", "linear", "cosine"] = "linear"  # how s(t) moves over the guided range
     t_start: float = 0.9  # guide from this normalised time (1 = pure noise) ...
@@ -272,20 +310,60 @@ class FilterConfig:
     # demo: synthetic images median 0.47 (max 0.59) to their nearest training image, held-out real
     # images median 0.26 (max 0.51); 0.8 drops copies, not re-renders (calibration/similarity.py).
     max_train_ssim: float = 0.8
+    # mask-conditioned generator: drop a pair whose teacher mask overlaps its conditioning mask
+    # less than this (IoU at the model's size); the label is the conditioning mask, so it must show
+    min_condition_iou: float = 0.5
 
     def __post_init__(self):
         require(0 <= self.min_person_fraction < 1, "min_person_fraction", f"must be in [0, 1), got {self.min_person_fraction}")
         require(0 < self.max_uncertain_fraction <= 1, "max_uncertain_fraction", f"must be in (0, 1], got {self.max_uncertain_fraction}")
         require(0 <= self.dedup_bits <= 64 and 0 <= self.leak_bits <= 64, "dedup_bits/leak_bits", "must be in [0, 64]")
         require(0 < self.max_train_ssim <= 1, "max_train_ssim", f"must be in (0, 1], got {self.max_train_ssim}")
+        require(0 <= self.min_condition_iou <= 1, "min_condition_iou", f"must be in [0, 1], got {self.min_condition_iou}")
+
+
+@dataclass(frozen=True)
+class MaskSourceConfig:
+    """Conditioning masks for the mask-conditioned generator: training masks, transformed and mixed."""
+
+    scale: tuple[float, float] = (0.75, 1.25)  # random zoom about the centre
+    shift: float = 0.2  # random translation, as a fraction of the side
+    rotate: float = 12.0  # random rotation in degrees, +-
+    hflip: bool = True
+    combine: float = 0.3  # probability of adding a second transformed mask (recombination)
+
+    def __post_init__(self):
+        require(0 < self.scale[0] <= self.scale[1], "scale", f"must be 0 < lo <= hi, got {self.scale}")
+        require(0 <= self.combine <= 1, "combine", f"must be in [0, 1], got {self.combine}")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Steering synthesis towards a deployment domain seen only in a few unlabelled images.
+
+    Only statistics are read from the images (per-channel mean and standard deviation, and the
+    sensor-noise level); the images themselves never enter any set.
+    """
+
+    images: str = ""  # folder of a handful (e.g. 8) of unlabelled target-domain images; empty = off
+    weight: float = 0.5  # per denoising step, how far the predicted clean image moves to the target's statistics
+    t_stop: float = 0.0  # steer from pure noise down to this normalised time
+    noise: bool = True  # add sensor noise up to the target's estimated level (the generator's pixels are 2x coarser)
+
+    def __post_init__(self):
+        require(0 <= self.weight <= 1, "weight", f"must be in [0, 1], got {self.weight}")
+        require(0 <= self.t_stop < 1, "t_stop", f"must be in [0, 1), got {self.t_stop}")
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Diffusion-synthesised INT8 calibration sets (``edgeseg calibration``)."""
 
-    generator: Literal["ddpm", "pipeline"] = "ddpm"  # embedded DDPM, or a diffusers pipeline folder
-    model: str = ""  # local diffusers folder; empty = train (or reuse) <run_dir>/calibration/ddpm
+    # conditional: the embedded mask-conditioned DDPM (labelled pairs from noise, no source image);
+    # ddpm: the embedded unconditional DDPM (with img2img_strength: re-renders of training images);
+    # pipeline: a diffusers pipeline folder (calibration.model)
+    generator: Literal["conditional", "ddpm", "pipeline"] = "conditional"
+    model: str = ""  # local diffusers folder; empty = train (or reuse) <run_dir>/calibration/ddpm (or cddpm)
     count: int = 256  # images to keep
     pool_factor: float = 2.0  # generate up to pool_factor * count, keep the best that pass
     max_extra_rounds: int = 4  # if too few pass, generate more (sized by the pass rate) at most this often
@@ -302,8 +380,16 @@ class CalibrationConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    masks: MaskSourceConfig = field(default_factory=MaskSourceConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
     def __post_init__(self):
+        require(self.generator != "conditional" or self.img2img_strength == 0, "img2img_strength",
+                "the mask-conditioned generator starts from pure noise: set img2img_strength to 0")
+        require(self.guidance.mode != "mask" or self.generator == "conditional", "guidance.mode",
+                "mask guidance needs conditioning masks: set calibration.generator: conditional")
+        require(self.generator != "conditional" or self.ddpm.max_t == 1, "ddpm.max_t",
+                "the mask-conditioned generator samples from pure noise: train it on every noise level (max_t: 1.0)")
         require(self.count >= 1, "count", f"must be >= 1, got {self.count}")
         require(self.generator != "ddpm" or self.img2img_strength == 0 and self.ddpm.max_t == 1
                 or 0 < self.img2img_strength <= self.ddpm.max_t, "img2img_strength",

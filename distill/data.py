@@ -126,10 +126,13 @@ OPTIONAL_SPLITS = ("test", "test_shift")
 def _ensure_demo(cfg: Config) -> None:
     d: DataConfig = cfg.data
     if d.source == "demo":
-        from edgeseg.distill.demo_data import generate_demo_dataset
+        from edgeseg.distill.demo_data import generate_demo_dataset, generate_target_images
 
         generate_demo_dataset(cfg.data_root, d.image_size, d.demo.train_count, d.demo.val_count, d.demo.seed,
                               d.demo.max_people, d.demo.empty_fraction, d.demo.test_count, d.demo.test_shift_count)
+        if d.demo.target_count:
+            generate_target_images(cfg.data_root, d.image_size, d.demo.target_count, d.demo.seed, d.demo.max_people,
+                                   d.demo.empty_fraction)
 
 
 def has_split(cfg: Config, split: str) -> bool:

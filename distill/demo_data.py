@@ -293,6 +293,33 @@ def _deployment_shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return (mean + (image - mean) * rng.uniform(0.5, 0.8)) * np.asarray(gains) * rng.uniform(0.8, 1.1)
 
 
+TARGET_IMAGES = "target_images"
+TARGET_SEED_OFFSET = 1_000_003  # the target images' seed: disjoint from test_shift's
+
+
+def generate_target_images(root: str | Path, image_size: tuple[int, int], count: int = 8, seed: int = 0,
+                           max_people: int = 3, empty_fraction: float = 0.1) -> Path:
+    """``root/target_images/NNNNN.png``: a few unlabelled images of the deployment domain.
+
+    Drawn by the test_shift generator (held-out backgrounds, the same lighting conditions) with a
+    seed disjoint from test_shift's, so no target image is a test_shift image; no masks are written.
+    """
+    folder = Path(root) / TARGET_IMAGES
+    params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "count": count, "seed": seed + TARGET_SEED_OFFSET}
+    stamp = folder / "target.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    backgrounds = _load_backgrounds(_SHIFT_BACKGROUND_SOURCES)
+    for i in range(count):
+        img, _ = render_sample(seed + TARGET_SEED_OFFSET, "test_shift", i, tuple(image_size), max_people,
+                               empty_fraction, backgrounds)
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    stamp.write_text(json.dumps(params, indent=1))
+    log.info("wrote %d unlabelled target-domain images to %s", count, folder)
+    return folder
+
+
 def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_count: int, val_count: int,
                           seed: int = 0, max_people: int = 3, empty_fraction: float = 0.1, test_count: int = 0,
                           test_shift_count: int = 0) -> Path:

@@ -101,14 +101,28 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     The permutation is cut to whole global batches before sharding, so every rank yields exactly
     ``steps_per_epoch * batch_size`` indices: with uneven shards (15 images, 2 ranks, batch 4 gave
     2 and 1 steps) one rank would leave the epoch early and the others would hang in all-reduce.
+
+
+    ``mix``: extra data sets concatenated after the ``size`` training images, as (their size,
+    share): that share of the epoch's slots (seeded) is drawn from each instead of the training
+    split, so the epoch's length and the compute budget stay the same.
     """
 
     def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0,
-                 batch_size: int = 1):
+                 batch_size: int = 1, mix: tuple[tuple[int, float], ...] = ()):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(size, generator=g).tolist()
+        order = torch.randperm(size, generator=g)
         order = order[:steps_per_epoch(size, batch_size, world) * batch_size * world]
-        self.indices = order[rank::world][skip:]
+        slots = torch.randperm(len(order), generator=g)
+        offset, used = size, 0
+        for n, share in mix:
+            k = int(round(share * len(order)))
+            if n > 0 and k > 0:
+                picks = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-k // n))])[:k]
+                order[slots[used:used + k]] = offset + picks
+                used += k
+            offset += n
+        self.indices = order.tolist()[rank::world][skip:]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -177,6 +191,13 @@ class Trainer:
             train_samples = split_samples(cfg, "train")
         val_samples = split_samples(cfg, "val")
         self.train_set = SegmentationDataset(train_samples, cfg.data, train=True, seed=cfg.seed)
+        self.extra_set = self.hard_set = None
+        if job.train.extra_share > 0:
+            from edgeseg.distill.data import folder_samples
+
+            self.extra_set = SegmentationDataset(folder_samples(job.train.extra_data), cfg.data, train=True, seed=cfg.seed)
+            log.info("%s: %.0f%% of each epoch's images from %d pairs in %s", job.role, 100 * job.train.extra_share,
+                     len(self.extra_set), job.train.extra_data)
         self.val_set = SegmentationDataset(val_samples, cfg.data, train=False)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), job.train.batch_size, self.world)
         if self.steps_per_epoch == 0:
@@ -231,7 +252,12 @@ class Trainer:
         model = config_to_dict(self.job.model)
         if model.get("activation") == "silu":  # the default, implicit in checkpoints written before the option
             del model["activation"]
-        return {"role": self.job.role, "model": model, "train": config_to_dict(self.job.train),
+        train = config_to_dict(self.job.train)
+        if not train.get("extra_share"):  # off: implicit in checkpoints written before the options
+            train.pop("extra_data", None), train.pop("extra_share", None)
+        if not train.get("hard_examples", {}).get("share"):
+            train.pop("hard_examples", None)
+        return {"role": self.job.role, "model": model, "train": train,
                 "loss": config_to_dict(self.job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
                 "world": self.world}
 
@@ -347,10 +373,10 @@ class Trainer:
 
         train = self.job.train
         while self.epoch < train.epochs:
-            self.train_set.set_epoch(self.epoch)
+            dataset, mix = self._epoch_data()
             sampler = EpochSampler(len(self.train_set), self.cfg.seed, self.epoch, self.rank, self.world,
-                                   skip=self.batch_in_epoch * train.batch_size, batch_size=train.batch_size)
-            loader = torch.utils.data.DataLoader(self.train_set, batch_size=train.batch_size, sampler=sampler,
+                                   skip=self.batch_in_epoch * train.batch_size, batch_size=train.batch_size, mix=mix)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
                                                  num_workers=self.cfg.data.workers, drop_last=True,
                                                  pin_memory=self.device.type == "cuda")
             self.net.train()
@@ -408,6 +434,55 @@ class Trainer:
                     shutil.copyfile(self.job.out_dir / "last.pt", tmp)
             _barrier(self.world)
         return self.last_metrics
+
+    # --- extra data: labelled synthetic pairs and hard examples -------------------------------
+
+    def _epoch_data(self) -> tuple[torch.utils.data.Dataset, tuple[tuple[int, float], ...]]:
+        """This epoch's dataset (training split, then any extra sets) and the extra sets' (size, share)."""
+        hard = self.job.train.hard_examples
+        if hard.share > 0 and self.epoch >= hard.start:
+            self._refresh_hard_examples()
+        parts = [(self.train_set, 0.0), (self.extra_set, self.job.train.extra_share),
+                 (self.hard_set if self.epoch >= hard.start else None, hard.share)]
+        parts = [(d, share) for d, share in parts if d is not None]
+        for d, _ in parts:
+            d.set_epoch(self.epoch)
+        if len(parts) == 1:
+            return self.train_set, ()
+        return torch.utils.data.ConcatDataset([d for d, _ in parts]), tuple((len(d), share) for d, share in parts[1:])
+
+    def _refresh_hard_examples(self) -> None:
+        """Regenerate the hard-example set against the current student every ``every`` epochs (ConfiG).
+
+        The set for epoch ``e`` lives in ``<out>/hard/epoch<e>``: a resumed run reuses it. Rank 0
+        generates, the others wait and read it.
+        """
+        hard = self.job.train.hard_examples
+        due = hard.start + (self.epoch - hard.start) // hard.every * hard.every
+        folder = self.job.out_dir / "hard" / f"epoch{due:03d}"
+        if self.hard_set is not None and getattr(self, "_hard_folder", None) == folder:
+            return
+        if self.is_main and not (folder / "manifest.json").is_file():
+            import copy
+            from importlib import import_module
+
+            # run-time plug-in: calibration builds on distill (imports point that way), so distill
+            # names the generator module instead of importing it
+            make = import_module("edgeseg.calibration.hard_examples").hard_example_set
+            t0 = time.perf_counter()
+            log.info("%s epoch %d: generating %d hard examples against the current student -> %s",
+                     self.job.role, self.epoch + 1, hard.count, folder)
+            student = copy.deepcopy(self.model.student).eval()
+            # the training RNG streams stay untouched: a resumed run (which skips this) sees the same ones
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                info = make(self.cfg, student, folder, hard.count, seed=self.cfg.seed * 1_000_003 + due)
+            log.info("hard examples: %d pairs in %.0f s (median teacher-vs-condition IoU %.3f)", info["kept"],
+                     time.perf_counter() - t0, info["condition_iou_median"])
+        _barrier(self.world)
+        from edgeseg.distill.data import folder_samples
+
+        self.hard_set = SegmentationDataset(folder_samples(folder), self.cfg.data, train=True, seed=self.cfg.seed)
+        self._hard_folder = folder
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank: one rank stopping alone would leave the others

@@ -164,6 +164,16 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
         for name in ("real", "noise"):  # the contrasts of the report's chain, as before
             path = quantize_qdq(pre, export_dir / f"model.int8-{name}.onnx", sources[name], flavour="s8s8", **q)
             report["files"][f"int8_{name}"] = str(path)
+        for name, folder in target_sources(cfg).items():  # the deployment domain, when there is one
+            if name == "target_images":  # the user's own photographs: any size, fitted like real images
+                from edgeseg.runtime.images import list_images
+
+                paths = list_images(folder)
+                imgs = real_images(paths, len(paths), hw)
+            else:
+                imgs = load_calibration_images(folder, hw, limit=e.calibration_images)
+            sources[name] = batches_of(imgs, to_input)
+            report[f"{name}_dir"] = str(folder)
         report["matrix"] = write_matrix(pre, export_dir, sources, e.percentile, report["files"], e.calibration_method)
     if val is not None:
         report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val, "s8s8")
@@ -176,7 +186,24 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
 
 
 MATRIX_METHODS = ("minmax", "percentile")
-MATRIX_SOURCES = ("synthetic", "real", "noise")
+MATRIX_SOURCES = ("synthetic", "real", "noise")  # always; "target" and "target_images" when they exist
+
+
+def target_sources(cfg: Config) -> dict[str, Path]:
+    """Deployment-domain calibration sources that exist for this run, by matrix name.
+
+    ``target``: the target-domain synthetic set (``<run_dir>/calibration/target``, written by
+    ``calibration synth --target-images``); ``target_images``: the few unlabelled target images
+    alone (calibration.target.images, or the demo's ``<data>/target_images``).
+    """
+    out = {}
+    if (cfg.stage_dir("calibration") / "target" / "images").is_dir():
+        out["target"] = cfg.stage_dir("calibration") / "target"
+    folder = Path(cfg.calibration.target.images) if cfg.calibration.target.images else (
+        cfg.data_root / "target_images" if cfg.data.source == "demo" else None)
+    if folder is not None and folder.is_dir():
+        out["target_images"] = folder
+    return out
 FLAVOURS = ("s8s8", "u8s8")
 
 
@@ -186,7 +213,7 @@ def matrix_name(flavour: str, method: str, calibration: str) -> str:
 
 def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray]], percentile: float,
                  files: dict[str, str], method: str) -> list[dict]:
-    """Both flavours x two calibration methods x three sources; models already written are reused."""
+    """Both flavours x two calibration methods x every source; models already written are reused."""
     import shutil
 
     reuse = {("s8s8", method, "synthetic"): files["int8"], ("u8s8", method, "synthetic"): files["int8_cpu"],
@@ -194,7 +221,7 @@ def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray
     rows = []
     for flavour in FLAVOURS:
         for m in MATRIX_METHODS:
-            for source in MATRIX_SOURCES:
+            for source in sources:
                 path = export_dir / matrix_name(flavour, m, source)
                 path.parent.mkdir(exist_ok=True)
                 if (flavour, m, source) in reuse:

@@ -192,7 +192,7 @@ def test_sampling_is_per_image_deterministic(tiny_ddpm):
 
 def _cal_config(tiny_run, run_dir, **calibration):
     _, base = tiny_run
-    cal = {"count": 6, "pool_factor": 1.5, "img2img_strength": 0.6,
+    cal = {"generator": "ddpm", "count": 6, "pool_factor": 1.5, "img2img_strength": 0.6,
            "ddpm": {"image_size": 16, "block_out_channels": [8, 16], "train_steps": 3, "batch_size": 4},
            "sampler": {"steps": 6, "batch_size": 4},
            "guidance": {"mode": "task", "t_start": 0.6, "t_stop": 0.3, "resolution": 32},

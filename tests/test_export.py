@@ -46,6 +46,10 @@ def exported(tiny_run, tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(8):  # stand-in calibration images (the real ones come from calibration.synth)
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(calib / f"{i:05d}.png")
+    target = run_dir / "calibration" / "target" / "images"  # a stand-in target-domain set: dark images
+    target.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)).save(target / f"{i:05d}.png")
     onnx_report = run_onnx(cfg)
     quant = run_quantize(cfg)
     acc = run_accuracy(cfg)
@@ -366,7 +370,8 @@ def test_accuracy_report_is_on_test_with_the_shift_and_the_matrix(exported):
     assert acc["cpu_model_miou"] == acc[f"{acc['cpu_model']}_miou"]
     cells = {(r["flavour"], r["method"], r["calibration"], r["split"]) for r in acc["matrix"]}
     assert cells == {(f, m, c, s) for f in ("s8s8", "u8s8") for m in ("minmax", "percentile")
-                     for c in ("synthetic", "real", "noise") for s in ("test", "test_shift")}
+                     for c in ("synthetic", "real", "noise", "target", "target_images") for s in ("test", "test_shift")}
+    assert quant["target_dir"].endswith("calibration/target") and quant["target_images_dir"].endswith("target_images")
     row = next(r for r in acc["matrix"] if (r["flavour"], r["method"], r["calibration"], r["split"]) ==
                ("s8s8", "minmax", "synthetic", "test"))
     assert row["miou"] == pytest.approx(acc["int8_synthetic_miou"])  # the same model, the same split

@@ -118,3 +118,19 @@ def test_a_stage_without_its_extra_names_the_pip_line(tmp_path):
     assert r.returncode == 2, r.stderr[-1500:]
     assert r.stderr.strip().splitlines()[-1] == ("error: `edgeseg distill` needs torch, which is not installed; "
                                                  "install the stage's extra: pip install 'edgeseg[train]'")
+
+
+def test_imports_point_against_the_data_flow():
+    """distill -> calibration -> export -> runtime: a stage imports only the stages after it in that chain's
+    reverse (runtime is the base). distill reaches the hard-example generator as a run-time plug-in by name."""
+    allowed = {"runtime": {"runtime", "cli"}, "distill": {"distill", "runtime"},
+               "calibration": {"calibration", "distill", "runtime"},
+               "export": {"export", "calibration", "distill", "runtime"}}
+    bad = []
+    for stage, ok in allowed.items():
+        for path in (ROOT / stage).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                m = re.match(r"\s*(?:from|import) edgeseg\.(\w+)", line)
+                if m and m.group(1) not in ok:
+                    bad.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, "\n".join(bad)

@@ -1,0 +1,40 @@
+"""Confidence-guided hard examples for distillation (ConfiG), generated against the current student.
+
+The mask-conditioned generator samples pairs for new conditioning masks, every sample guided to
+maximise ``t^g + (1 - s)^g`` (the teacher confident, the student not: see
+``guidance.ConfidenceGuide``). Each image is labelled by the mask it was generated for, so the
+label does not come from a teacher that may itself be wrong on it; the usual filters (teacher
+agrees with the condition, no copies, no leaks) decide what enters.
+
+``distill train`` calls :func:`hard_example_set` every ``train.hard_examples.every`` epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from edgeseg.distill.config import Config
+
+
+def hard_example_set(cfg: Config, student, out_dir: str | Path, count: int, seed: int) -> dict:
+    """Write ``count`` hard pairs (images/, masks/, manifest.json) to ``out_dir``; returns a summary.
+
+    Args:
+        student: the student network being trained (a copy: guidance puts it in eval mode).
+        seed: base seed of this set (a new one per regeneration).
+    """
+    from edgeseg.calibration.synth import Synthesizer
+
+    cal = cfg.calibration
+    g = cal.guidance
+    guidance = dataclasses.replace(g, mode="confidence", hard_fraction=1.0,
+                                   resolution=g.resolution or cal.ddpm.image_size)
+    cal = dataclasses.replace(cal, generator="conditional", img2img_strength=0.0, guidance=guidance,
+                              target=dataclasses.replace(cal.target, images=""),
+                              model=cal.model if cal.generator == "conditional" else "")
+    run = dataclasses.replace(cfg, calibration=cal)
+    manifest = Synthesizer(run, "confidence", student_model=student, sample_seed=seed).run(out_dir, count, overwrite=True)
+    ious = [im["condition_iou"] for im in manifest["images"]]
+    return {"kept": len(ious), "condition_iou_median": float(np.median(ious)), "seconds": manifest["seconds"]["total"]}

@@ -1,0 +1,257 @@
+"""Synthesis that earns its place: the mask-conditioned generator, target-domain steering,
+ConfiG hard examples and the training mix (tiny real models, real files)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, write_config
+from edgeseg.distill.config import Config, DDPMConfig, GuidanceConfig, MaskSourceConfig, SamplerConfig, load_config
+from edgeseg.runtime.errors import ConfigError, InputError
+
+TINY_DDPM = {"image_size": 16, "block_out_channels": [8, 16], "train_steps": 3, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_cddpm(tiny_run, tmp_path_factory):
+    from edgeseg.calibration.ddpm import load_training_masks, train_or_load
+    from edgeseg.distill.data import split_samples
+
+    _, cfg = tiny_run
+    folder = tmp_path_factory.mktemp("cddpm") / "cddpm"
+    unet, sched = train_or_load(DDPMConfig(**TINY_DDPM, prediction="sample"), split_samples(cfg, "train"), folder,
+                                conditional=True)
+    return unet, sched, load_training_masks(split_samples(cfg, "train"), 16)
+
+
+def _synth_config(tiny_run, run_dir, train=None, **calibration):
+    _, base = tiny_run
+    cal = {"generator": "conditional", "count": 4, "pool_factor": 1.5,
+           "ddpm": {**TINY_DDPM, "prediction": "sample"}, "sampler": {"steps": 5, "batch_size": 4},
+           "guidance": {"mode": "none", "t_start": 0.9, "t_stop": 0.5, "resolution": 32},
+           "filter": {"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0, "dedup_bits": 0,
+                      "min_condition_iou": 0.0}}
+    cal.update(calibration)
+    path = write_config(run_dir, calibration=cal, data={"root": str(base.data_root)},
+                        teacher={"checkpoint": str(base.teacher_checkpoint)},
+                        feature_teacher={"onnx": str(base.feature_teacher_onnx), "tensor": "neck_Concat_output_0",
+                                         "hidden_channels": 16}, **({"train": train} if train else {}))
+    return path, load_config(path, Config)
+
+
+# --- the mask-conditioned generator ----------------------------------------------------------------
+
+def test_conditioned_generator_shapes_determinism_and_the_mask_reaches_the_output(tiny_cddpm):
+    from edgeseg.calibration.ddpm import ConditionedUNet
+    from edgeseg.calibration.masks import MaskSource
+    from edgeseg.calibration.sampler import sample
+
+    unet, sched, masks = tiny_cddpm
+    assert unet.config.in_channels == 4 and sched["prediction_type"] == "sample"
+    source = MaskSource(masks, MaskSourceConfig())
+    m = source([3, 4])
+    assert m.shape == (2, 1, 16, 16) and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(source([4]), m[1:])  # a mask is a function of its seed alone
+    cfg, g = SamplerConfig(steps=4), GuidanceConfig(mode="none")
+    a = sample(ConditionedUNet(unet, m), sched, [3, 4], cfg, g)
+    b = sample(ConditionedUNet(unet, m[1:]), sched, [4], cfg, g)
+    assert a.shape == (2, 3, 16, 16) and a.abs().max() <= 1
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)  # per-image determinism, any batch
+    other = sample(ConditionedUNet(unet, 1 - m[1:]), sched, [4], cfg, g)  # same seed, another mask
+    assert (other - b).abs().mean() > 1e-3
+
+
+def test_mask_source_transforms_training_masks():
+    from edgeseg.calibration.masks import MaskSource
+
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, 0, 8:24, 12:20] = 1  # a standing figure
+    src = MaskSource(masks, MaskSourceConfig(scale=(1.0, 1.0), shift=0.0, rotate=0.0, hflip=False, combine=0.0))
+    assert torch.equal(src([1])[0], masks[0])  # identity transforms; the empty mask is never chosen
+    moved = MaskSource(masks, MaskSourceConfig(shift=0.25, combine=1.0))([1, 2, 3])
+    assert not all(torch.equal(m, masks[0]) for m in moved) and all(m.sum() > 0 for m in moved)
+    with pytest.raises(InputError, match="no training mask has a person"):
+        MaskSource(torch.zeros(2, 1, 8, 8), MaskSourceConfig())
+
+
+def test_a_conditioning_mask_of_the_wrong_size_is_refused(tiny_cddpm):
+    from edgeseg.calibration.ddpm import ConditionedUNet
+
+    unet, _, _ = tiny_cddpm
+    with pytest.raises(InputError, match=r"shape \(1, 1, 32, 32\) but the generator takes \(B, 1, 16, 16\); resize"):
+        ConditionedUNet(unet, torch.zeros(1, 1, 32, 32))
+    with pytest.raises(InputError, match="values must be 0 or 1"):
+        ConditionedUNet(unet, torch.full((1, 1, 16, 16), 0.5))
+
+
+def test_synth_writes_labelled_pairs_with_condition_iou_and_filters_on_it(tiny_run, tmp_path):
+    from edgeseg.calibration.masks import mask_iou
+    from edgeseg.calibration.synth import Synthesizer
+    from edgeseg.distill.data import folder_samples, load_sample
+
+    _, cfg = _synth_config(tiny_run, tmp_path)
+    m = Synthesizer(cfg).run(tmp_path / "set")
+    assert m["generator"]["kind"] == "conditional" and m["labels"] == "condition"
+    pairs = folder_samples(tmp_path / "set")  # images/ + masks/: a training split
+    assert len(pairs) == 4
+    for entry, pair in zip(m["images"], pairs):
+        assert 0 <= entry["condition_iou"] <= 1 and 0 <= entry["train_ssim"] <= 1 and "source_ssim" not in entry
+        image, label = load_sample(pair)
+        assert label.shape == image.shape[:2] and label.max() == 1  # the conditioning mask, someone in it
+    # the teacher's IoU with the label is what the manifest records (recomputed from the files)
+    teacher_masks = Synthesizer(cfg).generate_pool(6, progress=False)
+    for c in teacher_masks:
+        assert c.condition_iou == pytest.approx(mask_iou(c.mask, c.condition))
+    # a threshold no pair can pass: every drop is a condition mismatch, and the request fails cleanly
+    _, strict = _synth_config(tiny_run, tmp_path / "strict", max_extra_rounds=0,
+                              filter={"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0,
+                                      "min_condition_iou": 1.0})
+    with pytest.raises(InputError, match=r"condition_mismatch \d+"):
+        Synthesizer(strict).run(tmp_path / "strict" / "set")
+    assert not (tmp_path / "strict" / "set").exists()
+
+
+# --- target-domain steering ---------------------------------------------------------------------
+
+def _dark_noisy_targets(folder, n=4, size=64):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = np.clip(np.full((size, size, 3), [30, 20, 60]) + rng.normal(0, 12, (size, size, 3)), 0, 255)
+        Image.fromarray(img.astype(np.uint8)).save(folder / f"t{i}.png")
+    return folder
+
+
+def test_noise_estimate_by_construction():
+    from edgeseg.calibration.target import noise_sigma
+
+    rng = np.random.default_rng(0)
+    flat = np.full((128, 128, 3), 128.0)
+    for sigma in (2.0, 8.0):
+        noisy = np.clip(flat + rng.normal(0, sigma, flat.shape[:2])[:, :, None], 0, 255).astype(np.uint8)
+        assert noise_sigma(noisy) == pytest.approx(sigma, rel=0.15)
+
+
+def test_target_steering_moves_colour_and_noise_towards_the_target(tiny_run, tmp_path):
+    from edgeseg.calibration.synth import Synthesizer
+    from edgeseg.calibration.target import TargetDomain, noise_sigma
+
+    targets = _dark_noisy_targets(tmp_path / "targets")
+    domain = TargetDomain.from_folder(targets, (64, 64), 16)
+    _, cfg = _synth_config(tiny_run, tmp_path / "run")
+    plain = Synthesizer(cfg).generate_pool(4, progress=False)
+    steered = Synthesizer(cfg, target_images=targets).generate_pool(4, progress=False)
+    goal = domain.mean.mean(dim=0).numpy()  # [-1, 1] units
+    to_unit = lambda c: c.image.reshape(-1, 3).mean(axis=0) / 127.5 - 1
+    dist = lambda cands: np.mean([np.abs(to_unit(c) - goal).mean() for c in cands])
+    assert dist(steered) < 0.5 * dist(plain)
+    target_noise = float(domain.noise.mean())
+    assert np.mean([abs(noise_sigma(c.image) - target_noise) for c in steered]) < \
+        np.mean([abs(noise_sigma(c.image) - target_noise) for c in plain])
+    # the manifest records the steering, and how close each image came to any target image (not copied)
+    m = Synthesizer(cfg, target_images=targets).run(tmp_path / "set", count=2)
+    assert m["target"]["images"] == sorted(p.name for p in targets.iterdir())
+    assert all(i["target"] in range(4) and i["target_ssim"] < 0.9 for i in m["images"])
+
+
+def test_bad_target_folders_are_one_clear_line(tiny_run, tmp_path):
+    from edgeseg.calibration.target import TargetDomain
+
+    with pytest.raises(InputError, match="does not exist; point calibration.target.images"):
+        TargetDomain.from_folder(tmp_path / "missing", (64, 64), 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="has no images"):
+        TargetDomain.from_folder(tmp_path / "empty", (64, 64), 16)
+    bad = _dark_noisy_targets(tmp_path / "bad", n=1)
+    (bad / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="broken.png"):
+        TargetDomain.from_folder(bad, (64, 64), 16)
+    path, _ = _synth_config(tiny_run, tmp_path / "cli")
+    r = run_cli("calibration", "synth", "--config", str(path), "--target-images", str(tmp_path / "empty"),
+                "--out", str(tmp_path / "cli" / "out"))
+    assert r.returncode != 0 and "has no images" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "cli" / "out").exists()
+
+
+# --- ConfiG -------------------------------------------------------------------------------------
+
+def test_config_objective_gradient_ascends(tiny_run):
+    """A step against the guide's gradient raises t^g + (1 - s)^g: the sign the sampler relies on."""
+    from edgeseg.calibration.guidance import ConfidenceGuide, TeacherView
+    from edgeseg.distill.models import build_model, load_model
+
+    _, cfg = tiny_run
+    teacher = TeacherView(load_model(cfg.teacher, cfg.teacher_checkpoint), (64, 64), cfg.data.mean, cfg.data.std)
+    torch.manual_seed(1)
+    student = TeacherView(build_model(cfg.student), (64, 64), cfg.data.mean, cfg.data.std)
+    guide = ConfidenceGuide(teacher, student, gamma=2.0)
+    x0 = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    loss, _ = guide(x0, torch.arange(2))
+    assert loss.shape == (2,) and (loss < 0).all() and (loss >= -2).all()  # -objective, objective in (0, 2]
+    (grad,) = torch.autograd.grad(loss.sum(), x0)
+    assert grad.abs().sum() > 0
+    after, _ = guide((x0 - 0.5 * grad / grad.abs().max()).detach(), torch.arange(2))
+    assert (after < loss.detach()).all()
+
+
+# --- the training mix ---------------------------------------------------------------------------
+
+def test_epoch_sampler_mixes_an_exact_share_at_the_same_length():
+    from edgeseg.distill.trainer import EpochSampler
+
+    plain = EpochSampler(100, seed=0, epoch=3, batch_size=4)
+    mixed = EpochSampler(100, seed=0, epoch=3, batch_size=4, mix=((10, 0.25), (5, 0.1)))
+    idx = np.asarray(mixed.indices)
+    assert len(idx) == len(plain.indices) == 100
+    assert ((idx >= 100) & (idx < 110)).sum() == 25 and (idx >= 110).sum() == 10 and idx.max() < 115
+    assert mixed.indices == EpochSampler(100, seed=0, epoch=3, batch_size=4, mix=((10, 0.25), (5, 0.1))).indices
+    # two ranks: disjoint shards of the same mixed order
+    r0, r1 = (EpochSampler(100, 0, 3, rank=r, world=2, batch_size=2, mix=((10, 0.25),)).indices for r in (0, 1))
+    assert sorted(r0 + r1) == sorted(EpochSampler(100, 0, 3, batch_size=4, mix=((10, 0.25),)).indices)
+
+
+def test_distill_with_extra_pairs_and_hard_examples(tiny_run, tmp_path):
+    from edgeseg.calibration.synth import Synthesizer
+    from edgeseg.distill.trainer import Trainer, job_for
+
+    _, cfg = _synth_config(tiny_run, tmp_path / "gen")
+    Synthesizer(cfg).run(tmp_path / "pairs", count=4)
+    train = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "vis_images": 2, "extra_data": str(tmp_path / "pairs"),
+             "extra_share": 0.25, "hard_examples": {"share": 0.25, "count": 4, "every": 1, "start": 1}}
+    _, cfg = _synth_config(tiny_run, tmp_path / "run", train=train)
+    job = job_for(cfg, "student")
+    metrics = Trainer(cfg, job).run()
+    assert np.isfinite(metrics["val_miou"])
+    hard = job.out_dir / "hard" / "epoch001"
+    manifest = json.loads((hard / "manifest.json").read_text())
+    assert manifest["guidance"]["mode"] == "confidence" and manifest["labels"] == "condition"
+    assert manifest["guidance"]["student"] == "in memory (training)" and len(manifest["images"]) == 4
+    assert not (job.out_dir / "hard" / "epoch000").exists()  # start: 1
+    # each regeneration samples with its own seed; the cached generator keeps calibration.seed
+    assert manifest["seed"] != cfg.calibration.seed
+    ddpm = json.loads((cfg.stage_dir("calibration") / "cddpm" / "ddpm.json").read_text())
+    assert ddpm["key"]["seed"] == cfg.calibration.seed and ddpm["key"]["conditional"] is True
+    # a resumed run reuses the set of its epoch (same bytes), it does not regenerate it
+    before = {p.name: p.read_bytes() for p in (hard / "images").iterdir()}
+    again = Trainer(cfg, job)
+    again._setup()
+    again.epoch = 1
+    again._refresh_hard_examples()
+    assert {p.name: p.read_bytes() for p in (hard / "images").iterdir()} == before and len(again.hard_set) == 4
+
+
+def test_bad_shares_are_one_clear_line(tiny_run, tmp_path):
+    path, _ = _synth_config(tiny_run, tmp_path)
+    for args, message in ((("--hard-examples", "1.5"), "train.hard_examples.share must be in [0, 1), got 1.5"),
+                          (("--extra-share", "-0.1", "--extra-data", str(tmp_path)), "train.extra_share must be in [0, 1)"),
+                          (("--extra-share", "0.2"), "extra_share > 0 needs a folder of pairs")):
+        r = run_cli("distill", "train", "--config", str(path), *args)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="extra_data .* is used only with a share > 0"):
+        load_config(path, Config, [f"train.extra_data={tmp_path}"])
+    r = run_cli("distill", "train", "--config", str(path), "--extra-data", str(tmp_path / "nope"), "--extra-share", "0.2")
+    assert r.returncode != 0 and "nope/images: folder does not exist" in r.stderr and "Traceback" not in r.stderr
