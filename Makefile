@@ -23,7 +23,7 @@ ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
         $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.edgeseg-installed
 
-.PHONY: setup demo teacher distill calibrate export deploy profile serve bench test test-all clean
+.PHONY: setup demo teacher distill calibrate calibrate-target export deploy profile serve bench test test-all clean
 
 setup: $(STAMP)
 
@@ -53,12 +53,17 @@ distill: setup
 
 # The calibration set (source domain); then, when there are target images (the demo's 8, or TARGET=dir),
 # labelled target-domain pairs: a target calibration set and extra distillation data (README "Calibration").
+# Their labels are the conditioning masks: the teacher, itself hurt by the shift, does not filter them
+# by its uncertainty (only by whether the person it finds matches the label, min_condition_iou).
 calibrate: setup
 	$(EDGESEG) calibration synth $(ARGS) --overwrite
 	$(EDGESEG) calibration report $(ARGS)
+	@$(MAKE) --no-print-directory calibrate-target
+
+calibrate-target: setup
 	@target="$(or $(TARGET),$(RUN_DIR)/data/target_images)"; if [ -d "$$target" ]; then \
-	  echo "$(EDGESEG) calibration synth $(ARGS) --target-images $$target --out $(RUN_DIR)/calibration/target --count $(TARGET_COUNT) --overwrite"; \
-	  $(EDGESEG) calibration synth $(ARGS) --target-images $$target --out $(RUN_DIR)/calibration/target --count $(TARGET_COUNT) --overwrite; \
+	  cmd="$(EDGESEG) calibration synth $(ARGS) --target-images $$target --out $(RUN_DIR)/calibration/target \
+	       --count $(TARGET_COUNT) --set calibration.filter.max_uncertain_fraction=1.0 --overwrite"; echo $$cmd; $$cmd; \
 	else echo "no target images in $$target: target-domain pairs skipped (set TARGET=dir)"; fi
 
 export: setup

@@ -96,7 +96,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 TARGET_SHARE = 0.25  # share of each epoch from target-domain pairs: fixed beforehand, not tuned on these figures
-HARD = {"share": 0.2, "count": 128, "every": 2, "start": 1}  # ConfiG hard examples, fixed beforehand likewise
+HARD = {"share": 0.2, "count": 64, "every": 3, "start": 2}  # ConfiG hard examples, fixed beforehand likewise
 
 
 def _variants(cfg: Config, run: Config, seed: int) -> dict[str, Config]:

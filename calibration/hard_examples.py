@@ -29,8 +29,9 @@ def hard_example_set(cfg: Config, student, out_dir: str | Path, count: int, seed
 
     cal = cfg.calibration
     g = cal.guidance
-    guidance = dataclasses.replace(g, mode="confidence", hard_fraction=1.0,
-                                   resolution=g.resolution or cal.ddpm.image_size)
+    h = cfg.train.hard_examples
+    guidance = dataclasses.replace(g, mode="confidence", hard_fraction=1.0, scale=h.scale, t_start=h.t_start,
+                                   t_stop=h.t_stop, resolution=g.resolution or cal.ddpm.image_size)
     cal = dataclasses.replace(cal, generator="conditional", img2img_strength=0.0, guidance=guidance,
                               target=dataclasses.replace(cal.target, images=""),
                               model=cal.model if cal.generator == "conditional" else "")

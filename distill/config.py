@@ -185,19 +185,24 @@ class HardExamplesConfig:
     """Confidence-guided hard examples (ConfiG) mixed into distillation, regenerated against the student.
 
     Every ``every`` epochs from ``start``, the mask-conditioned generator samples ``count`` pairs
-    guided to maximise t^g + (1 - s)^g (teacher sure, current student not; calibration.guidance
-    sets g, scale and the guided range); each is labelled by its conditioning mask.
+    guided to maximise t^g + (1 - s)^g (teacher sure, current student not; g is
+    calibration.guidance.gamma); each is labelled by its conditioning mask.
     """
 
     share: float = 0.0  # share of each epoch's images drawn from the hard set, in [0, 1); 0 = off
-    count: int = 128  # pairs per regeneration
-    every: int = 2  # epochs between regenerations
-    start: int = 1  # first epoch with hard examples (the student has trained this many epochs)
+    count: int = 64  # pairs per regeneration
+    every: int = 3  # epochs between regenerations
+    start: int = 2  # first epoch with hard examples (the student has trained this many epochs)
+    scale: float = 0.4  # confidence-guidance strength ...
+    t_start: float = 0.9  # ... over this range of normalised time (ConfiG guides the early, layout-forming steps)
+    t_stop: float = 0.5
 
     def __post_init__(self):
         require(0 <= self.share < 1, "share", f"must be in [0, 1), got {self.share}")
         require(self.count >= 1, "count", f"must be >= 1, got {self.count}")
         require(self.every >= 1 and self.start >= 0, "every/start", f"need every >= 1 and start >= 0, got {self.every}, {self.start}")
+        require(self.scale >= 0 and 0 <= self.t_stop <= self.t_start <= 1, "scale/t_start/t_stop",
+                f"need scale >= 0 and 0 <= t_stop <= t_start <= 1, got {self.scale}, {self.t_start}, {self.t_stop}")
 
 
 @dataclass(frozen=True)

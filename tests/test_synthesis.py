@@ -221,7 +221,7 @@ def test_distill_with_extra_pairs_and_hard_examples(tiny_run, tmp_path):
     _, cfg = _synth_config(tiny_run, tmp_path / "gen")
     Synthesizer(cfg).run(tmp_path / "pairs", count=4)
     train = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "vis_images": 2, "extra_data": str(tmp_path / "pairs"),
-             "extra_share": 0.25, "hard_examples": {"share": 0.25, "count": 4, "every": 1, "start": 1}}
+             "extra_share": 0.25, "hard_examples": {"share": 0.25, "count": 4, "every": 1, "start": 1, "t_start": 0.9, "t_stop": 0.3}}
     _, cfg = _synth_config(tiny_run, tmp_path / "run", train=train)
     job = job_for(cfg, "student")
     metrics = Trainer(cfg, job).run()
@@ -255,3 +255,43 @@ def test_bad_shares_are_one_clear_line(tiny_run, tmp_path):
         load_config(path, Config, [f"train.extra_data={tmp_path}"])
     r = run_cli("distill", "train", "--config", str(path), "--extra-data", str(tmp_path / "nope"), "--extra-share", "0.2")
     assert r.returncode != 0 and "nope/images: folder does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_on_labelled_pairs_adds_int8_miou_pairs_sheet_and_an_independent_judge(tiny_run, tmp_path):
+    from edgeseg.calibration.report import build_report, int8_miou
+    from edgeseg.calibration.synth import Synthesizer
+    from edgeseg.distill.models import build_model
+
+    _, cfg = _synth_config(tiny_run, tmp_path, report_images=4)
+    m = Synthesizer(cfg).run(tmp_path / "calibration" / "synthetic")
+    torch.manual_seed(0)
+    for stage in ("distill", "distill-baseline"):
+        (tmp_path / stage).mkdir()
+        torch.save({"student": build_model(cfg.student).state_dict()}, tmp_path / stage / "best.pt")
+    r = build_report(cfg, tmp_path / "calibration" / "synthetic")
+    for s in ("synthetic", "real", "noise"):
+        assert set(r[f"int8_miou_{s}"]) == {"test", "test_shift"}
+        assert all(0 <= v <= 1 for v in r[f"int8_miou_{s}"].values())
+    assert r["condition_iou_median"] == pytest.approx(float(np.median([i["condition_iou"] for i in m["images"]])))
+    assert 0 <= r["condition_iou_gt_only_student_median"] <= 1 and r["condition_judge"].endswith("best.pt")
+    sheet = np.asarray(Image.open(r["pairs_sheet"]))
+    assert sheet.shape[0] == 2 * 64 and sheet.shape[1] == 2 * (3 * 64 + 4 * 4)  # 4 pairs, two a row
+    # the same INT8 scoring on a model that predicts nothing: mIoU is the empty-mask score, by hand
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["images"], ["s"], keepdims=1, axes=[1]),
+                               helper.make_node("Mul", ["s", "zero"], ["z"]),
+                               helper.make_node("Sub", ["z", "ten"], ["mask_logits"])], "empty",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("mask_logits", TensorProto.FLOAT, ["N", 1, 64, 64])],
+                              [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                               helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    onnx.save(model, tmp_path / "empty.onnx")
+    from edgeseg.distill.data import load_sample, split_samples
+    from edgeseg.runtime.metrics import score_masks
+
+    gts = [load_sample(s)[1] for s in split_samples(cfg, "test")]
+    expected = score_masks([np.zeros_like(g) for g in gts], gts)["miou"]
+    assert int8_miou({"empty": tmp_path / "empty.onnx"}, cfg, "test")["empty"] == pytest.approx(expected)
