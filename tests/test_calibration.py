@@ -40,8 +40,10 @@ def test_set_filter_drops_by_reason():
     assert flt.check(val, good)[0] == "validation_leak"
     assert flt.check(a, good)[0] is None
     assert flt.check(a.copy(), good)[0] == "near_duplicate"
-    assert flt.check(b, good)[0] is None
-    assert flt.dropped == {"empty_mask": 1, "uncertain_mask": 1, "near_duplicate": 1, "validation_leak": 1, "train_copy": 0}
+    assert flt.check(b, good, condition_iou=0.49)[0] == "condition_mismatch"  # min_condition_iou 0.5
+    assert flt.check(b, good, condition_iou=0.5)[0] is None
+    assert flt.dropped == {"empty_mask": 1, "uncertain_mask": 1, "condition_mismatch": 1, "near_duplicate": 1,
+                           "validation_leak": 1, "train_copy": 0}
 
 
 def test_teacher_confidence_by_hand():
