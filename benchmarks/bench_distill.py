@@ -124,13 +124,15 @@ def _variants(cfg: Config, run: Config, seed: int) -> dict[str, Config]:
 
 
 def _hard_cost(run_dir: Path) -> dict:
-    """What the hard examples cost one run: generation seconds (manifests) and training seconds (metrics)."""
+    """What the hard examples cost one run: generation seconds (manifests) beside training seconds (metrics,
+    which exclude generation: it happens before each epoch's clock starts)."""
     import json
 
     gen = [json.loads(m.read_text())["seconds"]["total"] for m in sorted((run_dir / "distill" / "hard").glob("*/manifest.json"))]
     metrics = run_dir / "distill" / "metrics.jsonl"
     train = sum(json.loads(line)["epoch_time_s"] for line in metrics.read_text().splitlines()) if metrics.is_file() else 0.0
-    return {"generations": len(gen), "generate_s": float(sum(gen)), "train_s_including_generation": float(train)}
+    return {"generations": len(gen), "generate_s": float(sum(gen)), "train_s": float(train),
+            "generation_share": float(sum(gen) / max(sum(gen) + train, 1e-9))}
 
 
 def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:

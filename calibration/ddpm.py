@@ -98,7 +98,7 @@ class ConditionedUNet(torch.nn.Module):
         self.config = unet.config
 
     def forward(self, x: torch.Tensor, t):
-        return self.unet(torch.cat([x, self.cond.to(x.dtype)], dim=1), t)
+        return self.unet(torch.cat([x, self.cond.to(x)], dim=1), t)
 
 
 def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, seed: int = 0, conditional: bool = False):

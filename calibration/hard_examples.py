@@ -15,27 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseg.distill.config import Config
+from edgeseg.distill.config import Config, HardExamplesConfig
 
 
-def hard_example_set(cfg: Config, student, out_dir: str | Path, count: int, seed: int) -> dict:
+def hard_example_set(cfg: Config, student, out_dir: str | Path, hard: HardExamplesConfig, seed: int) -> dict:
     """Write ``count`` hard pairs (images/, masks/, manifest.json) to ``out_dir``; returns a summary.
 
     Args:
         student: the student network being trained (a copy: guidance puts it in eval mode).
+        hard: the training job's settings (count, guidance strength and range).
         seed: base seed of this set (a new one per regeneration).
     """
     from edgeseg.calibration.synth import Synthesizer
 
     cal = cfg.calibration
     g = cal.guidance
-    h = cfg.train.hard_examples
+    h = hard
     guidance = dataclasses.replace(g, mode="confidence", hard_fraction=1.0, scale=h.scale, t_start=h.t_start,
                                    t_stop=h.t_stop, resolution=g.resolution or cal.ddpm.image_size)
     cal = dataclasses.replace(cal, generator="conditional", img2img_strength=0.0, guidance=guidance,
                               target=dataclasses.replace(cal.target, images=""),
                               model=cal.model if cal.generator == "conditional" else "")
     run = dataclasses.replace(cfg, calibration=cal)
-    manifest = Synthesizer(run, "confidence", student_model=student, sample_seed=seed).run(out_dir, count, overwrite=True)
+    manifest = Synthesizer(run, "confidence", student_model=student, sample_seed=seed).run(out_dir, hard.count, overwrite=True)
     ious = [im["condition_iou"] for im in manifest["images"]]
     return {"kept": len(ious), "condition_iou_median": float(np.median(ious)), "seconds": manifest["seconds"]["total"]}

@@ -57,7 +57,8 @@ def sample(unet, scheduler_config: dict, seeds: Sequence[int], sampler: SamplerC
     """Generate one batch.
 
     Args:
-        unet: epsilon-predicting ``UNet2DModel``.
+        unet: a ``UNet2DModel`` predicting the noise, or the clean image if the scheduler config's
+            ``prediction_type`` is "sample" (converted to the noise it implies).
         scheduler_config: its training scheduler's config.
         seeds: one seed per image (B of them).
         guide: per-sample loss on x0 (see ``calibration.guidance``), or None for unguided.

@@ -70,7 +70,7 @@ def check_request(out_dir: Path, count: int, guidance: str, overwrite: bool, stu
         raise InputError(f"--count must be >= 1, got {count}")
     if guidance not in GUIDANCE_MODES:
         raise InputError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
-    if guidance == "confidence" and (student is None or not Path(student).is_file()):
+    if guidance == "confidence" and student is not None and not Path(student).is_file():  # None: an in-memory student
         raise InputError(f"guidance 'confidence' needs a student checkpoint (got {student}); "
                          "train one with `make distill` or pass --student PATH")
     if out_dir.exists() and not out_dir.is_dir():
@@ -239,7 +239,7 @@ class Synthesizer:
             from edgeseg.calibration.masks import masks_to_model
 
             cond = self.mask_source(seeds)
-            unet, masks = ConditionedUNet(self.unet, cond.to(self.device)), masks_to_model(cond, self.size)
+            unet, masks = ConditionedUNet(self.unet, cond), masks_to_model(cond, self.size)
             if isinstance(guide, MaskGuide):  # this batch's conditioning masks, by pool index
                 guide.masks.clear()
                 guide.masks.update({int(i): cond[j] for j, i in enumerate(index)})
@@ -307,7 +307,11 @@ class Synthesizer:
         out_dir = Path(out_dir)
         count = self.cal.count if count is None else count
         check_request(out_dir, count, self.guidance_mode, overwrite,
-                      self.student_path if self.guidance_mode == "confidence" else None)
+                      self.student_path if self.guidance_mode == "confidence" and self.student_model is None else None)
+        if self.target_folder:  # a bad folder fails now, not after minutes of generator training
+            from edgeseg.calibration.target import check_target_folder
+
+            check_target_folder(self.target_folder)
         if self.cal.generator == "pipeline":
             from edgeseg.calibration.pipeline import check_pipeline_folder
 

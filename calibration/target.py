@@ -37,6 +37,19 @@ def noise_sigma(image: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2) * np.abs(conv).sum() / (6 * (w - 2) * (h - 2)))
 
 
+def check_target_folder(folder: str | Path) -> list[Path]:
+    """The images of a target-image folder; one clear error for a missing or empty one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: target-image folder does not exist; point calibration.target.images "
+                         "(or --target-images) at a folder of a few unlabelled deployment images")
+    paths = list_images(folder)
+    if not paths:
+        raise InputError(f"{folder}: target-image folder has no images (.png/.jpg); put a handful (e.g. 8) of "
+                         "unlabelled deployment-domain images in it")
+    return paths
+
+
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3) mean and std over the pixels of (B, 3, h, w) images."""
     flat = x.flatten(2)
@@ -59,18 +72,11 @@ class TargetDomain:
         """Read the target images; one clear error for a missing or empty folder or an unreadable file."""
         from edgeseg.runtime.preprocess import fit_image
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise InputError(f"{folder}: target-image folder does not exist; point calibration.target.images "
-                             "(or --target-images) at a folder of a few unlabelled deployment images")
-        paths = list_images(folder)
-        if not paths:
-            raise InputError(f"{folder}: target-image folder has no images (.png/.jpg); put a handful (e.g. 8) of "
-                             "unlabelled deployment-domain images in it")
+        paths = check_target_folder(folder)
         images = np.stack([fit_image(read_rgb(p), model_hw, "stretch")[0] for p in paths])  # read_rgb names a bad file
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         mean, std = channel_moments(F.interpolate(x, size=(generator_side, generator_side), mode="area"))
-        return cls(str(folder), [p.name for p in paths], mean, std, np.array([noise_sigma(i) for i in images]), images)
+        return cls(str(Path(folder)), [p.name for p in paths], mean, std, np.array([noise_sigma(i) for i in images]), images)
 
     def __len__(self) -> int:
         return len(self.names)

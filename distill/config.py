@@ -254,8 +254,8 @@ class DDPMConfig:
     lr: float = 1e-3
     timesteps: int = 1000  # DDPM noise levels
     max_t: float = 1.0  # train on noise levels t < max_t * timesteps only (img2img never goes higher)
-    # what the UNet predicts: the noise (epsilon), or the clean image (sample), which a small model
-    # on a short CPU budget learns to render coherently far sooner (README "Calibration")
+    # what the UNet predicts: the noise (epsilon), or the clean image (sample: smoother, but on the demo
+    # its blurry images were found by the teacher far less often, condition IoU 0.29 vs 0.57 unguided)
     prediction: Literal["epsilon", "sample"] = "epsilon"
 
     def __post_init__(self):

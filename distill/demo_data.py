@@ -304,18 +304,22 @@ def generate_target_images(root: str | Path, image_size: tuple[int, int], count:
     Drawn by the test_shift generator (held-out backgrounds, the same lighting conditions) with a
     seed disjoint from test_shift's, so no target image is a test_shift image; no masks are written.
     """
-    folder = Path(root) / TARGET_IMAGES
-    params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "count": count, "seed": seed + TARGET_SEED_OFFSET}
+    from edgeseg.runtime.files import recover_dir, replace_dir, staging_dir
+
+    folder = recover_dir(Path(root) / TARGET_IMAGES)
+    params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "count": count, "seed": seed + TARGET_SEED_OFFSET,
+              "max_people": max_people, "empty_fraction": empty_fraction}
     stamp = folder / "target.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(folder)  # the whole folder at once: no stale or half-written images
     backgrounds = _load_backgrounds(_SHIFT_BACKGROUND_SOURCES)
     for i in range(count):
         img, _ = render_sample(seed + TARGET_SEED_OFFSET, "test_shift", i, tuple(image_size), max_people,
                                empty_fraction, backgrounds)
-        Image.fromarray(img).save(folder / f"{i:05d}.png")
-    stamp.write_text(json.dumps(params, indent=1))
+        Image.fromarray(img).save(tmp / f"{i:05d}.png")
+    (tmp / "target.json").write_text(json.dumps(params, indent=1))
+    replace_dir(tmp, folder)
     log.info("wrote %d unlabelled target-domain images to %s", count, folder)
     return folder
 

@@ -68,10 +68,14 @@ def job_for(cfg: Config, role: Role) -> TrainJob:
     if role == "teacher":
         return TrainJob("teacher", cfg.teacher, cfg.teacher_train, gt_only, cfg.stage_dir("teacher"))
     loss = cfg.loss if role == "student" else gt_only
+    train = cfg.train
+    if role == "baseline":  # ground truth alone: no teacher-guided or teacher-filtered synthetic pairs either
+        train = dataclasses.replace(train, extra_data="", extra_share=0.0,
+                                    hard_examples=dataclasses.replace(train.hard_examples, share=0.0))
     if role == "student" and not cfg.feature_teacher.enabled:
         loss = dataclasses.replace(loss, feature=0.0)
     out = cfg.stage_dir("distill") if role == "student" else cfg.stage_dir("distill-baseline")
-    return TrainJob(role, cfg.student, cfg.train, loss, out, cfg.student.freeze_encoder, cfg.student.feature_stride)
+    return TrainJob(role, cfg.student, train, loss, out, cfg.student.freeze_encoder, cfg.student.feature_stride)
 
 
 class DistillationModel(nn.Module):
@@ -265,6 +269,8 @@ class Trainer:
         """Load ``last.pt`` if there is one; True if training already finished."""
         last = self.job.out_dir / "last.pt"
         if self.fresh or not last.is_file():
+            if self.is_main and (self.job.out_dir / "hard").is_dir():  # generated against another run's student
+                shutil.rmtree(self.job.out_dir / "hard")
             return False
         ckpt = load_checkpoint(last)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -475,7 +481,8 @@ class Trainer:
             student = copy.deepcopy(self.model.student).eval()
             # the training RNG streams stay untouched: a resumed run (which skips this) sees the same ones
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                info = make(self.cfg, student, folder, hard.count, seed=self.cfg.seed * 1_000_003 + due)
+                # a new seed range per regeneration (pool images take seed + index): new masks and noise each time
+                info = make(self.cfg, student, folder, hard, seed=(self.cfg.seed * 1_009 + due) * 100_003)
             log.info("hard examples: %d pairs in %.0f s (median teacher-vs-condition IoU %.3f)", info["kept"],
                      time.perf_counter() - t0, info["condition_iou_median"])
         _barrier(self.world)

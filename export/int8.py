@@ -33,6 +33,7 @@ from edgeseg.export.trt_rules import check_for_tensorrt
 from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
 from edgeseg.export.trt_cache import write_cache
 from edgeseg.runtime.files import write_json_atomic
+from edgeseg.runtime.images import list_images
 from edgeseg.runtime.preprocess import normalise_batch
 from edgeseg.runtime.spec import ModelSpec
 
@@ -166,8 +167,6 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
             report["files"][f"int8_{name}"] = str(path)
         for name, folder in target_sources(cfg).items():  # the deployment domain, when there is one
             if name == "target_images":  # the user's own photographs: any size, fitted like real images
-                from edgeseg.runtime.images import list_images
-
                 paths = list_images(folder)
                 imgs = real_images(paths, len(paths), hw)
             else:
@@ -199,10 +198,13 @@ def target_sources(cfg: Config) -> dict[str, Path]:
     out = {}
     if (cfg.stage_dir("calibration") / "target" / "images").is_dir():
         out["target"] = cfg.stage_dir("calibration") / "target"
-    folder = Path(cfg.calibration.target.images) if cfg.calibration.target.images else (
-        cfg.data_root / "target_images" if cfg.data.source == "demo" else None)
-    if folder is not None and folder.is_dir():
-        out["target_images"] = folder
+    if cfg.calibration.target.images:  # the user named it: it must be there
+        from edgeseg.calibration.target import check_target_folder
+
+        check_target_folder(cfg.calibration.target.images)
+        out["target_images"] = Path(cfg.calibration.target.images)
+    elif cfg.data.source == "demo" and (cfg.data_root / "target_images").is_dir() and list_images(cfg.data_root / "target_images"):
+        out["target_images"] = cfg.data_root / "target_images"
     return out
 FLAVOURS = ("s8s8", "u8s8")
 
