@@ -295,3 +295,30 @@ def test_report_on_labelled_pairs_adds_int8_miou_pairs_sheet_and_an_independent_
     gts = [load_sample(s)[1] for s in split_samples(cfg, "test")]
     expected = score_masks([np.zeros_like(g) for g in gts], gts)["miou"]
     assert int8_miou({"empty": tmp_path / "empty.onnx"}, cfg, "test")["empty"] == pytest.approx(expected)
+
+
+def test_the_baseline_never_trains_on_synthetic_pairs_and_a_misnamed_target_folder_fails_at_export(tiny_run, tmp_path):
+    from edgeseg.distill.trainer import job_for
+    from edgeseg.export.int8 import target_sources
+
+    train = {"epochs": 1, "batch_size": 4, "lr": 1e-3, "extra_data": str(tmp_path), "extra_share": 0.3,
+             "hard_examples": {"share": 0.2}}
+    _, cfg = _synth_config(tiny_run, tmp_path, train=train)
+    student, baseline = job_for(cfg, "student"), job_for(cfg, "baseline")
+    assert student.train.extra_share == 0.3 and student.train.hard_examples.share == 0.2
+    assert baseline.train.extra_share == 0 and baseline.train.hard_examples.share == 0  # ground truth alone
+    assert "target_images" in target_sources(cfg)  # the demo's 8 images
+    _, named = _synth_config(tiny_run, tmp_path / "named", target={"images": str(tmp_path / "typo")})
+    with pytest.raises(InputError, match="typo: target-image folder does not exist"):
+        target_sources(named)
+
+
+def test_a_fresh_run_drops_hard_examples_made_for_another_student(tiny_run, tmp_path):
+    from edgeseg.distill.trainer import Trainer, job_for
+
+    _, cfg = _synth_config(tiny_run, tmp_path, train={"epochs": 1, "batch_size": 4, "hard_examples": {"share": 0.2}})
+    job = job_for(cfg, "student")
+    (job.out_dir / "hard" / "epoch002").mkdir(parents=True)
+    (job.out_dir / "hard" / "epoch002" / "manifest.json").write_text("{}")
+    assert Trainer(cfg, job, fresh=True)._resume() is False
+    assert not (job.out_dir / "hard").exists()
