@@ -124,3 +124,26 @@ def test_runtime_cuda_provider_matches_the_cpu(tiny_run, tmp_path):
         assert gpu.device == "cuda:0"
         agree = np.mean([np.mean(a == b) for a, b in zip(gpu.predict(frames), cpu.predict(frames))])
     assert agree > 0.999
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_mask_conditioned_synthesis_with_the_teacher_on_cuda(tiny_run, tmp_path):
+    """The conditional generator with mask guidance while the teacher sits on the GPU (device: auto):
+    masks, images and guidance gradients must meet on one device, and give the CPU run's labels."""
+    from edgeseg.calibration.synth import Synthesizer
+    from edgeseg.distill.config import Config, load_config
+
+    _, base = tiny_run
+    cal = {"generator": "conditional", "count": 4, "pool_factor": 1.0,
+           "ddpm": {"image_size": 16, "block_out_channels": [8, 16], "train_steps": 3, "batch_size": 4},
+           "sampler": {"steps": 4, "batch_size": 4}, "guidance": {"mode": "mask", "resolution": 32, "diversity": 0.0},
+           "filter": {"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0, "dedup_bits": 0, "min_condition_iou": 0.0}}
+    runs = {}
+    for device in ("cpu", "cuda"):
+        path = write_config(tmp_path / device, device=device, calibration=cal, data={"root": str(base.data_root)},
+                            teacher={"checkpoint": str(base.teacher_checkpoint)})
+        runs[device] = Synthesizer(load_config(path, Config)).run(tmp_path / device / "set")
+    assert [i["seed"] for i in runs["cuda"]["images"]] == [i["seed"] for i in runs["cpu"]["images"]]
+    for d in ("cpu", "cuda"):
+        assert all(0 <= i["condition_iou"] <= 1 for i in runs[d]["images"])
