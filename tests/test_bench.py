@@ -51,3 +51,28 @@ def test_the_users_ort_baseline_segments_like_the_runtime(tiny_onnx):  # noqa: F
         ours = seg.predict(images)
     for a, b in zip(user, ours):
         assert a.shape == b.shape and (a == b).mean() > 0.98
+
+
+def test_seed_study_pairs_the_synthetic_variants_with_the_plain_student(tiny_run, tmp_path, monkeypatch):
+    """Target-domain pairs and ConfiG hard examples, each paired by seed with the plain distilled student."""
+    import benchmarks.bench_distill as bench
+    from edgeseg.calibration.synth import Synthesizer
+
+    cal = {"generator": "conditional", "count": 4, "pool_factor": 1.5,
+           "ddpm": {"image_size": 16, "block_out_channels": [8, 16], "train_steps": 3, "batch_size": 4},
+           "sampler": {"steps": 4, "batch_size": 4}, "guidance": {"mode": "none", "resolution": 32},
+           "filter": {"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0, "dedup_bits": 0, "min_condition_iou": 0.0}}
+    _, cfg = _config(tiny_run, tmp_path, train={"epochs": 2, "batch_size": 4, "lr": 1e-3}, calibration=cal)
+    Synthesizer(cfg, target_images=cfg.data_root / "target_images").run(cfg.stage_dir("calibration") / "target")
+    monkeypatch.setattr(bench, "HARD", {"share": 0.25, "count": 4, "every": 1, "start": 1})
+    out = bench.seed_study(cfg, seeds=(0, 1))
+    rows = out["per_seed"]
+    for variant, name in (("target", "target_domain"), ("hard", "hard_examples")):
+        gains = [r["test_shift"][f"{variant}_miou"] - r["test_shift"]["student_miou"] for r in rows]
+        assert out[f"{name}_gain_test_shift_mean"] == pytest.approx(np.mean(gains))
+        assert out[f"{name}_gain_test_shift_std"] == pytest.approx(np.std(gains, ddof=1))
+        deltas = [r["test"][f"{variant}_miou"] - r["test"]["student_miou"] for r in rows]
+        assert out[f"{name}_delta_test_mean"] == pytest.approx(np.mean(deltas))
+    assert out["hard_examples_cost"]["generations"] == 1 and out["hard_examples_cost"]["generate_s"] > 0
+    assert (tmp_path / "seeds" / "seed1-hard" / "distill" / "hard" / "epoch001" / "manifest.json").is_file()
+    assert out["target_domain_share"] == bench.TARGET_SHARE
