@@ -463,6 +463,11 @@ class Config:
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        # hard examples come from the mask-conditioned generator, sampled from pure noise: fail now, not at epoch `start`
+        require(self.train.hard_examples.share == 0 or self.calibration.ddpm.max_t == 1, "calibration.ddpm.max_t",
+                "train.hard_examples needs a generator trained on every noise level: set calibration.ddpm.max_t: 1.0")
+        require(self.teacher_train.hard_examples.share == 0 and self.teacher_train.extra_share == 0,
+                "teacher_train.hard_examples/extra_share", "synthetic pairs are for the student; leave them off for the teacher")
 
     # Derived paths: one place that says where each stage writes.
     def stage_dir(self, stage: str) -> Path:

@@ -322,3 +322,12 @@ def test_a_fresh_run_drops_hard_examples_made_for_another_student(tiny_run, tmp_
     (job.out_dir / "hard" / "epoch002" / "manifest.json").write_text("{}")
     assert Trainer(cfg, job, fresh=True)._resume() is False
     assert not (job.out_dir / "hard").exists()
+
+
+def test_hard_examples_need_a_from_noise_generator_checked_at_load(tiny_run, tmp_path):
+    path, _ = _synth_config(tiny_run, tmp_path)
+    with pytest.raises(ConfigError, match="calibration.ddpm.max_t.*hard_examples needs a generator"):
+        load_config(path, Config, ["train.hard_examples.share=0.2", "calibration.generator=ddpm",
+                                   "calibration.img2img_strength=0.4", "calibration.ddpm.max_t=0.5"])
+    with pytest.raises(ConfigError, match="synthetic pairs are for the student"):
+        load_config(path, Config, ["teacher_train.hard_examples.share=0.2"])
