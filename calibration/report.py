@@ -206,6 +206,13 @@ def int8_miou(models: dict[str, Path], cfg: Config, split: str) -> dict[str, flo
     return out
 
 
+def _label(calib_dir: Path, entry: dict) -> np.ndarray:
+    """The label (masks/NNNNN.png) of a manifest entry (images/NNNNN.png)."""
+    from edgeseg.distill.data import read_mask
+
+    return read_mask(calib_dir / "masks" / Path(entry["file"]).name)
+
+
 def independent_condition_iou(cfg: Config, calib_dir: Path, manifest: dict, images: np.ndarray) -> dict:
     """Label fidelity judged by a model that never saw the teacher: the ground-truth-only student.
 
@@ -215,7 +222,6 @@ def independent_condition_iou(cfg: Config, calib_dir: Path, manifest: dict, imag
     from edgeseg.calibration.guidance import TeacherView
     from edgeseg.calibration.synth import teacher_probabilities
     from edgeseg.calibration.masks import mask_iou
-    from edgeseg.distill.data import read_mask
     from edgeseg.distill.models import load_model
 
     ckpt = cfg.stage_dir("distill-baseline") / "best.pt"
@@ -223,14 +229,13 @@ def independent_condition_iou(cfg: Config, calib_dir: Path, manifest: dict, imag
         return {}
     judge = TeacherView(load_model(cfg.student, ckpt, keys=("student",)), tuple(cfg.data.image_size), cfg.data.mean, cfg.data.std)
     probs = teacher_probabilities(judge, images)
-    ious = [mask_iou(p > 0.5, read_mask(calib_dir / e["file"].replace("images/", "masks/")))
+    ious = [mask_iou(p > 0.5, _label(calib_dir, e))
             for p, e in zip(probs, manifest["images"])]
     return {"condition_iou_gt_only_student_median": float(np.median(ious)), "condition_judge": str(ckpt)}
 
 
 def pairs_sheet(calib_dir: Path, manifest: dict, teacher_masks: np.ndarray, out_dir: Path, rows: int = 8) -> str | None:
     """``pairs.png``: for a labelled set, generated image | conditioning mask | teacher's mask, two pairs a row."""
-    from edgeseg.distill.data import read_mask
     from edgeseg.distill.visualize import save_png
     from edgeseg.runtime.images import read_rgb
 
@@ -239,7 +244,7 @@ def pairs_sheet(calib_dir: Path, manifest: dict, teacher_masks: np.ndarray, out_
     tiles = []
     for k, entry in enumerate(manifest["images"][: 2 * rows]):
         image = read_rgb(calib_dir / entry["file"])
-        cond = read_mask(calib_dir / entry["file"].replace("images/", "masks/"))
+        cond = _label(calib_dir, entry)
         grey = lambda m: np.repeat(m[:, :, None].astype(np.uint8) * 255, 3, axis=2)
         gap = np.full((image.shape[0], 4, 3), 20, np.uint8)
         tiles.append(np.concatenate([image, gap, grey(cond), gap, grey(teacher_masks[k] > 0.5), gap, gap], axis=1))
