@@ -282,22 +282,34 @@ def write_repository(bundle_dir: str | Path, out: str | Path, max_batch: int | N
 
 # --- the server ------------------------------------------------------------------------------------
 
-def find_tritonserver() -> Path:
-    """The ``tritonserver`` binary the ``nvidia-pytriton`` wheel ships (x86_64 Linux), or one on PATH."""
-    try:
-        import pytriton
+PYTRITON_INSTALL = "pip install --no-deps 'nvidia-pytriton==0.7.0'"  # what `make setup` runs (x86_64/aarch64 Linux)
 
-        binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
-        if binary.is_file():
-            return binary
-    except ImportError:
-        pass
+
+def find_tritonserver() -> Path:
+    """The ``tritonserver`` binary the ``nvidia-pytriton`` wheel ships, or one on PATH.
+
+    The wheel is located with ``importlib.util.find_spec`` and never imported: ``make setup``
+    installs it with ``--no-deps`` (its numpy<2 pin would break OpenCV 5), so importing
+    ``pytriton`` fails on its missing pure-Python dependencies (typing_inspect, wrapt, ...),
+    while the server binary inside it needs none of them.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            binary = Path(folder) / "tritonserver" / "bin" / "tritonserver"
+            if binary.is_file():
+                return binary
+        raise BackendUnavailableError(f"nvidia-pytriton is installed ({list(spec.submodule_search_locations)[0]}) but "
+                                      "has no tritonserver/bin/tritonserver; reinstall it: "
+                                      f"{PYTRITON_INSTALL} --force-reinstall")
     found = shutil.which("tritonserver")
     if found:
         return Path(found)
-    raise BackendUnavailableError("no tritonserver found: pip install nvidia-pytriton --no-deps (x86_64 Linux; its "
-                                  "numpy<2 pin conflicts with OpenCV 5, the server binary does not need it), or run "
-                                  "NVIDIA's Triton container")
+    raise BackendUnavailableError(f"no tritonserver found: {PYTRITON_INSTALL} (what `make setup` installs; --no-deps "
+                                  "because the wheel's numpy<2 pin conflicts with OpenCV 5 and the server binary does "
+                                  "not need it), or run NVIDIA's Triton container")
 
 
 def python_backend_dir(work: Path) -> Path:
