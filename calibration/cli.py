@@ -18,6 +18,15 @@ def main() -> None:
     """Diffusion-synthesised INT8 calibration sets, guided by the teacher."""
 
 
+def wire(stage: str, group: click.Group) -> None:
+    """Plug calibration's generators into an upstream stage's commands (called by the `edgeseg` command)."""
+    if stage == "distill":
+        from edgeseg.calibration.hard_examples import hard_example_generator
+        from edgeseg.distill.cli import GENERATORS
+
+        GENERATORS["hard_examples"] = hard_example_generator
+
+
 @main.command()
 @config_options
 @click.option("--out", type=click.Path(file_okay=False), default=None,

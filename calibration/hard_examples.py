@@ -6,7 +6,8 @@ maximise ``t^g + (1 - s)^g`` (the teacher confident, the student not: see
 label does not come from a teacher that may itself be wrong on it; the usual filters (teacher
 agrees with the condition, no copies, no leaks) decide what enters.
 
-``distill train`` calls :func:`hard_example_set` every ``train.hard_examples.every`` epochs.
+``distill train`` calls it every ``train.hard_examples.every`` epochs as a regenerated sample source
+(:func:`hard_example_generator`, wired into the trainer by the ``edgeseg`` command or a caller).
 """
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.distill.config import Config, HardExamplesConfig
+from edgeseg.distill.sources import Generate
+
+
+def hard_example_generator(cfg: Config) -> Generate:
+    """The trainer's ``hard_examples`` source: ``(student, folder, seed) -> summary`` for this config."""
+    return lambda student, folder, seed: hard_example_set(cfg, student, folder, cfg.train.hard_examples, seed)
 
 
 def hard_example_set(cfg: Config, student, out_dir: str | Path, hard: HardExamplesConfig, seed: int) -> dict:

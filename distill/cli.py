@@ -16,6 +16,9 @@ from edgeseg.runtime.files import write_json_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "configs/demo.yaml"
+# Regenerating sample sources by name -> factory(config) -> Generate, filled by the command layer
+# (the `edgeseg` command wires calibration's hard-example generator here: see its WIRING).
+GENERATORS: dict = {}
 
 
 def config_options(f):
@@ -54,17 +57,25 @@ def main() -> None:
               help="Share of each epoch's images from confidence-guided hard examples, regenerated against the "
                    "student every --hard-every epochs, in [0, 1) (train.hard_examples.share).")
 @click.option("--hard-every", type=int, default=None, help="Epochs between hard-example regenerations.")
+@click.option("--unlabelled", type=click.Path(), default=None,
+              help="Folder of unlabelled images (frames from the site, say): teacher terms only (data.unlabelled).")
+@click.option("--unlabelled-share", type=float, default=None,
+              help="Share of each epoch's samples from the unlabelled sources, in [0, 1) (train.unlabelled_share).")
 @exit_on_user_error
-def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_data, extra_share, hard_share, hard_every):
-    """Distil the student from the teacher and the feature teacher (optionally with synthetic pairs)."""
+def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_data, extra_share, hard_share, hard_every,
+          unlabelled, unlabelled_share):
+    """Distil the student from the teacher and the feature teacher (optionally with synthetic pairs and
+    unlabelled images)."""
     from edgeseg.distill.trainer import Trainer, job_for
 
     options = {"train.extra_data": extra_data, "train.extra_share": extra_share,
-               "train.hard_examples.share": hard_share, "train.hard_examples.every": hard_every}
+               "train.hard_examples.share": hard_share, "train.hard_examples.every": hard_every,
+               "data.unlabelled": unlabelled, "train.unlabelled_share": unlabelled_share}
     overrides = tuple(overrides) + tuple(f"{k}={v}" for k, v in options.items() if v is not None)
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "baseline" if baseline else "student")
-    metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh).run()
+    generators = {name: factory(cfg) for name, factory in GENERATORS.items()}
+    metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh, generators=generators).run()
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps({"checkpoint": str(job.out_dir / "last.pt"), **_plain(metrics)}))
 

@@ -32,6 +32,13 @@ class DemoDataConfig:
     test_count: int = 400  # held-out test split: every reported quality figure
     test_shift_count: int = 400  # the same scenes under a deployment-domain shift (held-out backgrounds, light)
     target_count: int = 8  # unlabelled deployment-domain images in <data>/target_images (seed disjoint from test_shift)
+    # The teacher's own corpus (<data>/teacher): images the student never sees, as a public teacher's
+    # are. 0 = none (the teacher trains on the student's train split, the old demo world).
+    teacher_count: int = 0
+    # share of the teacher corpus drawn under the world's lighting (low light, backlight, colour casts)
+    # on the source backgrounds: a teacher robust to the conditions, not to test_shift's backgrounds
+    teacher_conditions: float = 0.0
+    site_count: int = 0  # unlabelled frames of the deployment site (test_shift's domain, own seed) in <data>/site
     seed: int = 0  # one seed fixes every image and mask
     max_people: int = 3  # people per image, 0..max_people
     empty_fraction: float = 0.1  # share of images with nobody in them
@@ -41,6 +48,8 @@ class DemoDataConfig:
         require(self.test_count >= 0 and self.test_shift_count >= 0, "test_count/test_shift_count", "must be >= 0")
         require(0.0 <= self.empty_fraction < 1.0, "empty_fraction", f"must be in [0, 1), got {self.empty_fraction}")
         require(self.max_people >= 1, "max_people", f"must be >= 1, got {self.max_people}")
+        require(self.teacher_count >= 0 and self.site_count >= 0, "teacher_count/site_count", "must be >= 0")
+        require(0 <= self.teacher_conditions <= 1, "teacher_conditions", f"must be in [0, 1], got {self.teacher_conditions}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,15 @@ class DataConfig:
     val_images: str = ""  # coco only: image folder of the val split
     test_images: str = ""  # coco only: image folder of the test split
     test_shift_images: str = ""  # coco only: image folder of the test_shift split
+    # The split the teacher trains on (`make teacher`); empty = train. The demo's is its own corpus.
+    teacher_split: str = ""
+    # Label budget: a seeded subset of this many train images keeps its masks (0 = every one).
+    # The rest of train is the unlabelled source pool (only the teacher terms apply to it).
+    labelled_count: int = 0
+    labelled_seed: int = 0  # which subset: fixed apart from the training seed, so arms compare like for like
+    # A folder of further unlabelled images (frames from the deployment site, say), relative to root or
+    # absolute: <folder>/images/*, or images directly in it. Joins the pool as a second source.
+    unlabelled: str = ""
     image_size: tuple[int, int] = (128, 128)  # (height, width) in pixels, multiples of 32
     mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB normalisation of the UNets' input
     std: tuple[float, float, float] = IMAGENET_STD
@@ -86,6 +104,7 @@ class DataConfig:
                 "resize or pad your images to e.g. (128, 128) or (640, 640)")
         require(all(s > 0 for s in self.std), "std", f"must be positive, got {self.std}")
         require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        require(self.labelled_count >= 0, "labelled_count", f"must be >= 0 (0 = all labelled), got {self.labelled_count}")
         require(self.source == "demo" or bool(self.root), "root",
                 f"must name your data folder when source is '{self.source}' (e.g. --set data.root=/data/people)")
 
@@ -224,6 +243,9 @@ class TrainConfig:
     # each epoch's images comes from the folder, the rest from the training split.
     extra_data: str = ""
     extra_share: float = 0.0  # in [0, 1); 0 = no extra data
+    # Share of each epoch's samples from the unlabelled sources (the unlabelled rest of train when
+    # data.labelled_count is set, and data.unlabelled), split equally between them; teacher terms only.
+    unlabelled_share: float = 0.0
     hard_examples: HardExamplesConfig = field(default_factory=HardExamplesConfig)
 
     def __post_init__(self):
@@ -239,8 +261,10 @@ class TrainConfig:
                 "extra_share > 0 needs a folder of pairs (train.extra_data or --extra-data DIR)")
         require(not self.extra_data or self.extra_share > 0, "extra_share",
                 f"extra_data ({self.extra_data}) is used only with a share > 0: set train.extra_share (--extra-share)")
-        require(self.extra_share + self.hard_examples.share < 1, "extra_share + hard_examples.share",
-                f"must stay below 1 (some real training images each epoch), got {self.extra_share + self.hard_examples.share}")
+        require(0 <= self.unlabelled_share < 1, "unlabelled_share", f"must be in [0, 1), got {self.unlabelled_share}")
+        total = self.extra_share + self.hard_examples.share + self.unlabelled_share
+        require(total < 1, "extra_share + hard_examples.share + unlabelled_share",
+                f"must stay below 1 (some labelled training images each epoch), got {total}")
 
 
 @dataclass(frozen=True)
@@ -468,6 +492,11 @@ class Config:
                 "train.hard_examples needs a generator trained on every noise level: set calibration.ddpm.max_t: 1.0")
         require(self.teacher_train.hard_examples.share == 0 and self.teacher_train.extra_share == 0,
                 "teacher_train.hard_examples/extra_share", "synthetic pairs are for the student; leave them off for the teacher")
+        require(self.teacher_train.unlabelled_share == 0, "teacher_train.unlabelled_share",
+                "the teacher learns from labels; unlabelled images are for the student")
+        require(self.train.unlabelled_share == 0 or self.data.labelled_count > 0 or bool(self.data.unlabelled),
+                "train.unlabelled_share", "needs unlabelled images: set data.unlabelled (a folder, --unlabelled DIR) "
+                "or data.labelled_count (the rest of train becomes the unlabelled pool)")
 
     # Derived paths: one place that says where each stage writes.
     def stage_dir(self, stage: str) -> Path:

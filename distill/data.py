@@ -26,11 +26,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
-    """One image and the way to read its binary person mask."""
+    """One image and the way to read its binary person mask (neither: an unlabelled image)."""
 
     image: Path
     mask: Path | None = None  # a mask file (value > 0 is person) ...
     coco_masks: Callable[[], np.ndarray] | None = None  # ... or a COCO union-of-person-masks loader
+
+    @property
+    def labelled(self) -> bool:
+        return self.mask is not None or self.coco_masks is not None
+
+    def unlabelled(self) -> "Sample":
+        """The same image with its label dropped."""
+        return Sample(image=self.image)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -83,6 +91,22 @@ def folder_samples(split_dir: str | Path) -> list[Sample]:
     return samples
 
 
+def image_samples(folder: str | Path) -> list[Sample]:
+    """Unlabelled samples: every image in ``folder/images`` (or in ``folder`` itself), headers checked."""
+    folder = Path(folder)
+    img_dir = folder / "images" if (folder / "images").is_dir() else folder
+    if not img_dir.is_dir():
+        raise InputError(f"{folder}: folder of unlabelled images does not exist; point data.unlabelled "
+                         "(--unlabelled DIR) at a folder of frames")
+    images = list_images(img_dir)
+    if not images:
+        raise InputError(f"{img_dir}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
+                         "an unlabelled source needs at least one readable frame")
+    for img in images:
+        _image_size(img)  # an unreadable frame fails now, by name, not an hour into training
+    return [Sample(image=img) for img in images]
+
+
 def coco_samples(annotation_json: str | Path, image_dir: str | Path) -> list[Sample]:
     """Every image of a COCO file, with the union of its ``person`` instance masks."""
     from pycocotools.coco import COCO
@@ -119,7 +143,7 @@ def coco_samples(annotation_json: str | Path, image_dir: str | Path) -> list[Sam
     return samples
 
 
-SPLITS = ("train", "val", "test", "test_shift")
+SPLITS = ("train", "val", "test", "test_shift", "teacher")  # teacher: data.teacher_split, or train
 OPTIONAL_SPLITS = ("test", "test_shift")
 
 
@@ -129,7 +153,8 @@ def _ensure_demo(cfg: Config) -> None:
         from edgeseg.distill.demo_data import generate_demo_dataset, generate_target_images
 
         generate_demo_dataset(cfg.data_root, d.image_size, d.demo.train_count, d.demo.val_count, d.demo.seed,
-                              d.demo.max_people, d.demo.empty_fraction, d.demo.test_count, d.demo.test_shift_count)
+                              d.demo.max_people, d.demo.empty_fraction, d.demo.test_count, d.demo.test_shift_count,
+                              d.demo.teacher_count, d.demo.teacher_conditions, d.demo.site_count)
         if d.demo.target_count:
             generate_target_images(cfg.data_root, d.image_size, d.demo.target_count, d.demo.seed, d.demo.max_people,
                                    d.demo.empty_fraction)
@@ -157,6 +182,12 @@ def split_samples(cfg: Config, split: str) -> list[Sample]:
         raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     d: DataConfig = cfg.data
     _ensure_demo(cfg)
+    if split == "teacher":
+        if not d.teacher_split:
+            return split_samples(cfg, "train")
+        if d.source == "coco":
+            raise InputError("data.teacher_split is for folder data; with COCO, train the teacher on the train split")
+        return folder_samples(cfg.data_root / d.teacher_split)
     rel = getattr(d, split)
     if d.source == "coco":
         images = getattr(d, f"{split}_images")
@@ -164,6 +195,40 @@ def split_samples(cfg: Config, split: str) -> list[Sample]:
             raise InputError(f"data.{split}_images must name the COCO image folder of the {split} split")
         return coco_samples(cfg.data_root / rel, cfg.data_root / images)
     return folder_samples(cfg.data_root / rel)
+
+
+@dataclass(frozen=True)
+class StudentData:
+    """What the student trains on: the labelled images and each unlabelled source, by name."""
+
+    labelled: list[Sample]
+    unlabelled: dict[str, list[Sample]]  # source name -> images without masks ("pool": the rest of train)
+    epoch_length: int  # samples per epoch: the size of the train split, whatever share of it is labelled
+
+
+def student_data(cfg: Config, train: list[Sample] | None = None) -> StudentData:
+    """The train split cut to the label budget (``data.labelled_count``), and the unlabelled sources.
+
+    The labelled subset is a seeded choice (``data.labelled_seed``); the rest of train becomes the
+    unlabelled ``pool`` (its masks are dropped), and ``data.unlabelled`` adds a second source.
+    """
+    d: DataConfig = cfg.data
+    train = split_samples(cfg, "train") if train is None else train
+    labelled, unlabelled = train, {}
+    if d.labelled_count:
+        if d.labelled_count > len(train):
+            raise InputError(f"data.labelled_count is {d.labelled_count} but the train split has {len(train)} images; "
+                             "lower it (0 = every image labelled)")
+        order = np.random.default_rng(d.labelled_seed).permutation(len(train))
+        keep = set(order[:d.labelled_count].tolist())
+        labelled = [s for i, s in enumerate(train) if i in keep]
+        pool = [s.unlabelled() for i, s in enumerate(train) if i not in keep]
+        if pool:
+            unlabelled["pool"] = pool
+    if d.unlabelled:
+        folder = Path(d.unlabelled)
+        unlabelled[folder.name or "unlabelled"] = image_samples(folder if folder.is_absolute() else cfg.data_root / folder)
+    return StudentData(labelled, unlabelled, len(train))
 
 
 def report_splits(cfg: Config) -> tuple[list[str], str]:
@@ -180,8 +245,14 @@ def report_splits(cfg: Config) -> tuple[list[str], str]:
 
 
 def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """((H, W, 3) uint8 RGB, (H, W) uint8 mask) of one sample, checked against each other."""
+    """((H, W, 3) uint8 RGB, (H, W) uint8 mask) of one sample, checked against each other.
+
+    An unlabelled sample's mask is all zeros: a placeholder that moves with the augmentation and
+    that no loss reads (the trainer masks the ground-truth terms by the sample's source).
+    """
     image = read_rgb(sample.image)
+    if not sample.labelled:
+        return image, np.zeros(image.shape[:2], np.uint8)
     mask = read_mask(sample.mask) if sample.mask is not None else sample.coco_masks()
     if mask.shape != image.shape[:2]:
         raise InputError(f"{sample.mask or sample.image}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "

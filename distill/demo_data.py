@@ -34,7 +34,8 @@ _BACKGROUND_SOURCES = (
 )
 # Held out of train/val/test: only the shifted test split draws on these.
 _SHIFT_BACKGROUND_SOURCES = ("coffee", "rocket", "clock", "stereo_motorcycle", "colorwheel")
-SPLITS = ("train", "val", "test", "test_shift")
+# the order fixes each split's RNG stream: new splits are appended, so older splits keep their pixels
+SPLITS = ("train", "val", "test", "test_shift", "teacher", "site")
 _SKIN_TONES = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 66],
                         [141, 85, 36], [92, 56, 30]], np.float32)
 _FORMAT_VERSION = 2
@@ -223,8 +224,13 @@ def _draw_shape(c: _Canvas, image: np.ndarray, fill: np.ndarray) -> np.ndarray:
 
 
 def render_sample(seed: int, split: str, index: int, size: tuple[int, int], max_people: int,
-                  empty_fraction: float, backgrounds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                  empty_fraction: float, backgrounds: list[np.ndarray],
+                  conditions: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image and its mask.
+
+    ``test_shift`` and ``site`` images are always under a deployment condition (and drawn on the
+    held-out backgrounds the caller passes); any other split's image is with probability
+    ``conditions`` (the teacher corpus: the world's lighting on the source backgrounds).
 
     Returns:
         ((H, W, 3) uint8 RGB image, (H, W) uint8 mask with 1 = person).
@@ -262,7 +268,7 @@ def render_sample(seed: int, split: str, index: int, size: tuple[int, int], max_
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     out = np.asarray(img, np.float32)
-    if split == "test_shift":
+    if split in ("test_shift", "site") or (conditions > 0 and rng.random() < conditions):
         out = _deployment_shift(out, rng)
     out = out + rng.normal(0, rng.uniform(1, 6), size=(h, w, 3))
     mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX)) > 127
@@ -326,9 +332,13 @@ def generate_target_images(root: str | Path, image_size: tuple[int, int], count:
 
 def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_count: int, val_count: int,
                           seed: int = 0, max_people: int = 3, empty_fraction: float = 0.1, test_count: int = 0,
-                          test_shift_count: int = 0) -> Path:
-    """Write ``root/{train,val,test,test_shift}/{images,masks}/NNNNN.png`` unless an identical set is there.
+                          test_shift_count: int = 0, teacher_count: int = 0, teacher_conditions: float = 0.0,
+                          site_count: int = 0) -> Path:
+    """Write ``root/{train,val,test,test_shift,teacher}/{images,masks}/NNNNN.png`` and ``root/site/images``
+    unless an identical set is there.
 
+    ``teacher`` is the teacher's corpus (the student never sees it); ``site`` holds unlabelled frames of
+    test_shift's deployment site (held-out backgrounds, the same conditions, other images: no masks).
     The set's parameters are stored in ``root/demo.json``; a matching file means the set is
     complete (it is written last), so an interrupted generation is redone, never half-used.
     """
@@ -338,25 +348,33 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
     params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "train_count": train_count,
               "val_count": val_count, "test_count": test_count, "test_shift_count": test_shift_count, "seed": seed,
               "max_people": max_people, "empty_fraction": empty_fraction}
+    if teacher_count or site_count:  # absent from older stamps: an old set stays valid for an old config
+        params.update(teacher_count=teacher_count, teacher_conditions=teacher_conditions, site_count=site_count)
     stamp = root / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         log.info("demo data set in %s is up to date", root)
         return root
     stamp.unlink(missing_ok=True)
     backgrounds = {"source": _load_backgrounds(), "shift": _load_backgrounds(_SHIFT_BACKGROUND_SOURCES)}
-    counts = {"train": train_count, "val": val_count, "test": test_count, "test_shift": test_shift_count}
+    counts = {"train": train_count, "val": val_count, "test": test_count, "test_shift": test_shift_count,
+              "teacher": teacher_count, "site": site_count}
     for split, count in counts.items():
+        labelled = split != "site"  # the site's frames come without labels, as a camera's do
         (root / split / "images").mkdir(parents=True, exist_ok=True)
-        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        if labelled:
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
         for stale in (root / split / "images").glob("*.png"):
             if int(stale.stem) >= count:
                 stale.unlink()
                 (root / split / "masks" / stale.name).unlink(missing_ok=True)
+        shifted = split in ("test_shift", "site")
         for i in LoggedProgress(range(count), desc=f"demo data ({split})", logger=log):
             img, mask = render_sample(seed, split, i, tuple(image_size), max_people, empty_fraction,
-                                      backgrounds["shift" if split == "test_shift" else "source"])
+                                      backgrounds["shift" if shifted else "source"],
+                                      conditions=teacher_conditions if split == "teacher" else 0.0)
             Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
-            Image.fromarray(mask * 255).save(root / split / "masks" / f"{i:05d}.png")
+            if labelled:
+                Image.fromarray(mask * 255).save(root / split / "masks" / f"{i:05d}.png")
     stamp.write_text(json.dumps(params, indent=1))
     log.info("wrote the demo data set (%s at %s) to %s", ", ".join(f"{n} {s}" for s, n in counts.items()),
              image_size, root)

@@ -13,22 +13,30 @@ from edgeseg.distill.config import LossConfig, TemperatureConfig
 log = logging.getLogger(__name__)
 
 
-def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B,) mean over everything but the batch axis."""
+    return x.flatten(1).mean(dim=1)
+
+
+def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+              per_sample: bool = False) -> torch.Tensor:
     """Mean binary KL(p || q), p = sigmoid(t / T), q = sigmoid(s / T), times T^2.
 
     ``p log(p/q) + (1-p) log((1-p)/(1-q))`` per pixel, computed from log-sigmoids so that
     saturated logits stay finite (this is not the softmax KL over a class axis).
+    ``per_sample``: (B,) means, one per image, instead of the scalar.
     """
     t = teacher_logits.float() / temperature
     s = student_logits.float() / temperature
     p = torch.sigmoid(t)
     kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-    return kl.mean() * temperature ** 2
+    return (_per_sample(kl) if per_sample else kl.mean()) * temperature ** 2
 
 
-def probability_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """MSE between teacher and student probabilities (sigmoid of the logits)."""
-    return F.mse_loss(torch.sigmoid(student_logits.float()), torch.sigmoid(teacher_logits.float()))
+def probability_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """MSE between teacher and student probabilities (sigmoid of the logits); (B,) with ``per_sample``."""
+    d = (torch.sigmoid(student_logits.float()) - torch.sigmoid(teacher_logits.float())) ** 2
+    return _per_sample(d) if per_sample else d.mean()
 
 
 def bce_loss(student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,12 +61,14 @@ def channel_normalise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x - mean) / (std + eps)
 
 
-def feature_mse(projected: torch.Tensor, target: torch.Tensor, normalise: bool = False) -> torch.Tensor:
-    """MSE between the projected student feature and the teacher feature (same shape)."""
+def feature_mse(projected: torch.Tensor, target: torch.Tensor, normalise: bool = False,
+                per_sample: bool = False) -> torch.Tensor:
+    """MSE between the projected student feature and the teacher feature (same shape); (B,) with ``per_sample``."""
     a, b = projected.float(), target.float()
     if normalise:
         a, b = channel_normalise(a), channel_normalise(b)
-    return F.mse_loss(a, b)
+    d = (a - b) ** 2
+    return _per_sample(d) if per_sample else d.mean()
 
 
 def temperature_at(cfg: TemperatureConfig, progress: float) -> float:
@@ -91,7 +101,8 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
                 teacher_logits: torch.Tensor | None = None, projected_feature: torch.Tensor | None = None,
-                teacher_feature: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                teacher_feature: torch.Tensor | None = None,
+                labelled: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and each term's unweighted value (detached).
 
         Args:
@@ -100,17 +111,26 @@ class DistillationLoss(nn.Module):
             projected_feature: (B, C_t, h', w') the student's feature after the projection head.
             teacher_feature: (B, C_t, h, w) from the feature teacher; the projected feature is
                 resized (bilinear) to (h, w) if its grid differs.
+            labelled: (B,) bool, which samples have a ground-truth mask (None: all). BCE and Dice
+                are computed on those alone (a batch without any has no ground-truth term); the
+                teacher terms on every sample. With unlabelled samples in the batch, the terms
+                also come per group: ``kl_labelled``, ``kl_unlabelled`` (each the group's mean).
         """
         w = self.weights
         terms: dict[str, torch.Tensor] = {}
-        if w.bce > 0:
-            terms["bce"] = bce_loss(student_logits, mask)
-        if w.dice > 0:
-            terms["dice"] = dice_loss(torch.sigmoid(student_logits.float()), mask)
+        gt_logits, gt_mask = student_logits, mask
+        if labelled is not None and not bool(labelled.all()):
+            gt_logits, gt_mask = student_logits[labelled], mask[labelled]
+        if len(gt_logits):
+            if w.bce > 0:
+                terms["bce"] = bce_loss(gt_logits, gt_mask)
+            if w.dice > 0:
+                terms["dice"] = dice_loss(torch.sigmoid(gt_logits.float()), gt_mask)
+        per: dict[str, torch.Tensor] = {}  # teacher terms, one value per sample
         if teacher_logits is not None and w.kl > 0:
-            terms["kl"] = binary_kl(teacher_logits, student_logits, temperature)
+            per["kl"] = binary_kl(teacher_logits, student_logits, temperature, per_sample=True)
         if teacher_logits is not None and w.mse > 0:
-            terms["mse"] = probability_mse(teacher_logits, student_logits)
+            per["mse"] = probability_mse(teacher_logits, student_logits, per_sample=True)
         if teacher_feature is not None and w.feature > 0:
             if projected_feature is None:
                 raise ValueError("the feature loss needs the projected student feature")
@@ -121,6 +141,14 @@ class DistillationLoss(nn.Module):
                              "feature bilinearly", tuple(projected.shape[-2:]), tuple(teacher_feature.shape[-2:]))
                     self._warned_resize = True
                 projected = F.interpolate(projected, size=teacher_feature.shape[-2:], mode="bilinear", align_corners=False)
-            terms["feature"] = feature_mse(projected, teacher_feature, self.channel_norm)
+            per["feature"] = feature_mse(projected, teacher_feature, self.channel_norm, per_sample=True)
+        for name, values in per.items():
+            terms[name] = values.mean()
         total = sum(getattr(w, name) * value for name, value in terms.items())
-        return total, {k: v.detach() for k, v in terms.items()}
+        out = {k: v.detach() for k, v in terms.items()}
+        if labelled is not None and per:
+            for name, values in per.items():
+                for group, sel in (("labelled", labelled), ("unlabelled", ~labelled)):
+                    if bool(sel.any()):
+                        out[f"{name}_{group}"] = values[sel].detach().mean()
+        return total, out

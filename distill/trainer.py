@@ -12,6 +12,7 @@ Exact resume: the data order is a function of (seed, epoch), augmentation a func
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -29,10 +30,11 @@ import torch.nn as nn
 
 from edgeseg.distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from edgeseg.distill.config import Config, LossConfig, ModelConfig, TrainConfig, config_to_dict
-from edgeseg.distill.data import SegmentationDataset, split_samples
+from edgeseg.distill.data import SegmentationDataset, StudentData, split_samples, student_data
 from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_loader, predict_logits, score
 from edgeseg.distill.losses import DistillationLoss, temperature_at
 from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, count_parameters, load_model
+from edgeseg.distill.sources import HARD_EXAMPLES, Generate, SampleSource, SourceContext, describe, sources_for
 from edgeseg.distill.visualize import comparison_grid, save_png
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 Role = Literal["teacher", "student", "baseline"]
 CHECKPOINT_FORMAT = "edgeseg-train/1"
 PROGRESS_EVERY_S = 30.0  # a log line at least this often inside an epoch (logs, not only the terminal bar)
+# Rank 0 does long work alone (demo data, hard-example generation, validation) while the others wait in
+# a barrier; NCCL's default 10-minute timeout would abort the job (torch.distributed.init_process_group).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,8 @@ def job_for(cfg: Config, role: Role) -> TrainJob:
         return TrainJob("teacher", cfg.teacher, cfg.teacher_train, gt_only, cfg.stage_dir("teacher"))
     loss = cfg.loss if role == "student" else gt_only
     train = cfg.train
-    if role == "baseline":  # ground truth alone: no teacher-guided or teacher-filtered synthetic pairs either
-        train = dataclasses.replace(train, extra_data="", extra_share=0.0,
+    if role == "baseline":  # ground truth alone: no teacher-guided or teacher-filtered synthetic pairs, no unlabelled images
+        train = dataclasses.replace(train, extra_data="", extra_share=0.0, unlabelled_share=0.0,
                                     hard_examples=dataclasses.replace(train.hard_examples, share=0.0))
     if role == "student" and not cfg.feature_teacher.enabled:
         loss = dataclasses.replace(loss, feature=0.0)
@@ -107,16 +113,18 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     2 and 1 steps) one rank would leave the epoch early and the others would hang in all-reduce.
 
 
-    ``mix``: extra data sets concatenated after the ``size`` training images, as (their size,
-    share): that share of the epoch's slots (seeded) is drawn from each instead of the training
-    split, so the epoch's length and the compute budget stay the same.
+    ``length``: samples per epoch (default ``size``); with fewer labelled images than that (a label
+    budget), the labelled ones repeat in fresh permutations. ``mix``: further sources concatenated
+    after the ``size`` labelled images, as (their size, share): that share of the epoch's slots
+    (seeded) is drawn from each instead, so the epoch's length and the compute budget stay the same.
     """
 
     def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0,
-                 batch_size: int = 1, mix: tuple[tuple[int, float], ...] = ()):
+                 batch_size: int = 1, mix: tuple[tuple[int, float], ...] = (), length: int | None = None):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(size, generator=g)
-        order = order[:steps_per_epoch(size, batch_size, world) * batch_size * world]
+        length = size if length is None else length
+        order = torch.cat([torch.randperm(size, generator=g) for _ in range(-(-length // size))])
+        order = order[:steps_per_epoch(length, batch_size, world) * batch_size * world]
         slots = torch.randperm(len(order), generator=g)
         offset, used = size, 0
         for n, share in mix:
@@ -145,19 +153,48 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def _init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initialises the process group under torchrun."""
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun.
+
+    The CUDA device is set before the group exists (NCCL binds each rank's communicator to the
+    current device), and the timeout is long: see :data:`PROCESS_GROUP_TIMEOUT`.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world <= 1:
-        return 0, 1, 0
+        return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return dist.get_rank(), world
 
 
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def main_first(fn: Callable[[], T], is_main: bool, world: int) -> T:
+    """``fn()`` on rank 0 first (it may write a cache: demo data, a pruned ONNX), then on the others."""
+    if is_main:
+        out = fn()
+    _barrier(world)
+    if not is_main:
+        out = fn()
+    return out
+
+
+class _Flagged(torch.utils.data.Dataset):
+    """A dataset's items plus whether they carry a ground-truth mask: (image, mask, raw, labelled)."""
+
+    def __init__(self, dataset: SegmentationDataset, labelled: bool):
+        self.dataset, self.labelled = dataset, torch.tensor(labelled)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return (*self.dataset[index], self.labelled)
 
 
 def _lr_lambda(train: TrainConfig, total_steps: int):
@@ -173,12 +210,13 @@ def _lr_lambda(train: TrainConfig, total_steps: int):
 class Trainer:
     """Trains one :class:`TrainJob`; ``run()`` returns the final validation metrics."""
 
-    def __init__(self, cfg: Config, job: TrainJob, max_steps: int | None = None, fresh: bool = False):
+    def __init__(self, cfg: Config, job: TrainJob, max_steps: int | None = None, fresh: bool = False,
+                 generators: dict[str, Generate] | None = None):
+        """``generators``: regenerating sample sources by name (``hard_examples``), wired by the command layer."""
         self.cfg, self.job, self.max_steps, self.fresh = cfg, job, max_steps, fresh
-        self.rank, self.world, local_rank = _init_distributed()
-        self.device = resolve_device(cfg.device, local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.generators = generators or {}
+        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.rank, self.world = _init_distributed(self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.is_main = self.rank == 0
@@ -188,24 +226,19 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, job = self.cfg, self.job
-        if self.is_main:  # rank 0 generates the demo set (if needed) while the others wait
-            train_samples = split_samples(cfg, "train")
-        _barrier(self.world)
-        if not self.is_main:
-            train_samples = split_samples(cfg, "train")
+        # rank 0 generates the demo set (if needed) while the others wait
+        self.data = main_first(lambda: self._training_data(), self.is_main, self.world)
         val_samples = split_samples(cfg, "val")
-        self.train_set = SegmentationDataset(train_samples, cfg.data, train=True, seed=cfg.seed)
-        self.extra_set = self.hard_set = None
-        if job.train.extra_share > 0:
-            from edgeseg.distill.data import folder_samples
-
-            self.extra_set = SegmentationDataset(folder_samples(job.train.extra_data), cfg.data, train=True, seed=cfg.seed)
-            log.info("%s: %.0f%% of each epoch's images from %d pairs in %s", job.role, 100 * job.train.extra_share,
-                     len(self.extra_set), job.train.extra_data)
+        self.train_set = SegmentationDataset(self.data.labelled, cfg.data, train=True, seed=cfg.seed)
+        self.sources: list[SampleSource] = sources_for(job.train, self.data, self.generators)
+        self._source_sets: dict[str, tuple[list, SegmentationDataset]] = {}
+        for src in self.sources:
+            log.info("%s: %.1f%% of each epoch's samples from %s (%s)", job.role, 100 * src.share, src.name,
+                     "labelled" if src.labelled else "unlabelled: teacher terms only")
         self.val_set = SegmentationDataset(val_samples, cfg.data, train=False)
-        self.steps_per_epoch = steps_per_epoch(len(self.train_set), job.train.batch_size, self.world)
+        self.steps_per_epoch = steps_per_epoch(self.data.epoch_length, job.train.batch_size, self.world)
         if self.steps_per_epoch == 0:
-            raise InputError(f"{len(self.train_set)} training images are fewer than one batch of "
+            raise InputError(f"{self.data.epoch_length} training images are fewer than one batch of "
                              f"{job.train.batch_size} x {self.world} processes; lower train.batch_size")
         self.total_steps = self.steps_per_epoch * job.train.epochs
 
@@ -223,11 +256,8 @@ class Trainer:
             from edgeseg.distill.feature_onnx import expose_tensor
             from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
 
-            if self.is_main:
-                exposed = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
-            _barrier(self.world)
-            if not self.is_main:
-                exposed = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
+            exposed = main_first(lambda: expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor),
+                                 self.is_main, self.world)
             self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std)
             c_t, h_t, w_t = self.feature_teacher.feature_shape(cfg.data.image_size)
             log.info("feature teacher %s: %s -> (%d, %d, %d)", exposed.name, cfg.feature_teacher.tensor, c_t, h_t, w_t)
@@ -250,6 +280,22 @@ class Trainer:
                  sum(p.numel() for p in params), count_parameters(self.model), self.steps_per_epoch,
                  job.train.epochs, self.device, f", {self.world} processes" if self.world > 1 else "")
 
+    def _training_data(self) -> StudentData:
+        """The teacher's corpus (all labelled), or the student's labelled subset and unlabelled sources."""
+        if self.job.role == "teacher":
+            samples = split_samples(self.cfg, "teacher")
+            return StudentData(samples, {}, len(samples))
+        data = student_data(self.cfg)
+        if self.job.role == "baseline":  # the labelled subset alone, over the same epoch length
+            data = StudentData(data.labelled, {}, data.epoch_length)
+        return data
+
+    def data_summary(self) -> dict:
+        """The label budget and every source, for reports."""
+        return {"labelled": len(self.data.labelled), "epoch_length": self.data.epoch_length,
+                "unlabelled": {k: len(v) for k, v in self.data.unlabelled.items()},
+                "sources": describe(self.sources)}
+
     def _identity(self) -> dict:
         """The settings a checkpoint must share with this run to be resumed by it."""
         c = config_to_dict(self.cfg)
@@ -261,16 +307,25 @@ class Trainer:
             train.pop("extra_data", None), train.pop("extra_share", None)
         if not train.get("hard_examples", {}).get("share"):
             train.pop("hard_examples", None)
-        return {"role": self.job.role, "model": model, "train": train,
-                "loss": config_to_dict(self.job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
-                "world": self.world}
+        if not train.get("unlabelled_share"):
+            train.pop("unlabelled_share", None)
+        out = {"role": self.job.role, "model": model, "train": train,
+               "loss": config_to_dict(self.job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
+               "world": self.world}
+        d = c["data"]
+        if self.job.role == "teacher" and d.get("teacher_split"):
+            out["data"] = {"teacher_split": d["teacher_split"]}
+        elif self.job.role != "teacher" and (d.get("labelled_count") or d.get("unlabelled")):
+            out["data"] = {k: d[k] for k in ("labelled_count", "labelled_seed", "unlabelled")}
+        return out
 
     def _resume(self) -> bool:
         """Load ``last.pt`` if there is one; True if training already finished."""
         last = self.job.out_dir / "last.pt"
         if self.fresh or not last.is_file():
-            if self.is_main and (self.job.out_dir / "hard").is_dir():  # generated against another run's student
-                shutil.rmtree(self.job.out_dir / "hard")
+            stale = self.job.out_dir / HARD_EXAMPLES  # generated against another run's student
+            if self.is_main and stale.is_dir():
+                shutil.rmtree(stale)
             return False
         ckpt = load_checkpoint(last)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -381,7 +436,8 @@ class Trainer:
         while self.epoch < train.epochs:
             dataset, mix = self._epoch_data()
             sampler = EpochSampler(len(self.train_set), self.cfg.seed, self.epoch, self.rank, self.world,
-                                   skip=self.batch_in_epoch * train.batch_size, batch_size=train.batch_size, mix=mix)
+                                   skip=self.batch_in_epoch * train.batch_size, batch_size=train.batch_size, mix=mix,
+                                   length=self.data.epoch_length)
             loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
                                                  num_workers=self.cfg.data.workers, drop_last=True,
                                                  pin_memory=self.device.type == "cuda")
@@ -394,8 +450,8 @@ class Trainer:
             bar = tqdm(loader, desc=f"{self.job.role} epoch {self.epoch + 1}/{train.epochs}",
                        initial=self.batch_in_epoch, total=self.steps_per_epoch, disable=None if self.is_main else True,
                        leave=False)
-            for images, masks, _ in bar:
-                terms = self._step(images, masks)
+            for images, masks, _, labelled in bar:
+                terms = self._step(images, masks, labelled)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 self.batch_in_epoch += 1
@@ -421,7 +477,7 @@ class Trainer:
             record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0]}
             if self.job.loss.kl > 0:
                 record["temperature"] = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
-            record.update({f"loss_{k}" if k != "loss" else k: v / max(seen, 1) for k, v in sums.items()})
+            record.update(self._epoch_terms(sums, seen))
             record["epoch_time_s"] = time.perf_counter() - t_epoch
             if self.is_main and (self.epoch % train.eval_every == 0 or self.epoch == train.epochs):
                 record.update(self._validate())
@@ -441,55 +497,41 @@ class Trainer:
             _barrier(self.world)
         return self.last_metrics
 
-    # --- extra data: labelled synthetic pairs and hard examples -------------------------------
+    # --- the epoch's data: the labelled images and every sample source -------------------------
 
     def _epoch_data(self) -> tuple[torch.utils.data.Dataset, tuple[tuple[int, float], ...]]:
-        """This epoch's dataset (training split, then any extra sets) and the extra sets' (size, share)."""
-        hard = self.job.train.hard_examples
-        if hard.share > 0 and self.epoch >= hard.start:
-            self._refresh_hard_examples()
-        parts = [(self.train_set, 0.0), (self.extra_set, self.job.train.extra_share),
-                 (self.hard_set if self.epoch >= hard.start else None, hard.share)]
-        parts = [(d, share) for d, share in parts if d is not None]
-        for d, _ in parts:
+        """This epoch's dataset (labelled images, then each active source) and the sources' (size, share)."""
+        ctx = SourceContext(self.model.student, self.job.out_dir, self.cfg.seed, self.device, self.is_main,
+                            lambda: _barrier(self.world))
+        parts: list[tuple[SegmentationDataset, bool, float]] = [(self.train_set, True, 0.0)]
+        for src in self.sources:
+            samples = src.samples(self.epoch, ctx)
+            if samples is None:
+                continue
+            cached = self._source_sets.get(src.name)
+            if cached is None or cached[0] is not samples:  # a new set (first use, or regenerated)
+                cached = (samples, SegmentationDataset(samples, self.cfg.data, train=True, seed=self.cfg.seed))
+                self._source_sets[src.name] = cached
+            parts.append((cached[1], src.labelled, src.share))
+        for d, _, _ in parts:
             d.set_epoch(self.epoch)
-        if len(parts) == 1:
-            return self.train_set, ()
-        return torch.utils.data.ConcatDataset([d for d, _ in parts]), tuple((len(d), share) for d, share in parts[1:])
+        data = torch.utils.data.ConcatDataset([_Flagged(d, labelled) for d, labelled, _ in parts])
+        return data, tuple((len(d), share) for d, _, share in parts[1:])
 
-    def _refresh_hard_examples(self) -> None:
-        """Regenerate the hard-example set against the current student every ``every`` epochs (ConfiG).
-
-        The set for epoch ``e`` lives in ``<out>/hard/epoch<e>``: a resumed run reuses it. Rank 0
-        generates, the others wait and read it.
-        """
-        hard = self.job.train.hard_examples
-        due = hard.start + (self.epoch - hard.start) // hard.every * hard.every
-        folder = self.job.out_dir / "hard" / f"epoch{due:03d}"
-        if self.hard_set is not None and getattr(self, "_hard_folder", None) == folder:
-            return
-        if self.is_main and not (folder / "manifest.json").is_file():
-            import copy
-            from importlib import import_module
-
-            # run-time plug-in: calibration builds on distill (imports point that way), so distill
-            # names the generator module instead of importing it
-            make = import_module("edgeseg.calibration.hard_examples").hard_example_set
-            t0 = time.perf_counter()
-            log.info("%s epoch %d: generating %d hard examples against the current student -> %s",
-                     self.job.role, self.epoch + 1, hard.count, folder)
-            student = copy.deepcopy(self.model.student).eval()
-            # the training RNG streams stay untouched: a resumed run (which skips this) sees the same ones
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                # a new seed range per regeneration (pool images take seed + index): new masks and noise each time
-                info = make(self.cfg, student, folder, hard, seed=(self.cfg.seed * 1_009 + due) * 100_003)
-            log.info("hard examples: %d pairs in %.0f s (median teacher-vs-condition IoU %.3f)", info["kept"],
-                     time.perf_counter() - t0, info["condition_iou_median"])
-        _barrier(self.world)
-        from edgeseg.distill.data import folder_samples
-
-        self.hard_set = SegmentationDataset(folder_samples(folder), self.cfg.data, train=True, seed=self.cfg.seed)
-        self._hard_folder = folder
+    def _epoch_terms(self, sums: dict[str, float], steps: int) -> dict[str, float]:
+        """The epoch's JSONL loss terms: per-step means; a group's term (``kl_unlabelled``) per sample of it."""
+        out = {}
+        for k, v in sums.items():
+            if k.startswith("n_"):
+                continue
+            group = k.rsplit("_", 1)[-1]
+            if group in ("labelled", "unlabelled"):
+                out[f"loss_{k}"] = v / max(sums.get(f"n_{group}", 0.0), 1.0)
+            else:
+                out[f"loss_{k}" if k != "loss" else k] = v / max(steps, 1)
+        if "n_unlabelled" in sums:
+            out["unlabelled_fraction"] = sums["n_unlabelled"] / max(sums["n_unlabelled"] + sums.get("n_labelled", 0.0), 1.0)
+        return out
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank: one rank stopping alone would leave the others
@@ -499,9 +541,12 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
-    def _step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    def _step(self, images: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor) -> dict[str, float]:
+        """One optimizer step; the loss terms (a group's term as a sum over its samples, with ``n_<group>``)."""
         images = images.to(self.device, non_blocking=True)
         masks = masks.to(self.device, non_blocking=True)
+        grouped = any(not s.labelled for s in self.sources)  # unlabelled sources: terms per group too
+        labelled = labelled.to(self.device, non_blocking=True)
         temperature = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             teacher_logits = self.teacher(images) if self.teacher is not None else None
@@ -509,7 +554,8 @@ class Trainer:
         teacher_feature = self.feature_teacher(images) if self.feature_teacher is not None else None
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             logits, projected = self.net(images)
-        loss, terms = self.loss_fn(logits, masks, temperature, teacher_logits, projected, teacher_feature)
+        loss, terms = self.loss_fn(logits, masks, temperature, teacher_logits, projected, teacher_feature,
+                                   labelled if grouped else None)
         if not self._all_finite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step} (on this rank or another); "
                                      "lower train.lr or check the data")
@@ -522,5 +568,12 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         out = {"loss": loss.item()}
-        out.update({k: v.item() for k, v in terms.items()})
+        if grouped:  # groups apart, summed per sample (the epoch divides by each group's count)
+            n = {"labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum())}
+            out.update({f"n_{g}": float(c) for g, c in n.items()})
+            for k, v in terms.items():
+                group = k.rsplit("_", 1)[-1]
+                out[k] = v.item() * n[group] if group in n else v.item()
+        else:
+            out.update({k: v.item() for k, v in terms.items()})
         return out

@@ -122,7 +122,7 @@ def test_a_stage_without_its_extra_names_the_pip_line(tmp_path):
 
 def test_imports_point_against_the_data_flow():
     """distill -> calibration -> export -> runtime: a stage imports only the stages after it in that chain's
-    reverse (runtime is the base). distill reaches the hard-example generator as a run-time plug-in by name."""
+    reverse (runtime is the base). The `edgeseg` command wires calibration's generators into distill."""
     allowed = {"runtime": {"runtime", "cli"}, "distill": {"distill", "runtime"},
                "calibration": {"calibration", "distill", "runtime"},
                "export": {"export", "calibration", "distill", "runtime"}}

@@ -215,6 +215,7 @@ def test_epoch_sampler_mixes_an_exact_share_at_the_same_length():
 
 
 def test_distill_with_extra_pairs_and_hard_examples(tiny_run, tmp_path):
+    from edgeseg.calibration.hard_examples import hard_example_generator
     from edgeseg.calibration.synth import Synthesizer
     from edgeseg.distill.trainer import Trainer, job_for
 
@@ -224,7 +225,8 @@ def test_distill_with_extra_pairs_and_hard_examples(tiny_run, tmp_path):
              "extra_share": 0.25, "hard_examples": {"share": 0.25, "count": 4, "every": 1, "start": 1, "t_start": 0.9, "t_stop": 0.3}}
     _, cfg = _synth_config(tiny_run, tmp_path / "run", train=train)
     job = job_for(cfg, "student")
-    metrics = Trainer(cfg, job).run()
+    generators = {"hard_examples": hard_example_generator(cfg)}
+    metrics = Trainer(cfg, job, generators=generators).run()
     assert np.isfinite(metrics["val_miou"])
     hard = job.out_dir / "hard" / "epoch001"
     manifest = json.loads((hard / "manifest.json").read_text())
@@ -237,11 +239,14 @@ def test_distill_with_extra_pairs_and_hard_examples(tiny_run, tmp_path):
     assert ddpm["key"]["seed"] == cfg.calibration.seed and ddpm["key"]["conditional"] is True
     # a resumed run reuses the set of its epoch (same bytes), it does not regenerate it
     before = {p.name: p.read_bytes() for p in (hard / "images").iterdir()}
-    again = Trainer(cfg, job)
+    again = Trainer(cfg, job, generators=generators)
     again._setup()
     again.epoch = 1
-    again._refresh_hard_examples()
-    assert {p.name: p.read_bytes() for p in (hard / "images").iterdir()} == before and len(again.hard_set) == 4
+    _, mix = again._epoch_data()
+    assert {p.name: p.read_bytes() for p in (hard / "images").iterdir()} == before and mix[-1] == (4, 0.25)
+    # without the generator wired in, hard examples are one clear error, not a silent skip
+    with pytest.raises(InputError, match="needs calibration's generator"):
+        Trainer(cfg, job)._setup()
 
 
 def test_bad_shares_are_one_clear_line(tiny_run, tmp_path):

@@ -32,6 +32,13 @@ _EXTRA_MODULES = {"torch", "torchvision", "timm", "segmentation_models_pytorch",
                   "diffusers", "skimage", "pycocotools", "polygraphy", "onnxconverter_common", "tritonclient", "google"}
 
 
+# The command layer's wiring: a stage whose commands take plug-ins from stages downstream of it in
+# the data flow. Each listed stage's cli module has ``wire(name, group)``, called when ``name`` loads:
+# calibration's generators become distill's sample sources (imports point calibration -> distill,
+# and distill itself names no generator). A listed stage that is not installed wires nothing.
+WIRING: dict[str, tuple[str, ...]] = {"distill": ("calibration",)}
+
+
 class StageGroup(click.Group):
     """A click group whose sub-groups are imported on first use."""
 
@@ -44,6 +51,14 @@ class StageGroup(click.Group):
         module, help_line, _ = STAGES[name]
         group = importlib.import_module(module).main
         group.short_help = help_line
+        for other in WIRING.get(name, ()):
+            try:
+                wiring = importlib.import_module(STAGES[other][0])
+            except ModuleNotFoundError as e:
+                if (e.name or "").split(".")[0] not in _EXTRA_MODULES:
+                    raise
+                continue
+            wiring.wire(name, group)
         return group
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
