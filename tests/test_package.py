@@ -134,3 +134,14 @@ def test_imports_point_against_the_data_flow():
                 if m and m.group(1) not in ok:
                     bad.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_torch_floor_has_the_torch_apis_the_code_calls():
+    # torch.amp.GradScaler("cuda") (the trainer) exists from torch 2.3; an older torch allowed by the
+    # floor would fail on the first CUDA training step.
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+    (floor,) = [re.fullmatch(r"torch>=(\d+)\.(\d+)", r.replace(" ", "")) for r in requires if r.startswith("torch>")]
+    uses_amp_scaler = any("torch.amp.GradScaler(" in p.read_text() for p in (ROOT / "distill").rglob("*.py"))
+    assert not uses_amp_scaler or (int(floor[1]), int(floor[2])) >= (2, 3), floor[0]
