@@ -8,10 +8,16 @@ only from an FP16 graph, in strongly typed networks. So:
 precision  TensorRT 10 (JetPack 6)               TensorRT 11+
 =========  ===================================  ========================================
 int8       Q/DQ ONNX + INT8 (+FP16) flags         Q/DQ ONNX, strongly typed
-int8 DLA   FP32 ONNX + INT8 flag + cache          (no implicit INT8: refused)
+int8 DLA   FP32 ONNX + INT8 flag + cache          11.4.1+: Q/DQ ONNX, strongly typed
+fp16 DLA   FP32 ONNX + FP16 flag                  11.4.1+: FP16 ONNX graph, strongly typed
 fp16       FP32 ONNX + FP16 flag                  FP16 ONNX graph, strongly typed
 fp32       FP32 ONNX                              FP32 ONNX, strongly typed
 =========  ===================================  ========================================
+
+DLA exists in TensorRT 10.0-10.7 ("TensorRT 10.7 was the last 10.x release that supported
+DLA") and again from 11.4.1 on Jetson AGX Orin with JetPack 7.2.2+ (strongly typed, GPU
+fallback as in 10.x); 11.0-11.3 have none, and 11.4.0 only on Windows on ARM (TensorRT 11.4.1
+"Working with DLA"). DLA builds on any other version are refused before TensorRT is called.
 
 Everything that decides (version parsing, plan, profile shapes, paths, metadata) is plain
 Python and unit-tested anywhere; only :func:`build_engine` needs TensorRT and a GPU.
@@ -43,22 +49,30 @@ class TrtCapabilities:
     precision_flags: bool  # BuilderFlag.FP16 / INT8 exist (TensorRT <= 10)
     implicit_int8: bool  # IInt8*Calibrator and calibration caches work (TensorRT <= 10)
     strongly_typed: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED exists (TensorRT >= 9)
+    dla: Literal["weakly-typed", "strongly-typed", None] = None  # how DLA builds work on Orin; None: no DLA
+
+
+def _version_tuple(version: str) -> tuple[int, int, int]:
+    try:
+        parts = [int(p) for p in version.split(".")[:3]]
+    except ValueError:
+        raise InputError(f"cannot parse TensorRT version {version!r}") from None
+    return tuple((parts + [0, 0, 0])[:3])
 
 
 def capabilities(version: str) -> TrtCapabilities:
     """Parse a TensorRT version string into what it can do."""
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        raise InputError(f"cannot parse TensorRT version {version!r}") from None
+    v = _version_tuple(version)
+    major = v[0]
     if major < 10:
         # Below 10 a network needs NetworkDefinitionCreationFlag.EXPLICIT_BATCH and the bindings API
         # (execute_async_v2); edgeseg uses the name-based I/O of TensorRT 10 (set_tensor_address,
         # execute_async_v3), so it refuses rather than fail half way through a build.
         raise BackendUnavailableError(f"TensorRT {version} is too old; edgeseg needs TensorRT 10 or newer "
                                       "(JetPack 6, or pip install 'edgeseg[gpu]')")
+    dla = "weakly-typed" if v < (10, 8, 0) else "strongly-typed" if v >= (11, 4, 1) else None
     return TrtCapabilities(version=version, major=major, precision_flags=major <= 10, implicit_int8=major <= 10,
-                           strongly_typed=major >= 9)
+                           strongly_typed=major >= 9, dla=dla)
 
 
 @dataclass(frozen=True)
@@ -91,15 +105,7 @@ def plan_build(caps: TrtCapabilities, precision: Precision, files: dict[str, str
 
     need("fp32", "FP32 ONNX")
     if dla_core >= 0:
-        if precision == "int8":
-            if not caps.implicit_int8:
-                raise InputError(f"DLA INT8 needs implicit INT8 with a calibration cache, which TensorRT {caps.version} "
-                                 "removed; build for the GPU (dla_core -1) or use TensorRT 10 (JetPack 6)")
-            return BuildPlan("int8", files["fp32"], ("INT8", "FP16", "GPU_FALLBACK"), False,
-                             need("cache", "calibration cache"), dla_core)
-        if precision == "fp16" and caps.precision_flags:
-            return BuildPlan("fp16", files["fp32"], ("FP16", "GPU_FALLBACK"), False, None, dla_core)
-        raise InputError(f"DLA runs int8 or fp16 only (got {precision} on TensorRT {caps.version})")
+        return _plan_dla(caps, precision, files, dla_core, need)
     if caps.precision_flags:  # TensorRT 10: weakly typed, flags allow the precisions
         if precision == "int8":
             return BuildPlan("int8", need("int8", "Q/DQ INT8 ONNX"), ("INT8", "FP16"), False, None, -1)
@@ -110,6 +116,27 @@ def plan_build(caps: TrtCapabilities, precision: Precision, files: dict[str, str
     key = {"int8": "int8", "fp16": "fp16", "fp32": "fp32"}[precision]
     what = {"int8": "Q/DQ INT8 ONNX", "fp16": "FP16 ONNX graph", "fp32": "FP32 ONNX"}[precision]
     return BuildPlan(precision, need(key, what), (), True, None, -1)
+
+
+def _plan_dla(caps: TrtCapabilities, precision: Precision, files: dict[str, str], dla_core: int, need) -> BuildPlan:
+    """The DLA build: implicit INT8 / FP16 flag on TensorRT 10.0-10.7, strongly typed on 11.4.1+."""
+    if precision not in ("int8", "fp16"):
+        raise InputError(f"DLA runs int8 or fp16 only (got {precision} on TensorRT {caps.version})")
+    if caps.dla is None:
+        if precision == "int8" and not caps.implicit_int8:
+            why = (f"DLA INT8 needs implicit INT8 with a calibration cache, which TensorRT {caps.version} removed; "
+                   "strongly typed (Q/DQ) DLA builds exist from TensorRT 11.4.1")
+        else:
+            why = f"TensorRT {caps.version} has no DLA"
+        raise InputError(f"{why} (DLA: TensorRT 10.0-10.7, and 11.4.1+ on Jetson AGX Orin with JetPack 7.2.2+; none in "
+                         "10.8+ or 11.0-11.4.0); build for the GPU (dla_core -1), or use one of those versions")
+    if caps.dla == "strongly-typed":  # 11.4.1+: the graph's types decide, layers DLA cannot run fall back to the GPU
+        key, what = ("int8", "Q/DQ INT8 ONNX") if precision == "int8" else ("fp16", "FP16 ONNX graph")
+        return BuildPlan(precision, need(key, what), ("GPU_FALLBACK",), True, None, dla_core)
+    if precision == "int8":
+        return BuildPlan("int8", files["fp32"], ("INT8", "FP16", "GPU_FALLBACK"), False,
+                         need("cache", "calibration cache"), dla_core)
+    return BuildPlan("fp16", files["fp32"], ("FP16", "GPU_FALLBACK"), False, None, dla_core)
 
 
 def profile_shapes(layout: str, image_hw: tuple[int, int], max_batch: int, opt_batch: int,

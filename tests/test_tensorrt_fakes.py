@@ -211,17 +211,37 @@ def test_the_fake_enforces_the_per_thread_device(fake_gpu):
     assert result["err"] == cudart.cudaError_t.cudaErrorInvalidResourceHandle  # the new thread is on device 0
 
 
-def test_dla_engine_runs_partial_batches_padded(fake_gpu, models):
+def _runner_logits(engine, spec, feed):
+    from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
+
+    with TensorRTRunner(engine, spec) as runner:
+        return runner.infer(feed).copy()
+
+
+def _ort_logits(path, feed):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: feed})[0]
+
+
+def test_dla_fp16_engine_computes_in_fp16_and_pads_partial_batches(fake_gpu, models):
     from edgeseg.runtime import Segmenter
 
+    trt, _ = fake_gpu
     engine, meta = _build(models, "fp16", dla_core=1)
-    assert meta["static_batch"] and meta["dla_core"] == 1
-    images = models[3]  # 3 images into a static batch of 4
+    assert meta["static_batch"] and meta["dla_core"] == 1 and trt.builds[-1]["compute"] == "fp16"
+    d, spec, files, images = models
+    feed = np.random.default_rng(3).standard_normal(spec.input_shape(3)).astype(np.float32)  # 3 into a batch of 4
+    got = _runner_logits(engine, spec, feed)
+    fp16, fp32 = _ort_logits(files["fp16"], feed), _ort_logits(files["fp32"], feed)
+    assert got.shape == (3, 1, 64, 64)
+    # the FP16 build's logits are the FP16 graph's (padding rows included in the run), not the FP32 model's
+    to_fp16, to_fp32 = np.abs(got - fp16).max(), np.abs(got - fp32).max()
+    assert to_fp32 > 0 and to_fp16 < to_fp32 / 10, (to_fp16, to_fp32)
     with Segmenter(engine, backend="tensorrt") as seg:
         masks = seg.predict(images)
-    assert len(masks) == 3
-    for a, b in zip(masks, _ort_masks(models, images)):
-        assert a.shape == b.shape and (a == b).mean() > 0.99  # the FP16 build is FP32 here (ORT runs the ONNX)
+    assert len(masks) == 3 and all(a.shape == b.shape for a, b in zip(masks, _ort_masks(models, images)))
 
 
 def test_a_bundle_with_an_engine_for_another_gpu_falls_back_then_builds_on_the_device(fake_gpu, exported, tmp_path,
@@ -268,3 +288,262 @@ def test_a_bundle_with_an_engine_for_another_gpu_falls_back_then_builds_on_the_d
         assert seg.backend == "tensorrt" and seg.model_path.name == "model.int8.device.engine"
         masks = seg.predict(images)
     assert all(m.shape == r.shape for m, r in zip(masks, reference))
+
+
+# --- object lifetimes, release, reactivation (issue 17, B1, B7, B13) --------------------------------
+
+def test_the_fakes_refuse_what_tensorrt_and_cuda_refuse(fake_gpu):
+    import json as _json
+
+    trt, cudart = fake_gpu
+    # NVIDIA/TensorRT#4436: a runtime destroyed before its engines; the engine is unusable afterwards
+    runtime = trt.Runtime(trt.Logger())
+    plan = _json.dumps({"fake_tensorrt": trt.__version__, "onnx": "x.onnx", "inputs": {"images": [1]},
+                        "outputs": {"mask_logits": "FLOAT"}, "profiles": [], "dla_core": -1}).encode()
+    engine = runtime.deserialize_cuda_engine(plan)
+    del runtime
+    assert trt.violations and "Destroying a runtime before destroying deserialized engines" in trt.violations[-1]
+    assert engine.create_execution_context() is None
+    trt.violations.clear()
+    # an engine deserialises only in the exact TensorRT that built it (a patch release differs)
+    other = _json.loads(plan)
+    other["fake_tensorrt"] = trt.__version__.rsplit(".", 1)[0] + ".9"
+    assert trt.Runtime(trt.Logger()).deserialize_cuda_engine(_json.dumps(other).encode()) is None
+    # device and pinned memory are two pools: each has its own free
+    dev, host = cudart.cudaMalloc(64)[1], cudart.cudaMallocHost(64)[1]
+    assert cudart.cudaFree(host)[0] == cudart.cudaError_t.cudaErrorInvalidValue
+    assert cudart.cudaFreeHost(dev)[0] == cudart.cudaError_t.cudaErrorInvalidValue
+    assert cudart.cudaFree(dev)[0] == cudart.OK and cudart.cudaFreeHost(host)[0] == cudart.OK
+    assert cudart.cudaFree(dev)[0] == cudart.cudaError_t.cudaErrorInvalidValue  # twice
+    # a graph lives until cudaGraphDestroy, apart from its executable graphs
+    stream = cudart.cudaStreamCreate()[1]
+    assert cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0] == 0
+    graph = cudart.cudaStreamEndCapture(stream)[1]
+    graph_exec = cudart.cudaGraphInstantiate(graph, 0)[1]
+    assert cudart.live("graphs") == 1 and cudart.live("graph_execs") == 1
+    assert cudart.cudaGraphDestroy(graph)[0] == 0 and cudart.cudaGraphExecDestroy(graph_exec)[0] == 0
+    assert cudart.live("graphs") == 0 and cudart.live("graph_execs") == 0
+
+
+@pytest.mark.parametrize("mode, other_thread_ok", [("cudaStreamCaptureModeGlobal", False),
+                                                   ("cudaStreamCaptureModeThreadLocal", True)])
+def test_the_fake_capture_modes_govern_other_threads(fake_gpu, mode, other_thread_ok):
+    import threading
+
+    _, cudart = fake_gpu
+    stream = cudart.cudaStreamCreate()[1]
+    cudart.cudaStreamBeginCapture(stream, getattr(cudart.cudaStreamCaptureMode, mode))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(err=cudart.cudaMalloc(16)[0]))
+    t.start()
+    t.join()
+    err, graph = cudart.cudaStreamEndCapture(stream)
+    # Global: another thread's cudaMalloc fails and invalidates the capture; ThreadLocal: neither
+    assert (result["err"] == cudart.OK) is other_thread_ok
+    assert (err == cudart.OK) is other_thread_ok
+    if graph is not None:
+        cudart.cudaGraphDestroy(graph)
+
+
+def test_runtime_outlives_its_engine_and_a_runner_reactivates_cleanly(fake_gpu, models):
+    from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
+
+    trt, cudart = fake_gpu
+    engine, _ = _build(models, "fp32")
+    d, spec, files, _ = models
+    feed = np.random.default_rng(0).standard_normal(spec.input_shape(2)).astype(np.float32)
+    want = _ort_logits(files["fp32"], feed)
+    import copy
+
+    runner = TensorRTRunner(engine, spec)
+    before = copy.deepcopy(vars(runner))
+    for _ in range(2):  # activate, infer, deactivate twice on one runner
+        with runner:
+            assert runner.runtime is not None  # kept: it must outlive the engine
+            np.testing.assert_array_equal(runner.infer(feed), want)
+        after = {k: v for k, v in vars(runner).items() if k != "timings_ms"}
+        assert after == {k: v for k, v in before.items() if k != "timings_ms"}  # the state before activate
+    assert trt.violations == []  # no runtime destroyed before its engine
+    assert cudart.errors == []  # every free matched a live allocation of its pool, nothing freed twice
+    assert cudart.live("memory") == 0 and cudart.live("streams") == 0 and cudart.live("events") == 0
+
+
+def test_an_engine_whose_io_differs_from_the_spec_is_refused(fake_gpu, models):
+    import dataclasses
+
+    from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
+    from edgeseg.runtime.errors import IntegrityError
+
+    _, cudart = fake_gpu
+    engine, _ = _build(models, "fp32")
+    spec = models[1]
+    for wrong, match in ((dataclasses.replace(spec, output="mask"), r"'mask_logits' is FLOAT, expected UINT8"),
+                         (dataclasses.replace(spec, output_name="mask_probs"), r"I/O tensors \['images', 'mask_logits'\]")):
+        with pytest.raises(IntegrityError, match=match):
+            TensorRTRunner(engine, wrong).activate()
+        assert cudart.live("memory") == 0 and cudart.live("streams") == 0  # a failed activate leaves nothing
+
+
+# --- CUDA graphs (issue 17, B6) ---------------------------------------------------------------------
+
+def test_cuda_graphs_one_context_per_batch_size_thread_local_capture(fake_gpu, models):
+    from edgeseg.runtime import Segmenter
+
+    trt, cudart = fake_gpu
+    engine, _ = _build(models, "fp32")
+    pool = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(4)]
+    with Segmenter(engine, backend="tensorrt", cuda_graphs=True) as seg:
+        # alternating batch sizes replay graphs captured before another size changed the shapes
+        for n in (3, 2, 3, 1, 2, 3):
+            masks = seg.predict(pool[:n])
+            for a, b in zip(masks, _ort_masks(models, pool[:n])):
+                assert np.array_equal(a, b), n
+        runner = seg.runner
+        assert sorted(runner._graphs) == sorted(runner._contexts) == [1, 2, 3]
+        assert len({id(c) for c in runner._contexts.values()}) == 3
+        assert cudart.live("graph_execs") == 3 and cudart.live("graphs") == 0  # each cudaGraph_t destroyed
+        modes = {c[1][1] for c in cudart.calls if c[0] == "cudaStreamBeginCapture"}
+        assert modes == {cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal}
+    assert cudart.errors == [] and trt.violations == []
+    assert cudart.live("graph_execs") == 0 and cudart.live("memory") == 0
+
+
+@pytest.mark.parametrize("failing_call", ["warm-up", "capture"])
+def test_a_failed_enqueue_around_capture_is_an_error_not_a_bad_graph(fake_gpu, models, monkeypatch, failing_call):
+    from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
+
+    trt, cudart = fake_gpu
+    engine, _ = _build(models, "fp32")
+    spec = models[1]
+    real = trt.IExecutionContext.execute_async_v3
+
+    def execute(self, stream):  # TensorRT returns False when an enqueue fails
+        if cudart.is_capturing(stream) == (failing_call == "capture"):
+            return False
+        return real(self, stream)
+
+    monkeypatch.setattr(trt.IExecutionContext, "execute_async_v3", execute)
+    runner = TensorRTRunner(engine, spec, cuda_graphs=True)
+    with runner:
+        with pytest.raises(RuntimeError, match="before capturing" if failing_call == "warm-up" else "while capturing"):
+            runner.infer(np.zeros(spec.input_shape(2), np.float32))
+        assert not cudart.is_capturing(runner.stream) and runner._graphs == {}  # the capture was ended, nothing kept
+    assert cudart.live("graphs") == 0 and cudart.live("memory") == 0
+
+
+def test_the_fake_fails_a_graph_replayed_after_its_context_changed_shape(fake_gpu, models):
+    trt, cudart = fake_gpu
+    engine_path, _ = _build(models, "fp32")
+    spec = models[1]
+    runtime = trt.Runtime(trt.Logger())
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    context = engine.create_execution_context()
+    nbytes = int(np.prod(spec.input_shape(4))) * 4
+    dev_in, dev_out = cudart.cudaMalloc(nbytes)[1], cudart.cudaMalloc(nbytes)[1]
+    context.set_tensor_address("images", dev_in)
+    context.set_tensor_address("mask_logits", dev_out)
+    stream = cudart.cudaStreamCreate()[1]
+    mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    context.set_input_shape("images", spec.input_shape(2))
+    cudart.cudaStreamBeginCapture(stream, mode)
+    assert not context.execute_async_v3(stream)  # the first enqueue after a shape change cannot be captured
+    cudart.cudaGraphDestroy(cudart.cudaStreamEndCapture(stream)[1])
+    assert context.execute_async_v3(stream)  # uncaptured: flushes it
+    cudart.cudaStreamBeginCapture(stream, mode)
+    assert context.execute_async_v3(stream)
+    graph = cudart.cudaStreamEndCapture(stream)[1]
+    graph_exec = cudart.cudaGraphInstantiate(graph, 0)[1]
+    assert cudart.cudaGraphLaunch(graph_exec, stream)[0] == 0 and cudart.cudaStreamSynchronize(stream)[0] == 0
+    context.set_input_shape("images", spec.input_shape(3))  # the same context, another shape
+    cudart.cudaGraphLaunch(graph_exec, stream)
+    assert cudart.cudaStreamSynchronize(stream)[0] == cudart.cudaError_t.cudaErrorLaunchFailure
+    for handle, free in ((graph_exec, cudart.cudaGraphExecDestroy), (graph, cudart.cudaGraphDestroy)):
+        free(handle)
+    del context, engine, runtime
+
+
+# --- DLA on TensorRT 11 (issue 17, B5) --------------------------------------------------------------
+
+@pytest.mark.parametrize("fake_gpu", ["11.4.1"], indirect=True)
+@pytest.mark.parametrize("precision, onnx_key", [("int8", "int8"), ("fp16", "fp16")])
+def test_dla_on_tensorrt_11_4_1_is_strongly_typed_with_gpu_fallback(fake_gpu, models, precision, onnx_key):
+    from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
+
+    trt, cudart = fake_gpu
+    engine, meta = _build(models, precision, dla_core=0)
+    build = trt.builds[-1]
+    assert build["device"] == "DLA" and build["strongly_typed"] and build["flags"] == ["GPU_FALLBACK"]
+    assert "cache_header" not in build and meta["plan"]["onnx"] == models[2][onnx_key] and meta["static_batch"]
+    spec = models[1]
+    feed = np.random.default_rng(1).standard_normal(spec.input_shape(2)).astype(np.float32)
+    got = _runner_logits(engine, spec, feed)
+    np.testing.assert_allclose(got, _ort_logits(models[2][onnx_key], feed), atol=1e-5)  # the typed graph runs
+
+
+@pytest.mark.parametrize("fake_gpu", ["11.3.0", "10.8.0"], indirect=True)
+def test_dla_is_refused_where_tensorrt_has_none(fake_gpu, models):
+    trt, _ = fake_gpu
+    for precision in ("int8", "fp16"):
+        with pytest.raises(InputError, match=rf"TensorRT {trt.__version__} (has no DLA|removed)"):
+            _build(models, precision, dla_core=0)
+    # and the fake agrees: TensorRT itself has no DLA there
+    assert not trt.HAS_DLA
+
+
+# --- what TensorRT's parser takes (issue 17, B12): our rules and the fake parser agree ----------------
+
+def _qdq_model(kind: str):
+    """Tiny Q/DQ graphs: what TensorRT parses and what it refuses."""
+    from onnx import TensorProto as T, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 2, 2])
+    y = helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 2, 2])
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    inits, nodes = [scale], []
+    if kind in ("fp8-weight", "fp4-weight", "int4-weight", "int8-weight"):
+        t = {"fp8-weight": T.FLOAT8E4M3FN, "fp4-weight": T.FLOAT4E2M1, "int4-weight": T.INT4, "int8-weight": T.INT8}[kind]
+        inits += [helper.make_tensor("w_q", t, [4, 4, 1, 1], [1.0 if t in (T.FLOAT8E4M3FN, T.FLOAT4E2M1) else 1] * 16),
+                  helper.make_tensor("w_zp", t, [], [0])]
+        nodes += [helper.make_node("DequantizeLinear", ["w_q", "s", "w_zp"], ["w"], name="dq_w"),
+                  helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    elif kind == "per-channel-weight":
+        inits += [numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w_f"),
+                  numpy_helper.from_array(np.full(4, 0.05, np.float32), "s4"),
+                  numpy_helper.from_array(np.zeros(4, np.int8), "zp4")]
+        nodes += [helper.make_node("QuantizeLinear", ["w_f", "s4", "zp4"], ["w_q"], axis=0, name="q_w"),
+                  helper.make_node("DequantizeLinear", ["w_q", "s4", "zp4"], ["w"], axis=0, name="dq_w"),
+                  helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    elif kind == "per-channel-activation":
+        inits += [numpy_helper.from_array(np.full(4, 0.05, np.float32), "s4"),
+                  numpy_helper.from_array(np.zeros(4, np.int8), "zp4")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s4", "zp4"], ["x_q"], axis=1, name="q_x"),
+                  helper.make_node("DequantizeLinear", ["x_q", "s4", "zp4"], ["y"], axis=1, name="dq_x")]
+    elif kind in ("constant-zero-point", "nonzero-constant-zero-point"):
+        value = 0 if kind == "constant-zero-point" else 3
+        nodes += [helper.make_node("Constant", [], ["zp"], value=helper.make_tensor("zpv", T.INT8, [], [value]), name="zp_c"),
+                  helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["x_q"], name="q_x"),
+                  helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["y"], name="dq_x")]
+    g = helper.make_graph(nodes, "g", [x], [y], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+
+
+@pytest.mark.parametrize("kind, refused", [
+    ("int8-weight", None), ("fp8-weight", None), ("fp4-weight", None), ("int4-weight", None),
+    ("per-channel-weight", None), ("constant-zero-point", None),
+    ("nonzero-constant-zero-point", "zero-point zp is INT8 non-zero"),
+    ("per-channel-activation", "4 scales on the activation x"),
+])
+def test_quantized_types_zero_points_and_per_channel_scales(fake_gpu, tmp_path, kind, refused):
+    import onnx
+
+    from edgeseg.export.trt_rules import tensorrt_problems
+
+    trt, _ = fake_gpu
+    model = _qdq_model(kind)
+    onnx.checker.check_model(model, full_check=True)
+    problems = tensorrt_problems(model)
+    assert (problems == []) if refused is None else any(refused in p for p in problems), problems
+    path = tmp_path / f"{kind}.onnx"
+    onnx.save(model, str(path))
+    parser = trt.OnnxParser(trt.Builder(trt.Logger()).create_network(0), trt.Logger())
+    assert parser.parse_from_file(str(path)) is (refused is None), [parser.get_error(i) for i in range(parser.num_errors)]
