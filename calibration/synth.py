@@ -7,6 +7,13 @@ interrupted run leaves either the old set or the new one, never a half of each. 
     <out>/masks/00000.png ...    labels: the conditioning masks (mask-conditioned generator), or the
                                  teacher's masks with --teacher-masks (either way a training split)
     <out>/manifest.json          generator, checkpoint hashes, seeds, guidance, scores, counts
+    <out>/pool/{images,masks}/   labelled by conditioning masks only: every other generated pair (dropped
+                                 by a filter, or surplus), named by pool index, so the report can judge
+                                 the unfiltered pool as well as the set (manifest ``dropped`` / ``surplus``)
+
+``counts`` are measured: ``generated`` (every pool image, extra rounds included), ``kept`` (those
+that passed every filter), ``written`` (the set: the count asked for) and ``surplus`` (kept, not
+written); ``pass_rate`` is kept / generated.
 """
 from __future__ import annotations
 
@@ -328,7 +335,7 @@ class Synthesizer:
                     for s in split_samples(self.cfg, split)]
         val_hashes = [dhash(_fit(read_rgb(s.image), self.size)) for s in held_out]
         flt = SetFilter(self.cal.filter, val_hashes)
-        passing, dropped = [], []
+        passing, dropped, rejected = [], [], []
 
         from edgeseg.calibration.similarity import TrainIndex
 
@@ -350,6 +357,7 @@ class Synthesizer:
                 if reason is None:
                     passing.append(c)
                 else:
+                    rejected.append(c)
                     dropped.append({"pool_index": c.pool_index, "seed": c.seed, "reason": reason, **c.scores})
 
         screen(pool)
@@ -372,8 +380,14 @@ class Synthesizer:
                              + "); relax calibration.filter, raise calibration.pool_factor or max_extra_rounds, "
                              "or ask for fewer with --count")
         t_gen = time.perf_counter() - t0
-        kept = passing[:count]
+        kept, surplus = passing[:count], passing[count:]
         kept.sort(key=lambda c: c.pool_index)
+        # the pool beside the set (conditioning-mask labels only): what the report's judge scores unfiltered
+        pool_pairs = rejected + surplus if self.conditional and not teacher_masks else []
+        pool_file = lambda c: f"pool/images/{c.pool_index:05d}.png"
+        if pool_pairs:
+            for entry, c in zip(dropped, rejected):
+                entry["file"] = pool_file(c)
         manifest = {
             "format": FORMAT,
             "generator": self.generator_info,
@@ -384,23 +398,28 @@ class Synthesizer:
             "seed": self.sample_seed,
             "labels": "teacher" if teacher_masks else ("condition" if self.conditional else None),
             "target": self.target.info() if self.target is not None else None,
-            "counts": {"generated": len(pool), "kept": len(kept), "dropped": dict(flt.dropped),
-                       "surplus": len(passing) - len(kept), "extra_rounds": rounds},
+            "counts": {"generated": len(pool), "kept": len(passing), "written": len(kept), "dropped": dict(flt.dropped),
+                       "surplus": len(surplus), "extra_rounds": rounds},
             "pass_rate": len(passing) / len(pool),
             "seconds": {"generate": t_gen, "total": time.perf_counter() - t0},
             "images": [{"file": f"images/{k:05d}.png", "pool_index": c.pool_index, "seed": c.seed, "batch": c.batch,
                         "mode": c.mode, "source": c.source, "target": c.target, **c.scores, "dhash": c.dhash}
                        for k, c in enumerate(kept)],
             "dropped": dropped,
+            "surplus": [{"pool_index": c.pool_index, "seed": c.seed, **c.scores,
+                         **({"file": pool_file(c)} if pool_pairs else {})} for c in surplus],
             "config": config_to_dict(self.cfg),
         }
-        self._write(out_dir, kept, manifest, teacher_masks)
+        self._write(out_dir, kept, manifest, teacher_masks, {pool_file(c): c for c in pool_pairs})
         manifest["seconds"]["total"] = time.perf_counter() - t0
-        log.info("kept %d of %d generated images (%s) in %.0f s -> %s", len(kept), len(pool),
-                 ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v), manifest["seconds"]["total"], out_dir)
+        log.info("%d of %d generated images passed the filters (%s); wrote %d in %.0f s -> %s", len(passing),
+                 len(pool), ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v), len(kept),
+                 manifest["seconds"]["total"], out_dir)
         return manifest
 
-    def _write(self, out_dir: Path, kept: list[Candidate], manifest: dict, teacher_masks: bool) -> None:
+    def _write(self, out_dir: Path, kept: list[Candidate], manifest: dict, teacher_masks: bool,
+               pool_pairs: dict[str, Candidate]) -> None:
+        """The set (images/, masks/), the rest of a condition-labelled pool (pool/) and manifest.json."""
         from PIL import Image
 
         tmp = staging_dir(out_dir)
@@ -413,8 +432,20 @@ class Synthesizer:
             if labelled:
                 label = c.mask if teacher_masks else c.condition
                 Image.fromarray(label * 255).save(tmp / "masks" / f"{k:05d}.png")
+        if pool_pairs:
+            (tmp / "pool" / "images").mkdir(parents=True)
+            (tmp / "pool" / "masks").mkdir()
+        for file, c in pool_pairs.items():
+            Image.fromarray(c.image).save(tmp / file)
+            Image.fromarray(c.condition * 255).save(tmp / label_file(file))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, out_dir)
+
+
+def label_file(image_file: str | Path) -> Path:
+    """The label of a pair's image file: ``images/NNNNN.png`` -> ``masks/NNNNN.png`` (also under ``pool/``)."""
+    image_file = Path(image_file)
+    return image_file.parent.parent / "masks" / image_file.name
 
 
 def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None = None, limit: int | None = None) -> np.ndarray:

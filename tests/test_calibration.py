@@ -206,18 +206,31 @@ def _cal_config(tiny_run, run_dir, **calibration):
 
 
 def test_synth_writes_a_reproducible_set_with_manifest(tiny_run, tmp_path):
+    from edgeseg.runtime.files import sha256_file
+    from edgeseg.runtime.images import read_rgb
+
     path, cfg = _cal_config(tiny_run, tmp_path)
     m1 = Synthesizer(cfg).run(tmp_path / "a")
     m2 = Synthesizer(cfg).run(tmp_path / "b")
     files = sorted((tmp_path / "a" / "images").glob("*.png"))
-    assert len(files) == 6 and m1["counts"]["kept"] == 6 and m1["counts"]["generated"] == 9
+    assert len(files) == 6 and m1["counts"]["written"] == 6 and m1["counts"]["generated"] == 9
     for f in files:  # same config and seeds -> the same bytes
         assert f.read_bytes() == (tmp_path / "b" / "images" / f.name).read_bytes()
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    for key in ("generator", "teacher_sha256", "guidance", "seed", "counts", "images", "dropped"):
-        assert key in manifest
-    assert manifest["generator"]["checkpoint_sha256"] and manifest["guidance"]["mode"] == "task"
-    assert {i["seed"] for i in manifest["images"]} <= set(range(cfg.calibration.seed, cfg.calibration.seed + 9))
+    # the manifest says what made the set: the teacher's and the generator's weights, by hash ...
+    assert manifest["teacher_sha256"] == sha256_file(cfg.teacher_checkpoint)
+    weights = next((cfg.stage_dir("calibration") / "ddpm" / "unet").glob("*.safetensors"))
+    assert manifest["generator"]["checkpoint_sha256"] == sha256_file(weights) and manifest["generator"]["kind"] == "ddpm"
+    assert manifest["guidance"]["mode"] == "task" and manifest["seed"] == cfg.calibration.seed
+    # ... each image's file, seed (base seed + pool index) and perceptual hash, read back from the file ...
+    assert [i["file"] for i in manifest["images"]] == [f"images/{k:05d}.png" for k in range(6)]
+    assert all(i["seed"] == cfg.calibration.seed + i["pool_index"] for i in manifest["images"])
+    assert all(i["dhash"] == f"{dhash(read_rgb(tmp_path / 'a' / i['file'])):016x}" for i in manifest["images"])
+    # ... and the measured counts: every generated image kept (passed every filter) or dropped for a reason
+    c = manifest["counts"]
+    assert c["kept"] + sum(c["dropped"].values()) == c["generated"] and len(manifest["dropped"]) == sum(c["dropped"].values())
+    assert c["surplus"] == c["kept"] - c["written"] == len(manifest["surplus"])
+    assert not (tmp_path / "a" / "pool").exists()  # unlabelled (ddpm) sets keep no pool: nothing to judge
     imgs = load_calibration_images(tmp_path / "a", (64, 64))
     assert imgs.shape == (6, 64, 64, 3)
     assert m1["counts"] == m2["counts"]
@@ -268,6 +281,8 @@ def test_cli_bad_inputs_are_one_line(tiny_run, tmp_path):
 
 
 def test_report_compares_synthetic_real_and_noise(tiny_run, tmp_path):
+    from PIL import Image
+
     from edgeseg.calibration.report import build_report
     from edgeseg.distill.models import build_model
 
@@ -276,21 +291,68 @@ def test_report_compares_synthetic_real_and_noise(tiny_run, tmp_path):
     (tmp_path / "distill").mkdir()
     torch.save({"student": build_model(cfg.student).state_dict()}, tmp_path / "distill" / "best.pt")
     r = build_report(cfg, tmp_path / "calibration" / "synthetic")
-    for s in ("synthetic", "real", "noise"):
-        assert 0.0 <= r[f"coverage_{s}"] <= 1.0
-        assert np.isfinite(r[f"sqnr_db_{s}"]) and r[f"hist_kl_{s}"] >= 0
-    assert r["counts"]["kept"] == 6 and r["tensors"] > 10
+    assert r["counts"]["written"] == 6 and r["tensors"] > 10
     assert (tmp_path / "calibration" / "report.json").is_file()
     assert (tmp_path / "calibration" / "contact_sheet.png").is_file()
+
+    # coverage by its definition, on every tensor small enough that the report reads all its values:
+    # the share of held-out activations inside the [min, max] that set calibrates
+    import onnxruntime as ort
+    from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX, modify_model_output_intermediate_tensors
+
+    from edgeseg.calibration.quantize import batches_of
+    from edgeseg.calibration.report import noise_images, real_images
+    from edgeseg.distill.data import split_samples
+    from edgeseg.distill.models import load_model
+    from edgeseg.distill.onnx_export import export_module
+    from edgeseg.runtime.preprocess import normalise_batch
+
+    student = load_model(cfg.student, tmp_path / "distill" / "best.pt", keys=("student",))
+    export_module(student, tmp_path / "s.onnx", torch.zeros(1, 3, 64, 64), ["images"], ["mask_logits"])
+    modify_model_output_intermediate_tensors(str(tmp_path / "s.onnx"), str(tmp_path / "s.aug.onnx"))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "s.aug.onnx"), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs() if o.name.endswith(_TENSOR_SAVE_POSTFIX)]
+
+    def activations(images):  # tensor -> every value over the images (one batch: at most 16 here)
+        (batch,) = batches_of(images, lambda b: normalise_batch(b, cfg.data.mean, cfg.data.std))
+        return {n[: -len(_TENSOR_SAVE_POSTFIX)]: v for n, v in zip(names, session.run(names, {"images": batch}))}
+
+    train = [s.image for s in split_samples(cfg, "train")]
+    sets = {"synthetic": load_calibration_images(tmp_path / "calibration" / "synthetic", (64, 64)),
+            "real": real_images(train, 6, (64, 64)), "noise": noise_images(6, (64, 64), cfg.calibration.seed)}
+    held = activations(real_images([s.image for s in split_samples(cfg, "test")], 4, (64, 64)))
+    acts = {k: activations(v) for k, v in sets.items()}
+    checked = 0
+    for row in r["per_tensor"]:
+        v = held[row["tensor"]]
+        if v.size >= 2 * 65536:  # the report samples larger tensors
+            continue
+        for k, a in acts.items():
+            inside = (v >= a[row["tensor"]].min()) & (v <= a[row["tensor"]].max())
+            assert row[f"coverage_{k}"] == pytest.approx(inside.mean(), abs=1e-12), (row["tensor"], k)
+        checked += 1
+    assert checked >= 10
+    for k in sets:  # the report's figure is the mean over tensors; SQNR the median
+        assert r[f"coverage_{k}"] == pytest.approx(np.mean([row[f"coverage_{k}"] for row in r["per_tensor"]]))
+        assert r[f"sqnr_db_{k}"] == pytest.approx(np.median([row[f"sqnr_db_{k}"] for row in r["per_tensor"]
+                                                             if row[f"sqnr_db_{k}"] is not None]))
+
+    # A set of one flat grey image: its calibrated ranges are narrow, so held-out activations are clipped
+    # (coverage below the real set's), its INT8 model's SQNR on them far below, its histograms far off
+    flat = tmp_path / "flat_set" / "images"
+    flat.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(flat / f"{i:05d}.png")
+    r = build_report(cfg, flat.parent, out_dir=tmp_path / "report_flat")
+    assert r["coverage_synthetic"] < r["coverage_real"] - 0.1  # measured: 0.81 vs 1.00
+    assert r["sqnr_db_synthetic"] < r["sqnr_db_real"] - 10  # 3.1 vs 22.9 dB
+    assert r["hist_kl_synthetic"] > 5 * r["hist_kl_real"]  # 1.9 vs 0.10
 
     # A set made of the held-out images themselves: its ranges are the held-out ranges, so nothing
     # is clipped (coverage exactly 1) and its histograms are the held-out ones (KL 0). That fixes
     # the ordering against the real and noise sets, whatever the model.
-    from PIL import Image
-
-    from edgeseg.calibration.report import real_images
-    from edgeseg.distill.data import split_samples
-
     held_out = real_images([s.image for s in split_samples(cfg, "test")], cfg.calibration.report_images,
                            cfg.data.image_size)
     same = tmp_path / "held_out_set" / "images"
@@ -377,7 +439,7 @@ def test_synth_with_a_pipeline_from_a_local_folder(tiny_run, tiny_sd, tmp_path):
     _, cfg = _cal_config(tiny_run, tmp_path, generator="pipeline", model=str(tiny_sd), img2img_strength=0.0,
                          count=2, pool_factor=1.0, guidance={"mode": "none"})
     manifest = Synthesizer(cfg).run(tmp_path / "sd")
-    assert manifest["generator"]["kind"] == "pipeline" and manifest["counts"]["kept"] == 2
+    assert manifest["generator"]["kind"] == "pipeline" and manifest["counts"]["written"] == 2
     assert [i["mode"] for i in manifest["images"]] == list(cfg.calibration.prompts[:2])
 
 
@@ -467,7 +529,8 @@ def test_the_count_asked_for_is_the_count_delivered(tiny_run, tmp_path):
     flt = {"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0, "dedup_bits": distances[1]}
     _, cfg = _cal_config(tiny_run, tmp_path / "a", pool_factor=1.0, filter=flt)
     m = Synthesizer(cfg).run(tmp_path / "a" / "set")
-    assert m["counts"]["kept"] == 6 and len(list((tmp_path / "a" / "set" / "images").glob("*.png"))) == 6
+    assert m["counts"]["written"] == 6 and len(list((tmp_path / "a" / "set" / "images").glob("*.png"))) == 6
+    assert m["counts"]["kept"] + sum(m["counts"]["dropped"].values()) == m["counts"]["generated"]
     assert m["counts"]["extra_rounds"] >= 1 and m["counts"]["generated"] > 6
     assert m["counts"]["dropped"]["near_duplicate"] > 0
     again = Synthesizer(cfg).run(tmp_path / "a" / "again")
@@ -502,8 +565,26 @@ def test_near_copies_of_training_images_are_measured_and_dropped(tiny_run, tmp_p
     assert flt.check(planted.astype(np.uint8), conf, near["train_ssim"])[0] == "train_copy"
     assert flt.dropped["train_copy"] == 1
 
-    # every kept image of a synthesized set carries its similarity in the manifest
+    # the exact search scores every training image: it finds the planted copy, equals scikit-image's SSIM,
+    # and is never below the shortlist's answer
+    from skimage.metrics import structural_similarity
+
+    from edgeseg.calibration.similarity import _grey, ssim_many
+
+    assert index.exact_nearest(planted.astype(np.uint8))[0] == 5
+    query = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    by_hand = [structural_similarity(_grey(query), g, data_range=255) for g in index.grey]
+    np.testing.assert_allclose(ssim_many(_grey(query), index.grey), by_hand, rtol=0, atol=1e-6)
+    best, ssim = index.exact_nearest(query)
+    assert best == int(np.argmax(by_hand)) and ssim >= index.nearest(query)["train_ssim"] - 1e-6
+
+    # every image of a synthesized set carries its similarity in the manifest: recomputed from the files
     _, cal = _cal_config(tiny_run, tmp_path)
     m = Synthesizer(cal).run(tmp_path / "set")
-    assert all(0 <= i["train_ssim"] <= 1 and i["train_nearest"].endswith(".png") for i in m["images"])
-    assert all("source_ssim" in i for i in m["images"])  # img2img: similarity to its own source too
+    names = [s.image.name for s in split_samples(cfg, "train")]
+    for i in m["images"]:
+        image = read_rgb(tmp_path / "set" / i["file"])
+        near = index.nearest(image)
+        assert i["train_ssim"] == near["train_ssim"] and i["train_nearest"] == names[near["train_nearest"]]
+        assert i["train_hash_bits"] == near["train_hash_bits"]
+        assert i["source_ssim"] == index.ssim(image, i["source"] % len(names))  # img2img: to its own source too
