@@ -8,9 +8,14 @@ model calibrated on as many real training images and on uniform noise, for the r
 Accuracy budget, for each flavour (s8s8 for TensorRT, u8s8 for the CPU runtime): if it loses
 more than ``max_miou_drop`` mIoU points against FP32 on the validation split (selection only;
 reports use test), nodes are ranked by the SQNR of their output's own quantization (pre- vs
-post-Q/DQ, ORT's ``qdq_loss_debug``) on held-out calibration images, and the worst are kept in
-float, doubling their number until the budget holds and then bisecting down to the fewest that
-do. The chosen models are ``model.int8-mixed.onnx`` and ``model.int8-cpu-mixed.onnx``.
+post-Q/DQ, ORT's ``qdq_loss_debug``) on the first quarter of the calibration set (images that
+also calibrate the model: a ranking of quantization error, not a held-out measurement), and the
+worst are kept in float, doubling their number until the budget holds and then bisecting down to
+the fewest that do. The chosen models are ``model.int8-mixed.onnx`` and ``model.int8-cpu-mixed.onnx``.
+
+``quantize.json`` records which calibration set made the models (``calibration``: folder, images
+used and a hash of their bytes, the set's generator from its manifest) and the SHA-256 of the
+``model.onnx`` they were quantized from, so the accuracy report scores only what this run wrote.
 
 Calibration matrix (``contrast=True``): both flavours x {minmax, percentile} x {synthetic, real
 training images, uniform noise} under ``matrix/``, so the accuracy report can show whether the
@@ -18,6 +23,8 @@ calibration source matters at all.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +39,7 @@ from edgeseg.distill.config import Config
 from edgeseg.export.trt_rules import check_for_tensorrt
 from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
 from edgeseg.export.trt_cache import write_cache
-from edgeseg.runtime.files import write_json_atomic
+from edgeseg.runtime.files import sha256_file, write_json_atomic
 from edgeseg.runtime.images import list_images
 from edgeseg.runtime.preprocess import normalise_batch
 from edgeseg.runtime.spec import ModelSpec
@@ -132,6 +139,28 @@ def budget_search(evaluate: Callable[[list[str]], float], ranked: list[str], fp3
     return ranked[:hi], next(t["miou"] for t in reversed(trials) if t["float_nodes"] == hi), trials
 
 
+def calibration_provenance(calib_dir: Path, limit: int | None = None) -> dict:
+    """Which calibration set quantizes: the folder, the images used (as ``load_calibration_images``
+    takes them: sorted, the first ``limit``) with one SHA-256 over their names and bytes, and the
+    set's generator, seed and guidance from its ``manifest.json`` (a folder without one says so)."""
+    from edgeseg.calibration.synth import MANIFEST
+
+    calib_dir = Path(calib_dir)
+    src = calib_dir / "images" if (calib_dir / "images").is_dir() else calib_dir
+    paths = list_images(src)[:limit] if limit else list_images(src)
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.name.encode() + b"\0" + bytes.fromhex(sha256_file(p)))
+    out = {"dir": str(calib_dir), "images": len(paths), "images_sha256": digest.hexdigest()}
+    manifest = calib_dir / MANIFEST
+    if not manifest.is_file():
+        return {**out, "generator": "none recorded: a folder of images without manifest.json"}
+    m = json.loads(manifest.read_text())
+    return {**out, "manifest_sha256": sha256_file(manifest), "generator": m.get("generator", {}), "seed": m.get("seed"),
+            "guidance": (m.get("guidance") or {}).get("mode"), "labels": m.get("labels"),
+            "target_folder": (m.get("target") or {}).get("folder")}
+
+
 def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool = True,
                  val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
     """Write every INT8 artifact into ``export_dir``; returns the quantization report.
@@ -154,6 +183,7 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     u8 = quantize_qdq(pre, export_dir / "model.int8-cpu.onnx", batches, flavour="u8s8", **q)
     cache = write_cache(activation_scales(s8), export_dir / "calibration.cache")
     report = {"calibration_dir": str(calib_dir), "calibration_images": len(images), "method": e.calibration_method,
+              "calibration": calibration_provenance(calib_dir, e.calibration_images), "fp32_sha256": sha256_file(fp32),
               "files": {"int8": str(s8), "int8_cpu": str(u8), "cache": str(cache)}}
     if contrast:
         from edgeseg.distill.data import split_samples
@@ -175,10 +205,10 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
             report[f"{name}_dir"] = str(folder)
         report["matrix"] = write_matrix(pre, export_dir, sources, e.percentile, report["files"], e.calibration_method)
     if val is not None:
-        report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val, "s8s8")
+        report["budget"] = run_budget(cfg, export_dir, pre, s8, batches, val, "s8s8", calibration=report["calibration"])
         check_for_tensorrt(export_dir / "model.int8-mixed.onnx")
         report["budget_cpu"] = run_budget(cfg, export_dir, pre, u8, batches, val, "u8s8",
-                                          fp32_miou=report["budget"]["fp32_miou"])
+                                          fp32_miou=report["budget"]["fp32_miou"], calibration=report["calibration"])
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(export_dir / "quantize.json", report)
     return report
@@ -236,11 +266,13 @@ def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray
 
 def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_batches: list[np.ndarray],
                val: tuple[list[np.ndarray], list[np.ndarray]], flavour: str = "s8s8",
-               fp32_miou: float | None = None) -> dict:
+               fp32_miou: float | None = None, calibration: dict | None = None) -> dict:
     """The accuracy budget of one flavour on the validation split (selection, never the reported split).
 
     Writes ``model.int8-mixed.onnx`` (s8s8) or ``model.int8-cpu-mixed.onnx`` (u8s8): the plain model
     when it meets the budget, else the one with the fewest nodes in float that does.
+    ``calibration``: where ``calib_batches`` came from (:func:`calibration_provenance`), recorded in
+    the result so that a study rerun later says which set it measured.
     """
     import shutil
     import tempfile
@@ -252,16 +284,18 @@ def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_
     int8_miou = miou_of(predict_masks(onnx_runner(quantized), images), gts)
     out = {"flavour": flavour, "split": "val", "fp32_miou": fp32_miou, "int8_miou": int8_miou,
            "budget_points": e.max_miou_drop}
+    if calibration is not None:
+        out["calibration"] = calibration
     mixed = export_dir / ("model.int8-mixed.onnx" if flavour == "s8s8" else "model.int8-cpu-mixed.onnx")
     out["model"] = str(mixed)
     if fp32_miou - int8_miou <= e.max_miou_drop / 100:
         shutil.copyfile(quantized, mixed)
         out.update(mixed_miou=int8_miou, float_nodes=[], trials=[], met=True)
         return out
-    held_out = calib_batches[: max(1, len(calib_batches) // 4)]
+    ranking_batches = calib_batches[: max(1, len(calib_batches) // 4)]  # a quarter of the calibration set itself
     with tempfile.TemporaryDirectory(prefix="edgeseg-budget-") as tmp:
         tmp = Path(tmp)
-        ranked = node_sensitivity(pre, quantized, held_out, tmp)
+        ranked = node_sensitivity(pre, quantized, ranking_batches, tmp)
         names = [n for n, _ in ranked]
         pairs = fused_producers(pre)
 

@@ -130,10 +130,45 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
 
 CHAIN = ("teacher", "student", "fp32", "int8_synthetic", "mixed")
 CONTRASTS = {"int8_real": "fp32", "int8_noise": "fp32", "int8_cpu": "fp32", "int8_cpu_mixed": "fp32", "fp16": "fp32"}
-MODELS = (("fp32", "model.onnx"), ("int8_synthetic", "model.int8.onnx"), ("mixed", "model.int8-mixed.onnx"),
-          ("int8_real", "model.int8-real.onnx"), ("int8_noise", "model.int8-noise.onnx"),
-          ("int8_cpu", "model.int8-cpu.onnx"), ("int8_cpu_mixed", "model.int8-cpu-mixed.onnx"),
-          ("fp16", "model.fp16.onnx"))
+# backend name -> key of quantize.json's "files" that records the model
+QUANTIZED = (("int8_synthetic", "int8"), ("int8_real", "int8_real"), ("int8_noise", "int8_noise"), ("int8_cpu", "int8_cpu"))
+
+
+def written_models(out: Path) -> dict[str, Path]:
+    """The ONNX models the last ``export onnx`` and ``export quantize`` wrote, by backend name.
+
+    Read from their reports (``onnx.json``, ``quantize.json``), never from what happens to be on
+    disk: a model an earlier run left (``model.int8-real.onnx`` after ``--no-contrast``, a mixed
+    model after ``--no-budget``) is not scored. A listed model that is missing, or INT8 models
+    quantized from another ``model.onnx`` than the one there now, stop the report.
+    """
+    if not (out / "model.onnx").is_file():
+        raise InputError(f"{out / 'model.onnx'}: missing; run `edgeseg export onnx` first")
+    models = {"fp32": out / "model.onnx"}
+    onnx_report = json.loads((out / "onnx.json").read_text()) if (out / "onnx.json").is_file() else {}
+    if onnx_report.get("fp16"):
+        models["fp16"] = Path(onnx_report["fp16"])
+    quant = json.loads((out / "quantize.json").read_text()) if (out / "quantize.json").is_file() else {}
+    if quant:
+        from edgeseg.runtime.files import sha256_file
+
+        recorded, now = quant.get("fp32_sha256"), sha256_file(out / "model.onnx")
+        if recorded is None:
+            log.warning("%s predates fp32_sha256: cannot check that its INT8 models come from this model.onnx",
+                        out / "quantize.json")
+        elif recorded != now:
+            raise InputError(f"{out / 'quantize.json'}: its INT8 models were quantized from another model.onnx "
+                             f"(sha256 {recorded[:12]}..., now {now[:12]}...); run `edgeseg export quantize` again")
+        files = quant.get("files", {})
+        models.update({name: Path(files[key]) for name, key in QUANTIZED if key in files})
+        for name, budget in (("mixed", "budget"), ("int8_cpu_mixed", "budget_cpu")):
+            if quant.get(budget):
+                models[name] = Path(quant[budget]["model"])
+    missing = [f"{name} ({path})" for name, path in models.items() if not path.is_file()]
+    if missing:
+        raise InputError(f"models recorded by the last export run are missing: {', '.join(missing)}; "
+                         "run `edgeseg export onnx` and `edgeseg export quantize` again (make export)")
+    return models
 
 
 def _split_block(runners: dict, images: list, gts: list) -> tuple[dict, dict, dict]:
@@ -186,6 +221,7 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
 
     t0 = time.perf_counter()
     out = export_dir(cfg)
+    models = written_models(out)  # only what this run wrote, checked before any scoring
     splits, note = report_splits(cfg)
     if sets is None:
         sets = {s: eval_set(cfg, s) for s in splits}
@@ -197,9 +233,8 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
     student, _ = load_student(cfg, checkpoint or cfg.stage_dir("distill") / "best.pt")
     runners = {"teacher": TorchRunner(load_model(cfg.teacher, cfg.teacher_checkpoint), torch_spec),
                "student": TorchRunner(student, torch_spec)}
-    for name, file in MODELS:
-        if (out / file).is_file():
-            runners[name] = onnx_runner(out / file)
+    for name, path in models.items():
+        runners[name] = onnx_runner(path)
     quant = json.loads((out / "quantize.json").read_text()) if (out / "quantize.json").is_file() else {}
     deployed = _deployed(quant.get("budget", {}), "int8_synthetic", "mixed")
     cpu_model = _deployed(quant.get("budget_cpu", {}), "int8_cpu", "int8_cpu_mixed")
@@ -208,10 +243,13 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
     for split in splits:
         images, gts = sets[split]
         block, preds, scores = _split_block(runners, images, gts)
-        if deployed in scores:
+        fp32 = scores["fp32"].miou
+        if deployed in scores:  # the headline: the model the bundle ships, chosen on val
             block["deployed_int8_miou"] = scores[deployed].miou
+            block["deployed_int8_loss_points"] = (fp32 - scores[deployed].miou) * 100
         if cpu_model in scores:
             block["cpu_model_miou"] = scores[cpu_model].miou
+            block["cpu_model_loss_points"] = (fp32 - scores[cpu_model].miou) * 100
         blocks[split] = block
         if main_preds is None:
             main_preds, main_scores = preds, scores
@@ -235,12 +273,14 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
     report["budget_points"] = cfg.export.max_miou_drop
     report["budget_selection"] = {k: {f: v.get(f) for f in ("split", "fp32_miou", "int8_miou", "mixed_miou", "met")}
                                   for k, v in (("s8s8", budget), ("u8s8", quant.get("budget_cpu", {}))) if v}
-    if deployed in runners:
+    if deployed in models:
         report["deployed_int8"] = deployed
-        report["deployed_int8_model"] = str(out / dict(MODELS)[deployed])
-    if cpu_model in runners:
+        report["deployed_int8_model"] = str(models[deployed])
+        report["deployed_int8_chosen_on"] = "val"  # by the budget search (quantize.json), never on the report splits
+    if cpu_model in models:
         report["cpu_model"] = cpu_model
-        report["cpu_model_file"] = str(out / dict(MODELS)[cpu_model])
+        report["cpu_model_file"] = str(models[cpu_model])
+    report["calibration"] = quant.get("calibration")
     onnx_report = json.loads((out / "onnx.json").read_text()) if (out / "onnx.json").is_file() else {}
     for key in ("parity_max_abs", "nodes_before_onnxsim", "nodes_after_onnxsim"):
         report[key] = onnx_report.get(key)
@@ -263,3 +303,7 @@ def print_table(report: dict) -> None:
         print(f"{name:16s}{r['miou']:8.4f}{r['person_iou']:8.4f}{r['boundary_iou']:9.4f}{agree}{delta}", file=sys.stderr)
     print("(delta: mIoU points vs the previous step of teacher -> student -> fp32 -> int8 -> mixed; contrasts vs fp32)",
           file=sys.stderr)
+    for label, key in (("deployed INT8", "deployed_int8"), ("CPU-served", "cpu_model")):
+        if report.get(f"{key}_miou") is not None:
+            print(f"{label} (chosen on val): {report.get(key)} mIoU {report[f'{key}_miou']:.4f}, "
+                  f"{report[f'{key}_loss_points']:.2f} points below FP32 on {report.get('split', '?')}", file=sys.stderr)

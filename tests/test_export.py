@@ -33,7 +33,7 @@ def exported(tiny_run, tmp_path_factory):
                         teacher={"checkpoint": str(base.teacher_checkpoint)},
                         feature_teacher={"onnx": str(base.feature_teacher_onnx)},
                         train={"epochs": 1, "batch_size": 4, "lr": 1e-3},
-                        export={"max_batch": 4, "opt_batch": 2, "max_miou_drop": 100.0})
+                        export={"max_batch": 4, "opt_batch": 2})  # the default budget: 1 point on val
     cfg = load_config(path, Config)
     trainer = Trainer(cfg, job_for(cfg, "student"))
     trainer.run()
@@ -44,8 +44,10 @@ def exported(tiny_run, tmp_path_factory):
     calib = run_dir / "calibration" / "synthetic" / "images"
     calib.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i in range(8):  # stand-in calibration images (the real ones come from calibration.synth)
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(calib / f"{i:05d}.png")
+    for i in range(8):  # stand-in synthetic images (the real ones come from calibration.synth): smooth colour
+        # fields, neither the training images ("real") nor uniform noise ("noise") nor the dark target set
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((64, 64), Image.BICUBIC).save(calib / f"{i:05d}.png")
     target = run_dir / "calibration" / "target" / "images"  # a stand-in target-domain set: dark images
     target.mkdir(parents=True)
     for i in range(4):
@@ -226,15 +228,49 @@ def test_budget_search_finds_the_fewest_float_nodes():
 # --- accuracy report -------------------------------------------------------------------------------
 
 def test_accuracy_report_has_the_end_to_end_budget(exported):
-    _, _, run_dir, _, _, acc, _ = exported
-    for key in ("teacher_miou", "student_miou", "fp32_miou", "int8_synthetic_miou", "int8_real_miou",
-                "int8_noise_miou", "int8_cpu_miou", "mixed_miou", "mixed_float_nodes", "parity_max_abs"):
-        assert key in acc, key
-    # the ONNX model and the torch student are the same function: identical masks
+    from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
+    from edgeseg.export.stage import eval_set
+
+    cfg, _, run_dir, _, _, acc, _ = exported
+    d = run_dir / "export"
+    images, gts = eval_set(cfg, "test")
+    # each figure is the mIoU of the file it names, scored again here on test
+    for name, file in (("fp32", "model.onnx"), ("int8_synthetic", "model.int8.onnx"), ("int8_real", "model.int8-real.onnx"),
+                       ("int8_noise", "model.int8-noise.onnx"), ("int8_cpu", "model.int8-cpu.onnx")):
+        assert acc[f"{name}_miou"] == pytest.approx(miou_of(predict_masks(onnx_runner(d / file), images), gts)), name
+    # the ONNX model and the torch student are the same function: the same masks, pixel for pixel (nearly)
+    assert acc["backends"]["student"]["agreement_fp32"] >= 0.999
     assert acc["fp32_miou"] == pytest.approx(acc["student_miou"], abs=1e-3)
-    assert acc["backends"]["fp32"]["agreement_fp32"] == 1.0
-    assert acc["backends"]["student"]["delta_points"] == pytest.approx((acc["student_miou"] - acc["teacher_miou"]) * 100)
+    # the chain teacher -> student -> fp32 -> int8, each step's delta against the one before; contrasts vs fp32
+    b = acc["backends"]
+    assert b["student"]["delta_points"] == pytest.approx((acc["student_miou"] - acc["teacher_miou"]) * 100)
+    assert b["int8_synthetic"]["delta_points"] == pytest.approx((acc["int8_synthetic_miou"] - acc["fp32_miou"]) * 100)
+    assert b["int8_noise"]["delta_points"] == pytest.approx((acc["int8_noise_miou"] - acc["fp32_miou"]) * 100)
     assert (run_dir / "export" / "worst_images.png").is_file()
+
+
+def test_matrix_rows_differ_by_calibration_source(exported):
+    """Each matrix row is its own model calibrated on its own source: the sources' activation ranges
+    differ, so do every two models' scales, and a row's mIoU is that model's."""
+    from edgeseg.calibration.quantize import activation_scales
+    from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
+    from edgeseg.export.stage import eval_set
+
+    cfg, _, _, _, quant, acc, _ = exported
+    models = {(r["flavour"], r["method"], r["calibration"]): r["model"] for r in quant["matrix"]}
+    assert len(set(models.values())) == len(models) == 2 * 2 * 5
+    sources = ("synthetic", "real", "noise", "target", "target_images")
+    for flavour in ("s8s8", "u8s8"):
+        for method in ("minmax", "percentile"):
+            scales = {c: activation_scales(models[(flavour, method, c)]) for c in sources}
+            for i, a in enumerate(sources):
+                for other in sources[i + 1:]:
+                    assert scales[a] != scales[other], (flavour, method, a, other)
+    images, gts = eval_set(cfg, "test_shift")
+    for c in sources:
+        row = next(r for r in acc["matrix"] if (r["flavour"], r["method"], r["calibration"], r["split"]) ==
+                   ("s8s8", "minmax", c, "test_shift"))
+        assert row["miou"] == miou_of(predict_masks(onnx_runner(models[("s8s8", "minmax", c)]), images), gts), c
 
 
 # --- TensorRT planning -----------------------------------------------------------------------------
@@ -363,11 +399,32 @@ def test_bundle_gates_on_the_accuracy_budget(exported, tmp_path):
 
 def test_accuracy_report_is_on_test_with_the_shift_and_the_matrix(exported):
     _, _, run_dir, _, quant, acc, _ = exported
+    from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
+    from edgeseg.export.stage import validation_set
+
+    cfg = exported[0]
     assert acc["split"] == "test" and acc["selection_split"] == "val" and "test_shift" in acc
     assert acc["images"] == 8 and acc["test_shift"]["images"] == 8  # the tiny config's test splits
-    for key in ("fp32_miou", "int8_synthetic_miou", "int8_cpu_miou", "cpu_model_miou", "deployed_int8_miou"):
-        assert 0.0 <= acc[key] <= 1.0 and 0.0 <= acc["test_shift"][key] <= 1.0, key
-    assert acc["cpu_model_miou"] == acc[f"{acc['cpu_model']}_miou"]
+    # the headline is the model the budget chose on val (the plain one unless it needed float nodes),
+    # scored on each report split; never the better of two on test
+    assert acc["deployed_int8"] == ("mixed" if quant["budget"]["float_nodes"] else "int8_synthetic")
+    assert acc["cpu_model"] == ("int8_cpu_mixed" if quant["budget_cpu"]["float_nodes"] else "int8_cpu")
+    assert acc["deployed_int8_chosen_on"] == "val"
+    assert acc["deployed_int8_model"] == (quant["budget"]["model"] if acc["deployed_int8"] == "mixed" else quant["files"]["int8"])
+    for block in (acc, acc["test_shift"]):
+        assert block["deployed_int8_miou"] == block[f"{acc['deployed_int8']}_miou"]
+        assert block["cpu_model_miou"] == block[f"{acc['cpu_model']}_miou"]
+        assert block["deployed_int8_loss_points"] == pytest.approx((block["fp32_miou"] - block["deployed_int8_miou"]) * 100)
+        assert block["cpu_model_loss_points"] == pytest.approx((block["fp32_miou"] - block["cpu_model_miou"]) * 100)
+    # the selection figures are val's: FP32 on val, measured here again
+    val_images, val_gts = validation_set(cfg)
+    fp32_val = miou_of(predict_masks(onnx_runner(run_dir / "export" / "model.onnx"), val_images), val_gts)
+    assert quant["budget"]["fp32_miou"] == pytest.approx(fp32_val) and quant["budget_cpu"]["fp32_miou"] == quant["budget"]["fp32_miou"]
+    assert quant["budget"]["met"] == (fp32_val - quant["budget"]["mixed_miou"] <= cfg.export.max_miou_drop / 100)
+    # which calibration set made the models, so a later rerun says what it measured
+    cal = acc["calibration"]
+    assert cal == quant["calibration"] == quant["budget"]["calibration"] and cal["images"] == 8
+    assert cal["dir"].endswith("calibration/synthetic") and cal["generator"].startswith("none recorded")
     cells = {(r["flavour"], r["method"], r["calibration"], r["split"]) for r in acc["matrix"]}
     assert cells == {(f, m, c, s) for f in ("s8s8", "u8s8") for m in ("minmax", "percentile")
                      for c in ("synthetic", "real", "noise", "target", "target_images") for s in ("test", "test_shift")}
@@ -377,6 +434,39 @@ def test_accuracy_report_is_on_test_with_the_shift_and_the_matrix(exported):
     assert row["miou"] == pytest.approx(acc["int8_synthetic_miou"])  # the same model, the same split
     # the budget decided on val: its figures are not the reported ones
     assert quant["budget"]["split"] == "val" and quant["budget_cpu"]["flavour"] == "u8s8"
+
+
+def test_accuracy_scores_only_the_models_this_run_wrote(exported, tmp_path):
+    """A quantize run with --no-contrast --no-budget leaves the earlier run's contrast and mixed models
+    on disk: the report scores what quantize.json records, and refuses models that no longer match."""
+    import shutil
+
+    from edgeseg.export.stage import run_accuracy, run_quantize
+
+    _, path, run_dir, _, _, _, _ = exported
+    for sub in ("distill", "calibration", "export"):
+        shutil.copytree(run_dir / sub, tmp_path / sub)
+    cfg = load_config(path, Config, [f"run_dir={tmp_path}"])
+    d = tmp_path / "export"
+    run_quantize(cfg, contrast=False, budget=False)
+    stale = ("model.int8-real.onnx", "model.int8-noise.onnx", "model.int8-mixed.onnx", "model.int8-cpu-mixed.onnx")
+    assert all((d / f).is_file() for f in stale)  # precondition: the full run's models are still there
+    acc = run_accuracy(cfg)
+    assert {"int8_synthetic", "int8_cpu"} <= set(acc["backends"])
+    assert not {"int8_real", "int8_noise", "mixed", "int8_cpu_mixed"} & set(acc["backends"]), set(acc["backends"])
+    assert "mixed_miou" not in acc and acc["matrix"] == []
+    assert acc["deployed_int8"] == "int8_synthetic" and acc["cpu_model"] == "int8_cpu"
+    assert acc["deployed_int8_model"] == str(d / "model.int8.onnx")
+    # a recorded model that is gone, and INT8 models quantized from another model.onnx, stop the report
+    (d / "model.int8-cpu.onnx").rename(d / "moved.onnx")
+    with pytest.raises(InputError, match=r"models recorded by the last export run are missing: int8_cpu \("):
+        run_accuracy(cfg)
+    (d / "moved.onnx").rename(d / "model.int8-cpu.onnx")
+    m = onnx.load(d / "model.onnx")
+    m.doc_string = "re-exported"
+    onnx.save(m, d / "model.onnx")
+    with pytest.raises(InputError, match=r"quantize.json: its INT8 models were quantized from another model.onnx"):
+        run_accuracy(cfg)
 
 
 # --- what TensorRT's ONNX parser accepts ----------------------------------------------------------
