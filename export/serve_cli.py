@@ -40,14 +40,17 @@ def triton(bundle, out, max_batch, instances, max_queue_delay_us, verbose):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the nvinfer config.")
 @click.option("--batch-size", type=int, default=None, help="nvinfer batch-size (default: the bundle's max batch).")
 @click.option("--gpu-id", type=int, default=0, show_default=True)
+@click.option("--tensorrt-version", default="10.3.0", show_default=True,
+              help="TensorRT of the DeepStream host (DeepStream 7.1 / JetPack 6: 10.3.0): the INT8 cache's version; "
+                   "11+ has no implicit INT8, so the config asks for FP16.")
 @click.option("-v", "--verbose", count=True)
 @exit_on_user_error
-def deepstream(bundle, out, batch_size, gpu_id, verbose):
+def deepstream(bundle, out, batch_size, gpu_id, tensorrt_version, verbose):
     """Write a DeepStream nvinfer config and its normalising ONNX."""
     from edgeseg.export.deepstream import write_config
 
     configure_logging(verbose)
-    click.echo(json.dumps(write_config(bundle, out, batch_size, gpu_id)))
+    click.echo(json.dumps(write_config(bundle, out, batch_size, gpu_id, tensorrt_version)))
 
 
 @main.command()

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from edgeseg.runtime.bundle import Bundle
@@ -143,7 +144,60 @@ parameters [
 '''
 
 
-def gpu_configs(bundle: Bundle, max_batch: int, opt_batch: int, instances: int, max_queue_delay_us: int) -> dict[str, str]:
+# Parameters Triton's onnxruntime backend accepts for its TensorRT accelerator; any other key fails the
+# model load ("unknown parameter ... is provided for TensorRT Execution Accelerator"): the backend's
+# README table and src/onnxruntime.cc. precision_mode maps FP16 -> trt_fp16_enable, INT8 -> trt_int8_enable.
+ORT_TRT_ACCELERATOR_PARAMETERS = {
+    "precision_mode", "max_workspace_size_bytes", "trt_max_partition_iterations", "trt_min_subgraph_size",
+    "int8_calibration_table_name", "int8_use_native_calibration_table", "trt_dla_enable", "trt_dla_core",
+    "trt_engine_cache_enable", "trt_engine_cache_path", "trt_engine_cache_prefix", "trt_dump_subgraphs",
+    "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
+    "trt_timing_cache_enable", "trt_timing_cache_path", "trt_force_timing_cache", "trt_detailed_build_log",
+    "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_builder_optimization_level", "trt_auxiliary_streams",
+    "trt_tactic_sources", "trt_extra_plugin_lib_paths", "trt_profile_min_shapes", "trt_profile_max_shapes",
+    "trt_profile_opt_shapes", "trt_cuda_graph_enable", "trt_dump_ep_context_model", "trt_ep_context_file_path",
+    "trt_ep_context_embed_mode",
+}
+ORT_TRT_PRECISION_MODES = {"FP32", "FP16", "BF16", "INT8"}
+
+
+def ort_trt_accelerator(bundle: Bundle, max_batch: int, opt_batch: int) -> dict[str, str]:
+    """The TensorRT accelerator parameters of ``edgeseg_onnx``.
+
+    An int8 bundle serves its Q/DQ ONNX, which a weakly typed TensorRT build only honours with
+    ``trt_int8_enable``: ``precision_mode "INT8"`` (one value per model: layers outside the Q/DQ
+    pairs then run in FP32). An explicit profile for batch 1..max_batch, tuned for opt_batch,
+    builds one engine for every batch the dynamic batcher forms, instead of one per new size.
+    """
+    from edgeseg.runtime.backends.onnxrt import trt_profile
+
+    precision = {"int8": "INT8", "fp16": "FP16"}.get(bundle.precision, "FP32")
+    params = {"precision_mode": precision, "max_workspace_size_bytes": "1073741824", "trt_engine_cache_enable": "1",
+              **trt_profile(replace(bundle.spec, max_batch=max_batch, opt_batch=opt_batch))}
+    unknown = set(params) - ORT_TRT_ACCELERATOR_PARAMETERS
+    if unknown or precision not in ORT_TRT_PRECISION_MODES:  # a guard on this module itself
+        raise AssertionError(f"not Triton onnxruntime TensorRT parameters: {sorted(unknown)} / {precision}")
+    return params
+
+
+def plan_engine(bundle: Bundle, max_batch: int) -> tuple[Path | None, dict | None]:
+    """The device-built engine ``edgeseg_trt`` can serve (and its sidecar), or (None, None).
+
+    Triton's dynamic batcher sends any batch from 1 to max_batch, so the engine must be a GPU
+    engine of the bundle's precision whose profile covers that range: a DLA engine (static
+    shape, one batch size, and a DLA core Triton does not select) is never chosen.
+    """
+    for engine in bundle.device_engines():
+        meta = json.loads(engine.with_name(engine.name + ".json").read_text())
+        lo, hi = (meta.get("profile", {}).get(k, [0])[0] for k in ("min", "max"))
+        if (f".{bundle.precision}." in engine.name and int(meta.get("dla_core", -1)) < 0 and ".dla" not in engine.name
+                and not meta.get("static_batch") and lo <= 1 and hi >= max_batch):
+            return engine, meta
+    return None, None
+
+
+def gpu_configs(bundle: Bundle, max_batch: int, opt_batch: int, instances: int, max_queue_delay_us: int,
+                engine_meta: dict | None = None) -> dict[str, str]:
     """config.pbtxt of the GPU models: TensorRT plan, ONNX Runtime (TensorRT accelerator), pre/post, ensemble."""
     spec = bundle.spec
     h, w = spec.image_size
@@ -155,18 +209,24 @@ def gpu_configs(bundle: Bundle, max_batch: int, opt_batch: int, instances: int, 
     batching = (f"dynamic_batching {{ preferred_batch_size: [ {opt_batch}, {max_batch} ] "
                 f"max_queue_delay_microseconds: {max_queue_delay_us} }}\n")
     gpu_group = f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]\n"
-    precision = "FP16" if bundle.precision in ("fp16", "int8") else "FP32"
+    if engine_meta:
+        plan_note = (f"# model.plan: built by TensorRT {engine_meta.get('tensorrt_version')} for "
+                     f"{engine_meta.get('gpu_name')} (compute capability {engine_meta.get('compute_capability')}); an "
+                     "engine runs only in the TensorRT version that built it,\n# so serve it with a Triton whose "
+                     f"TensorRT is {engine_meta.get('tensorrt_version')} (each Triton release names its TensorRT)\n")
+    else:
+        plan_note = ("# no engine yet: build it on this GPU with the TensorRT of the Triton that serves it (an engine runs "
+                     "only in the\n# TensorRT version that built it): python build_engine.py in the bundle, then copy "
+                     f"model.{bundle.precision}.device.engine to edgeseg_trt/1/model.plan\n")
+    accelerator = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}'
+                           for k, v in ort_trt_accelerator(bundle, max_batch, opt_batch).items())
     return {
-        "edgeseg_trt": (f'# the bundle\'s engine; build it on this GPU: python build_engine.py, then copy\n'
-                        f'# model.{bundle.precision}.device.engine to edgeseg_trt/1/model.plan\n'
-                        f'name: "edgeseg_trt"\nplatform: "tensorrt_plan"\nmax_batch_size: {max_batch}\n'
+        "edgeseg_trt": (plan_note + f'name: "edgeseg_trt"\nplatform: "tensorrt_plan"\nmax_batch_size: {max_batch}\n'
                         + model_io + batching + gpu_group),
         "edgeseg_onnx": (f'name: "edgeseg_onnx"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n' + model_io
                          + batching + gpu_group
                          + 'optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt" '
-                         f'parameters {{ key: "precision_mode" value: "{precision}" }} '
-                         'parameters { key: "max_workspace_size_bytes" value: "1073741824" } '
-                         'parameters { key: "trt_engine_cache_enable" value: "1" } } ] } }\n'),
+                         + accelerator + ' } ] } }\n'),
         "edgeseg_preprocess": ('# letterbox + normalise on the CPU; PLACEMENT = top, left, height, width, src_h, src_w\n'
                                f'name: "edgeseg_preprocess"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
                                'input [ { name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] } ]\n'
@@ -257,9 +317,11 @@ def write_repository(bundle_dir: str | Path, out: str | Path, max_batch: int | N
     if instances < 1 or max_queue_delay_us < 0:
         raise InputError(f"--instances must be >= 1 and --max-queue-delay-us >= 0, got {instances}, {max_queue_delay_us}")
     out = Path(out)
+    engine, engine_meta = plan_engine(bundle, max_batch)
     tmp = staging_dir(out)
     configs = {CPU_MODEL: cpu_config(CPU_MODEL, max_batch, instances, max_queue_delay_us, threads),
-               **gpu_configs(bundle, max_batch, min(spec.opt_batch, max_batch), instances, max_queue_delay_us)}
+               **gpu_configs(bundle, max_batch, min(spec.opt_batch, max_batch), instances, max_queue_delay_us,
+                             engine_meta)}
     for name, text in configs.items():
         validate_config(text, f"{name}/config.pbtxt")
         (tmp / name / "1").mkdir(parents=True)
@@ -271,7 +333,6 @@ def write_repository(bundle_dir: str | Path, out: str | Path, max_batch: int | N
         (tmp / name / "1" / "spec.json").write_text(json.dumps(spec.to_dict()))
     onnx = bundle.file("int8" if bundle.precision == "int8" else "fp32") or bundle.file("fp32")
     shutil.copyfile(onnx, tmp / "edgeseg_onnx" / "1" / "model.onnx")
-    engine = bundle.device_engine()
     if engine is not None:
         shutil.copyfile(engine, tmp / "edgeseg_trt" / "1" / "model.plan")
     replace_dir(tmp, out)

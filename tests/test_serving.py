@@ -45,7 +45,18 @@ def test_every_config_parses_with_tritons_own_schema(repository):
     assert [i.name for i in cpu.input] == ["IMAGE"] and list(cpu.input[0].dims) == [-1, -1, 3]
     assert cpu.instance_group[0].count == 1
     assert configs["edgeseg_trt"].platform == "tensorrt_plan"
-    assert configs["edgeseg_onnx"].optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+    accelerator = configs["edgeseg_onnx"].optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt"
+    # the int8 bundle's Q/DQ ONNX needs trt_int8_enable, i.e. precision_mode INT8 in Triton's backend, and one
+    # explicit profile for every batch the dynamic batcher forms (1..max_batch), or each new size rebuilds
+    from edgeseg.export.triton import ORT_TRT_ACCELERATOR_PARAMETERS
+
+    params = dict(accelerator.parameters)
+    assert set(params) <= ORT_TRT_ACCELERATOR_PARAMETERS  # the backend refuses any other key
+    assert params["precision_mode"] == "INT8"
+    assert (params["trt_profile_min_shapes"], params["trt_profile_opt_shapes"], params["trt_profile_max_shapes"]) == (
+        "images:1x3x64x64", "images:2x3x64x64", "images:4x3x64x64")
+    assert "TensorRT version that built it" in (repository / "edgeseg_trt" / "config.pbtxt").read_text()
     assert [s.model_name for s in configs["edgeseg_gpu"].ensemble_scheduling.step] == [
         "edgeseg_preprocess", "edgeseg_trt", "edgeseg_postprocess"]
     assert (repository / "edgeseg" / "1" / "bundle" / "manifest.json").is_file()
@@ -64,28 +75,87 @@ def test_repository_refuses_bad_options(bundle, tmp_path):
         write_repository(bundle, tmp_path / "r", instances=0)
 
 
+def _nvinfer_segmentation(output: np.ndarray, threshold: float) -> np.ndarray:
+    """nvinfer's default semantic-segmentation parser on (B, C, H, W): per pixel the class whose value is the
+    largest and above the threshold, starting from -1; -1 (no class) where none is."""
+    best = np.full(output.shape[:1] + output.shape[2:], -1.0, np.float32)
+    cls = np.full(best.shape, -1, np.int32)
+    for c in range(output.shape[1]):
+        win = (output[:, c] > best) & (output[:, c] > threshold)
+        cls[win], best[win] = c, output[:, c][win]
+    return cls
+
+
+def _with_threshold(bundle, tmp_path, threshold):
+    """A copy of the bundle whose spec asks for another threshold (the manifest is not among the hashed files)."""
+    import json
+
+    copy = tmp_path / f"bundle-t{threshold}"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["spec"]["threshold"] = threshold
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
 def test_deepstream_config_keys_and_arithmetic(bundle, tmp_path):
     from edgeseg.export.deepstream import NVINFER_KEYS, read_config, write_config
     from edgeseg.runtime.bundle import Bundle
-    from edgeseg.runtime.preprocess import normalise_batch
+    from edgeseg.runtime.pipeline import finish
+    from edgeseg.runtime.preprocess import Placement, normalise_batch
 
     out = write_config(bundle, tmp_path, batch_size=2)
     keys = read_config(tmp_path / "config_infer_edgeseg.txt")
     assert set(keys) <= NVINFER_KEYS
     assert keys["network-type"] == "2" and keys["net-scale-factor"] == "1.0" and keys["offsets"] == "0;0;0"
-    assert keys["output-blob-names"] == "mask_logits" and keys["batch-size"] == "2" and keys["num-detected-classes"] == "1"
-    assert float(keys["segmentation-threshold"]) == pytest.approx(0.0)  # logit(0.5): the output is logits
+    assert keys["output-blob-names"] == "mask_probs" and keys["batch-size"] == "2" and keys["num-detected-classes"] == "1"
+    assert float(keys["segmentation-threshold"]) == 0.5  # a probability, never a (possibly negative) logit
     assert keys["network-mode"] == "1" and (tmp_path / keys["int8-calib-file"]).is_file()
-    # nvinfer feeds float NCHW RGB in [0, 255]: the DeepStream ONNX on raw pixels equals the model on normalised ones
+    # nvinfer feeds float NCHW RGB in [0, 255]: the DeepStream ONNX on raw pixels gives the model's probabilities
     spec = Bundle(bundle).spec
     raw = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     ds = ort.InferenceSession(out["onnx"], providers=["CPUExecutionProvider"])
     ref = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in ds.get_outputs()] == ["mask_probs"]
     got = ds.run(None, {ds.get_inputs()[0].name: raw.transpose(0, 3, 1, 2).astype(np.float32)})[0]
-    want = ref.run(None, {"images": normalise_batch(raw, spec.mean, spec.std)})[0]
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    logits = ref.run(None, {"images": normalise_batch(raw, spec.mean, spec.std)})[0]
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-logits)), atol=1e-5)
     with pytest.raises(InputError, match=r"--batch-size must be in 1\.\.4"):
         write_config(bundle, tmp_path / "x", batch_size=9)
+
+    # at a threshold below 0.5 (a negative logit, which nvinfer refuses), nvinfer's own parsing rule on
+    # the DeepStream output gives the runtime's masks
+    low = _with_threshold(bundle, tmp_path, 0.3)
+    low_out = write_config(low, tmp_path / "low", batch_size=2)
+    assert float(read_config(tmp_path / "low" / "config_infer_edgeseg.txt")["segmentation-threshold"]) == 0.3
+    probs = ort.InferenceSession(low_out["onnx"], providers=["CPUExecutionProvider"]).run(
+        None, {ds.get_inputs()[0].name: raw.transpose(0, 3, 1, 2).astype(np.float32)})[0]
+    nvinfer = _nvinfer_segmentation(probs, 0.3) == 0
+    low_spec = Bundle(low).spec
+    placements = [Placement((64, 64), (64, 64), 0, 0, 64, 64)] * 2
+    runtime = np.stack(finish(logits, placements, low_spec)).astype(bool)
+    assert (nvinfer != runtime).mean() < 1e-3 and runtime.any()
+
+
+def test_deepstream_int8_follows_the_target_tensorrt(bundle, tmp_path):
+    import onnx
+
+    from edgeseg.export.deepstream import read_config, write_config
+    from edgeseg.export.trt_cache import read_cache
+
+    # TensorRT 10: implicit INT8 from a cache whose header is that version's, with only the DeepStream ONNX's tensors
+    out = write_config(bundle, tmp_path / "t10", trt_version="10.7.0")
+    header, scales = read_cache(tmp_path / "t10" / "calibration.cache")
+    g = onnx.load(out["onnx"]).graph
+    names = {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    assert header == "TRT-100700-EntropyCalibration2" and scales and set(scales) <= names
+    assert out["calibration_tensors"] == len(scales)
+    # TensorRT 11 has no implicit INT8: FP16, no calibration file, and the config says why
+    out = write_config(bundle, tmp_path / "t11", trt_version="11.4.1")
+    keys = read_config(tmp_path / "t11" / "config_infer_edgeseg.txt")
+    assert keys["network-mode"] == "2" and "int8-calib-file" not in keys and keys["model-engine-file"].endswith("_fp16.engine")
+    assert "TensorRT 11.4.1 has no implicit INT8" in (tmp_path / "t11" / "config_infer_edgeseg.txt").read_text()
+    assert not (tmp_path / "t11" / "calibration.cache").exists()
 
 
 def _images(sizes, n, seed=0):

@@ -547,3 +547,37 @@ def test_quantized_types_zero_points_and_per_channel_scales(fake_gpu, tmp_path, 
     onnx.save(model, str(path))
     parser = trt.OnnxParser(trt.Builder(trt.Logger()).create_network(0), trt.Logger())
     assert parser.parse_from_file(str(path)) is (refused is None), [parser.get_error(i) for i in range(parser.num_errors)]
+
+
+# --- Triton's edgeseg_trt model takes a GPU engine only (issue 17, B11) ----------------------------
+
+def test_triton_plan_is_never_a_static_dla_engine(fake_gpu, exported, tmp_path):  # noqa: F811
+    from edgeseg.export.bundle import write_bundle
+    from edgeseg.export.engine import build_engine, capabilities, plan_build, profile_shapes
+    from edgeseg.export.triton import write_repository
+    from edgeseg.runtime.bundle import Bundle
+
+    trt, _ = fake_gpu
+    cfg, _, run_dir, _, _, _, _ = exported
+    bundle = tmp_path / "bundle"
+    write_bundle(cfg, run_dir / "export", bundle, None, allow_over_budget=True)
+    spec = Bundle(bundle).spec
+    files = {"fp32": str(bundle / "model.onnx"), "int8": str(bundle / "model.int8.onnx"),
+             "cache": str(bundle / "calibration.cache")}
+    caps = capabilities(trt.__version__)
+
+    def build(dla_core, batches):
+        build_engine(plan_build(caps, "int8", files, dla_core), caps,
+                     profile_shapes(spec.input_layout, spec.image_size, *batches), spec.to_dict(), bundle, 64,
+                     device_build=True)
+
+    mb = spec.max_batch
+    build(0, (mb, mb, mb))  # a DLA engine: one static batch size
+    out = write_repository(bundle, tmp_path / "repo-dla-only")
+    assert not out["engine_included"] and not (tmp_path / "repo-dla-only" / "edgeseg_trt" / "1" / "model.plan").exists()
+    build(-1, (mb, spec.opt_batch))  # a GPU engine for batch 1..max
+    out = write_repository(bundle, tmp_path / "repo")
+    plan = tmp_path / "repo" / "edgeseg_trt" / "1" / "model.plan"
+    assert out["engine_included"] and plan.read_bytes() == (bundle / "model.int8.device.engine").read_bytes()
+    config = (tmp_path / "repo" / "edgeseg_trt" / "config.pbtxt").read_text()
+    assert f"built by TensorRT {trt.__version__}" in config and f"whose TensorRT is {trt.__version__}" in config
