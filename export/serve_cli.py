@@ -61,7 +61,7 @@ def deepstream(bundle, out, batch_size, gpu_id, tensorrt_version, verbose):
 @exit_on_user_error
 def start(repository, work, seconds, verbose):
     """Start tritonserver on 127.0.0.1 with the repository's CPU model; print its ports."""
-    from edgeseg.export.triton import TritonServer
+    from edgeseg.export.triton_server import TritonServer
 
     configure_logging(max(verbose, 1))
     repo = Path(repository)

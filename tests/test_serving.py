@@ -166,7 +166,7 @@ def _images(sizes, n, seed=0):
 def test_tritonserver_is_found_without_importing_pytriton(monkeypatch):
     """`make setup` installs nvidia-pytriton with --no-deps, so its package cannot be imported (its
     pure-Python dependencies such as typing_inspect are missing); the server binary must be found anyway."""
-    from edgeseg.export.triton import PYTRITON_INSTALL, find_tritonserver
+    from edgeseg.export.triton_server import PYTRITON_INSTALL, find_tritonserver
 
     for name in [m for m in sys.modules if m == "pytriton" or m.startswith("pytriton.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -186,7 +186,7 @@ def test_a_real_triton_server_serves_the_bundle(repository, bundle, tmp_path):
         import tritonclient.http as httpclient
     except ImportError as e:
         pytest.fail(f"tritonclient is missing ({e}): pip install 'tritonclient[all]>=2.40' (make setup installs it)")
-    from edgeseg.export.triton import TritonServer, find_tritonserver
+    from edgeseg.export.triton_server import TritonServer, find_tritonserver
     from edgeseg.runtime.errors import BackendUnavailableError
 
     try:
