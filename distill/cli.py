@@ -107,16 +107,26 @@ def run_dir(config_path, overrides, verbose):
 @config_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output ONNX (default: <run_dir>/feature_teacher/featext.onnx).")
+@click.option("--fresh", is_flag=True, help="Retrain even if an up-to-date model is there.")
 @exit_on_user_error
-def export_feature_teacher(config_path, overrides, verbose, out):
-    """Export the demo's ONNX feature teacher from the trained teacher."""
-    from edgeseg.distill.demo_feature_teacher import export_demo_feature_teacher
-    from edgeseg.distill.models import load_model
+def export_feature_teacher(config_path, overrides, verbose, out, fresh):
+    """Demo only: train the stand-in feature teacher (a person detector) on the teacher corpus, export ONNX."""
+    from edgeseg.distill.data import split_samples
+    from edgeseg.distill.demo_feature_teacher import export_demo_feature_teacher, train_demo_detector
 
-    cfg = load(config_path, overrides, verbose)
-    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).eval()
-    path = export_demo_feature_teacher(teacher, out or cfg.feature_teacher_onnx, cfg.data.image_size,
-                                       cfg.data.mean, cfg.data.std)
+    cfg = load(config_path, overrides, max(verbose, 1))
+    path = Path(out or cfg.feature_teacher_onnx)
+    samples = split_samples(cfg, "teacher")
+    key = {"version": 2, "images": len(samples), "image_size": list(cfg.data.image_size),
+           "epochs": cfg.feature_teacher.demo_epochs, "seed": cfg.seed, "split": cfg.data.teacher_split or "train"}
+    stamp = path.with_suffix(".json")
+    if not fresh and path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        log.info("demo feature teacher %s is up to date", path)
+    else:
+        detector, summary = train_demo_detector(samples, tuple(cfg.data.image_size), cfg.feature_teacher.demo_epochs,
+                                                seed=cfg.seed)
+        export_demo_feature_teacher(detector, path, tuple(cfg.data.image_size), summary)
+        write_json_atomic(stamp, {"key": key, **summary})
     click.echo(str(path))
 
 
@@ -124,8 +134,8 @@ def export_feature_teacher(config_path, overrides, verbose, out):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--layer", required=True, help="Name of the tensor to expose, e.g. segmentation_model_34_Concat_output_0.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output ONNX (default: cached next to MODEL).")
-@click.option("--input-size", nargs=2, type=int, default=(640, 640), show_default=True, metavar="H W",
-              help="Input size for which to report the tensor's shape.")
+@click.option("--input-size", nargs=2, type=int, default=None, metavar="H W",
+              help="Input size for which to report the tensor's shape (default: the model's static size, else 640 640).")
 @click.option("-v", "--verbose", count=True)
 @exit_on_user_error
 def expose_feature(model, layer, out, input_size, verbose):
@@ -134,8 +144,8 @@ def expose_feature(model, layer, out, input_size, verbose):
 
     configure_logging(verbose)
     path = expose_tensor(model, layer, out)
-    shape = probe_output_shape(path, tuple(input_size))
-    click.echo(json.dumps({"model": str(path), "tensor": layer, "input_size": list(input_size), "shape": list(shape)}))
+    input_hw, shape = probe_output_shape(path, tuple(input_size) if input_size else None)
+    click.echo(json.dumps({"model": str(path), "tensor": layer, "input_size": list(input_hw), "shape": list(shape)}))
 
 
 @main.command()
@@ -188,6 +198,8 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
         if "baseline" in s:
             block["student_nodistill_miou"] = s["baseline"]["miou"]
             block["student_nodistill_agreement"] = s["baseline"]["agreement"]
+            # what the teacher knows beyond the student's labels: the most distillation could hand on
+            block["teacher_minus_gt_only"] = s["teacher"]["miou"] - s["baseline"]["miou"]
         blocks[split] = block
     lat = latency_ms({"teacher": teacher, "student": student}, cfg.data.image_size, device, repeats=latency_repeats)
     report = {"split": splits[0], "selection_split": "val", "note": note, **blocks[splits[0]]}
@@ -199,8 +211,22 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
         "teacher_latency_ms": lat["teacher"], "student_latency_ms": lat["student"],
         "latency_backend": f"torch eager, {device}, batch 1, {torch.get_num_threads()} threads",
         "image_size": list(cfg.data.image_size),
+        "data": _data_summary(cfg),
     })
     return report
+
+
+def _data_summary(cfg) -> dict:
+    """The label budget, the teacher's corpus and the unlabelled sources the student trained with."""
+    from edgeseg.distill.data import split_samples, student_data
+
+    data = student_data(cfg)
+    return {"label_budget": {"labelled": len(data.labelled), "train_images": data.epoch_length,
+                             "labelled_seed": cfg.data.labelled_seed},
+            "teacher_corpus": {"split": cfg.data.teacher_split or "train", "images": len(split_samples(cfg, "teacher"))},
+            "unlabelled_sources": {name: len(items) for name, items in data.unlabelled.items()},
+            "unlabelled_share": cfg.train.unlabelled_share,
+            "baseline": "ground truth alone, the labelled images only, same steps"}
 
 
 def _state_size_mb(model) -> float:
@@ -223,7 +249,12 @@ def _print_table(report: dict) -> None:
         print(f"{label:14s}{fa}{fb}", file=sys.stderr)
     print(f"agreement with teacher: {report['agreement']:.4f}", file=sys.stderr)
     if "student_nodistill_miou" in report:
-        print(f"student trained on ground truth alone: mIoU {report['student_nodistill_miou']:.4f}", file=sys.stderr)
+        print(f"student trained on ground truth alone: mIoU {report['student_nodistill_miou']:.4f} "
+              f"(teacher {report['teacher_minus_gt_only'] * 100:+.2f} points above it)", file=sys.stderr)
+    d = report["data"]
+    print(f"labels: {d['label_budget']['labelled']} of {d['label_budget']['train_images']} train images; unlabelled: "
+          + (", ".join(f"{k} {v}" for k, v in d["unlabelled_sources"].items()) or "none")
+          + f" (share {d['unlabelled_share']})", file=sys.stderr)
     if "test_shift" in report:
         s = report["test_shift"]
         print(f"test_shift: teacher {s['teacher_miou']:.4f}, student {s['student_miou']:.4f}"

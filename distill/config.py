@@ -160,8 +160,10 @@ class FeatureTeacherConfig:
     tensor: str = "segmentation_model_34_Concat_output_0"  # intermediate tensor to expose and match
     hidden_channels: int = 768  # projection head: Conv(C_s, hidden) -> BN -> ReLU -> Conv(hidden, C_t)
     channel_norm: bool = False  # normalise both features per channel (over H, W) before the MSE
+    demo_epochs: int = 4  # demo only: epochs of the demo's detector on the teacher corpus (make teacher)
 
     def __post_init__(self):
+        require(self.demo_epochs >= 1, "demo_epochs", f"must be >= 1, got {self.demo_epochs}")
         require(self.hidden_channels >= 1, "hidden_channels", f"must be >= 1, got {self.hidden_channels}")
         require(bool(self.tensor), "tensor", "must name the ONNX tensor to match")
 

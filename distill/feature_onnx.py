@@ -115,18 +115,39 @@ def expose_tensor(src: str | Path, tensor: str, out: str | Path | None = None) -
     return out
 
 
-def probe_output_shape(path: str | Path, input_hw: tuple[int, int], batch: int = 1) -> tuple[int, ...]:
-    """Run the (one-output) model once on zeros of (batch, 3, H, W); return the output's shape."""
+def static_input_size(inputs) -> tuple[int, int] | None:
+    """(H, W) if the first input of an ORT session's ``get_inputs()`` has a fixed spatial size, else None.
+
+    Exported feature teachers often do (``..._Nx3x640x640_featext.onnx``: dynamic batch, static 640x640).
+    """
+    shape = list(inputs[0].shape)
+    if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
+        return int(shape[2]), int(shape[3])
+    return None
+
+
+def probe_output_shape(path: str | Path, input_hw: tuple[int, int] | None = None,
+                       batch: int = 1) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """Run the (one-output) model once on zeros of (batch, 3, H, W); return (H, W) and the output's shape.
+
+    ``input_hw`` None: the model's own static size, or 640x640 where its input is dynamic.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
+    static = static_input_size(sess.get_inputs())
+    if input_hw is None:
+        input_hw = static or (640, 640)
+    elif static and tuple(input_hw) != static:
+        raise InputError(f"{path}: its input is fixed at {static[0]}x{static[1]}, not {input_hw[0]}x{input_hw[1]}; "
+                         "drop --input-size (training resizes each batch to the model's size on the device)")
     dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
     try:
         out = sess.run(None, {inp.name: np.zeros((batch, 3, *input_hw), dtype)})[0]
     except Exception as e:  # ORT raises its own exception types for shape errors
         raise InputError(f"{path}: cannot run on a {input_hw[0]}x{input_hw[1]} input ({str(e).splitlines()[0][:160]}); "
                          "pass the model's input size with --input-size H W") from None
-    return tuple(out.shape)
+    return tuple(input_hw), tuple(out.shape)

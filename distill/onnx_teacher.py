@@ -4,7 +4,10 @@ The student's batch is already on the training device, normalised for the UNets.
 teacher wants plain [0, 1] RGB, so the normalisation is undone there (one fused multiply-add
 on the device), and that tensor's memory is bound as the session's input; the output is bound
 to a preallocated torch tensor that is reused while the batch shape stays the same. No numpy,
-no host round trip: on CUDA ORT runs on a dedicated stream ordered after torch's writes and
+no host round trip. A model exported with a fixed input size (``Nx3x640x640``) gets the batch
+resized to it on the device first (one bilinear interpolation into the bound buffer), so the
+student may train at another size; the loss resizes the projected student feature to the
+teacher's grid. On CUDA ORT runs on a dedicated stream ordered after torch's writes and
 before torch's reads (``wait_stream`` both ways), on the CPU it reads and writes torch's memory
 directly.
 """
@@ -16,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from edgeseg.runtime.errors import BackendUnavailableError, InputError
 
@@ -77,6 +81,10 @@ class OnnxFeatureTeacher:
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         if inputs[0].type not in _ORT_TO_TORCH or outputs[0].type not in _ORT_TO_TORCH:
             raise InputError(f"{self.path}: input/output types {inputs[0].type}/{outputs[0].type} unsupported; need float or float16")
+        from edgeseg.distill.feature_onnx import static_input_size
+
+        self.input_hw = static_input_size(inputs)  # (H, W) the model is fixed at, or None (any size)
+        self._told_resize = False
         self.input_dtype = _ORT_TO_TORCH[inputs[0].type]
         self.output_dtype = _ORT_TO_TORCH[outputs[0].type]
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -86,9 +94,13 @@ class OnnxFeatureTeacher:
         self._in: torch.Tensor | None = None  # the bound input buffer ([0, 1] RGB), reused per shape
         self._out: torch.Tensor | None = None  # the bound output buffer, reused per shape
 
+    def model_input_hw(self, input_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (H, W) the model runs at for a batch of ``input_hw``: its static size, or the batch's own."""
+        return self.input_hw or (int(input_hw[0]), int(input_hw[1]))
+
     def feature_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, int]:
-        """(C, h, w) of the feature for an input of ``input_hw``, read from the model once."""
-        key = (int(input_hw[0]), int(input_hw[1]))
+        """(C, h, w) of the feature for a batch of ``input_hw`` (resized to a static input first), read once."""
+        key = self.model_input_hw(input_hw)
         if key not in self._grid:
             probe = np.zeros((1, 3, *key), _TORCH_TO_NUMPY[self.input_dtype])
             try:
@@ -121,8 +133,14 @@ class OnnxFeatureTeacher:
             raise InputError(f"feature teacher: input is on {images.device}, expected {self.device}")
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"feature teacher: input must be (B, 3, H, W), got {tuple(images.shape)}")
-        if self._in is None or self._in.shape != images.shape:  # (re)bind only when the shape changes
-            self._in = torch.empty(images.shape, dtype=self.input_dtype, device=self.device)
+        model_hw = self.model_input_hw(tuple(images.shape[2:]))
+        in_shape = (images.shape[0], 3, *model_hw)
+        if self._in is None or tuple(self._in.shape) != in_shape:  # (re)bind only when the shape changes
+            if model_hw != tuple(images.shape[2:]) and not self._told_resize:
+                log.info("feature teacher %s takes %dx%d inputs: resizing each %dx%d batch on %s before binding",
+                         self.path.name, *model_hw, *images.shape[2:], self.device)
+                self._told_resize = True
+            self._in = torch.empty(in_shape, dtype=self.input_dtype, device=self.device)
             shape = (images.shape[0], *self.feature_shape(tuple(images.shape[2:])))
             self._out = torch.empty(shape, dtype=self.output_dtype, device=self.device)
             kind, index = self._bind_device
@@ -130,7 +148,10 @@ class OnnxFeatureTeacher:
             b.bind_input(self.input_name, kind, index, _TORCH_TO_NUMPY[self.input_dtype], tuple(self._in.shape),
                          self._in.data_ptr())
             b.bind_output(self.output_name, kind, index, _TORCH_TO_NUMPY[self.output_dtype], shape, self._out.data_ptr())
-        if self.input_dtype == torch.float32:
+        if tuple(images.shape[2:]) != model_hw:  # a static-size model: one interpolation on the device
+            rgb = torch.addcmul(self._mean, images, self._std)
+            self._in.copy_(F.interpolate(rgb, size=model_hw, mode="bilinear", align_corners=False))
+        elif self.input_dtype == torch.float32:
             torch.addcmul(self._mean, images, self._std, out=self._in)  # un-normalise straight into the bound buffer
         else:
             self._in.copy_(torch.addcmul(self._mean, images, self._std))
@@ -146,6 +167,10 @@ class OnnxFeatureTeacher:
     @torch.no_grad()
     def run_with_copies(self, images: torch.Tensor) -> torch.Tensor:
         """The plain ``session.run`` path (host numpy in, numpy out, copied back): the reference."""
-        x = self.unnormalise(images).cpu().numpy()
+        x = self.unnormalise(images)
+        model_hw = self.model_input_hw(tuple(images.shape[2:]))
+        if tuple(images.shape[2:]) != model_hw:
+            x = F.interpolate(x.float(), size=model_hw, mode="bilinear", align_corners=False).to(self.input_dtype)
+        x = x.cpu().numpy()
         out = self.session.run([self.output_name], {self.input_name: x})[0]
         return torch.from_numpy(out).to(self.device)

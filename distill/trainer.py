@@ -123,18 +123,26 @@ class EpochSampler(torch.utils.data.Sampler[int]):
                  batch_size: int = 1, mix: tuple[tuple[int, float], ...] = (), length: int | None = None):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         length = size if length is None else length
-        order = torch.cat([torch.randperm(size, generator=g) for _ in range(-(-length // size))])
-        order = order[:steps_per_epoch(length, batch_size, world) * batch_size * world]
-        slots = torch.randperm(len(order), generator=g)
+        total = steps_per_epoch(length, batch_size, world) * batch_size * world
+        budget = length > size  # fewer labelled images than slots: they fill what the sources leave
+        order = torch.full((total,), -1, dtype=torch.long) if budget else torch.randperm(size, generator=g)[:total]
+        slots = torch.randperm(total, generator=g)
         offset, used = size, 0
         for n, share in mix:
-            k = int(round(share * len(order)))
+            k = int(round(share * total))
             if n > 0 and k > 0:
-                picks = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-k // n))])[:k]
-                order[slots[used:used + k]] = offset + picks
+                order[slots[used:used + k]] = offset + self._cycled(n, k, g)
                 used += k
             offset += n
+        if budget:  # in fresh permutations: every labelled image is seen equally often (+-1)
+            rest = (order < 0).nonzero().flatten()
+            order[rest] = self._cycled(size, len(rest), g)
         self.indices = order.tolist()[rank::world][skip:]
+
+    @staticmethod
+    def _cycled(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+        """``k`` indices below ``n``: whole permutations of range(n) one after another, cut to ``k``."""
+        return torch.cat([torch.randperm(n, generator=g) for _ in range(-(-k // n))])[:k]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory):
 
     from edgeseg.distill.config import Config, load_config
     from edgeseg.distill.data import split_samples
-    from edgeseg.distill.demo_feature_teacher import export_demo_feature_teacher
+    from edgeseg.distill.demo_feature_teacher import DemoDetector, export_demo_feature_teacher
     from edgeseg.distill.models import build_model
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
@@ -68,5 +68,5 @@ def tiny_run(tmp_path_factory):
     teacher = build_model(cfg.teacher).eval()
     cfg.teacher_checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": teacher.state_dict()}, cfg.teacher_checkpoint)
-    export_demo_feature_teacher(teacher, cfg.feature_teacher_onnx, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    export_demo_feature_teacher(DemoDetector(), cfg.feature_teacher_onnx, cfg.data.image_size)
     return path, cfg

@@ -25,9 +25,11 @@ def _conv(name, inp, out, cin, cout, stride, rng):
     return node, w
 
 
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory):
-    """A YOLO-like graph: two stride-8 branches concatenated, a head after it, and an unrelated branch."""
+def _detector_model(input_hw=("H", "W")):
+    """A YOLO-like graph: two stride-8 branches concatenated, a head after it, and an unrelated branch.
+
+    ``input_hw``: symbolic (any size) or a fixed (H, W), as exported feature teachers often are.
+    """
     rng = np.random.default_rng(0)
     nodes, inits = [], []
 
@@ -45,14 +47,51 @@ def detector(tmp_path_factory):
     conv("head", WANTED, "det", 11, 2, 1)
     conv("aux", "images", "aux", 3, 2, 1)
     graph = helper.make_graph(
-        nodes, "detector", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        nodes, "detector", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, *input_hw])],
         [helper.make_tensor_value_info("det", TensorProto.FLOAT, ["N", 2, "h", "w"]),
-         helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 2, "H", "W"])], inits)
+         helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 2, *input_hw])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
     path = tmp_path_factory.mktemp("det") / "yolo_featext.onnx"
-    onnx.save(model, path)
+    onnx.save(_detector_model(), path)
     return path
+
+
+def test_a_static_size_feature_teacher_gets_the_batch_resized_on_the_device(tmp_path, caplog):
+    """A third-party teacher fixed at 96x96 serves a 64x64 training batch: expose-feature reads its size,
+    the batch is resized once into the bound buffer, and the features equal session.run on the resized batch."""
+    import logging
+
+    import torch.nn.functional as F
+
+    src = tmp_path / "yolo_Nx3x96x96_featext.onnx"
+    onnx.save(_detector_model((96, 96)), src)
+    r = run_cli("distill", "expose-feature", str(src), "--layer", WANTED, "--out", str(tmp_path / "cut.onnx"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["input_size"] == [96, 96] and info["shape"] == [1, 11, 12, 12]
+    r = run_cli("distill", "expose-feature", str(src), "--layer", WANTED, "--out", str(tmp_path / "cut.onnx"),
+                "--input-size", "64", "64")
+    assert r.returncode != 0 and "fixed at 96x96" in r.stderr and "Traceback" not in r.stderr
+    teacher = OnnxFeatureTeacher(tmp_path / "cut.onnx", "cpu", MEAN, STD)
+    assert teacher.input_hw == (96, 96) and teacher.feature_shape((64, 64)) == (11, 12, 12)
+    images = torch.randn(2, 3, 64, 64)
+    with caplog.at_level(logging.INFO, logger="edgeseg.distill.onnx_teacher"):
+        out = teacher(images).clone()
+        teacher(images)
+    assert sum("resizing each 64x64 batch" in r.message for r in caplog.records) == 1  # said once
+    rgb = F.interpolate(images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1),
+                        size=(96, 96), mode="bilinear", align_corners=False)
+    sess = ort.InferenceSession(str(tmp_path / "cut.onnx"), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"images": rgb.numpy()})[0]
+    assert out.shape == (2, 11, 12, 12)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, teacher.run_with_copies(images))
 
 
 def test_expose_prunes_and_exposes(detector):
@@ -61,8 +100,8 @@ def test_expose_prunes_and_exposes(detector):
     m = onnx.load(out)
     assert [o.name for o in m.graph.output] == [WANTED]
     assert sorted(n.name for n in m.graph.node) == ["a1", "a2", "a3", "b1", "concat", "relu"]  # head and aux pruned
-    assert probe_output_shape(out, (64, 64)) == (1, 11, 8, 8)
-    assert probe_output_shape(out, (640, 640), batch=2) == (2, 11, 80, 80)
+    assert probe_output_shape(out, (64, 64))[1] == (1, 11, 8, 8)
+    assert probe_output_shape(out, (640, 640), batch=2)[1] == (2, 11, 80, 80)
 
 
 def test_expose_reuses_its_cache_and_rebuilds_when_the_source_changes(detector, tmp_path):
