@@ -1,8 +1,9 @@
 """Distill benchmarks: the seed study, student vs teacher speed, the decoder sweep, IOBinding vs session.run.
 
-The seed study trains the distilled and the ground-truth-only student on several seeds (same
-teacher, same data, same budget) and scores both on test and test_shift: the gain of
-distillation with its spread, paired by seed. Seed 0 is the demo's own run (reused, not retrained).
+The seed study trains the arms of "distillation where it pays" (a label budget, a teacher that
+knows more, unlabelled source and site frames, each loss family switched off) on several seeds,
+same teacher, data and step budget, and scores each on test and test_shift: gains paired by seed.
+Seed 0's ground-truth-only and site students are the demo's own runs (reused, not retrained).
 
 Speed is a property of the architecture, not of the weights, so the sweep exports each variant
 with random weights; every variant runs on ONNX Runtime CPU at the demo resolution, interleaved.
@@ -95,54 +96,74 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-TARGET_SHARE = 0.25  # share of each epoch from target-domain pairs: fixed beforehand, not tuned on these figures
-HARD = {"share": 0.2, "count": 64, "every": 3, "start": 2}  # ConfiG hard examples, fixed beforehand likewise
+# The study's arms: (training role, config changes over the demo's own, what it is). Fixed before any arm
+# ran, from the demo's settings (shares, epochs, label budget), not tuned on these figures.
+ARMS: dict[str, tuple[str, dict, str]] = {
+    "gt_only": ("baseline", {}, "a: ground truth only, the labelled subset"),
+    "kd_labelled": ("student", {"train.unlabelled_share": 0.0}, "b: distillation, the labelled subset only"),
+    "kd_unlabelled": ("student", {"data.unlabelled": ""}, "c: distillation + the unlabelled source frames (the pool)"),
+    "kd_site": ("student", {}, "d: c + the unlabelled site frames (the demo's own student)"),
+    "kd_no_feature": ("student", {"data.unlabelled": "", "loss.feature": 0.0}, "e: c with the feature term off"),
+    "kd_feature_only": ("student", {"data.unlabelled": "", "loss.kl": 0.0, "loss.mse": 0.0},
+                        "f: c with the logit terms (KL, MSE) off: ground truth + feature teacher only"),
+    "full_gt_only": ("baseline", {"data.labelled_count": 0}, "a with every train image labelled"),
+    "full_kd": ("student", {"data.labelled_count": 0, "data.unlabelled": "", "train.unlabelled_share": 0.0},
+                "distillation with every train image labelled"),
+}
+EVERY_SEED = ("gt_only", "kd_labelled", "kd_unlabelled", "kd_site")  # the rest run on the first seed (the budget)
+# keys of the study this one replaced (synthetic variants in the old demo world): dropped on a rerun
+STALE_PREFIXES = ("distill_gain", "student_test", "nodistill_", "target_", "hard_", "per_seed", "seeds")
 
 
-def _variants(cfg: Config, run: Config, seed: int) -> dict[str, Config]:
-    """The synthetic-data variants of one seed's distillation (same seed, data, teachers and budget)."""
-    import dataclasses
+def _arm_config(cfg: Config, arm: str, seed: int) -> tuple[Config, str]:
+    """The config and training role of ``arm`` on ``seed``: the demo's own runs for its seed, else a run of its
+    own under <run_dir>/seeds, sharing the data, the teacher and the feature teacher."""
+    from edgeseg.distill.config import config_to_dict, parse_config
 
-    from edgeseg.distill.config import HardExamplesConfig
-
-    out = {}
-    target_set = cfg.stage_dir("calibration") / "target"
-    base = cfg.stage_dir("seeds") / f"seed{seed}"
-    pinned = dataclasses.replace(run, data=dataclasses.replace(run.data, root=str(cfg.data_root)),
-                                 teacher=dataclasses.replace(run.teacher, checkpoint=str(cfg.teacher_checkpoint)),
-                                 feature_teacher=dataclasses.replace(run.feature_teacher, onnx=str(cfg.feature_teacher_onnx)),
-                                 calibration=dataclasses.replace(run.calibration, model=str(cfg.stage_dir("calibration") / "cddpm")))
-    if (target_set / "masks").is_dir():
-        out["target"] = dataclasses.replace(pinned, run_dir=f"{base}-target", train=dataclasses.replace(
-            run.train, extra_data=str(target_set), extra_share=TARGET_SHARE))
-    else:
-        log.warning("seed study: no target-domain pairs in %s (make calibrate writes them): target variant skipped", target_set)
-    if cfg.calibration.generator == "conditional":
-        out["hard"] = dataclasses.replace(pinned, run_dir=f"{base}-hard", train=dataclasses.replace(
-            run.train, hard_examples=HardExamplesConfig(**HARD)))
-    return out
+    role, changes, _ = ARMS[arm]
+    if seed == cfg.seed and arm in ("gt_only", "kd_site"):
+        return cfg, role  # make distill trained these two
+    raw = config_to_dict(cfg)
+    raw.update(seed=seed, run_dir=str(cfg.stage_dir("seeds") / f"seed{seed}-{arm}"))
+    raw["data"]["root"] = str(cfg.data_root)
+    raw["teacher"]["checkpoint"] = str(cfg.teacher_checkpoint)
+    raw["feature_teacher"]["onnx"] = str(cfg.feature_teacher_onnx)
+    for key, value in changes.items():
+        section, field = key.split(".")
+        raw[section][field] = value
+    return parse_config(raw, Config, source=f"seed study arm {arm}"), role
 
 
-def _hard_cost(run_dir: Path) -> dict:
-    """What the hard examples cost one run: generation seconds (manifests) beside training seconds (metrics,
-    which exclude generation: it happens before each epoch's clock starts)."""
+def _runnable(cfg: Config, arm: str) -> bool:
+    """Whether the config has what the arm needs (a label budget with a pool; site frames)."""
+    if arm in ("full_gt_only", "full_kd"):
+        return cfg.data.labelled_count > 0  # without a budget the full-label arms are a and b
+    if arm in ("kd_unlabelled", "kd_no_feature", "kd_feature_only"):
+        return cfg.data.labelled_count > 0 and cfg.train.unlabelled_share > 0
+    if arm == "kd_site":
+        return bool(cfg.data.unlabelled) and cfg.train.unlabelled_share > 0
+    return True
+
+
+def _train_seconds(run_dir: Path) -> float:
     import json
 
-    gen = [json.loads(m.read_text())["seconds"]["total"] for m in sorted((run_dir / "distill" / "hard").glob("*/manifest.json"))]
-    metrics = run_dir / "distill" / "metrics.jsonl"
-    train = sum(json.loads(line)["epoch_time_s"] for line in metrics.read_text().splitlines()) if metrics.is_file() else 0.0
-    return {"generations": len(gen), "generate_s": float(sum(gen)), "train_s": float(train),
-            "generation_share": float(sum(gen) / max(sum(gen) + train, 1e-9))}
+    path = run_dir / "metrics.jsonl"
+    return float(sum(json.loads(line)["epoch_time_s"] for line in path.read_text().splitlines())) if path.is_file() else 0.0
+
+
+def _paired(per_seed: list[dict], split: str, a: str, b: str) -> list[float]:
+    """b - a on ``split`` for every seed where both arms ran."""
+    return [r[split][b] - r[split][a] for r in per_seed if a in r[split] and b in r[split]]
 
 
 def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """Distilled vs ground-truth-only student over ``seeds``: test and test_shift mIoU, paired gains.
+    """Distillation where it pays: the arms of :data:`ARMS` over ``seeds``, scored on test and test_shift.
 
-    Beside them, the distilled student with target-domain pairs (``target``) and with ConfiG hard
-    examples (``hard``), each paired by seed with the plain distilled student.
+    Arms a-d run on every seed, e, f and the full-label contrast on the first (the study's budget on
+    2 cores). Gains are paired by seed. A completed arm (its ``last.pt`` complete) is reused, so an
+    interrupted study resumes.
     """
-    import dataclasses
-
     from edgeseg.distill.data import has_split
     from edgeseg.distill.evaluation import score_split
     from edgeseg.distill.models import load_model
@@ -151,75 +172,65 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     splits = [s for s in ("test", "test_shift") if has_split(cfg, s)] or ["val"]
     device = resolve_device(cfg.device)
     teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(device)
-    per_seed = []
-    for seed in seeds:
-        # seed 0 is the demo's own run; other seeds train beside it, sharing data and teachers
-        run = cfg if seed == cfg.seed else dataclasses.replace(
-            cfg, seed=seed, run_dir=str(cfg.stage_dir("seeds") / f"seed{seed}"),
-            data=dataclasses.replace(cfg.data, root=str(cfg.data_root)),
-            teacher=dataclasses.replace(cfg.teacher, checkpoint=str(cfg.teacher_checkpoint)),
-            feature_teacher=dataclasses.replace(cfg.feature_teacher, onnx=str(cfg.feature_teacher_onnx)))
+    per_seed, arm_seeds, seconds = [], {}, {}
+    for k, seed in enumerate(seeds):
         models = {"teacher": teacher}
-        for role, name in (("student", "student"), ("baseline", "nodistill")):
+        for arm in ARMS:
+            if (k > 0 and arm not in EVERY_SEED) or not _runnable(cfg, arm):
+                continue
+            run, role = _arm_config(cfg, arm, seed)
             job = job_for(run, role)
-            log.info("seed study: seed %d, %s -> %s", seed, role, job.out_dir)
+            log.info("seed study: seed %d, arm %s (%s) -> %s", seed, arm, ARMS[arm][2], job.out_dir)
             Trainer(run, job).run()
-            models[name] = load_model(cfg.student, job.out_dir / "best.pt", cfg.student.feature_stride,
-                                      keys=("student",)).to(device)
+            models[arm] = load_model(cfg.student, job.out_dir / "best.pt", cfg.student.feature_stride,
+                                     keys=("student",)).to(device)
+            arm_seeds.setdefault(arm, []).append(seed)
+            seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
         row = {"seed": seed}
-        for variant, vrun in _variants(cfg, run, seed).items():
-            job = job_for(vrun, "student")
-            log.info("seed study: seed %d, student + %s -> %s", seed, variant, job.out_dir)
-            Trainer(vrun, job).run()
-            models[variant] = load_model(cfg.student, job.out_dir / "best.pt", cfg.student.feature_stride,
-                                         keys=("student",)).to(device)
-            if variant == "hard":
-                row["hard_cost"] = _hard_cost(Path(vrun.run_dir))
         for split in splits:
             sc = score_split(cfg, models, split, device)
-            row[split] = {"student_miou": sc["student"]["miou"], "nodistill_miou": sc["nodistill"]["miou"],
-                          "teacher_miou": sc["teacher"]["miou"], "agreement": sc["student"]["agreement"],
-                          "distill_gain": sc["student"]["miou"] - sc["nodistill"]["miou"]}
-            for variant in ("target", "hard"):
-                if variant in sc:
-                    row[split][f"{variant}_miou"] = sc[variant]["miou"]
-                    row[split][f"{variant}_gain"] = sc[variant]["miou"] - sc["student"]["miou"]
+            row[split] = {name: v["miou"] for name, v in sc.items()}
+            row[split]["agreement"] = {name: v["agreement"] for name, v in sc.items() if name != "teacher"}
         per_seed.append(row)
-    out: dict = {"seeds": list(seeds), "splits": splits, "per_seed": per_seed}
+    out: dict = {"seeds": list(seeds), "splits": splits, "per_seed": per_seed,
+                 "seeds_completed": [r["seed"] for r in per_seed if all(a in r[splits[0]] for a in EVERY_SEED
+                                                                        if _runnable(cfg, a))],
+                 "arms": {a: ARMS[a][2] for a in arm_seeds}, "arm_seeds": arm_seeds,
+                 "arm_train_seconds": {a: float(np.mean(v)) for a, v in seconds.items()},
+                 "label_budget": cfg.data.labelled_count, "unlabelled_share": cfg.train.unlabelled_share}
     for split in splits:
-        tag = "test" if split == "test" else split
-        for key, name in (("student_miou", "student"), ("nodistill_miou", "nodistill")):
-            mean, std = _mean_std([r[split][key] for r in per_seed])
-            out[f"{name}_{tag}_miou_mean"], out[f"{name}_{tag}_miou_std"] = mean, std
-        mean, std = _mean_std([r[split]["distill_gain"] for r in per_seed])
-        suffix = "" if split == "test" else f"_{tag}"
-        out[f"distill_gain{suffix}_mean"], out[f"distill_gain{suffix}_std"] = mean, std
-    if "test_shift" in splits:
-        # what the shift costs the distilled student (no synthetic data involved), paired by seed
-        out["shift_loss_mean"], out["shift_loss_std"] = _mean_std(
-            [r["test"]["student_miou"] - r["test_shift"]["student_miou"] for r in per_seed])
-    for variant, name in (("target", "target_domain"), ("hard", "hard_examples")):
-        if not all(f"{variant}_gain" in r[splits[0]] for r in per_seed):
-            continue
+        for arm in ["teacher", *arm_seeds]:
+            vals = [r[split][arm] for r in per_seed if arm in r[split]]
+            out[f"{arm}_{split}_miou_mean"], out[f"{arm}_{split}_miou_std"] = _mean_std(vals)
+    gains = {  # key -> (from arm, to arm, splits): paired by seed, b - a
+        "gain_kd_unlabelled_vs_gt_only": ("gt_only", "kd_unlabelled"),
+        "gain_kd_labelled_vs_gt_only": ("gt_only", "kd_labelled"),
+        "gain_unlabelled_vs_labelled_only": ("kd_labelled", "kd_unlabelled"),
+        "gain_site_vs_source": ("kd_unlabelled", "kd_site"),
+        "feature_term_effect": ("kd_no_feature", "kd_unlabelled"),
+        "logit_terms_effect": ("kd_feature_only", "kd_unlabelled"),
+        "gain_kd_full_labels": ("full_gt_only", "full_kd"),
+    }
+    for key, (a, b) in gains.items():
         for split in splits:
-            mean, std = _mean_std([r[split][f"{variant}_gain"] for r in per_seed])
-            if split == "test":  # on the source domain the question is what it costs: a delta
-                out[f"{name}_delta_test_mean"], out[f"{name}_delta_test_std"] = mean, std
-            else:
-                out[f"{name}_gain_{split}_mean"], out[f"{name}_gain_{split}_std"] = mean, std
-            m, sd = _mean_std([r[split][f"{variant}_miou"] for r in per_seed])
-            out[f"{variant}_{split}_miou_mean"], out[f"{variant}_{split}_miou_std"] = m, sd
-        if "test_shift" in splits and out.get("shift_loss_mean", 0) > 0:
-            out[f"{name}_recovered_shift_share"] = out[f"{name}_gain_test_shift_mean"] / out["shift_loss_mean"]
-    if all("hard_cost" in r for r in per_seed):
-        out["hard_examples_cost"] = {k: float(np.mean([r["hard_cost"][k] for r in per_seed]))
-                                     for k in per_seed[0]["hard_cost"]}
-        out["hard_examples_settings"] = dict(HARD)
-    if any("target_miou" in r[splits[0]] for r in per_seed):
-        out["target_domain_share"] = TARGET_SHARE
-    gain, std = out["distill_gain_mean"], out["distill_gain_std"]
-    out["distill_gain_verdict"] = (f"gain {gain * 100:+.2f} points, std {std * 100:.2f} over {len(seeds)} seeds: "
-                                   + ("beyond 2 std" if gain > 2 * std else "within noise (under 2 std)"))
+            vals = _paired(per_seed, split, a, b)
+            if vals:
+                name = key if split == "test" else f"{key}_{split}"
+                out[f"{name}_mean"], out[f"{name}_std"] = _mean_std(vals)
+                out[f"{name}_n"] = len(vals)
+    if "test_shift" in splits and "gt_only" in arm_seeds:
+        # what the shift costs the ground-truth-only student, paired by seed: what site frames should win back
+        out["shift_loss_mean"], out["shift_loss_std"] = _mean_std(
+            [r["test"]["gt_only"] - r["test_shift"]["gt_only"] for r in per_seed])
+        if "gain_site_vs_source_test_shift_mean" in out and out["shift_loss_mean"] > 0:
+            out["site_recovered_shift_share"] = out["gain_site_vs_source_test_shift_mean"] / out["shift_loss_mean"]
+    if "kd_unlabelled_test_miou_mean" in out:
+        out["kd_unlabelled_vs_teacher_test"] = out["kd_unlabelled_test_miou_mean"] / out["teacher_test_miou_mean"]
+    if "gain_kd_unlabelled_vs_gt_only_mean" in out:
+        gain, std = out["gain_kd_unlabelled_vs_gt_only_mean"], out["gain_kd_unlabelled_vs_gt_only_std"]
+        out["gain_kd_unlabelled_verdict"] = (
+            f"gain {gain * 100:+.2f} points, std {std * 100:.2f} over {out['gain_kd_unlabelled_vs_gt_only_n']} seeds: "
+            + ("beyond 2 std" if gain > 2 * std else "within noise (under 2 std)"))
     return out
 
 

@@ -108,26 +108,27 @@ def budget_study(cfg: Config, budget_points: float = 0.0) -> dict:
     from edgeseg.calibration.synth import load_calibration_images
     from edgeseg.distill.data import report_splits
     from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
-    from edgeseg.export.int8 import input_transform, run_budget
+    from edgeseg.export.int8 import calibration_provenance, input_transform, run_budget
     from edgeseg.export.stage import eval_set, validation_set
     from edgeseg.runtime.spec import ModelSpec
 
     src = cfg.stage_dir("export")
     tight = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, max_miou_drop=budget_points))
     spec = ModelSpec.from_onnx(src / "model.onnx")
-    calib = load_calibration_images(cfg.stage_dir("calibration") / "synthetic", tuple(spec.image_size),
-                                    limit=cfg.export.calibration_images)
+    calib_dir = cfg.stage_dir("calibration") / "synthetic"
+    calib = load_calibration_images(calib_dir, tuple(spec.image_size), limit=cfg.export.calibration_images)
     batches = batches_of(calib, input_transform(spec))
     val = validation_set(cfg)
     splits = report_splits(cfg)[0]
     sets = {s: eval_set(cfg, s) for s in splits}
-    out = {"budget_points": budget_points, "selection_split": "val", "report_splits": splits}
+    cal = calibration_provenance(calib_dir, cfg.export.calibration_images)  # the set it measured (a rerun says which)
+    out = {"budget_points": budget_points, "selection_split": "val", "report_splits": splits, "calibration": cal}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for f in ("model.onnx", "model.pre.onnx", "model.int8.onnx", "model.int8-cpu.onnx"):
             shutil.copyfile(src / f, d / f)
         for flavour, plain in (("s8s8", "model.int8.onnx"), ("u8s8", "model.int8-cpu.onnx")):
-            b = run_budget(tight, d, d / "model.pre.onnx", d / plain, batches, val, flavour)
+            b = run_budget(tight, d, d / "model.pre.onnx", d / plain, batches, val, flavour, calibration=cal)
             row = {"val": {k: b[k] for k in ("fp32_miou", "int8_miou", "mixed_miou", "met")},
                    "float_nodes": [f["node"] for f in b["float_nodes"]], "trials": b["trials"]}
             for split, (images, gts) in sets.items():

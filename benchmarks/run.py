@@ -53,7 +53,10 @@ def main(config_path, overrides, verbose, only, rounds, seeds):
             from benchmarks.bench_distill import seed_study
 
             path = RESULTS / "distill.json"
+            from benchmarks.bench_distill import STALE_PREFIXES
+
             result = json.loads(path.read_text()) if path.is_file() else {}
+            result = {k: v for k, v in result.items() if not k.startswith(STALE_PREFIXES)}
             study = seed_study(cfg, tuple(int(x) for x in seeds.split(",") if x.strip()))
             result.update(study, seed_study_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                           seed_study_seconds=time.perf_counter() - t0)

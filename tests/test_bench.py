@@ -9,24 +9,40 @@ from tests.test_runtime import _images, tiny_onnx  # noqa: F401  (the fixture)
 from tests.test_trainer import _config
 
 
-def test_seed_study_pairs_gains_by_seed(tiny_run, tmp_path):
-    from benchmarks.bench_distill import seed_study
+def test_seed_study_runs_the_arms_and_pairs_gains_by_seed(tiny_run, tmp_path):
+    from benchmarks.bench_distill import ARMS, EVERY_SEED, seed_study
+    from tests.test_unlabelled import _frames
 
-    _, cfg = _config(tiny_run, tmp_path, train={"epochs": 1})
+    site = _frames(tiny_run, tmp_path / "site")
+    _, cfg = _config(tiny_run, tmp_path / "run", train={"epochs": 1, "unlabelled_share": 0.5},
+                     data={"labelled_count": 8, "unlabelled": str(site)})
     out = seed_study(cfg, seeds=(0, 1))
-    assert out["seeds"] == [0, 1] and out["splits"] == ["test", "test_shift"]
+    assert out["seeds"] == [0, 1] and out["seeds_completed"] == [0, 1] and out["splits"] == ["test", "test_shift"]
+    assert out["arm_seeds"] == {a: ([0, 1] if a in EVERY_SEED else [0]) for a in ARMS}
     rows = out["per_seed"]
-    assert rows[0]["test"]["student_miou"] != rows[1]["test"]["student_miou"]  # seeds train different students
-    gains = [r["test"]["distill_gain"] for r in rows]
-    assert out["distill_gain_mean"] == pytest.approx(np.mean(gains))
-    assert out["distill_gain_std"] == pytest.approx(np.std(gains, ddof=1))
-    assert out["student_test_miou_mean"] - out["nodistill_test_miou_mean"] == pytest.approx(out["distill_gain_mean"])
-    shift = [r["test"]["student_miou"] - r["test_shift"]["student_miou"] for r in rows]
+    assert rows[0]["test"]["kd_unlabelled"] != rows[1]["test"]["kd_unlabelled"]  # seeds train different students
+    gains = [r["test"]["kd_unlabelled"] - r["test"]["gt_only"] for r in rows]
+    assert out["gain_kd_unlabelled_vs_gt_only_mean"] == pytest.approx(np.mean(gains))
+    assert out["gain_kd_unlabelled_vs_gt_only_std"] == pytest.approx(np.std(gains, ddof=1))
+    site_gain = [r["test_shift"]["kd_site"] - r["test_shift"]["kd_unlabelled"] for r in rows]
+    assert out["gain_site_vs_source_test_shift_mean"] == pytest.approx(np.mean(site_gain))
+    assert out["feature_term_effect_mean"] == pytest.approx(rows[0]["test"]["kd_unlabelled"] - rows[0]["test"]["kd_no_feature"])
+    assert out["feature_term_effect_n"] == 1 and out["logit_terms_effect_std"] == 0.0
+    shift = [r["test"]["gt_only"] - r["test_shift"]["gt_only"] for r in rows]
     assert out["shift_loss_mean"] == pytest.approx(np.mean(shift))
-    assert "distill_gain_test_shift_mean" in out
-    assert ("within noise" in out["distill_gain_verdict"]) != ("beyond 2 std" in out["distill_gain_verdict"])
-    assert (tmp_path / "seeds" / "seed1" / "distill" / "best.pt").is_file()  # seed 0 is the run's own
-    assert not (tmp_path / "seeds" / "seed0").exists()
+    assert ("within noise" in out["gain_kd_unlabelled_verdict"]) != ("beyond 2 std" in out["gain_kd_unlabelled_verdict"])
+    # seed 0's ground-truth-only and site students are the run's own; every other arm has its own folder
+    assert (tmp_path / "run" / "distill" / "best.pt").is_file() and (tmp_path / "run" / "distill-baseline" / "best.pt").is_file()
+    assert not (tmp_path / "run" / "seeds" / "seed0-kd_site").exists()
+    assert (tmp_path / "run" / "seeds" / "seed1-kd_site" / "distill" / "best.pt").is_file()
+    # the arms differ in what they train on and with: checked on the checkpoints' identities
+    from edgeseg.distill.checkpoint import load_checkpoint
+
+    ident = lambda arm, role="distill": load_checkpoint(tmp_path / "run" / "seeds" / f"seed1-{arm}" / role / "last.pt")["identity"]
+    assert ident("kd_labelled")["train"].get("unlabelled_share") is None and ident("kd_unlabelled")["data"]["unlabelled"] == ""
+    assert ident("gt_only", "distill-baseline")["loss"]["kl"] == 0
+    feature_only = load_checkpoint(tmp_path / "run" / "seeds" / "seed0-kd_feature_only" / "distill" / "last.pt")["identity"]
+    assert feature_only["loss"]["kl"] == feature_only["loss"]["mse"] == 0 and feature_only["loss"]["feature"] > 0
 
 
 def test_ratio_spread_is_per_round():
@@ -51,28 +67,3 @@ def test_the_users_ort_baseline_segments_like_the_runtime(tiny_onnx):  # noqa: F
         ours = seg.predict(images)
     for a, b in zip(user, ours):
         assert a.shape == b.shape and (a == b).mean() > 0.98
-
-
-def test_seed_study_pairs_the_synthetic_variants_with_the_plain_student(tiny_run, tmp_path, monkeypatch):
-    """Target-domain pairs and ConfiG hard examples, each paired by seed with the plain distilled student."""
-    import benchmarks.bench_distill as bench
-    from edgeseg.calibration.synth import Synthesizer
-
-    cal = {"generator": "conditional", "count": 4, "pool_factor": 1.5,
-           "ddpm": {"image_size": 16, "block_out_channels": [8, 16], "train_steps": 3, "batch_size": 4},
-           "sampler": {"steps": 4, "batch_size": 4}, "guidance": {"mode": "none", "resolution": 32},
-           "filter": {"min_person_fraction": 0.0, "max_uncertain_fraction": 1.0, "dedup_bits": 0, "min_condition_iou": 0.0}}
-    _, cfg = _config(tiny_run, tmp_path, train={"epochs": 2, "batch_size": 4, "lr": 1e-3}, calibration=cal)
-    Synthesizer(cfg, target_images=cfg.data_root / "target_images").run(cfg.stage_dir("calibration") / "target")
-    monkeypatch.setattr(bench, "HARD", {"share": 0.25, "count": 4, "every": 1, "start": 1})
-    out = bench.seed_study(cfg, seeds=(0, 1))
-    rows = out["per_seed"]
-    for variant, name in (("target", "target_domain"), ("hard", "hard_examples")):
-        gains = [r["test_shift"][f"{variant}_miou"] - r["test_shift"]["student_miou"] for r in rows]
-        assert out[f"{name}_gain_test_shift_mean"] == pytest.approx(np.mean(gains))
-        assert out[f"{name}_gain_test_shift_std"] == pytest.approx(np.std(gains, ddof=1))
-        deltas = [r["test"][f"{variant}_miou"] - r["test"]["student_miou"] for r in rows]
-        assert out[f"{name}_delta_test_mean"] == pytest.approx(np.mean(deltas))
-    assert out["hard_examples_cost"]["generations"] == 1 and out["hard_examples_cost"]["generate_s"] > 0
-    assert (tmp_path / "seeds" / "seed1-hard" / "distill" / "hard" / "epoch001" / "manifest.json").is_file()
-    assert out["target_domain_share"] == bench.TARGET_SHARE
