@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.calibration.quantize import batches_of, quantize_qdq
-from edgeseg.calibration.synth import MANIFEST, load_calibration_images
+from edgeseg.calibration.synth import GENERATOR_SPLIT, MANIFEST, load_calibration_images
 from edgeseg.distill.config import Config
 from edgeseg.runtime.files import write_json_atomic
 from edgeseg.runtime.preprocess import fit_image, normalise_batch
@@ -186,7 +186,7 @@ def similarity_summary(manifest: dict, calib_dir: Path, cfg: Config, out_dir: Pa
         if values:
             out[f"{key}_quantiles"] = {f"p{q}": float(np.percentile(values, q)) for q in (5, 25, 50, 75, 95, 100)}
     out["train_ssim_median"] = out["train_ssim_quantiles"]["p50"]
-    by_name = {s.image.name: s.image for s in split_samples(cfg, "train")}
+    by_name = {s.image.name: s.image for s in split_samples(cfg, GENERATOR_SPLIT)}
     hw = tuple(cfg.data.image_size)
     rows = []
     for i in sorted(images, key=lambda i: -i["train_ssim"])[:pairs]:
@@ -301,7 +301,7 @@ def held_out_similarity(cfg: Config, synthetic: np.ndarray, held_out: np.ndarray
     from edgeseg.calibration.similarity import TrainIndex
     from edgeseg.distill.data import split_samples
 
-    train_paths = [s.image for s in split_samples(cfg, "train")]
+    train_paths = [s.image for s in split_samples(cfg, GENERATOR_SPLIT)]
     index = TrainIndex(real_images(train_paths, len(train_paths), tuple(cfg.data.image_size)))
     h, w = cfg.data.image_size
     approx = [index.nearest(i)["train_ssim"] for i in held_out]

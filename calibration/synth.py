@@ -42,6 +42,11 @@ from edgeseg.runtime.images import list_images, read_rgb
 
 log = logging.getLogger(__name__)
 
+# The embedded generators learn from the labelled corpus of the world (the teacher's: data.teacher_split,
+# else train), as a generator pretrained on a large corpus would; never the student's unlabelled frames,
+# whose masks a user does not have. Near-copies are looked for among these same images.
+GENERATOR_SPLIT = "teacher"
+
 MANIFEST = "manifest.json"
 FORMAT = "edgeseg-calibration/1"
 GUIDANCE_MODES = ("none", "task", "confidence", "mode", "mask")
@@ -162,7 +167,7 @@ class Synthesizer:
         if self.cal.model and not (folder / "ddpm.json").is_file():
             raise InputError(f"{folder}: not an edgeseg DDPM folder (no ddpm.json); set calibration.generator: pipeline "
                              "for a diffusers pipeline, or leave calibration.model empty to train the embedded DDPM")
-        train = split_samples(self.cfg, "train")
+        train = split_samples(self.cfg, GENERATOR_SPLIT)
         strength = self.cal.img2img_strength
         self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, train, folder, seed=self.cal.seed,
                                                          conditional=self.conditional)
@@ -339,7 +344,7 @@ class Synthesizer:
 
         from edgeseg.calibration.similarity import TrainIndex
 
-        train_paths = [s.image for s in split_samples(self.cfg, "train")]
+        train_paths = [s.image for s in split_samples(self.cfg, GENERATOR_SPLIT)]  # what a copy would copy
         index = TrainIndex(np.stack([_fit(read_rgb(p), self.size) for p in train_paths]))
         target_index = TrainIndex(self.target.images) if self.target is not None else None
 
