@@ -2,9 +2,13 @@
 
 The fakes (tests/fakes) stand in for libraries that cannot be installed here and enforce their
 rules (see each fake's docstring for the documents followed): precision flags exist on 10 and
-not on 11, DLA needs static shapes and a DLA core, a kernel launch from a thread whose current
-device is not the stream's fails, results are only there after a synchronisation. The engine
-itself is ONNX Runtime on the CPU, so outputs can be compared with ORT's exactly.
+not on 11, DLA needs static shapes and a DLA core and exists only in 10.0-10.7 and 11.4.1+, a
+kernel launch from a thread whose current device is not the stream's fails, results are only
+there after a synchronisation, a runtime must outlive its engines, device and pinned memory have
+their own frees, graphs are destroyed, a graph replayed after its context changed shape fails,
+a global-mode capture is broken by other threads' allocations, engines load only in the exact
+TensorRT that built them. The engine itself is ONNX Runtime on the CPU (in FP16 for an FP16
+build), so outputs can be compared with ORT's exactly.
 """
 from __future__ import annotations
 
