@@ -23,6 +23,7 @@ from benchmarks.timing import interleaved, ratio, strip_samples, with_spread
 from edgeseg.distill.config import Config
 from edgeseg.distill.models import UnetSegmenter
 from edgeseg.distill.onnx_export import export_module
+from edgeseg.runtime.sessions import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,6 @@ SWEEP = {  # name -> B0 decoder widths; 4 blocks = half-resolution output (+ x2 
     "b0_half_64-32-16-16": (64, 32, 16, 16),
     "b0_half_32-16-16-8": (32, 16, 16, 8),
 }
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def bench_decoders(cfg: Config, batch: int, threads: int, rounds: int) -> dict:
@@ -63,7 +55,7 @@ def bench_decoders(cfg: Config, batch: int, threads: int, rounds: int) -> dict:
             m = UnetSegmenter(enc, dec, activation=act).eval()
             params[name] = sum(p.numel() for p in m.parameters())
             path = export_module(m, Path(tmp) / f"{name}.onnx", torch.zeros(1, 3, *hw), ["images"], ["mask_logits"])
-            sessions[name] = _session(path, threads)
+            sessions[name] = cpu_session(path, threads)
         res = interleaved({n: (lambda s=s: s.run(None, {"images": x})) for n, s in sessions.items()}, rounds=rounds)
     sweep = {n: {"decoder_channels": list(models[n][1]), "activation": models[n][2], "params": params[n],
                  "median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
@@ -166,12 +158,13 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """
     from edgeseg.distill.data import has_split
     from edgeseg.distill.evaluation import score_split
-    from edgeseg.distill.models import load_model
-    from edgeseg.distill.trainer import Trainer, job_for, resolve_device
+    from edgeseg.distill.device import resolve_device
+    from edgeseg.distill.models import load_model, load_teacher
+    from edgeseg.distill.trainer import Trainer, job_for
 
     splits = [s for s in ("test", "test_shift") if has_split(cfg, s)] or ["val"]
     device = resolve_device(cfg.device)
-    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(device)
+    teacher = load_teacher(cfg, device)
     per_seed, arm_seeds, seconds = [], {}, {}
     for k, seed in enumerate(seeds):
         models = {"teacher": teacher}

@@ -18,15 +18,7 @@ import numpy as np
 
 from benchmarks.timing import interleaved, ratio, with_spread
 from edgeseg.distill.config import Config
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+from edgeseg.runtime.sessions import cpu_session
 
 
 def _variants(d: Path, tmp: Path, cfg: Config) -> dict[str, Path]:
@@ -89,7 +81,7 @@ def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
     x = np.random.default_rng(0).standard_normal((8, 3, h, w)).astype(np.float32)
     out = {}
     for threads, tag in ((0, "default_threads"), (1, "threads_1")):
-        sessions = {k: _session(p, threads) for k, p in models.items()}
+        sessions = {k: cpu_session(p, threads) for k, p in models.items()}
         res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds)
         out[tag] = {act: {"fp32_ms": res[f"{act}_fp32"]["median_ms"], "u8s8_ms": res[f"{act}_u8s8"]["median_ms"],
                           "u8s8_vs_fp32": ratio(res, f"{act}_fp32", f"{act}_u8s8"),
@@ -154,7 +146,7 @@ def run(cfg: Config, rounds: int = 20) -> dict:
         variants = {**models, **_variants(d, Path(tmp), cfg)}
         headline = {}
         for threads in (0, 1):  # 0: ONNX Runtime's default, every core (the headline); 1 thread beside it
-            sessions = {k: _session(p, threads) for k, p in variants.items()}
+            sessions = {k: cpu_session(p, threads) for k, p in variants.items()}
             tag = "default" if threads == 0 else "1"
             for batch in (1, 8):
                 x = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)

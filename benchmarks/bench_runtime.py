@@ -59,16 +59,12 @@ def run(cfg: Config, rounds: int = 20, batch: int = 8) -> dict:
 def user_ort_fp32(model: Path, threads: int):
     """What a user writes without edgeseg: OpenCV letterbox + normalise, ``session.run``, resize the mask back."""
     import cv2
-    import onnxruntime as ort
 
+    from edgeseg.runtime.sessions import cpu_session
     from edgeseg.runtime.spec import ModelSpec
 
     spec = ModelSpec.from_onnx(model)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    session = cpu_session(model, threads)
     h, w = spec.image_size
     mean = np.asarray(spec.mean, np.float32) * 255
     std = np.asarray(spec.std, np.float32) * 255
@@ -123,7 +119,7 @@ def queue_vs_predict(bundle: Path, frames: list[np.ndarray], rounds: int, thread
 
 def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) -> dict:
     batch = len(images)
-    from edgeseg.distill.models import load_model
+    from edgeseg.distill.models import load_teacher
     from edgeseg.export.onnx_model import export_onnx
     from edgeseg.export.strip import load_student
     from edgeseg.runtime import Segmenter
@@ -134,7 +130,7 @@ def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) ->
         raise FileNotFoundError(f"run `make deploy` first: {bundle} is missing")
     torch.set_num_threads(threads or os.cpu_count())
     student, _ = load_student(cfg, cfg.stage_dir("distill") / "best.pt")
-    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).eval()
+    teacher = load_teacher(cfg).eval()
 
     with tempfile.TemporaryDirectory() as tmp:
         # FP32 student and teacher through the same runtime (the teacher exported like the student)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from edgeseg.calibration.pixels import uint8_to_signed
 from edgeseg.distill.config import DDPMConfig, config_to_dict
 from edgeseg.distill.data import Sample
 from edgeseg.runtime.files import recover_dir, replace_dir, sha256_file, staging_dir
@@ -64,7 +65,7 @@ def _square(a: np.ndarray, size: int) -> np.ndarray:
 def load_training_images(samples: list[Sample], size: int) -> torch.Tensor:
     """(N, 3, size, size) float32 in [-1, 1]: each image centre-cropped to a square and resized."""
     out = np.stack([_square(read_rgb(s.image), size) for s in samples]) if samples else np.empty((0, size, size, 3), np.uint8)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return uint8_to_signed(out)
 
 
 def load_training_masks(samples: list[Sample], size: int) -> torch.Tensor:

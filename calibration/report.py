@@ -41,6 +41,7 @@ from edgeseg.calibration.synth import GENERATOR_SPLIT, MANIFEST, load_calibratio
 from edgeseg.distill.config import Config
 from edgeseg.runtime.files import write_json_atomic
 from edgeseg.runtime.preprocess import fit_image, normalise_batch
+from edgeseg.runtime.sessions import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -354,14 +355,13 @@ def pairs_sheet(calib_dir: Path, manifest: dict, teacher_masks: np.ndarray, out_
 def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | Path | None = None,
                  out_dir: str | Path | None = None) -> dict:
     """Compute the report for ``calib_dir``; write ``report.json`` and ``contact_sheet.png`` to ``out_dir``."""
-    import onnxruntime as ort
     import torch
     from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
 
     from edgeseg.calibration.guidance import TeacherView
     from edgeseg.calibration.synth import teacher_probabilities
     from edgeseg.distill.data import has_split, split_samples
-    from edgeseg.distill.models import load_model
+    from edgeseg.distill.models import load_model, load_teacher
     from edgeseg.distill.onnx_export import export_module
     from edgeseg.distill.visualize import save_png
 
@@ -387,10 +387,7 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
         fp32 = export_module(student, tmp / "student.onnx", torch.zeros(1, 3, *hw), ["images"], ["mask_logits"])
         aug = tmp / "student.aug.onnx"
         modify_model_output_intermediate_tensors(str(fp32), str(aug))
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
-        session = ort.InferenceSession(str(aug), so, providers=["CPUExecutionProvider"])
+        session = cpu_session(aug, optimize=False)
         real_batches = batches_of(held_out, to_input)
 
         # ranges: held-out real (for histogram edges) and each calibration set
@@ -424,7 +421,7 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
             for s in sets:
                 row[f"sqnr_db_{s}"] = sqnr[s].get(row["tensor"])
 
-    teacher = TeacherView(load_model(cfg.teacher, cfg.teacher_checkpoint), hw, cfg.data.mean, cfg.data.std)
+    teacher = TeacherView(load_teacher(cfg), hw, cfg.data.mean, cfg.data.std)
     probs = teacher_probabilities(teacher, synthetic[:64])
     sheet = save_png(contact_sheet(synthetic, probs > 0.5), out_dir / "contact_sheet.png")
     manifest = json.loads((calib_dir / MANIFEST).read_text()) if (calib_dir / MANIFEST).is_file() else {}

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from edgeseg.calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
 from edgeseg.calibration.guidance import (ConfidenceGuide, MaskGuide, MixedGuide, ModeGuide, TaskGuide, TeacherView, kmeans,
                                           medoids)
+from edgeseg.calibration.pixels import signed_to_uint8, uint8_to_signed
 from edgeseg.distill.config import Config, config_to_dict
 from edgeseg.distill.data import split_samples
+from edgeseg.distill.device import use_device
 from edgeseg.distill.models import load_model
-from edgeseg.distill.trainer import resolve_device
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import recover_dir, replace_dir, sha256_file, staging_dir
 from edgeseg.runtime.images import list_images, read_rgb
@@ -95,7 +96,7 @@ def images_to_model(x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(B, 3, h, w) in [-1, 1] -> (B, H, W, 3) uint8 at the model's input size (bicubic)."""
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-    return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return signed_to_uint8(x)
 
 
 @torch.no_grad()
@@ -103,7 +104,7 @@ def teacher_probabilities(view: TeacherView, images: np.ndarray, batch: int = 32
     """(N, H, W) teacher probabilities for (N, H, W, 3) uint8 images."""
     out = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = uint8_to_signed(images[i:i + batch])
         logits, _ = view(x)
         out.append(torch.sigmoid(logits[:, 0]).float().cpu().numpy())
     return np.concatenate(out)
@@ -117,7 +118,7 @@ def embed_real_images(view: TeacherView, paths: list[Path], limit: int = 256) ->
     embs = []
     for i in range(0, len(chosen), 32):
         imgs = np.stack([_fit(read_rgb(p), view.image_hw) for p in chosen[i:i + 32]])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = uint8_to_signed(imgs)
         embs.append(view(x)[1].float().cpu().numpy())
     return np.concatenate(embs), chosen
 
@@ -144,10 +145,8 @@ class Synthesizer:
         self.sample_seed = self.cal.seed if sample_seed is None else int(sample_seed)
         self.target_folder = str(target_images) if target_images else self.cal.target.images
         self.conditional = self.cal.generator == "conditional"
-        self.device = resolve_device(cfg.device)
+        self.device = use_device(cfg.device, cfg.threads)
         self.size = tuple(cfg.data.image_size)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
 
     # --- the generator -----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgeseg.calibration.pixels import uint8_to_signed
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.images import list_images, read_rgb
 
@@ -74,7 +75,7 @@ class TargetDomain:
 
         paths = check_target_folder(folder)
         images = np.stack([fit_image(read_rgb(p), model_hw, "stretch")[0] for p in paths])  # read_rgb names a bad file
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = uint8_to_signed(images)
         mean, std = channel_moments(F.interpolate(x, size=(generator_side, generator_side), mode="area"))
         return cls(str(Path(folder)), [p.name for p in paths], mean, std, np.array([noise_sigma(i) for i in images]), images)
 

@@ -176,14 +176,12 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
     import torch
 
     from edgeseg.distill.data import report_splits
+    from edgeseg.distill.device import use_device
     from edgeseg.distill.evaluation import latency_ms, score_split
-    from edgeseg.distill.models import count_parameters, load_model
-    from edgeseg.distill.trainer import resolve_device
+    from edgeseg.distill.models import count_parameters, load_model, load_teacher
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(device)
+    device = use_device(cfg.device, cfg.threads)
+    teacher = load_teacher(cfg, device)
     student = load_model(cfg.student, checkpoint, cfg.student.feature_stride, keys=("student",)).to(device)
     models = {"teacher": teacher, "student": student}
     if baseline:

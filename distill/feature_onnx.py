@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path, sha256_file
+from edgeseg.runtime.sessions import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,7 @@ def probe_output_shape(path: str | Path, input_hw: tuple[int, int] | None = None
 
     ``input_hw`` None: the model's own static size, or 640x640 where its input is dynamic.
     """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     inp = sess.get_inputs()[0]
     static = static_input_size(sess.get_inputs())
     if input_hw is None:

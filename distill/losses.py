@@ -1,4 +1,4 @@
-"""The five distillation loss terms, the temperature schedules, and the loss module."""
+"""The five distillation loss terms, the temperature schedules, and the loss module with its projection head."""
 from __future__ import annotations
 
 import logging
@@ -71,6 +71,56 @@ def feature_mse(projected: torch.Tensor, target: torch.Tensor, normalise: bool =
     return _per_sample(d) if per_sample else d.mean()
 
 
+class ProjectionHead(nn.Module):
+    """Maps the student's feature onto the feature teacher's: 1x1 conv, BN, ReLU, 1x1 conv.
+
+    The feature loss's alignment layer (as ModelOpt's ``MGDLoss`` owns its ``align``): it belongs
+    to :class:`DistillationLoss`, trains beside the student and is saved under the checkpoint key
+    ``projection``, so exporting the student is taking the student.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, 1, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_channels, out_channels, 1),
+        )
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ProjectionHead":
+        """A head shaped like the one that saved ``state`` (a checkpoint's ``projection``), loaded strictly."""
+        hidden, in_channels = state["net.0.weight"].shape[:2]
+        head = cls(in_channels, hidden, state["net.3.weight"].shape[0])
+        head.load_state_dict(state)
+        return head
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """(B, C_s, h, w) -> (B, C_t, h, w)."""
+        return self.net(feature)
+
+
+class DistillationModel(nn.Module):
+    """The student plus the feature loss's projection head, as one module for the optimizer and DDP.
+
+    The head is the loss's (``DistillationLoss.projection``, the same object); the wrapper only lets
+    DDP all-reduce its gradients with the student's. Exporting takes ``.student`` alone.
+    """
+
+    def __init__(self, student: nn.Module, projection: ProjectionHead | None):
+        super().__init__()
+        self.student = student
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) -> logits (B, 1, H, W) and the projected feature (B, C_t, h, w) or None."""
+        if self.projection is None:
+            return self.student(x), None
+        logits, feature = self.student.forward_features(x)
+        return logits, self.projection(feature)
+
+
 def temperature_at(cfg: TemperatureConfig, progress: float) -> float:
     """T for ``progress`` in [0, 1] of training: constant, or t0 -> t1 by the schedule."""
     p = min(max(progress, 0.0), 1.0)
@@ -91,12 +141,15 @@ class DistillationLoss(nn.Module):
     Args:
         weights: the loss config (a weight of 0 skips the term).
         channel_norm: channel-normalise both features before the feature MSE.
+        projection: the feature term's alignment head (student feature -> teacher feature), owned
+            here; None without a feature teacher.
     """
 
-    def __init__(self, weights: LossConfig, channel_norm: bool = False):
+    def __init__(self, weights: LossConfig, channel_norm: bool = False, projection: ProjectionHead | None = None):
         super().__init__()
         self.weights = weights
         self.channel_norm = channel_norm
+        self.projection = projection
         self._warned_resize = False
 
     def forward(self, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,

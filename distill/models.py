@@ -74,27 +74,6 @@ class UnetSegmenter(nn.Module):
         return logits, features[self.feature_index]
 
 
-class ProjectionHead(nn.Module):
-    """Maps the student's feature onto the feature teacher's: 1x1 conv, BN, ReLU, 1x1 conv.
-
-    Training-only: it lives beside the student (in the distillation loss's module list and under
-    its own checkpoint key), so exporting the student never has to remove it.
-    """
-
-    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden_channels, 1, bias=False),
-            nn.BatchNorm2d(hidden_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_channels, out_channels, 1),
-        )
-
-    def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        """(B, C_s, h, w) -> (B, C_t, h, w)."""
-        return self.net(feature)
-
-
 def build_model(cfg: ModelConfig, feature_stride: int = 8) -> UnetSegmenter:
     """The UNet a model config describes (weights random or from ``encoder_weights``)."""
     return UnetSegmenter(cfg.encoder, tuple(cfg.decoder_channels), cfg.encoder_weights, feature_stride, cfg.activation)
@@ -151,6 +130,15 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path, feature_stride: int = 8
         raise InputError(f"{checkpoint}: weights do not fit a UNet with encoder {cfg.encoder} and decoder "
                          f"{list(cfg.decoder_channels)} ({first[0].strip()[:200]}); check the model section of the config") from None
     return model
+
+
+def load_teacher(cfg, device: torch.device | str | None = None) -> UnetSegmenter:
+    """The config's teacher (``cfg.teacher`` loaded from ``cfg.teacher_checkpoint``), on ``device`` if given.
+
+    ``cfg``: the root config (anything with ``teacher`` and ``teacher_checkpoint``).
+    """
+    model = load_model(cfg.teacher, cfg.teacher_checkpoint)
+    return model.to(device) if device is not None else model
 
 
 def count_parameters(model: nn.Module) -> int:

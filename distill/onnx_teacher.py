@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeseg.runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.sessions import open_session, session_options
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,7 @@ class OnnxFeatureTeacher:
 
         self.path = Path(path)
         self.device = torch.device(device)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
+        so = session_options(threads)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(
@@ -68,10 +66,7 @@ class OnnxFeatureTeacher:
             providers = ["CPUExecutionProvider"]
             self._bind_device = ("cpu", 0)
             self._stream = None
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
-        except Exception as e:  # ORT's own exception types; the file is the user's
-            raise InputError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+        self.session = open_session(self.path, so, providers)
         inputs = [i for i in self.session.get_inputs()]
         outputs = self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:

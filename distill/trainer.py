@@ -3,7 +3,8 @@
 Read it top to bottom: set-up (devices, DDP, data, models, optimizer), resume, then the loop
 (one optimizer step per batch; a validation, JSONL record, visualisation and checkpoint per
 epoch). The frozen teacher and the ONNX feature teacher run under ``no_grad``; the projection
-head trains beside the student and is saved under its own checkpoint key.
+head belongs to the feature loss, trains beside the student and is saved under its own checkpoint
+key (``projection``).
 
 Exact resume: the data order is a function of (seed, epoch), augmentation a function of
 (seed, epoch, index), and every RNG stream is saved in the checkpoint, so a run resumed from
@@ -32,8 +33,9 @@ from edgeseg.distill.checkpoint import capture_rng, load_checkpoint, restore_rng
 from edgeseg.distill.config import Config, LossConfig, ModelConfig, TrainConfig, config_to_dict
 from edgeseg.distill.data import SegmentationDataset, StudentData, split_samples, student_data
 from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_loader, predict_logits, score
-from edgeseg.distill.losses import DistillationLoss, temperature_at
-from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, count_parameters, load_model
+from edgeseg.distill.device import use_device
+from edgeseg.distill.losses import DistillationLoss, DistillationModel, ProjectionHead, temperature_at
+from edgeseg.distill.models import build_model, count_parameters, load_teacher
 from edgeseg.distill.sources import HARD_EXAMPLES, Generate, SampleSource, SourceContext, describe, sources_for
 from edgeseg.distill.visualize import comparison_grid, save_png
 from edgeseg.runtime.errors import InputError
@@ -82,22 +84,6 @@ def job_for(cfg: Config, role: Role) -> TrainJob:
         loss = dataclasses.replace(loss, feature=0.0)
     out = cfg.stage_dir("distill") if role == "student" else cfg.stage_dir("distill-baseline")
     return TrainJob(role, cfg.student, train, loss, out, cfg.student.freeze_encoder, cfg.student.feature_stride)
-
-
-class DistillationModel(nn.Module):
-    """The student plus the training-only projection head, as one module for the optimizer and DDP."""
-
-    def __init__(self, student: UnetSegmenter, projection: ProjectionHead | None):
-        super().__init__()
-        self.student = student
-        self.projection = projection
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, H, W) -> logits (B, 1, H, W) and the projected feature (B, C_t, h, w) or None."""
-        if self.projection is None:
-            return self.student(x), None
-        logits, feature = self.student.forward_features(x)
-        return logits, self.projection(feature)
 
 
 def steps_per_epoch(size: int, batch_size: int, world: int = 1) -> int:
@@ -149,16 +135,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} asked for but torch sees no CUDA GPU; use device: cpu or auto")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -223,10 +199,8 @@ class Trainer:
         """``generators``: regenerating sample sources by name (``hard_examples``), wired by the command layer."""
         self.cfg, self.job, self.max_steps, self.fresh = cfg, job, max_steps, fresh
         self.generators = generators or {}
-        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = use_device(cfg.device, cfg.threads, int(os.environ.get("LOCAL_RANK", "0")))
         self.rank, self.world = _init_distributed(self.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self.is_main = self.rank == 0
         self.amp = job.train.amp and self.device.type == "cuda"
 
@@ -257,7 +231,7 @@ class Trainer:
 
         self.teacher = None
         if job.loss.uses_teacher:
-            self.teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(self.device).eval().requires_grad_(False)
+            self.teacher = load_teacher(cfg, self.device).eval().requires_grad_(False)
 
         self.feature_teacher, projection = None, None
         if job.loss.feature > 0:
@@ -270,13 +244,14 @@ class Trainer:
             c_t, h_t, w_t = self.feature_teacher.feature_shape(cfg.data.image_size)
             log.info("feature teacher %s: %s -> (%d, %d, %d)", exposed.name, cfg.feature_teacher.tensor, c_t, h_t, w_t)
             projection = ProjectionHead(student.feature_channels, cfg.feature_teacher.hidden_channels, c_t)
+        # The loss owns the projection head; the training module holds the same object for the optimizer and DDP.
+        self.loss_fn = DistillationLoss(job.loss, channel_norm=cfg.feature_teacher.channel_norm, projection=projection)
 
-        self.net = DistillationModel(student, projection).to(self.device)
+        self.net = DistillationModel(student, self.loss_fn.projection).to(self.device)
         self.model = self.net  # the unwrapped module (checkpoints, validation)
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.loss_fn = DistillationLoss(job.loss, channel_norm=cfg.feature_teacher.channel_norm)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=job.train.lr, weight_decay=job.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(job.train, self.total_steps))

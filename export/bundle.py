@@ -28,7 +28,7 @@ from edgeseg.distill.config import Config, config_to_dict
 from edgeseg.runtime.bundle import FORMAT, MANIFEST
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import replace_dir, sha256_file, staging_dir
-from edgeseg.runtime.spec import ModelSpec
+from edgeseg.runtime.spec import ModelSpec, engine_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         files["calibration_manifest.json"] = (calib_manifest, "calibration-manifest")
     for engine in sorted(export_dir.glob("model.*.engine")):
         files[engine.name] = (engine, "engine")
-        files[engine.name + ".json"] = (engine.with_name(engine.name + ".json"), "engine-metadata")
+        files[engine_sidecar(engine).name] = (engine_sidecar(engine), "engine-metadata")
     missing = [str(src) for name, (src, role) in files.items() if not src.is_file() and role != "fp16"]
     if missing:
         raise InputError(f"cannot write the bundle: {', '.join(missing)} missing; run `make export` first")

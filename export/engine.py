@@ -34,6 +34,7 @@ from typing import Literal
 
 from edgeseg.runtime.errors import BackendUnavailableError, InputError
 from edgeseg.runtime.files import atomic_path, sha256_file, write_json_atomic
+from edgeseg.runtime.spec import engine_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,9 @@ def engine_paths(out_dir: Path, precision: Precision, dla_core: int = -1, device
     bundle's manifest hashes, so the bundle still verifies after the build.
     """
     suffix = (f".dla{dla_core}" if dla_core >= 0 else "") + (".device" if device_build else "")
-    return {"engine": out_dir / f"model.{precision}{suffix}.engine",
-            "metadata": out_dir / f"model.{precision}{suffix}.engine.json",
+    engine = out_dir / f"model.{precision}{suffix}.engine"
+    return {"engine": engine,
+            "metadata": engine_sidecar(engine),
             "timing_cache": out_dir / ("device.timing.cache" if device_build else "timing.cache")}
 
 

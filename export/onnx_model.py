@@ -22,6 +22,7 @@ from edgeseg.distill.models import UnetSegmenter
 from edgeseg.distill.onnx_export import export_module
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path
+from edgeseg.runtime.sessions import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,7 @@ def simplify(src: Path, dst: Path) -> Path:
 
 def parity(model: nn.Module, onnx_path: Path, cfg: Config, batches=(1,), seed: int = 1) -> tuple[float, list]:
     """Max |ORT - torch| over fresh random inputs at each batch size; also returns the feeds/outputs."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path)
     worst, records = 0.0, []
     for i, b in enumerate(batches):
         x = example_input(cfg, b, seed + i)

@@ -213,7 +213,7 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
     deployed was decided on ``val`` by the budget search (``quantize.json``), never on these splits.
     """
     from edgeseg.distill.data import report_splits
-    from edgeseg.distill.models import load_model
+    from edgeseg.distill.models import load_teacher
     from edgeseg.distill.visualize import save_png
     from edgeseg.export.accuracy import TorchRunner, gallery, miou_of, onnx_runner, predict_masks
     from edgeseg.export.strip import load_student
@@ -231,7 +231,7 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
                            pad_value=onnx_spec.pad_value, resize=onnx_spec.resize, threshold=onnx_spec.threshold,
                            max_batch=onnx_spec.max_batch)
     student, _ = load_student(cfg, checkpoint or cfg.stage_dir("distill") / "best.pt")
-    runners = {"teacher": TorchRunner(load_model(cfg.teacher, cfg.teacher_checkpoint), torch_spec),
+    runners = {"teacher": TorchRunner(load_teacher(cfg), torch_spec),
                "student": TorchRunner(student, torch_spec)}
     for name, path in models.items():
         runners[name] = onnx_runner(path)

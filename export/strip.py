@@ -1,7 +1,7 @@
 """Strip: the inference student from a distillation checkpoint, without anything training-only.
 
-The projection head was never part of the student (it trains beside it, under its own
-checkpoint key), so stripping is loading the ``student`` weights strictly into a fresh UNet.
+The projection head was never part of the student (it belongs to the feature loss and is saved
+under its own checkpoint key), so stripping is loading the ``student`` weights strictly into a fresh UNet.
 :func:`verify_stripped` proves it: the stripped model's output equals the training model's
 segmentation output exactly, and it holds no projection parameters.
 """
@@ -13,7 +13,8 @@ import torch
 
 from edgeseg.distill.checkpoint import load_checkpoint
 from edgeseg.distill.config import Config
-from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, check_activation
+from edgeseg.distill.losses import DistillationModel, ProjectionHead
+from edgeseg.distill.models import UnetSegmenter, build_model, check_activation
 from edgeseg.runtime.errors import InputError
 
 
@@ -39,17 +40,10 @@ def load_student(cfg: Config, checkpoint: str | Path) -> tuple[UnetSegmenter, di
 
 
 def training_model(cfg: Config, ckpt: dict) -> torch.nn.Module:
-    """The student + projection head exactly as training ran them (for the strip check)."""
-    from edgeseg.distill.trainer import DistillationModel
-
+    """The student + the feature loss's projection head exactly as training ran them (for the strip check)."""
     student = build_model(cfg.student, cfg.student.feature_stride)
     student.load_state_dict(ckpt["student"])
-    projection = None
-    if ckpt.get("projection"):
-        w = ckpt["projection"]["net.0.weight"]
-        out = ckpt["projection"]["net.3.weight"].shape[0]
-        projection = ProjectionHead(w.shape[1], w.shape[0], out)
-        projection.load_state_dict(ckpt["projection"])
+    projection = ProjectionHead.from_state_dict(ckpt["projection"]) if ckpt.get("projection") else None
     return DistillationModel(student, projection).eval()
 
 

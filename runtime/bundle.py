@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edgeseg.runtime.errors import InputError, IntegrityError
 from edgeseg.runtime.files import recover_dir, sha256_file
-from edgeseg.runtime.spec import ModelSpec
+from edgeseg.runtime.spec import ModelSpec, engine_sidecar
 
 MANIFEST = "manifest.json"
 FORMAT = "edgeseg-bundle/1"
@@ -104,7 +104,7 @@ class Bundle:
         for engine in sorted(self.path.glob("*.engine")):
             if engine.name in self.manifest.get("files", {}):
                 continue
-            sidecar = engine.with_name(engine.name + ".json")
+            sidecar = engine_sidecar(engine)
             if not sidecar.is_file():
                 continue
             meta = json.loads(sidecar.read_text())

@@ -22,7 +22,7 @@ from edgeseg.runtime.bundle import Bundle
 from edgeseg.runtime.errors import BackendUnavailableError, ClosedError, InputError, IntegrityError
 from edgeseg.runtime.images import to_rgb_uint8
 from edgeseg.runtime.pipeline import BatchBuffers, check_images, finish, fit, prepare
-from edgeseg.runtime.spec import ModelSpec
+from edgeseg.runtime.spec import ModelSpec, engine_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Segmenter:
         elif path.suffix in (".engine", ".plan"):
             import json
 
-            sidecar = path.with_name(path.name + ".json")
+            sidecar = engine_sidecar(path)
             if not sidecar.is_file():
                 raise InputError(f"{sidecar}: engine metadata missing; rebuild with `edgeseg export engine`")
             self.spec = ModelSpec.from_dict(json.loads(sidecar.read_text())["spec"])

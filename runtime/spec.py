@@ -9,6 +9,17 @@ from typing import Literal
 from edgeseg.runtime.errors import InputError
 
 
+
+def engine_sidecar(engine: str | Path) -> Path:
+    """The JSON beside a serialized engine (``model.int8.engine`` -> ``model.int8.engine.json``).
+
+    It holds what the engine is and what it was built for (``spec``, profile, GPU, ONNX hash):
+    ``edgeseg export engine`` writes it and the runtime reads it, so this one function names it.
+    """
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to feed the model and read its output."""
@@ -49,18 +60,13 @@ class ModelSpec:
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelSpec":
         """Read the ``edgeseg.io`` metadata that ``edgeseg export onnx`` stores in the model."""
-        import onnxruntime as ort
+        from edgeseg.runtime.sessions import CPU, open_session, session_options
 
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: model file does not exist")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:  # ORT reads the metadata; the runtime needs no onnx package
-            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT's own exception types for corrupt files
-            raise InputError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
+        # ORT reads the metadata; the runtime needs no onnx package
+        session = open_session(path, session_options(optimize=False), CPU, "not a valid ONNX model", limit=120)
         return cls.from_session(session, path)
 
     @classmethod

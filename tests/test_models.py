@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from edgeseg.distill.config import ModelConfig, StudentConfig
-from edgeseg.distill.models import ProjectionHead, UnetSegmenter, build_model, load_model, load_state_dict
-from edgeseg.distill.trainer import DistillationModel
+from edgeseg.distill.losses import DistillationModel, ProjectionHead
+from edgeseg.distill.models import UnetSegmenter, build_model, load_model, load_state_dict
 from edgeseg.runtime.errors import InputError
 
 TINY = dict(encoder="tu-test_efficientnet")

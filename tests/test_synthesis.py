@@ -35,11 +35,11 @@ def centred_teacher(tiny_run, tmp_path_factory):
     are all empty, which no recomputed figure could tell from a wrong one)."""
     from edgeseg.calibration.guidance import TeacherView
     from edgeseg.calibration.synth import Synthesizer, teacher_probabilities
-    from edgeseg.distill.models import load_model
+    from edgeseg.distill.models import load_teacher
 
     _, cfg = _synth_config(tiny_run, tmp_path_factory.mktemp("centring"))
     images = np.stack([c.image for c in Synthesizer(cfg).generate_pool(8, progress=False)])
-    teacher = load_model(cfg.teacher, cfg.teacher_checkpoint)
+    teacher = load_teacher(cfg)
     p = teacher_probabilities(TeacherView(teacher, (64, 64), cfg.data.mean, cfg.data.std), images)
     with torch.no_grad():
         teacher.segmentation_head[0].bias -= float(np.log(np.median(p) / (1 - np.median(p))))
@@ -114,7 +114,7 @@ def test_synth_writes_labelled_pairs_with_condition_iou_and_filters_on_it(tiny_r
     from edgeseg.calibration.similarity import TrainIndex
     from edgeseg.calibration.synth import Synthesizer, teacher_probabilities
     from edgeseg.distill.data import folder_samples, load_sample, split_samples
-    from edgeseg.distill.models import load_model
+    from edgeseg.distill.models import load_teacher
     from edgeseg.runtime.images import read_rgb
     from edgeseg.runtime.preprocess import fit_image
 
@@ -126,7 +126,7 @@ def test_synth_writes_labelled_pairs_with_condition_iou_and_filters_on_it(tiny_r
     assert len(pairs) == 4 == m["counts"]["written"]
     # what the manifest records, recomputed from the files on disk: the teacher's mask of the written
     # image against the written label, and the nearest training image
-    teacher = TeacherView(load_model(cfg.teacher, cfg.teacher_checkpoint), (64, 64), cfg.data.mean, cfg.data.std)
+    teacher = TeacherView(load_teacher(cfg), (64, 64), cfg.data.mean, cfg.data.std)
     train_paths = [s.image for s in split_samples(cfg, "train")]
     index = TrainIndex(np.stack([fit_image(read_rgb(p), (64, 64), "letterbox")[0] for p in train_paths]))
     loaded = [load_sample(pair) for pair in pairs]
@@ -224,10 +224,10 @@ def test_bad_target_folders_are_one_clear_line(tiny_run, tmp_path):
 def test_config_objective_gradient_ascends(tiny_run):
     """A step against the guide's gradient raises t^g + (1 - s)^g: the sign the sampler relies on."""
     from edgeseg.calibration.guidance import ConfidenceGuide, TeacherView
-    from edgeseg.distill.models import build_model, load_model
+    from edgeseg.distill.models import build_model, load_teacher
 
     _, cfg = tiny_run
-    teacher = TeacherView(load_model(cfg.teacher, cfg.teacher_checkpoint), (64, 64), cfg.data.mean, cfg.data.std)
+    teacher = TeacherView(load_teacher(cfg), (64, 64), cfg.data.mean, cfg.data.std)
     torch.manual_seed(1)
     student = TeacherView(build_model(cfg.student), (64, 64), cfg.data.mean, cfg.data.std)
     guide = ConfidenceGuide(teacher, student, gamma=2.0)

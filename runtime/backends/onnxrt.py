@@ -8,6 +8,7 @@ import numpy as np
 
 from edgeseg.runtime.backends.base import Runner
 from edgeseg.runtime.errors import BackendUnavailableError, InputError
+from edgeseg.runtime.sessions import open_session, session_options
 from edgeseg.runtime.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,7 @@ class OnnxRuntimeRunner(Runner):
         if wanted not in ort.get_available_providers():
             raise BackendUnavailableError(f"ONNX Runtime here has no {wanted}; install onnxruntime-gpu "
                                           "(pip install 'edgeseg[gpu]') on a CUDA machine, or use backend onnxruntime-cpu")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
+        so = session_options(self.threads)
         providers: list = [wanted]
         if self.provider == "cuda":
             providers = [(wanted, {"device_id": self.device_id}), "CPUExecutionProvider"]
@@ -88,10 +86,7 @@ class OnnxRuntimeRunner(Runner):
         self.binding = self.session.io_binding()
 
     def _session(self, ort, so, providers):
-        try:
-            return ort.InferenceSession(str(self.model_path), so, providers=providers)
-        except Exception as e:  # ORT's own exception types; the file is the user's
-            raise InputError(f"{self.model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+        return open_session(self.model_path, so, providers)
 
     def _output_shape(self, batch: int) -> tuple[int, ...]:
         h, w = self.spec.image_size

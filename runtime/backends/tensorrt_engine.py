@@ -36,7 +36,7 @@ import numpy as np
 
 from edgeseg.runtime.backends.base import Runner
 from edgeseg.runtime.errors import BackendUnavailableError, InputError, IntegrityError
-from edgeseg.runtime.spec import ModelSpec
+from edgeseg.runtime.spec import ModelSpec, engine_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class TensorRTRunner(Runner):
             raise BackendUnavailableError("TensorRT is not installed; use backend onnxruntime-cpu or install TensorRT "
                                           "(JetPack, or pip install 'edgeseg[gpu]' with NVIDIA's index)") from None
         cudart = import_cudart()
-        sidecar = self.model_path.with_name(self.model_path.name + ".json")
+        sidecar = engine_sidecar(self.model_path)
         if not sidecar.is_file():
             raise InputError(f"{sidecar}: engine metadata is missing; rebuild with `edgeseg export engine`")
         meta = json.loads(sidecar.read_text())

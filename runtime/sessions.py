@@ -1,0 +1,48 @@
+"""ONNX Runtime sessions: the one place that sets session options and opens a session.
+
+Every stage opens its ONNX files here (evaluation, parity checks, the feature teacher, the
+calibration report, the runtime's backend), so logging, optimisation level and thread count are
+set the same way everywhere. ``onnxruntime`` is imported when a session is made.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeseg.runtime.errors import InputError
+
+CPU = ["CPUExecutionProvider"]
+
+
+def session_options(threads: int = 0, optimize: bool = True):
+    """``ort.SessionOptions``: warnings and below silenced; ``threads`` intra-op threads (0: ORT's
+    default); ``optimize`` False disables graph optimisation (tensor names and metadata as written)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def cpu_session(path: str | Path, threads: int = 0, optimize: bool = True):
+    """A CPU ``ort.InferenceSession`` of ``path`` with :func:`session_options`; ORT's errors propagate."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads, optimize), providers=CPU)
+
+
+def open_session(path: str | Path, options, providers: list, problem: str = "ONNX Runtime cannot load it",
+                 limit: int = 160):
+    """An ``ort.InferenceSession`` of a user's file; a file ORT cannot load is an InputError naming it.
+
+    The message is ``<path>: <problem> (<ORT's first line, cut to limit characters>)``.
+    """
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # ORT's own exception types; the file is the user's
+        raise InputError(f"{path}: {problem} ({str(e).splitlines()[0][:limit]})") from None
