@@ -75,6 +75,86 @@ def test_repository_refuses_bad_options(bundle, tmp_path):
         write_repository(bundle, tmp_path / "r", instances=0)
 
 
+class _FakeBackendUtils:
+    """A stand-in for Triton's ``triton_python_backend_utils`` (which exists only inside Triton's stub):
+    requests are dicts of numpy arrays, tensors and responses keep what they were given."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        @classmethod
+        def from_dlpack(cls, name, capsule):
+            return cls(name, np.from_dlpack(capsule))
+
+    class TritonError:
+        def __init__(self, message):
+            self.message = message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.outputs = {t.name: t.array for t in output_tensors or []}
+            self.error = error
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request[name]
+
+
+def _python_model(monkeypatch, repository, name: str):
+    """The repository's ``<name>/1/model.py``, imported against the stand-in utils and initialised as Triton would."""
+    import json
+
+    from google.protobuf import json_format
+
+    from edgeseg.export.triton import validate_config
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackendUtils)
+    for mod in [m for m in sys.modules if m.startswith("edgeseg.export.triton_models.")]:
+        monkeypatch.delitem(sys.modules, mod)  # re-imported against this stand-in
+    path = repository / name / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"triton_model_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = validate_config((repository / name / "config.pbtxt").read_text())
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+                      "model_repository": str(repository / name), "model_version": "1"})
+    return module, model
+
+
+def test_the_python_models_are_the_modules_that_tests_import_and_run(repository, bundle, monkeypatch):
+    from edgeseg.export.triton import MODELS_DIR, PYTHON_MODELS
+    from edgeseg.runtime import Segmenter
+    from edgeseg.runtime.bundle import Bundle
+
+    for name, module in PYTHON_MODELS.items():  # the repository's model.py is the package's module, byte for byte
+        assert (repository / name / "1" / "model.py").read_bytes() == (MODELS_DIR / module).read_bytes()
+    pool = _images([(48, 64), (64, 64), (80, 40)], 3, seed=1)
+    with Segmenter(bundle, backend="onnxruntime-cpu") as seg:
+        expected = [seg.predict([img])[0] for img in pool]
+
+    # edgeseg (CPU): the requests of one batch come back as their own masks; a bad request fails alone
+    _, cpu = _python_model(monkeypatch, repository, "edgeseg")
+    try:
+        responses = cpu.execute([{"IMAGE": img[None]} for img in pool] + [{"IMAGE": np.zeros((1, 8, 8, 3), np.float32)}])
+    finally:
+        cpu.finalize()
+    for response, mask in zip(responses, expected):
+        assert response.error is None and np.array_equal(response.outputs["MASK"][0], mask)
+    assert "IMAGE must be uint8 RGB" in responses[-1].error.message
+
+    # the GPU ensemble's CPU ends around the bundle's CPU model give the same masks
+    _, pre = _python_model(monkeypatch, repository, "edgeseg_preprocess")
+    _, post = _python_model(monkeypatch, repository, "edgeseg_postprocess")
+    session = ort.InferenceSession(str(Bundle(bundle).file("int8-cpu")), providers=["CPUExecutionProvider"])
+    for img, mask in zip(pool, expected):
+        (prepared,) = pre.execute([{"IMAGE": img[None]}])
+        logits = session.run(None, {session.get_inputs()[0].name: prepared.outputs["INPUT"]})[0]
+        (response,) = post.execute([{"LOGITS": logits, "PLACEMENT": prepared.outputs["PLACEMENT"]}])
+        assert response.error is None and np.array_equal(response.outputs["MASK"][0], mask)
+
+
 def _nvinfer_segmentation(output: np.ndarray, threshold: float) -> np.ndarray:
     """nvinfer's default semantic-segmentation parser on (B, C, H, W): per pixel the class whose value is the
     largest and above the threshold, starting from -1; -1 (no class) where none is."""
