@@ -160,7 +160,8 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     from edgeseg.distill.evaluation import score_split
     from edgeseg.distill.device import resolve_device
     from edgeseg.distill.models import load_model, load_teacher
-    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
 
     splits = [s for s in ("test", "test_shift") if has_split(cfg, s)] or ["val"]
     device = resolve_device(cfg.device)

@@ -66,7 +66,8 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_dat
           unlabelled, unlabelled_share):
     """Distil the student from the teacher and the feature teacher (optionally with synthetic pairs and
     unlabelled images)."""
-    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
 
     options = {"train.extra_data": extra_data, "train.extra_share": extra_share,
                "train.hard_examples.share": hard_share, "train.hard_examples.every": hard_every,
@@ -87,7 +88,8 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_dat
 @exit_on_user_error
 def train_teacher(config_path, overrides, verbose, max_steps, fresh):
     """Train the B3 teacher on ground truth (the demo's `make teacher`)."""
-    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
 
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "teacher")

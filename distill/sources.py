@@ -16,11 +16,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from edgeseg.distill.config import Config, TrainConfig
+from edgeseg.distill.config import TrainConfig
 from edgeseg.distill.data import Sample, StudentData, folder_samples
 from edgeseg.runtime.errors import InputError
 
@@ -41,7 +41,7 @@ class SourceContext:
     seed: int  # the run's training seed
     device: torch.device
     is_main: bool  # rank 0 generates, the others wait and read
-    barrier: Callable[[], None]
+    main_first: Callable[[Callable[[], Any]], Any]  # fn() on rank 0 first, then on the others (distributed.main_first)
 
 
 class SampleSource(Protocol):
@@ -91,18 +91,25 @@ class RegeneratedSource:
         folder = ctx.out_dir / self.name / f"epoch{due:03d}"
         if folder == self._folder:
             return self._items
-        if ctx.is_main and not (folder / "manifest.json").is_file():
-            t0 = time.perf_counter()
-            log.info("epoch %d: generating %s against the current student -> %s", epoch + 1, self.name, folder)
-            student = copy.deepcopy(ctx.student).eval()
-            with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-                # a new seed range per regeneration (pool images take seed + index): new masks and noise each time
-                info = self.generate(student, folder, (ctx.seed * 1_009 + due) * 100_003)
-            log.info("%s: %s in %.0f s", self.name, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                           for k, v in info.items()), time.perf_counter() - t0)
-        ctx.barrier()
-        self._folder, self._items = folder, folder_samples(folder)
+
+        def generate_once() -> list[Sample]:  # rank 0 writes the set (unless a resumed run has it), all read it
+            if ctx.is_main and not (folder / "manifest.json").is_file():
+                self._generate(epoch, due, folder, ctx)
+            return folder_samples(folder)
+
+        self._items = ctx.main_first(generate_once)
+        self._folder = folder
         return self._items
+
+    def _generate(self, epoch: int, due: int, folder: Path, ctx: SourceContext) -> None:
+        t0 = time.perf_counter()
+        log.info("epoch %d: generating %s against the current student -> %s", epoch + 1, self.name, folder)
+        student = copy.deepcopy(ctx.student).eval()
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            # a new seed range per regeneration (pool images take seed + index): new masks and noise each time
+            info = self.generate(student, folder, (ctx.seed * 1_009 + due) * 100_003)
+        log.info("%s: %s in %.0f s", self.name, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in info.items()), time.perf_counter() - t0)
 
 
 def sources_for(train: TrainConfig, data: StudentData, generators: dict[str, Generate] | None = None) -> list[SampleSource]:

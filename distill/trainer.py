@@ -9,163 +9,42 @@ key (``projection``).
 Exact resume: the data order is a function of (seed, epoch), augmentation a function of
 (seed, epoch, index), and every RNG stream is saved in the checkpoint, so a run resumed from
 ``last.pt`` (at an epoch boundary or after ``--max-steps``) equals an uninterrupted run.
+
+What is not the loop lives beside it: the job (``job.py``), the device (``device.py``), process
+groups and rank-0-first (``distributed.py``), the epoch sampler (``sampler.py``), checkpoint
+identity, resume checks and ``best.pt`` repair (``resume.py``).
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from edgeseg.distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
-from edgeseg.distill.config import Config, LossConfig, ModelConfig, TrainConfig, config_to_dict
+from edgeseg.distill.config import Config, TrainConfig, config_to_dict
 from edgeseg.distill.data import SegmentationDataset, StudentData, split_samples, student_data
-from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_loader, predict_logits, score
 from edgeseg.distill.device import use_device
+from edgeseg.distill.distributed import all_finite, barrier, init_distributed, main_first
+from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_loader, predict_logits, score
+from edgeseg.distill.job import TrainJob
 from edgeseg.distill.losses import DistillationLoss, DistillationModel, ProjectionHead, temperature_at
 from edgeseg.distill.models import build_model, count_parameters, load_teacher
+from edgeseg.distill.resume import CHECKPOINT_FORMAT, check_resumable, copy_best, repair_best, run_identity
+from edgeseg.distill.sampler import EpochSampler, steps_per_epoch
 from edgeseg.distill.sources import HARD_EXAMPLES, Generate, SampleSource, SourceContext, describe, sources_for
 from edgeseg.distill.visualize import comparison_grid, save_png
 from edgeseg.runtime.errors import InputError
-from edgeseg.runtime.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-Role = Literal["teacher", "student", "baseline"]
-CHECKPOINT_FORMAT = "edgeseg-train/1"
 PROGRESS_EVERY_S = 30.0  # a log line at least this often inside an epoch (logs, not only the terminal bar)
-# Rank 0 does long work alone (demo data, hard-example generation, validation) while the others wait in
-# a barrier; NCCL's default 10-minute timeout would abort the job (torch.distributed.init_process_group).
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """What one run trains and how."""
-
-    role: Role  # teacher: GT only; student: distillation; baseline: the student on GT only
-    model: ModelConfig  # the network being trained
-    train: TrainConfig
-    loss: LossConfig
-    out_dir: Path
-    freeze_encoder: bool = False
-    feature_stride: int = 8
-
-    @property
-    def state_key(self) -> str:
-        """Checkpoint key of the trained network's state_dict."""
-        return "model" if self.role == "teacher" else "student"
-
-
-def job_for(cfg: Config, role: Role) -> TrainJob:
-    """The job ``make teacher`` / ``make distill`` / the baseline run for this config."""
-    gt_only = dataclasses.replace(cfg.loss, kl=0.0, mse=0.0, feature=0.0)
-    if role == "teacher":
-        return TrainJob("teacher", cfg.teacher, cfg.teacher_train, gt_only, cfg.stage_dir("teacher"))
-    loss = cfg.loss if role == "student" else gt_only
-    train = cfg.train
-    if role == "baseline":  # ground truth alone: no teacher-guided or teacher-filtered synthetic pairs, no unlabelled images
-        train = dataclasses.replace(train, extra_data="", extra_share=0.0, unlabelled_share=0.0,
-                                    hard_examples=dataclasses.replace(train.hard_examples, share=0.0))
-    if role == "student" and not cfg.feature_teacher.enabled:
-        loss = dataclasses.replace(loss, feature=0.0)
-    out = cfg.stage_dir("distill") if role == "student" else cfg.stage_dir("distill-baseline")
-    return TrainJob(role, cfg.student, train, loss, out, cfg.student.freeze_encoder, cfg.student.feature_stride)
-
-
-def steps_per_epoch(size: int, batch_size: int, world: int = 1) -> int:
-    """Optimizer steps per epoch, the same on every rank: full global batches only."""
-    return size // (batch_size * world)
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """This rank's indices for one epoch: a (seed, epoch) permutation, sharded, optionally skipping ahead.
-
-    The permutation is cut to whole global batches before sharding, so every rank yields exactly
-    ``steps_per_epoch * batch_size`` indices: with uneven shards (15 images, 2 ranks, batch 4 gave
-    2 and 1 steps) one rank would leave the epoch early and the others would hang in all-reduce.
-
-
-    ``length``: samples per epoch (default ``size``); with fewer labelled images than that (a label
-    budget), the labelled ones repeat in fresh permutations. ``mix``: further sources concatenated
-    after the ``size`` labelled images, as (their size, share): that share of the epoch's slots
-    (seeded) is drawn from each instead, so the epoch's length and the compute budget stay the same.
-    """
-
-    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0,
-                 batch_size: int = 1, mix: tuple[tuple[int, float], ...] = (), length: int | None = None):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        length = size if length is None else length
-        total = steps_per_epoch(length, batch_size, world) * batch_size * world
-        budget = length > size  # fewer labelled images than slots: they fill what the sources leave
-        order = torch.full((total,), -1, dtype=torch.long) if budget else torch.randperm(size, generator=g)[:total]
-        slots = torch.randperm(total, generator=g)
-        offset, used = size, 0
-        for n, share in mix:
-            k = int(round(share * total))
-            if n > 0 and k > 0:
-                order[slots[used:used + k]] = offset + self._cycled(n, k, g)
-                used += k
-            offset += n
-        if budget:  # in fresh permutations: every labelled image is seen equally often (+-1)
-            rest = (order < 0).nonzero().flatten()
-            order[rest] = self._cycled(size, len(rest), g)
-        self.indices = order.tolist()[rank::world][skip:]
-
-    @staticmethod
-    def _cycled(n: int, k: int, g: torch.Generator) -> torch.Tensor:
-        """``k`` indices below ``n``: whole permutations of range(n) one after another, cut to ``k``."""
-        return torch.cat([torch.randperm(n, generator=g) for _ in range(-(-k // n))])[:k]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun.
-
-    The CUDA device is set before the group exists (NCCL binds each rank's communicator to the
-    current device), and the timeout is long: see :data:`PROCESS_GROUP_TIMEOUT`.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return dist.get_rank(), world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def main_first(fn: Callable[[], T], is_main: bool, world: int) -> T:
-    """``fn()`` on rank 0 first (it may write a cache: demo data, a pruned ONNX), then on the others."""
-    if is_main:
-        out = fn()
-    _barrier(world)
-    if not is_main:
-        out = fn()
-    return out
 
 
 class _Flagged(torch.utils.data.Dataset):
@@ -200,7 +79,7 @@ class Trainer:
         self.cfg, self.job, self.max_steps, self.fresh = cfg, job, max_steps, fresh
         self.generators = generators or {}
         self.device = use_device(cfg.device, cfg.threads, int(os.environ.get("LOCAL_RANK", "0")))
-        self.rank, self.world = _init_distributed(self.device)
+        self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         self.amp = job.train.amp and self.device.type == "cuda"
 
@@ -279,29 +158,6 @@ class Trainer:
                 "unlabelled": {k: len(v) for k, v in self.data.unlabelled.items()},
                 "sources": describe(self.sources)}
 
-    def _identity(self) -> dict:
-        """The settings a checkpoint must share with this run to be resumed by it."""
-        c = config_to_dict(self.cfg)
-        model = config_to_dict(self.job.model)
-        if model.get("activation") == "silu":  # the default, implicit in checkpoints written before the option
-            del model["activation"]
-        train = config_to_dict(self.job.train)
-        if not train.get("extra_share"):  # off: implicit in checkpoints written before the options
-            train.pop("extra_data", None), train.pop("extra_share", None)
-        if not train.get("hard_examples", {}).get("share"):
-            train.pop("hard_examples", None)
-        if not train.get("unlabelled_share"):
-            train.pop("unlabelled_share", None)
-        out = {"role": self.job.role, "model": model, "train": train,
-               "loss": config_to_dict(self.job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
-               "world": self.world}
-        d = c["data"]
-        if self.job.role == "teacher" and d.get("teacher_split"):
-            out["data"] = {"teacher_split": d["teacher_split"]}
-        elif self.job.role != "teacher" and (d.get("labelled_count") or d.get("unlabelled")):
-            out["data"] = {k: d[k] for k in ("labelled_count", "labelled_seed", "unlabelled")}
-        return out
-
     def _resume(self) -> bool:
         """Load ``last.pt`` if there is one; True if training already finished."""
         last = self.job.out_dir / "last.pt"
@@ -311,12 +167,7 @@ class Trainer:
                 shutil.rmtree(stale)
             return False
         ckpt = load_checkpoint(last)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"{last}: not an edgeseg training checkpoint; move it away or pass --fresh")
-        if ckpt["identity"] != self._identity():
-            diff = [k for k in ckpt["identity"] if ckpt["identity"][k] != self._identity().get(k)]
-            raise InputError(f"{last}: was trained with different settings ({', '.join(diff)}); "
-                             "pass --fresh to start over, or point run_dir elsewhere")
+        check_resumable(ckpt, last, run_identity(self.cfg, self.job, self.world))
         self.model.student.load_state_dict(ckpt[self.job.state_key])
         if self.model.projection is not None:
             self.model.projection.load_state_dict(ckpt["projection"])
@@ -334,28 +185,12 @@ class Trainer:
         self.epoch_sums = dict(ckpt.get("epoch_sums", {}))
         restore_rng(ckpt["rng"])
         if self.is_main:
-            self._repair_best(ckpt, last)
+            repair_best(ckpt, self.job.out_dir)
         if ckpt.get("complete"):
             log.info("%s is complete (%d epochs); nothing to do (pass --fresh to retrain)", last, self.epoch)
             return True
         log.info("resuming from %s at epoch %d, batch %d (step %d)", last, self.epoch, self.batch_in_epoch, self.step)
         return False
-
-    def _repair_best(self, ckpt: dict, last: Path) -> None:
-        """Rewrite ``best.pt`` if a crash came between saving the best epoch's ``last.pt`` and copying it.
-
-        ``best.pt`` is a byte copy of ``last.pt`` taken right after the best epoch's save, so the only
-        window where it can lag is while ``last.pt`` still is that epoch's checkpoint.
-        """
-        import filecmp
-
-        best = self.job.out_dir / "best.pt"
-        at_best = self.best_epoch > 0 and ckpt["epoch"] == self.best_epoch and ckpt["batch_in_epoch"] == 0
-        if at_best and not (best.is_file() and filecmp.cmp(best, last, shallow=False)):
-            log.warning("%s is older than the best epoch (%d, val mIoU %.4f) recorded in %s; rewriting it",
-                        best, self.best_epoch, self.best_miou, last)
-            with atomic_path(best) as tmp:
-                shutil.copyfile(last, tmp)
 
     def _save(self, complete: bool) -> None:
         if not self.is_main:
@@ -371,7 +206,7 @@ class Trainer:
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
             "best_miou": self.best_miou, "best_epoch": self.best_epoch, "epoch_sums": self.epoch_sums,
             "metrics": self.last_metrics, "complete": complete,
-            "rng": capture_rng(), "identity": self._identity(), "config": config_to_dict(self.cfg),
+            "rng": capture_rng(), "identity": run_identity(self.cfg, self.job, self.world), "config": config_to_dict(self.cfg),
         }
         save_atomic(ckpt, self.job.out_dir / "last.pt")
 
@@ -406,6 +241,11 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """Train to the last epoch (or ``--max-steps``); the last validation record.
+
+        1. set up; 2. resume ``last.pt`` (done if it is complete); 3. each epoch: train its batches,
+        then record, validate and checkpoint it.
+        """
         self._setup()
         if self._resume():
             return self.last_metrics
@@ -413,79 +253,89 @@ class Trainer:
             self.job.out_dir.mkdir(parents=True, exist_ok=True)
             (self.job.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=1))
             self._prepare_validation()
+        while self.epoch < self.job.train.epochs:
+            trained = self._train_epoch()
+            if trained is None:  # stopped at --max-steps, checkpoint saved
+                return self.last_metrics
+            self._end_epoch(*trained)
+        return self.last_metrics
+
+    def _train_epoch(self) -> tuple[dict[str, float], int, float] | None:
+        """The rest of this epoch's batches: (loss sums, batches seen, start time), or None at ``--max-steps``."""
         from tqdm import tqdm
 
         train = self.job.train
-        while self.epoch < train.epochs:
-            dataset, mix = self._epoch_data()
-            sampler = EpochSampler(len(self.train_set), self.cfg.seed, self.epoch, self.rank, self.world,
-                                   skip=self.batch_in_epoch * train.batch_size, batch_size=train.batch_size, mix=mix,
-                                   length=self.data.epoch_length)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
-                                                 num_workers=self.cfg.data.workers, drop_last=True,
-                                                 pin_memory=self.device.type == "cuda")
-            self.net.train()
-            if self.job.freeze_encoder:  # frozen BN statistics too, not only frozen weights
-                self.model.student.encoder.eval()
-            sums = self.epoch_sums
-            t_epoch = t_logged = time.perf_counter()
-            start_batch = self.batch_in_epoch
-            bar = tqdm(loader, desc=f"{self.job.role} epoch {self.epoch + 1}/{train.epochs}",
-                       initial=self.batch_in_epoch, total=self.steps_per_epoch, disable=None if self.is_main else True,
-                       leave=False)
-            for images, masks, _, labelled in bar:
-                terms = self._step(images, masks, labelled)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                self.batch_in_epoch += 1
-                self.step += 1
-                bar.set_postfix(loss=f"{terms['loss']:.4f}")
-                now = time.perf_counter()
-                if self.is_main and now - t_logged >= PROGRESS_EVERY_S:
-                    t_logged = now
-                    per_step = (now - t_epoch) / (self.batch_in_epoch - start_batch)
-                    log.info("%s epoch %d/%d: batch %d/%d, loss %.4f, %.2f s/step, epoch ends in about %.0f s",
-                             self.job.role, self.epoch + 1, train.epochs, self.batch_in_epoch, self.steps_per_epoch,
-                             sums["loss"] / max(self.batch_in_epoch, 1), per_step,
-                             per_step * (self.steps_per_epoch - self.batch_in_epoch))
-                if self.max_steps is not None and self.step >= self.max_steps:
-                    self._save(complete=False)
-                    log.info("stopped after --max-steps %d; resume by running the same command", self.max_steps)
-                    return self.last_metrics
-            bar.close()
-            seen = self.batch_in_epoch
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self.epoch_sums = {}
-            record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0]}
-            if self.job.loss.kl > 0:
-                record["temperature"] = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
-            record.update(self._epoch_terms(sums, seen))
-            record["epoch_time_s"] = time.perf_counter() - t_epoch
-            if self.is_main and (self.epoch % train.eval_every == 0 or self.epoch == train.epochs):
-                record.update(self._validate())
-                self.last_metrics = record
-                if record["val_miou"] > self.best_miou:
-                    self.best_miou, self.best_epoch = record["val_miou"], self.epoch
-                    record["best"] = True
-            if self.is_main:
-                with open(self.job.out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log.info("epoch %d: %s", self.epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                                               if isinstance(v, float)))
-            self._save(complete=self.epoch == train.epochs)
-            if self.is_main and record.get("best"):
-                with atomic_path(self.job.out_dir / "best.pt") as tmp:  # a byte copy of the checkpoint just written
-                    shutil.copyfile(self.job.out_dir / "last.pt", tmp)
-            _barrier(self.world)
-        return self.last_metrics
+        dataset, mix = self._epoch_data()
+        sampler = EpochSampler(len(self.train_set), self.cfg.seed, self.epoch, self.rank, self.world,
+                               skip=self.batch_in_epoch * train.batch_size, batch_size=train.batch_size, mix=mix,
+                               length=self.data.epoch_length)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
+                                             num_workers=self.cfg.data.workers, drop_last=True,
+                                             pin_memory=self.device.type == "cuda")
+        self.net.train()
+        if self.job.freeze_encoder:  # frozen BN statistics too, not only frozen weights
+            self.model.student.encoder.eval()
+        sums = self.epoch_sums
+        t_epoch = t_logged = time.perf_counter()
+        start_batch = self.batch_in_epoch
+        bar = tqdm(loader, desc=f"{self.job.role} epoch {self.epoch + 1}/{train.epochs}",
+                   initial=self.batch_in_epoch, total=self.steps_per_epoch, disable=None if self.is_main else True,
+                   leave=False)
+        for images, masks, _, labelled in bar:
+            terms = self._step(images, masks, labelled)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            self.batch_in_epoch += 1
+            self.step += 1
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            now = time.perf_counter()
+            if self.is_main and now - t_logged >= PROGRESS_EVERY_S:
+                t_logged = now
+                per_step = (now - t_epoch) / (self.batch_in_epoch - start_batch)
+                log.info("%s epoch %d/%d: batch %d/%d, loss %.4f, %.2f s/step, epoch ends in about %.0f s",
+                         self.job.role, self.epoch + 1, train.epochs, self.batch_in_epoch, self.steps_per_epoch,
+                         sums["loss"] / max(self.batch_in_epoch, 1), per_step,
+                         per_step * (self.steps_per_epoch - self.batch_in_epoch))
+            if self.max_steps is not None and self.step >= self.max_steps:
+                self._save(complete=False)
+                log.info("stopped after --max-steps %d; resume by running the same command", self.max_steps)
+                return None
+        bar.close()
+        return sums, self.batch_in_epoch, t_epoch
+
+    def _end_epoch(self, sums: dict[str, float], seen: int, t_epoch: float) -> None:
+        """Close the epoch: its JSONL record (validated every ``eval_every``), ``last.pt``, and ``best.pt``."""
+        train = self.job.train
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_sums = {}
+        record = {"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0]}
+        if self.job.loss.kl > 0:
+            record["temperature"] = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
+        record.update(self._epoch_terms(sums, seen))
+        record["epoch_time_s"] = time.perf_counter() - t_epoch
+        if self.is_main and (self.epoch % train.eval_every == 0 or self.epoch == train.epochs):
+            record.update(self._validate())
+            self.last_metrics = record
+            if record["val_miou"] > self.best_miou:
+                self.best_miou, self.best_epoch = record["val_miou"], self.epoch
+                record["best"] = True
+        if self.is_main:
+            with open(self.job.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: %s", self.epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                           if isinstance(v, float)))
+        self._save(complete=self.epoch == train.epochs)
+        if self.is_main and record.get("best"):
+            copy_best(self.job.out_dir)  # a byte copy of the checkpoint just written
+        barrier(self.world)
 
     # --- the epoch's data: the labelled images and every sample source -------------------------
 
     def _epoch_data(self) -> tuple[torch.utils.data.Dataset, tuple[tuple[int, float], ...]]:
         """This epoch's dataset (labelled images, then each active source) and the sources' (size, share)."""
         ctx = SourceContext(self.model.student, self.job.out_dir, self.cfg.seed, self.device, self.is_main,
-                            lambda: _barrier(self.world))
+                            lambda fn: main_first(fn, self.is_main, self.world))
         parts: list[tuple[SegmentationDataset, bool, float]] = [(self.train_set, True, 0.0)]
         for src in self.sources:
             samples = src.samples(self.epoch, ctx)
@@ -516,14 +366,6 @@ class Trainer:
             out["unlabelled_fraction"] = sums["n_unlabelled"] / max(sums["n_unlabelled"] + sums.get("n_labelled", 0.0), 1.0)
         return out
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank: one rank stopping alone would leave the others
-        waiting in the gradient all-reduce forever, so they agree first (a one-element all-reduce)."""
-        finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
-        if self.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
-
     def _step(self, images: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor) -> dict[str, float]:
         """One optimizer step; the loss terms (a group's term as a sum over its samples, with ``n_<group>``)."""
         images = images.to(self.device, non_blocking=True)
@@ -539,7 +381,7 @@ class Trainer:
             logits, projected = self.net(images)
         loss, terms = self.loss_fn(logits, masks, temperature, teacher_logits, projected, teacher_feature,
                                    labelled if grouped else None)
-        if not self._all_finite(loss):
+        if not all_finite(loss, self.world):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step} (on this rank or another); "
                                      "lower train.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)

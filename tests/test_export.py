@@ -24,7 +24,8 @@ def exported(tiny_run, tmp_path_factory):
     """A tiny distillation checkpoint, a calibration folder, and the whole export run on them."""
     from PIL import Image
 
-    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
     from edgeseg.export.stage import run_accuracy, run_onnx, run_quantize
 
     _, base = tiny_run

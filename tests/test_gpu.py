@@ -99,7 +99,8 @@ def test_trainer_on_cuda_with_amp_resumes_exactly(tiny_run, tmp_path):
     """A few AMP steps on the GPU: finite losses, and a run stopped and resumed equals an uninterrupted one."""
     from edgeseg.distill.checkpoint import load_checkpoint
     from edgeseg.distill.config import Config, load_config
-    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
 
     _, base = tiny_run
     common = dict(device="cuda", data={"root": str(base.data_root)}, teacher={"checkpoint": str(base.teacher_checkpoint)},

@@ -243,7 +243,7 @@ def test_config_objective_gradient_ascends(tiny_run):
 # --- the training mix ---------------------------------------------------------------------------
 
 def test_epoch_sampler_mixes_an_exact_share_at_the_same_length():
-    from edgeseg.distill.trainer import EpochSampler
+    from edgeseg.distill.sampler import EpochSampler
 
     plain = EpochSampler(100, seed=0, epoch=3, batch_size=4)
     mixed = EpochSampler(100, seed=0, epoch=3, batch_size=4, mix=((10, 0.25), (5, 0.1)))
@@ -259,7 +259,8 @@ def test_epoch_sampler_mixes_an_exact_share_at_the_same_length():
 def test_distill_with_extra_pairs_and_hard_examples(tiny_run, tmp_path):
     from edgeseg.calibration.hard_examples import hard_example_generator
     from edgeseg.calibration.synth import Synthesizer
-    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
 
     _, cfg = _synth_config(tiny_run, tmp_path / "gen")
     Synthesizer(cfg).run(tmp_path / "pairs", count=4)
@@ -382,7 +383,7 @@ def test_report_judges_labels_on_the_set_and_the_pool_and_sets_similarity_beside
 
 
 def test_the_baseline_never_trains_on_synthetic_pairs_and_a_misnamed_target_folder_fails_at_export(tiny_run, tmp_path):
-    from edgeseg.distill.trainer import job_for
+    from edgeseg.distill.job import job_for
     from edgeseg.export.int8 import target_sources
 
     train = {"epochs": 1, "batch_size": 4, "lr": 1e-3, "extra_data": str(tmp_path), "extra_share": 0.3,
@@ -398,7 +399,8 @@ def test_the_baseline_never_trains_on_synthetic_pairs_and_a_misnamed_target_fold
 
 
 def test_a_fresh_run_drops_hard_examples_made_for_another_student(tiny_run, tmp_path):
-    from edgeseg.distill.trainer import Trainer, job_for
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
 
     _, cfg = _synth_config(tiny_run, tmp_path, train={"epochs": 1, "batch_size": 4, "hard_examples": {"share": 0.2}})
     job = job_for(cfg, "student")

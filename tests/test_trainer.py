@@ -10,7 +10,8 @@ import torch
 from edgeseg.distill.checkpoint import load_checkpoint
 from edgeseg.distill.config import Config, load_config
 from edgeseg.distill.models import load_model
-from edgeseg.distill.trainer import Trainer, job_for
+from edgeseg.distill.job import job_for
+from edgeseg.distill.trainer import Trainer
 from tests.conftest import ROOT, write_config
 
 
@@ -90,7 +91,7 @@ def test_a_crash_before_best_pt_is_copied_is_repaired_on_resume(tiny_run, tmp_pa
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4])
 def test_every_rank_runs_the_same_number_of_steps(world, batch):
-    from edgeseg.distill.trainer import EpochSampler, steps_per_epoch
+    from edgeseg.distill.sampler import EpochSampler, steps_per_epoch
 
     for size in range(batch * world, 41):
         for skip_steps in (0, 1):
@@ -222,12 +223,11 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     script = tmp_path / "nan_rank.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "from edgeseg.distill.trainer import Trainer\n"
+        "from edgeseg.distill.distributed import all_finite\n"
         "dist.init_process_group('gloo')\n"
-        "t = Trainer.__new__(Trainer)\n"
-        "t.world = dist.get_world_size()\n"
+        "world = dist.get_world_size()\n"
         "rank = dist.get_rank()\n"
-        "result = (t._all_finite(torch.tensor(1.0)), t._all_finite(torch.tensor(float('nan') if rank == 1 else 2.0)))\n"
+        "result = (all_finite(torch.tensor(1.0), world), all_finite(torch.tensor(float('nan') if rank == 1 else 2.0), world))\n"
         f"open(r'{tmp_path}' + f'/rank{{rank}}.txt', 'w').write(repr(result))\n"
         "dist.destroy_process_group()\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -13,7 +13,9 @@ from conftest import run_cli
 from edgeseg.distill.checkpoint import load_checkpoint
 from edgeseg.distill.config import LossConfig
 from edgeseg.distill.losses import DistillationLoss
-from edgeseg.distill.trainer import EpochSampler, Trainer, job_for
+from edgeseg.distill.job import job_for
+from edgeseg.distill.sampler import EpochSampler
+from edgeseg.distill.trainer import Trainer
 from edgeseg.runtime.errors import InputError
 from test_trainer import _config, _records
 
