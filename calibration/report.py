@@ -13,9 +13,9 @@ images: the same three sets as the export's calibration matrix), against held-ou
   takes the median over tensors.
 
 Activations come from ORT's own augmented model (every float tensor made an output), streamed
-batch by batch, so memory stays flat however many images there are. They are the student
-checkpoint's own ONNX export: ``make calibrate`` runs before ``make export``, so the shipped
-``export/model.onnx`` does not exist yet.
+batch by batch, so memory stays flat however many images there are (``activations.py``). They
+are the student checkpoint's own ONNX export: ``make calibrate`` runs before ``make export``,
+so the shipped ``export/model.onnx`` does not exist yet.
 
 The INT8 mIoU each set yields is not measured here: the export stage scores the INT8 models it
 ships, calibrated on these same three sets (``export/accuracy.json``, ``matrix``), so there is one
@@ -29,116 +29,19 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeseg.calibration.quantize import batches_of, quantize_qdq
+from edgeseg.calibration.activations import activation_statistics
 from edgeseg.calibration.synth import GENERATOR_SPLIT, MANIFEST, load_calibration_images
 from edgeseg.distill.config import Config
 from edgeseg.runtime.files import write_json_atomic
-from edgeseg.runtime.preprocess import fit_image, normalise_batch
-from edgeseg.runtime.sessions import cpu_session
+from edgeseg.runtime.preprocess import fit_image
 
 log = logging.getLogger(__name__)
-
-_FINE_BINS = 1024  # real-activation histogram resolution (percentiles, coverage)
-_KL_BINS = 128
-_SAMPLES_PER_BATCH = 1 << 16  # activation values per tensor and batch that histograms and coverage look at
-
-
-@dataclass
-class TensorStats:
-    """Streaming statistics of one activation tensor."""
-
-    lo: float = np.inf
-    hi: float = -np.inf
-    count: int = 0
-    hist: np.ndarray | None = None
-    outside: dict = field(default_factory=dict)  # set name -> values outside that set's range
-
-
-def _run_augmented(session, batches):
-    """Yield {tensor name: flat values} per batch."""
-    from onnxruntime.quantization.qdq_loss_debug import _TENSOR_SAVE_POSTFIX
-
-    input_name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-    wanted = [o for o in outputs if o.endswith(_TENSOR_SAVE_POSTFIX)]
-    for b in batches:
-        values = session.run(wanted, {input_name: b})
-        yield {n[: -len(_TENSOR_SAVE_POSTFIX)]: v for n, v in zip(wanted, values)}
-
-
-def _ranges(session, batches) -> dict[str, tuple[float, float]]:
-    out: dict[str, list[float]] = {}
-    for acts in _run_augmented(session, batches):
-        for name, v in acts.items():
-            if v.size == 0:
-                continue
-            lo, hi = float(v.min()), float(v.max())
-            r = out.setdefault(name, [lo, hi])
-            r[0], r[1] = min(r[0], lo), max(r[1], hi)
-    return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-def _histograms(session, batches, edges: dict[str, np.ndarray], ranges: dict[str, dict[str, tuple[float, float]]]):
-    """Histograms over uniform ``edges`` (outer values into the end bins) and, per named range, values outside it.
-
-    Both are estimated from a fixed strided sample of each tensor (at most 65536 values per batch).
-    """
-    hists = {k: np.zeros(len(e) - 1, np.int64) for k, e in edges.items()}
-    outside = {k: {s: 0 for s in ranges} for k in edges}
-    totals = {k: 0 for k in edges}
-    for acts in _run_augmented(session, batches):
-        for name, v in acts.items():
-            if name not in edges:
-                continue
-            v = v[:: max(1, v.size // _SAMPLES_PER_BATCH)]  # a strided sample: shares, not extremes, are wanted here
-            e = edges[name]
-            width = (e[-1] - e[0]) / (len(e) - 1)
-            idx = np.clip(((v - e[0]) / width).astype(np.int64), 0, len(e) - 2)
-            hists[name] += np.bincount(idx, minlength=len(e) - 1)
-            totals[name] += v.size
-            for s, rng in ranges.items():
-                lo, hi = rng.get(name, (-np.inf, np.inf))
-                outside[name][s] += int(np.count_nonzero((v < lo) | (v > hi)))
-    return hists, outside, totals
-
-
-def _kl(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
-    p = p_counts.reshape(_KL_BINS, -1).sum(1).astype(np.float64) + 1e-3
-    q = q_counts.reshape(_KL_BINS, -1).sum(1).astype(np.float64) + 1e-3
-    p, q = p / p.sum(), q / q.sum()
-    return float((p * np.log(p / q)).sum())
-
-
-def _percentile_from_hist(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
-    c = np.cumsum(hist)
-    k = np.searchsorted(c, q / 100 * c[-1])
-    return float(edges[min(k + 1, len(edges) - 1)])
-
-
-def sqnr_per_tensor(fp32_aug: Path, qdq_path: Path, real_batches, float_acts=None) -> tuple[dict[str, float], dict]:
-    """Per-tensor SQNR (dB) of a Q/DQ model vs the float model on ``real_batches`` (ORT's qdq_loss_debug)."""
-    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
-                                                         create_activation_matching,
-                                                         modify_model_output_intermediate_tensors)
-
-    from edgeseg.calibration.quantize import ArrayReader, input_name
-
-    name = input_name(fp32_aug)
-    if float_acts is None:
-        float_acts = collect_activations(str(fp32_aug), ArrayReader(name, real_batches))
-    qdq_aug = qdq_path.with_name(qdq_path.stem + ".aug.onnx")
-    modify_model_output_intermediate_tensors(str(qdq_path), str(qdq_aug))
-    qdq_acts = collect_activations(str(qdq_aug), ArrayReader(name, real_batches))
-    matching = {k: v for k, v in create_activation_matching(qdq_acts, float_acts).items() if "float" in v}
-    errors = compute_activation_error(matching)
-    return {k: v["xmodel_err"] for k, v in errors.items() if np.isfinite(v["xmodel_err"])}, float_acts
 
 
 def noise_images(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -352,22 +255,19 @@ def pairs_sheet(calib_dir: Path, manifest: dict, teacher_masks: np.ndarray, out_
     return str(save_png(grid, out_dir / "pairs.png"))
 
 
-def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | Path | None = None,
-                 out_dir: str | Path | None = None) -> dict:
-    """Compute the report for ``calib_dir``; write ``report.json`` and ``contact_sheet.png`` to ``out_dir``."""
-    import torch
-    from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
+@dataclass
+class ReportImages:
+    """The images a report compares: the calibration set and its two contrasts, and held-out real images."""
 
-    from edgeseg.calibration.guidance import TeacherView
-    from edgeseg.calibration.synth import teacher_probabilities
+    sets: dict[str, np.ndarray]  # synthetic (the set under test), noise, real: (N, H, W, 3) uint8 each
+    held_out: np.ndarray  # (M, H, W, 3) uint8 from held_out_split
+    held_out_split: str  # test, else val
+
+
+def report_images(cfg: Config, calib_dir: Path) -> ReportImages:
+    """The set under test, uniform noise and real training images of its size, and the held-out real images."""
     from edgeseg.distill.data import has_split, split_samples
-    from edgeseg.distill.models import load_model, load_teacher
-    from edgeseg.distill.onnx_export import export_module
-    from edgeseg.distill.visualize import save_png
 
-    t0 = time.perf_counter()
-    calib_dir = Path(calib_dir)
-    out_dir = Path(out_dir) if out_dir else calib_dir.parent
     hw = tuple(cfg.data.image_size)
     synthetic = load_calibration_images(calib_dir, hw, limit=cfg.export.calibration_images)
     n = len(synthetic)
@@ -378,65 +278,61 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
     }
     held_out_split = "test" if has_split(cfg, "test") else "val"  # val chose the checkpoint: test when there is one
     held_out = real_images([s.image for s in split_samples(cfg, held_out_split)], cfg.calibration.report_images, hw)
-    to_input = lambda b: normalise_batch(b, cfg.data.mean, cfg.data.std)
-    student_ckpt = Path(student_checkpoint) if student_checkpoint else cfg.stage_dir("distill") / "best.pt"
-    student = load_model(cfg.student, student_ckpt, keys=("student",))
+    return ReportImages(sets, held_out, held_out_split)
 
-    with tempfile.TemporaryDirectory(prefix="edgeseg-report-") as tmp:
-        tmp = Path(tmp)
-        fp32 = export_module(student, tmp / "student.onnx", torch.zeros(1, 3, *hw), ["images"], ["mask_logits"])
-        aug = tmp / "student.aug.onnx"
-        modify_model_output_intermediate_tensors(str(fp32), str(aug))
-        session = cpu_session(aug, optimize=False)
-        real_batches = batches_of(held_out, to_input)
 
-        # ranges: held-out real (for histogram edges) and each calibration set
-        real_rng = _ranges(session, real_batches)
-        set_batches = {k: batches_of(v, to_input) for k, v in sets.items()}
-        set_rng = {k: _ranges(session, b) for k, b in set_batches.items()}
-        edges = {}
-        for name, (lo, hi) in real_rng.items():
-            lo = min([lo] + [r[name][0] for r in set_rng.values() if name in r])
-            hi = max([hi] + [r[name][1] for r in set_rng.values() if name in r])
-            if hi > lo:
-                edges[name] = np.linspace(lo, hi, _FINE_BINS + 1)
-        real_hist, outside, totals = _histograms(session, real_batches, edges, set_rng)
-        set_hist = {k: _histograms(session, b, edges, {})[0] for k, b in set_batches.items()}
+def teacher_sheets(cfg: Config, calib_dir: Path, manifest: dict, synthetic: np.ndarray, out_dir: Path) -> tuple[str, str | None]:
+    """The teacher's masks over the set: the contact sheet, and (condition-labelled sets) the pairs sheet."""
+    from edgeseg.calibration.guidance import TeacherView
+    from edgeseg.calibration.synth import teacher_probabilities
+    from edgeseg.distill.models import load_teacher
+    from edgeseg.distill.visualize import save_png
 
-        per_tensor = []
-        for name in sorted(edges):
-            row = {"tensor": name, "real_p9999": _percentile_from_hist(real_hist[name], edges[name], 99.99)}
-            for s in sets:
-                row[f"coverage_{s}"] = 1 - outside[name][s] / max(totals[name], 1)
-                row[f"max_{s}"] = set_rng[s][name][1]
-                row[f"kl_{s}"] = _kl(real_hist[name], set_hist[s][name])
-            per_tensor.append(row)
-
-        sqnr, float_acts = {}, None
-        for s, batches in set_batches.items():
-            q = quantize_qdq(fp32, tmp / f"q_{s}.onnx", batches, cfg.export.calibration_method, "s8s8",
-                             percentile=cfg.export.percentile)
-            sqnr[s], float_acts = sqnr_per_tensor(aug, q, real_batches, float_acts)
-        for row in per_tensor:
-            for s in sets:
-                row[f"sqnr_db_{s}"] = sqnr[s].get(row["tensor"])
-
-    teacher = TeacherView(load_teacher(cfg), hw, cfg.data.mean, cfg.data.std)
+    teacher = TeacherView(load_teacher(cfg), tuple(cfg.data.image_size), cfg.data.mean, cfg.data.std)
     probs = teacher_probabilities(teacher, synthetic[:64])
     sheet = save_png(contact_sheet(synthetic, probs > 0.5), out_dir / "contact_sheet.png")
+    pairs = pairs_sheet(calib_dir, manifest, probs, out_dir) if len(manifest.get("images", [])) == len(synthetic) else None
+    return str(sheet), pairs
+
+
+def set_summary(sets, per_tensor: list[dict], sqnr: dict[str, dict[str, float]]) -> dict:
+    """Per set: mean coverage, median histogram KL, median SQNR and median calibrated max over the real p99.99."""
+    out = {}
+    for s in sets:
+        out[f"coverage_{s}"] = float(np.mean([r[f"coverage_{s}"] for r in per_tensor]))
+        out[f"hist_kl_{s}"] = float(np.median([r[f"kl_{s}"] for r in per_tensor]))
+        out[f"sqnr_db_{s}"] = float(np.median(list(sqnr[s].values())))
+        out[f"max_over_p9999_{s}"] = float(np.median([r[f"max_{s}"] / r["real_p9999"] for r in per_tensor
+                                                       if r["real_p9999"] > 0]))
+    return out
+
+
+def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | Path | None = None,
+                 out_dir: str | Path | None = None) -> dict:
+    """Compute the report for ``calib_dir``; write ``report.json`` and ``contact_sheet.png`` to ``out_dir``.
+
+    1. the images (the set, its noise and real contrasts, held-out real images); 2. the student's
+    activation statistics per tensor; 3. the teacher's sheets; 4. the summary: per-set figures,
+    label fidelity, similarity and counts; 5. ``report.json``.
+    """
+    from edgeseg.distill.models import load_model
+
+    t0 = time.perf_counter()
+    calib_dir = Path(calib_dir)
+    out_dir = Path(out_dir) if out_dir else calib_dir.parent
+    images = report_images(cfg, calib_dir)  # 1
+    synthetic, n = images.sets["synthetic"], len(images.sets["synthetic"])
+    student_ckpt = Path(student_checkpoint) if student_checkpoint else cfg.stage_dir("distill") / "best.pt"
+    student = load_model(cfg.student, student_ckpt, keys=("student",))
+    per_tensor, sqnr = activation_statistics(cfg, student, images.sets, images.held_out)  # 2
     manifest = json.loads((calib_dir / MANIFEST).read_text()) if (calib_dir / MANIFEST).is_file() else {}
-    pairs = pairs_sheet(calib_dir, manifest, probs, out_dir) if len(manifest.get("images", [])) == n else None
-    report = {"calibration_dir": str(calib_dir), "images": n, "held_out_images": len(held_out),
-              "held_out_split": held_out_split, "student_checkpoint": str(student_ckpt),
+    sheet, pairs = teacher_sheets(cfg, calib_dir, manifest, synthetic, out_dir)  # 3
+    report = {"calibration_dir": str(calib_dir), "images": n, "held_out_images": len(images.held_out),  # 4
+              "held_out_split": images.held_out_split, "student_checkpoint": str(student_ckpt),
               # activations and SQNR: this checkpoint's own ONNX export (make calibrate runs before make export)
               "activation_model": "ONNX export of student_checkpoint",
-              "tensors": len(per_tensor), "calibration_method": cfg.export.calibration_method}
-    for s in sets:
-        report[f"coverage_{s}"] = float(np.mean([r[f"coverage_{s}"] for r in per_tensor]))
-        report[f"hist_kl_{s}"] = float(np.median([r[f"kl_{s}"] for r in per_tensor]))
-        report[f"sqnr_db_{s}"] = float(np.median(list(sqnr[s].values())))
-        report[f"max_over_p9999_{s}"] = float(np.median([r[f"max_{s}"] / r["real_p9999"] for r in per_tensor
-                                                          if r["real_p9999"] > 0]))
+              "tensors": len(per_tensor), "calibration_method": cfg.export.calibration_method,
+              **set_summary(images.sets, per_tensor, sqnr)}
     # coverage and SQNR did not separate noise from real images: the INT8 mIoU each set yields decides,
     # measured once, by the export stage on the models it ships (one model, one figure)
     report["int8_miou"] = {"see": str(cfg.stage_dir("export") / "accuracy.json"),
@@ -445,14 +341,14 @@ def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | P
     if pairs:
         report["pairs_sheet"] = pairs
     report.update(similarity_summary(manifest, calib_dir, cfg, out_dir))
-    report.update(held_out_similarity(cfg, synthetic, held_out, held_out_split))
+    report.update(held_out_similarity(cfg, synthetic, images.held_out, images.held_out_split))
     report["counts"] = measured_counts(manifest, n)
     if "generated" in report["counts"]:  # measured: passed every filter / generated (extra rounds included)
         report["pass_rate"] = report["counts"]["kept"] / report["counts"]["generated"]
     report["generator"] = manifest.get("generator", {})
-    report["contact_sheet"] = str(sheet)
+    report["contact_sheet"] = sheet
     report["seconds"] = time.perf_counter() - t0
     report["per_tensor"] = per_tensor
-    path = write_json_atomic(out_dir / "report.json", report)
+    path = write_json_atomic(out_dir / "report.json", report)  # 5
     log.info("calibration report (%.0f s) -> %s", report["seconds"], path)
     return report

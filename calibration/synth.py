@@ -21,18 +21,17 @@ import json
 import logging
 import math
 import time
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeseg.calibration.filters import Confidence, SetFilter, dhash, teacher_confidence
+from edgeseg.calibration.filters import SetFilter, dhash, teacher_confidence
 from edgeseg.calibration.guidance import (ConfidenceGuide, MaskGuide, MixedGuide, ModeGuide, TaskGuide, TeacherView, kmeans,
                                           medoids)
 from edgeseg.calibration.pixels import signed_to_uint8, uint8_to_signed
+from edgeseg.calibration.screen import Candidate, Screen, pool_file
 from edgeseg.distill.config import Config, config_to_dict
 from edgeseg.distill.data import split_samples
 from edgeseg.distill.device import use_device
@@ -51,30 +50,6 @@ GENERATOR_SPLIT = "teacher"
 MANIFEST = "manifest.json"
 FORMAT = "edgeseg-calibration/1"
 GUIDANCE_MODES = ("none", "task", "confidence", "mode", "mask")
-
-
-@dataclass
-class Candidate:
-    """One generated image and what the teacher made of it."""
-
-    pool_index: int
-    seed: int
-    batch: int
-    image: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) uint8 teacher mask
-    conf: Confidence
-    mode: int | str | None = None  # mode-guidance cluster, or the prompt
-    source: int | None = None  # img2img: index of the training image it started from
-    dhash: str = ""  # set by the filter
-    similarity: dict = dataclasses.field(default_factory=dict)  # train_ssim, train_nearest, ... (synth.run)
-    condition: np.ndarray | None = None  # (H, W) uint8 mask the image was generated for (conditional generator)
-    condition_iou: float | None = None  # teacher mask vs conditioning mask
-    target: int | None = None  # index of the target image whose statistics steered it
-
-    @property
-    def scores(self) -> dict:
-        extra = {} if self.condition_iou is None else {"condition_iou": self.condition_iou}
-        return {**dataclasses.asdict(self.conf), **self.similarity, **extra}
 
 
 def check_request(out_dir: Path, count: int, guidance: str, overwrite: bool, student: Path | None) -> None:
@@ -314,9 +289,39 @@ class Synthesizer:
 
     def run(self, out_dir: str | Path, count: int | None = None, overwrite: bool = False,
             teacher_masks: bool = False) -> dict:
-        """Generate, filter and write the set; returns the manifest."""
+        """Generate, filter and write the set; returns the manifest.
+
+        1. check the request (before minutes of generator training); 2. generate the pool; 3. screen
+        it, best first, through the filters; 4. more rounds until ``count`` pass; 5. keep ``count``
+        (the rest is surplus) and write the set with its manifest.
+        """
         out_dir = Path(out_dir)
         count = self.cal.count if count is None else count
+        self._check_request(out_dir, count, overwrite)  # 1
+        t0 = time.perf_counter()
+        pool_size = math.ceil(self.cal.pool_factor * count)
+        pool = self.generate_pool(pool_size)  # 2
+        screen = self._screen()  # 3
+        screen.add(pool)
+        rounds = self._extra_rounds(pool, screen, count, pool_size)  # 4
+        t_gen = time.perf_counter() - t0
+        kept, surplus = screen.passing[:count], screen.passing[count:]  # 5
+        kept.sort(key=lambda c: c.pool_index)
+        # the pool beside the set (conditioning-mask labels only): what the report's judge scores unfiltered
+        pool_pairs = screen.rejected + surplus if self.conditional and not teacher_masks else []
+        if pool_pairs:
+            for entry, c in zip(screen.dropped, screen.rejected):
+                entry["file"] = pool_file(c)
+        manifest = self._manifest(pool, screen, kept, surplus, rounds, teacher_masks, bool(pool_pairs))
+        manifest["seconds"] = {"generate": t_gen, "total": time.perf_counter() - t0}
+        self._write(out_dir, kept, manifest, teacher_masks, {pool_file(c): c for c in pool_pairs})
+        manifest["seconds"]["total"] = time.perf_counter() - t0
+        log.info("%d of %d generated images passed the filters (%s); wrote %d in %.0f s -> %s", len(screen.passing),
+                 len(pool), screen.dropped_summary(), len(kept), manifest["seconds"]["total"], out_dir)
+        return manifest
+
+    def _check_request(self, out_dir: Path, count: int, overwrite: bool) -> None:
+        """A bad request (output folder, count, student, target folder, pipeline folder) fails before any work."""
         check_request(out_dir, count, self.guidance_mode, overwrite,
                       self.student_path if self.guidance_mode == "confidence" and self.student_model is None else None)
         if self.target_folder:  # a bad folder fails now, not after minutes of generator training
@@ -327,11 +332,10 @@ class Synthesizer:
             from edgeseg.calibration.pipeline import check_pipeline_folder
 
             check_pipeline_folder(self.cal.model)
-        t0 = time.perf_counter()
-        pool_size = math.ceil(self.cal.pool_factor * count)
-        pool = self.generate_pool(pool_size)
 
-        # the best first (most confident teacher), then the filters decide
+    def _screen(self) -> Screen:
+        """The filters, with what they compare against: every evaluation split's hashes and the generator's corpus."""
+        from edgeseg.calibration.similarity import TrainIndex
         from edgeseg.distill.data import has_split
 
         # every evaluation split: a synthetic image must not copy one the figures are measured on
@@ -339,60 +343,37 @@ class Synthesizer:
                     for s in split_samples(self.cfg, split)]
         val_hashes = [dhash(_fit(read_rgb(s.image), self.size)) for s in held_out]
         flt = SetFilter(self.cal.filter, val_hashes)
-        passing, dropped, rejected = [], [], []
-
-        from edgeseg.calibration.similarity import TrainIndex
-
         train_paths = [s.image for s in split_samples(self.cfg, GENERATOR_SPLIT)]  # what a copy would copy
         index = TrainIndex(np.stack([_fit(read_rgb(p), self.size) for p in train_paths]))
         target_index = TrainIndex(self.target.images) if self.target is not None else None
+        return Screen(flt, index, train_paths, self.target, target_index)
 
-        def screen(candidates: list[Candidate]) -> None:  # the best first (most confident teacher)
-            for c in candidates:  # how close each image is to real data (manifest, filter, report)
-                c.similarity = index.nearest(c.image)
-                c.similarity["train_nearest"] = train_paths[c.similarity["train_nearest"]].name
-                if c.source is not None:
-                    c.similarity["source_ssim"] = index.ssim(c.image, c.source % len(train_paths))
-            for c in sorted(candidates, key=lambda c: -c.conf.confidence):
-                if self.target is not None:  # the target images are read for statistics only: show they are not copied
-                    c.similarity["target_ssim"] = max(target_index.ssim(c.image, k) for k in range(len(self.target)))
-                reason, h = flt.check(c.image, c.conf, c.similarity["train_ssim"], c.condition_iou)
-                c.dhash = f"{h:016x}"
-                if reason is None:
-                    passing.append(c)
-                else:
-                    rejected.append(c)
-                    dropped.append({"pool_index": c.pool_index, "seed": c.seed, "reason": reason, **c.scores})
-
-        screen(pool)
+    def _extra_rounds(self, pool: list[Candidate], screen: Screen, count: int, pool_size: int) -> int:
+        """Generate and screen more until ``count`` pass (at most ``max_extra_rounds``); the rounds it took."""
         rounds = 0
         # The count asked for is the count delivered: more rounds, sized by the pass rate so far,
         # continue the pool's indices (and seeds), so the same config still gives the same set.
-        while len(passing) < count and rounds < self.cal.max_extra_rounds:
+        while len(screen.passing) < count and rounds < self.cal.max_extra_rounds:
             rounds += 1
-            rate = max(len(passing) / len(pool), 0.05)
-            extra = min(pool_size, math.ceil(1.25 * (count - len(passing)) / rate))
-            log.info("%d of %d passed the filters (%s); round %d generates %d more", len(passing), count,
-                     ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v), rounds, extra)
+            rate = max(len(screen.passing) / len(pool), 0.05)
+            extra = min(pool_size, math.ceil(1.25 * (count - len(screen.passing)) / rate))
+            log.info("%d of %d passed the filters (%s); round %d generates %d more", len(screen.passing), count,
+                     screen.dropped_summary(), rounds, extra)
             more = self.generate_pool(extra, start=len(pool))
             pool.extend(more)
-            screen(more)
-        if len(passing) < count:
-            raise InputError(f"asked for {count} calibration images but only {len(passing)} of {len(pool)} generated "
-                             f"passed the filters after {rounds} extra round(s) (dropped: "
-                             + ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v)
+            screen.add(more)
+        if len(screen.passing) < count:
+            raise InputError(f"asked for {count} calibration images but only {len(screen.passing)} of {len(pool)} "
+                             f"generated passed the filters after {rounds} extra round(s) (dropped: "
+                             + screen.dropped_summary()
                              + "); relax calibration.filter, raise calibration.pool_factor or max_extra_rounds, "
                              "or ask for fewer with --count")
-        t_gen = time.perf_counter() - t0
-        kept, surplus = passing[:count], passing[count:]
-        kept.sort(key=lambda c: c.pool_index)
-        # the pool beside the set (conditioning-mask labels only): what the report's judge scores unfiltered
-        pool_pairs = rejected + surplus if self.conditional and not teacher_masks else []
-        pool_file = lambda c: f"pool/images/{c.pool_index:05d}.png"
-        if pool_pairs:
-            for entry, c in zip(dropped, rejected):
-                entry["file"] = pool_file(c)
-        manifest = {
+        return rounds
+
+    def _manifest(self, pool: list[Candidate], screen: Screen, kept: list[Candidate], surplus: list[Candidate],
+                  rounds: int, teacher_masks: bool, with_pool: bool) -> dict:
+        """The set's manifest (``seconds`` is filled in by the caller)."""
+        return {
             "format": FORMAT,
             "generator": self.generator_info,
             "teacher_sha256": sha256_file(self.cfg.teacher_checkpoint),
@@ -402,24 +383,18 @@ class Synthesizer:
             "seed": self.sample_seed,
             "labels": "teacher" if teacher_masks else ("condition" if self.conditional else None),
             "target": self.target.info() if self.target is not None else None,
-            "counts": {"generated": len(pool), "kept": len(passing), "written": len(kept), "dropped": dict(flt.dropped),
-                       "surplus": len(surplus), "extra_rounds": rounds},
-            "pass_rate": len(passing) / len(pool),
-            "seconds": {"generate": t_gen, "total": time.perf_counter() - t0},
+            "counts": {"generated": len(pool), "kept": len(screen.passing), "written": len(kept),
+                       "dropped": dict(screen.flt.dropped), "surplus": len(surplus), "extra_rounds": rounds},
+            "pass_rate": len(screen.passing) / len(pool),
+            "seconds": None,
             "images": [{"file": f"images/{k:05d}.png", "pool_index": c.pool_index, "seed": c.seed, "batch": c.batch,
                         "mode": c.mode, "source": c.source, "target": c.target, **c.scores, "dhash": c.dhash}
                        for k, c in enumerate(kept)],
-            "dropped": dropped,
+            "dropped": screen.dropped,
             "surplus": [{"pool_index": c.pool_index, "seed": c.seed, **c.scores,
-                         **({"file": pool_file(c)} if pool_pairs else {})} for c in surplus],
+                         **({"file": pool_file(c)} if with_pool else {})} for c in surplus],
             "config": config_to_dict(self.cfg),
         }
-        self._write(out_dir, kept, manifest, teacher_masks, {pool_file(c): c for c in pool_pairs})
-        manifest["seconds"]["total"] = time.perf_counter() - t0
-        log.info("%d of %d generated images passed the filters (%s); wrote %d in %.0f s -> %s", len(passing),
-                 len(pool), ", ".join(f"{k} {v}" for k, v in flt.dropped.items() if v), len(kept),
-                 manifest["seconds"]["total"], out_dir)
-        return manifest
 
     def _write(self, out_dir: Path, kept: list[Candidate], manifest: dict, teacher_masks: bool,
                pool_pairs: dict[str, Candidate]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import click
 
@@ -71,10 +72,10 @@ def engine(config_path, overrides, verbose, precision, bundle, dla_core):
         import json as _json
 
         precision = precision or _json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "int8")
-        _echo(run_engine(None, precision, Path(bundle), dla_core))
+        _echo(_said(run_engine(None, precision, Path(bundle), dla_core), device_build=True))
         return
     cfg = load(config_path, overrides, max(verbose, 1))
-    _echo(run_engine(cfg, precision or cfg.export.precision, None, dla_core))
+    _echo(_said(run_engine(cfg, precision or cfg.export.precision, None, dla_core)))
 
 
 @main.command()
@@ -85,7 +86,9 @@ def accuracy(config_path, overrides, verbose, checkpoint):
     """Teacher -> student -> FP32 -> INT8 on the validation set: accuracy.json, table, gallery."""
     from edgeseg.export.stage import run_accuracy
 
-    _echo(run_accuracy(load(config_path, overrides, max(verbose, 1)), checkpoint))
+    report = run_accuracy(load(config_path, overrides, max(verbose, 1)), checkpoint)
+    print_table(report)
+    _echo(report)
 
 
 @main.command("all")
@@ -102,7 +105,8 @@ def all_steps(config_path, overrides, verbose, checkpoint, calib):
     # val selects (the budget search); the report is on test and test_shift, never on val when they exist
     run_quantize(cfg, calib, val=validation_set(cfg))
     report = run_accuracy(cfg, checkpoint)
-    run_engine(cfg, cfg.export.precision)
+    print_table(report)
+    _said(run_engine(cfg, cfg.export.precision))
     _echo(report)
 
 
@@ -123,6 +127,35 @@ def bundle(config_path, overrides, verbose, out, allow_over_budget):
     manifest = write_bundle(cfg, cfg.stage_dir("export"), out, calib_manifest, allow_over_budget)
     click.echo(json.dumps({"bundle": str(out), "archive": str(out) + ".tar.gz", "precision": manifest["precision"],
                            "budget": manifest["budget"]}))
+
+
+def _said(result: dict, device_build: bool = False) -> dict:
+    """Say on stderr why no engine was built (if none was); the result, unchanged."""
+    if not result.get("built"):
+        why = result.get("reason")
+        if not device_build:
+            print(f"TensorRT engine: skipped ({why}); everything else is built, and the bundle's build_engine.py "
+                  "builds the engine on the target device", file=sys.stderr)
+        else:
+            print(f"TensorRT engine: not built ({why})", file=sys.stderr)
+    return result
+
+
+def print_table(report: dict) -> None:
+    """The accuracy report's table on stderr: each backend's mIoU, person and boundary IoU, agreement, delta."""
+    rows = report["backends"]
+    print(f"accuracy on {report.get('split', '?')} ({report.get('note', '')})", file=sys.stderr)
+    print(f"{'backend':16s}{'mIoU':>8s}{'person':>8s}{'boundary':>9s}{'agree':>8s}{'delta':>8s}", file=sys.stderr)
+    for name, r in rows.items():
+        agree = f"{r['agreement_fp32']:8.4f}" if r.get("agreement_fp32") is not None else f"{'':8s}"
+        delta = f"{r['delta_points']:+8.2f}" if r.get("delta_points") is not None else f"{'':8s}"
+        print(f"{name:16s}{r['miou']:8.4f}{r['person_iou']:8.4f}{r['boundary_iou']:9.4f}{agree}{delta}", file=sys.stderr)
+    print("(delta: mIoU points vs the previous step of teacher -> student -> fp32 -> int8 -> mixed; contrasts vs fp32)",
+          file=sys.stderr)
+    for label, key in (("deployed INT8", "deployed_int8"), ("CPU-served", "cpu_model")):
+        if report.get(f"{key}_miou") is not None:
+            print(f"{label} (chosen on val): {report.get(key)} mIoU {report[f'{key}_miou']:.4f}, "
+                  f"{report[f'{key}_loss_points']:.2f} points below FP32 on {report.get('split', '?')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -247,11 +247,40 @@ def cache_calibrator(cache_path: str, batch: int):
 
 def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict, out_dir: Path,
                  workspace_mib: int, device_build: bool = False) -> dict:
-    """Build and write the engine + sidecar (needs TensorRT and a GPU); returns the metadata."""
+    """Build and write the engine + sidecar (needs TensorRT and a GPU); returns the metadata.
+
+    1. check the ONNX against TensorRT's rules and parse it; 2. rewrite the calibration cache for
+    the parsed network (implicit INT8); 3. the builder config: workspace, flags, DLA, profile,
+    timing cache; 4. build and write the engine and the timing cache; 5. the sidecar.
+    """
     import tensorrt as trt
 
     paths = engine_paths(out_dir, plan.precision, plan.dla_core, device_build)
     t0 = time.perf_counter()
+    # the parser holds the weights the network points at: it lives as long as the build
+    builder, network, _parser = _parse(trt, plan, caps)  # 1
+    plan, cache_report = _network_cache(plan, caps, network, paths["engine"])  # 2
+    config = _builder_config(trt, builder, plan, profile, io, workspace_mib, paths["timing_cache"])  # 3
+    serialized = builder.build_serialized_network(network, config)  # 4
+    if serialized is None:
+        raise RuntimeError(f"TensorRT {caps.version} failed to build the {plan.precision} engine (see its log above)")
+    with atomic_path(paths["engine"]) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    with atomic_path(paths["timing_cache"]) as tmp:  # shared by later builds: never half-written
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    meta = engine_metadata(plan, caps, gpu_info(), profile, io, time.perf_counter() - t0)  # 5
+    meta["engine_sha256"] = sha256_file(paths["engine"])
+    meta["dla_core"] = plan.dla_core
+    meta["static_batch"] = profile["min"][0] == profile["max"][0]
+    if cache_report:
+        meta["calibration_cache"] = cache_report
+    write_json_atomic(paths["metadata"], meta)
+    log.info("built %s (%.0f s) -> %s", plan.precision, meta["build_seconds"], paths["engine"])
+    return meta
+
+
+def _parse(trt, plan: BuildPlan, caps: TrtCapabilities):
+    """(builder, network, parser) with ``plan.onnx`` parsed; an ONNX TensorRT cannot take is an InputError."""
     if importlib.util.find_spec("onnx") is not None:  # absent on a runtime-only device: its parser speaks then
         from edgeseg.export.trt_rules import check_for_tensorrt
 
@@ -264,26 +293,34 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
     if not parser.parse_from_file(str(plan.onnx)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise InputError(f"{plan.onnx}: TensorRT {caps.version} cannot parse it ({errors[:300]})")
-    cache_report = None
-    if plan.calibration_cache:
-        # The cache is written now, for this TensorRT (its header carries the version) and with
-        # only the tensor names of the network just parsed: the export-time cache holds the
-        # Q/DQ model's names and a default version, which TensorRT would ignore or not match.
-        from edgeseg.export.trt_cache import read_cache, write_cache
+    return builder, network, parser
 
-        _, scales = read_cache(plan.calibration_cache)
-        names = network_tensor_names(network)
-        kept = {n: s for n, s in scales.items() if n in names}
-        if not kept:
-            raise InputError(f"{plan.calibration_cache}: none of its tensors is in {plan.onnx}; re-export the model "
-                             "and its calibration together (make export)")
-        build_cache = write_cache(kept, paths["engine"].with_name(paths["engine"].name + ".calibration.cache"),
-                                  caps.version)
-        cache_report = {"file": str(build_cache), "tensors": len(kept), "dropped_not_in_network": len(scales) - len(kept),
-                        "network_tensors_without_scale": len(names - set(kept)), "header_version": caps.version}
-        log.info("calibration cache for TensorRT %s: %d tensors (%d not in the parsed network dropped)", caps.version,
-                 len(kept), len(scales) - len(kept))
-        plan = replace(plan, calibration_cache=str(build_cache))
+
+def _network_cache(plan: BuildPlan, caps: TrtCapabilities, network, engine: Path) -> tuple[BuildPlan, dict | None]:
+    """The plan with its calibration cache rewritten for this network and TensorRT, and what was kept (or no cache)."""
+    if not plan.calibration_cache:
+        return plan, None
+    # The cache is written now, for this TensorRT (its header carries the version) and with
+    # only the tensor names of the network just parsed: the export-time cache holds the
+    # Q/DQ model's names and a default version, which TensorRT would ignore or not match.
+    from edgeseg.export.trt_cache import read_cache, write_cache
+
+    _, scales = read_cache(plan.calibration_cache)
+    names = network_tensor_names(network)
+    kept = {n: s for n, s in scales.items() if n in names}
+    if not kept:
+        raise InputError(f"{plan.calibration_cache}: none of its tensors is in {plan.onnx}; re-export the model "
+                         "and its calibration together (make export)")
+    build_cache = write_cache(kept, engine.with_name(engine.name + ".calibration.cache"), caps.version)
+    cache_report = {"file": str(build_cache), "tensors": len(kept), "dropped_not_in_network": len(scales) - len(kept),
+                    "network_tensors_without_scale": len(names - set(kept)), "header_version": caps.version}
+    log.info("calibration cache for TensorRT %s: %d tensors (%d not in the parsed network dropped)", caps.version,
+             len(kept), len(scales) - len(kept))
+    return replace(plan, calibration_cache=str(build_cache)), cache_report
+
+
+def _builder_config(trt, builder, plan: BuildPlan, profile: dict, io: dict, workspace_mib: int, timing_cache_path: Path):
+    """The builder config: workspace, the plan's flags, DLA, calibrator, the optimisation profile, the timing cache."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     for name in plan.flags:
@@ -299,27 +336,12 @@ def build_engine(plan: BuildPlan, caps: TrtCapabilities, profile: dict, io: dict
     if plan.calibration_cache:
         config.set_calibration_profile(opt_profile)
     # one timing cache for every build in the folder: later builds skip measured tactics
-    cache_bytes = paths["timing_cache"].read_bytes() if paths["timing_cache"].is_file() else b""
+    cache_bytes = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
     timing_cache = config.create_timing_cache(cache_bytes)
     if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
         # IBuilderConfig.setTimingCache returns false when the cache was made by another TensorRT or
         # GPU (TensorRT API docs): build without the stale entries rather than fail.
-        log.warning("%s: timing cache does not match this TensorRT/GPU; starting a fresh one", paths["timing_cache"])
+        log.warning("%s: timing cache does not match this TensorRT/GPU; starting a fresh one", timing_cache_path)
         if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
             raise RuntimeError("TensorRT refused an empty timing cache")
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT {caps.version} failed to build the {plan.precision} engine (see its log above)")
-    with atomic_path(paths["engine"]) as tmp:
-        tmp.write_bytes(bytes(serialized))
-    with atomic_path(paths["timing_cache"]) as tmp:  # shared by later builds: never half-written
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    meta = engine_metadata(plan, caps, gpu_info(), profile, io, time.perf_counter() - t0)
-    meta["engine_sha256"] = sha256_file(paths["engine"])
-    meta["dla_core"] = plan.dla_core
-    meta["static_batch"] = profile["min"][0] == profile["max"][0]
-    if cache_report:
-        meta["calibration_cache"] = cache_report
-    write_json_atomic(paths["metadata"], meta)
-    log.info("built %s (%.0f s) -> %s", plan.precision, meta["build_seconds"], paths["engine"])
-    return meta
+    return config

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgeseg.distill.config import Config
+from edgeseg.distill.config import Config, ExportConfig
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path, write_json_atomic
 
@@ -86,17 +85,12 @@ def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = 
 
 
 def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, dla_core: int = -1) -> dict:
-    """Build a TensorRT engine, or say in one line why not (and build nothing)."""
+    """Build a TensorRT engine, or build nothing and return why not (``{"built": False, "reason": ...}``)."""
     from edgeseg.export.engine import availability, build_engine, capabilities, plan_build, profile_shapes
     from edgeseg.runtime.spec import ModelSpec
 
     can, why = availability()
     if not can:
-        if bundle is None:
-            print(f"TensorRT engine: skipped ({why}); everything else is built, and the bundle's build_engine.py "
-                  "builds the engine on the target device", file=sys.stderr)
-        else:
-            print(f"TensorRT engine: not built ({why})", file=sys.stderr)
         return {"built": False, "reason": why}
     import tensorrt as trt
 
@@ -108,13 +102,14 @@ def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, d
         files = {r: str(b.file(r)) for r in ("fp32", "int8", "fp16", "calibration-cache") if b.file(r)}
         files["cache"] = files.pop("calibration-cache", None)
         spec, out = b.spec, Path(bundle)
-        workspace = b.manifest.get("config", {}).get("export", {}).get("workspace_mib", 1024)
+        # a bundle whose saved config predates the option gets the dataclass default
+        workspace = b.manifest.get("config", {}).get("export", {}).get("workspace_mib", ExportConfig.workspace_mib)
     else:
         out = export_dir(cfg)
         spec = ModelSpec.from_onnx(out / "model.onnx")
         files = {"fp32": str(out / "model.onnx"), "int8": str(out / "model.int8.onnx"),
                  "fp16": str(out / "model.fp16.onnx"), "cache": str(out / "calibration.cache")}
-        mixed = json.loads((out / "accuracy.json").read_text()).get("deployed_int8_model") if (out / "accuracy.json").is_file() else None
+        mixed = _read_report(out / "accuracy.json").get("deployed_int8_model")
         if mixed:
             files["int8"] = mixed
         workspace = cfg.export.workspace_mib
@@ -145,10 +140,10 @@ def written_models(out: Path) -> dict[str, Path]:
     if not (out / "model.onnx").is_file():
         raise InputError(f"{out / 'model.onnx'}: missing; run `edgeseg export onnx` first")
     models = {"fp32": out / "model.onnx"}
-    onnx_report = json.loads((out / "onnx.json").read_text()) if (out / "onnx.json").is_file() else {}
+    onnx_report = _read_report(out / "onnx.json")
     if onnx_report.get("fp16"):
         models["fp16"] = Path(onnx_report["fp16"])
-    quant = json.loads((out / "quantize.json").read_text()) if (out / "quantize.json").is_file() else {}
+    quant = _read_report(out / "quantize.json")
     if quant:
         from edgeseg.runtime.files import sha256_file
 
@@ -211,21 +206,52 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
 
     Figures are on ``test`` (``test_shift`` beside it) when the data has them; which INT8 model is
     deployed was decided on ``val`` by the budget search (``quantize.json``), never on these splits.
+
+    1. the models this run wrote and the report splits; 2. a runner per model (teacher and student
+    in torch); 3. every runner on every split; 4. the calibration matrix; 5. the budget selection,
+    what is deployed and the export's provenance; 6. the gallery and ``accuracy.json``.
     """
     from edgeseg.distill.data import report_splits
-    from edgeseg.distill.models import load_teacher
     from edgeseg.distill.visualize import save_png
-    from edgeseg.export.accuracy import TorchRunner, gallery, miou_of, onnx_runner, predict_masks
-    from edgeseg.export.strip import load_student
-    from edgeseg.runtime.spec import ModelSpec
+    from edgeseg.export.accuracy import gallery
 
     t0 = time.perf_counter()
     out = export_dir(cfg)
-    models = written_models(out)  # only what this run wrote, checked before any scoring
+    models = written_models(out)  # 1: only what this run wrote, checked before any scoring
     splits, note = report_splits(cfg)
     if sets is None:
         sets = {s: eval_set(cfg, s) for s in splits}
     splits = [s for s in splits if s in sets] or list(sets)
+    runners = _runners(cfg, out, models, checkpoint)  # 2
+    quant = _read_report(out / "quantize.json")
+    deployed = _deployed(quant.get("budget", {}), "int8_synthetic", "mixed")
+    cpu_model = _deployed(quant.get("budget_cpu", {}), "int8_cpu", "int8_cpu_mixed")
+    report, main_preds, main_scores = _score_splits(runners, sets, splits, deployed, cpu_model)  # 3
+    report = {"split": splits[0], "selection_split": "val", "note": note, **report}
+    report["matrix"] = _calibration_matrix(quant, sets, splits)  # 4
+    report.update(_deployment(cfg, quant, models, deployed, cpu_model))  # 5
+    for key in ("parity_max_abs", "nodes_before_onnxsim", "nodes_after_onnxsim"):
+        report[key] = _read_report(out / "onnx.json").get(key)
+    images, gts = sets[splits[0]]  # 6
+    report["gallery"] = str(save_png(gallery(images, gts, main_preds, main_scores, cfg.export.gallery_images),
+                                     out / "worst_images.png"))
+    report["seconds"] = time.perf_counter() - t0
+    write_json_atomic(out / "accuracy.json", report)
+    return report
+
+
+def _read_report(path: Path) -> dict:
+    """A stage report (``onnx.json``, ``quantize.json``, ``accuracy.json``), or {} before that step has run."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _runners(cfg: Config, out: Path, models: dict[str, Path], checkpoint: str | Path | None) -> dict:
+    """A runner per backend: the teacher and the student in torch (the exported model's spec), then every ONNX model."""
+    from edgeseg.distill.models import load_teacher
+    from edgeseg.export.accuracy import TorchRunner, onnx_runner
+    from edgeseg.export.strip import load_student
+    from edgeseg.runtime.spec import ModelSpec
+
     onnx_spec = ModelSpec.from_onnx(out / "model.onnx")
     torch_spec = ModelSpec(image_size=onnx_spec.image_size, mean=onnx_spec.mean, std=onnx_spec.std,
                            pad_value=onnx_spec.pad_value, resize=onnx_spec.resize, threshold=onnx_spec.threshold,
@@ -235,10 +261,11 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
                "student": TorchRunner(student, torch_spec)}
     for name, path in models.items():
         runners[name] = onnx_runner(path)
-    quant = json.loads((out / "quantize.json").read_text()) if (out / "quantize.json").is_file() else {}
-    deployed = _deployed(quant.get("budget", {}), "int8_synthetic", "mixed")
-    cpu_model = _deployed(quant.get("budget_cpu", {}), "int8_cpu", "int8_cpu_mixed")
+    return runners
 
+
+def _score_splits(runners: dict, sets: dict, splits: list[str], deployed: str, cpu_model: str) -> tuple[dict, dict, dict]:
+    """The first split's block, the others under their names; and the first split's predictions and scores."""
     blocks, main_preds, main_scores = {}, None, None
     for split in splits:
         images, gts = sets[split]
@@ -253,10 +280,15 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
         blocks[split] = block
         if main_preds is None:
             main_preds, main_scores = preds, scores
-    main = splits[0]
-    report = {"split": main, "selection_split": "val", "note": note, **blocks[main]}
+    report = dict(blocks[splits[0]])
     for split in splits[1:]:
         report[split] = blocks[split]
+    return report, main_preds, main_scores
+
+
+def _calibration_matrix(quant: dict, sets: dict, splits: list[str]) -> list[dict]:
+    """mIoU of each model of quantize.json's matrix (flavour x method x calibration set) on every report split."""
+    from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
 
     matrix = []
     for row in quant.get("matrix", []):
@@ -265,45 +297,23 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
             images, gts = sets[split]
             matrix.append({"flavour": row["flavour"], "method": row["method"], "calibration": row["calibration"],
                            "split": split, "miou": miou_of(predict_masks(runner, images), gts)})
-    report["matrix"] = matrix
+    return matrix
 
+
+def _deployment(cfg: Config, quant: dict, models: dict[str, Path], deployed: str, cpu_model: str) -> dict:
+    """The budget search's selection (on val), the models deployed, and the calibration set they used."""
     budget = quant.get("budget", {})
-    report["mixed_float_nodes"] = [f["node"] for f in budget.get("float_nodes", [])]
-    report["cpu_mixed_float_nodes"] = [f["node"] for f in quant.get("budget_cpu", {}).get("float_nodes", [])]
-    report["budget_points"] = cfg.export.max_miou_drop
-    report["budget_selection"] = {k: {f: v.get(f) for f in ("split", "fp32_miou", "int8_miou", "mixed_miou", "met")}
-                                  for k, v in (("s8s8", budget), ("u8s8", quant.get("budget_cpu", {}))) if v}
+    out = {"mixed_float_nodes": [f["node"] for f in budget.get("float_nodes", [])],
+           "cpu_mixed_float_nodes": [f["node"] for f in quant.get("budget_cpu", {}).get("float_nodes", [])],
+           "budget_points": cfg.export.max_miou_drop,
+           "budget_selection": {k: {f: v.get(f) for f in ("split", "fp32_miou", "int8_miou", "mixed_miou", "met")}
+                                for k, v in (("s8s8", budget), ("u8s8", quant.get("budget_cpu", {}))) if v}}
     if deployed in models:
-        report["deployed_int8"] = deployed
-        report["deployed_int8_model"] = str(models[deployed])
-        report["deployed_int8_chosen_on"] = "val"  # by the budget search (quantize.json), never on the report splits
+        out["deployed_int8"] = deployed
+        out["deployed_int8_model"] = str(models[deployed])
+        out["deployed_int8_chosen_on"] = "val"  # by the budget search (quantize.json), never on the report splits
     if cpu_model in models:
-        report["cpu_model"] = cpu_model
-        report["cpu_model_file"] = str(models[cpu_model])
-    report["calibration"] = quant.get("calibration")
-    onnx_report = json.loads((out / "onnx.json").read_text()) if (out / "onnx.json").is_file() else {}
-    for key in ("parity_max_abs", "nodes_before_onnxsim", "nodes_after_onnxsim"):
-        report[key] = onnx_report.get(key)
-    images, gts = sets[main]
-    report["gallery"] = str(save_png(gallery(images, gts, main_preds, main_scores, cfg.export.gallery_images),
-                                     out / "worst_images.png"))
-    report["seconds"] = time.perf_counter() - t0
-    write_json_atomic(out / "accuracy.json", report)
-    print_table(report)
-    return report
-
-
-def print_table(report: dict) -> None:
-    rows = report["backends"]
-    print(f"accuracy on {report.get('split', '?')} ({report.get('note', '')})", file=sys.stderr)
-    print(f"{'backend':16s}{'mIoU':>8s}{'person':>8s}{'boundary':>9s}{'agree':>8s}{'delta':>8s}", file=sys.stderr)
-    for name, r in rows.items():
-        agree = f"{r['agreement_fp32']:8.4f}" if r.get("agreement_fp32") is not None else f"{'':8s}"
-        delta = f"{r['delta_points']:+8.2f}" if r.get("delta_points") is not None else f"{'':8s}"
-        print(f"{name:16s}{r['miou']:8.4f}{r['person_iou']:8.4f}{r['boundary_iou']:9.4f}{agree}{delta}", file=sys.stderr)
-    print("(delta: mIoU points vs the previous step of teacher -> student -> fp32 -> int8 -> mixed; contrasts vs fp32)",
-          file=sys.stderr)
-    for label, key in (("deployed INT8", "deployed_int8"), ("CPU-served", "cpu_model")):
-        if report.get(f"{key}_miou") is not None:
-            print(f"{label} (chosen on val): {report.get(key)} mIoU {report[f'{key}_miou']:.4f}, "
-                  f"{report[f'{key}_loss_points']:.2f} points below FP32 on {report.get('split', '?')}", file=sys.stderr)
+        out["cpu_model"] = cpu_model
+        out["cpu_model_file"] = str(models[cpu_model])
+    out["calibration"] = quant.get("calibration")
+    return out
