@@ -118,8 +118,9 @@ class ModelConfig:
     encoder_weights: str = "none"  # imagenet | none | path to an encoder state_dict
     checkpoint: str = ""  # trained weights; empty = <run_dir>/teacher/best.pt for the teacher
     # Encoder activation. silu is EfficientNet's own (and its ImageNet weights'); relu folds into
-    # the INT8 convolutions (ONNX Runtime CPU runs SiLU as a table Sigmoid plus an INT8 Mul:
-    # ~40% of INT8 latency), the EfficientNet-Lite trade. tu-* encoders only.
+    # the INT8 convolutions (ONNX Runtime CPU runs SiLU as a table Sigmoid plus an INT8 Mul, a
+    # large share of INT8 latency), the EfficientNet-Lite trade; the measured cost per thread count
+    # is benchmarks/results/export.json `activation_sweep`. tu-* encoders only.
     activation: Literal["silu", "relu", "relu6"] = "silu"
 
     def __post_init__(self):
@@ -137,8 +138,9 @@ class StudentConfig(ModelConfig):
     """The student UNet, and which of its features the feature teacher supervises."""
 
     encoder: str = "tu-efficientnet_b0"
-    # Chosen by the decoder sweep in benchmarks/bench_distill.py: half-resolution output with a
-    # slim decoder is what makes B0 >= 2.5x faster than the B3 teacher (the encoder alone is ~1.5x).
+    # Chosen by the decoder sweep in benchmarks/bench_distill.py: half-resolution output with a slim
+    # decoder is what makes B0 much faster than the B3 teacher, the encoder swap alone much less; the
+    # ratio depends on the thread count: benchmarks/results/distill.json `sweep`, `threads_1.sweep`.
     decoder_channels: tuple[int, ...] = (64, 32, 16, 16)
     freeze_encoder: bool = False  # true: train decoder (+ projection) only; needs pretrained encoder weights
     feature_stride: int = 8  # encoder stride whose feature the projection head reads (40 channels for B0)
@@ -281,7 +283,8 @@ class DDPMConfig:
     timesteps: int = 1000  # DDPM noise levels
     max_t: float = 1.0  # train on noise levels t < max_t * timesteps only (img2img never goes higher)
     # what the UNet predicts: the noise (epsilon), or the clean image (sample: smoother, but on the demo
-    # its blurry images were found by the teacher far less often, condition IoU 0.29 vs 0.57 unguided)
+    # the teacher found a person in its blurry images far less often when it was tried: a lower
+    # condition_iou_median in calibration/report.json; benchmarks/results/calibration.json has the default's)
     prediction: Literal["epsilon", "sample"] = "epsilon"
 
     def __post_init__(self):
@@ -338,9 +341,10 @@ class FilterConfig:
     dedup_bits: int = 4  # drop an image whose 64-bit perceptual hash is within this Hamming distance of a kept one
     leak_bits: int = 6  # drop an image this close (hash bits) to any validation image
     # drop a near-copy of a training image (SSIM to the nearest one, grey, model size; calibration/similarity.py).
-    # Measured on the demo (calibration/report.json, train_ssim_quantiles): the mask-conditioned generator's
-    # images median 0.26 (max 0.33), the img2img re-renders it replaced 0.47 (max 0.59); held-out test
-    # images' own figures stand beside them (held_out_train_ssim_quantiles). 0.8 drops copies, not re-renders.
+    # Set well above what generated images reach, re-renders of a training image included, so it drops
+    # copies, not re-renders: the figures are in calibration/report.json (train_ssim_quantiles, with held-out
+    # test images' held_out_train_ssim_quantiles beside them) and benchmarks/results/calibration.json
+    # `quality.train_ssim_median`.
     max_train_ssim: float = 0.8
     # mask-conditioned generator: drop a pair whose teacher mask overlaps its conditioning mask
     # less than this (IoU at the model's size); the label is the conditioning mask, so it must show

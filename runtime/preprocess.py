@@ -75,9 +75,10 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Resize an (H, W, 3) uint8 image to ``hw``: area averaging down, bilinear up.
 
     Shrinking by more than 2x (a camera frame into a small model input) goes bilinear to twice
-    the target, then averages 2x2 blocks (OpenCV's exact-2x area fast path): 2.5x faster than
-    one INTER_AREA pass on 480x640 -> 96x128 (0.10 vs 0.26 ms), within 0.2 grey levels of it
-    (mean absolute difference on a natural-looking frame). At most 2x it is one INTER_AREA pass.
+    the target, then averages 2x2 blocks (OpenCV's exact-2x area fast path): faster than one
+    INTER_AREA pass on a VGA frame and within a fraction of a grey level of it (a test bounds
+    the difference; benchmarks/results/runtime.json `vga_480x640` has the pre/post times). At
+    most 2x it is one INTER_AREA pass.
     """
     h, w = hw
     sh, sw = image.shape[:2]
