@@ -26,6 +26,11 @@ def make_tensor(name: str, array: np.ndarray):
     return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
 
 
+def response(**outputs: np.ndarray):
+    """A response carrying ``outputs`` (name -> array) as its output tensors."""
+    return pb_utils.InferenceResponse(output_tensors=[make_tensor(name, array) for name, array in outputs.items()])
+
+
 def error_response(message: str):
     """A response that fails its request with ``message`` (the server keeps serving)."""
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
@@ -37,7 +42,15 @@ def version_folder(args: dict) -> Path:
 
 
 class WithSpec:
-    """A model that reads the bundle's I/O contract from ``spec.json`` in its version folder."""
+    """A model that reads the bundle's I/O contract from ``spec.json`` in its version folder and
+    answers each request on its own (:meth:`respond`)."""
 
     def initialize(self, args: dict) -> None:
         self.spec = ModelSpec.from_dict(json.loads((version_folder(args) / "spec.json").read_text()))
+
+    def execute(self, requests: list) -> list:
+        return [self.respond(request) for request in requests]
+
+    def respond(self, request):
+        """The response to one request."""
+        raise NotImplementedError

@@ -2,29 +2,21 @@
 import os
 import site
 
-# The launching environment's site folders first (see segment.py).
-for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)):
+for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)):  # first: see segment.py
     site.addsitedir(_d)
 
 import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from edgeseg.export.triton_models.backend import WithSpec, error_response, get_array, make_tensor  # noqa: E402
+from edgeseg.export.triton_models.backend import WithSpec, error_response, get_array, response  # noqa: E402
+from edgeseg.runtime.pipeline import finish  # noqa: E402
+from edgeseg.runtime.preprocess import Placement  # noqa: E402
 
 
 class TritonPythonModel(WithSpec):
-    def execute(self, requests):
-        from edgeseg.runtime.pipeline import finish
-        from edgeseg.runtime.preprocess import Placement
-
-        out = []
-        for request in requests:
-            logits = get_array(request, "LOGITS")
-            place = get_array(request, "PLACEMENT")
-            placements = [Placement((int(p[4]), int(p[5])), tuple(self.spec.image_size), *map(int, p[:4])) for p in place]
-            masks = finish(logits, placements, self.spec)
-            if len({m.shape for m in masks}) != 1:
-                out.append(error_response("images of one request must share a size"))
-                continue
-            out.append(pb_utils.InferenceResponse(output_tensors=[make_tensor("MASK", np.stack(masks))]))
-        return out
+    def respond(self, request):
+        logits, place = get_array(request, "LOGITS"), get_array(request, "PLACEMENT")
+        placements = [Placement((int(p[4]), int(p[5])), tuple(self.spec.image_size), *map(int, p[:4])) for p in place]
+        masks = finish(logits, placements, self.spec)
+        if len({m.shape for m in masks}) != 1:
+            return error_response("images of one request must share a size")
+        return response(MASK=np.stack(masks))

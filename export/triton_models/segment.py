@@ -10,9 +10,8 @@ for _d in filter(None, os.environ.get("EDGESEG_SITE_DIRS", "").split(os.pathsep)
 import json  # noqa: E402  (after the site folders: edgeseg may live there)
 
 import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from edgeseg.export.triton_models.backend import error_response, get_array, make_tensor, version_folder  # noqa: E402
+from edgeseg.export.triton_models.backend import error_response, get_array, response, version_folder  # noqa: E402
 
 
 class TritonPythonModel:
@@ -45,7 +44,7 @@ class TritonPythonModel:
             if masks is not None:
                 for r in sorted(set(owners)):
                     mine = np.stack([m for m, o in zip(masks, owners) if o == r])
-                    responses[r] = pb_utils.InferenceResponse(output_tensors=[make_tensor("MASK", mine)])
+                    responses[r] = response(MASK=mine)
         return responses
 
     def finalize(self):
