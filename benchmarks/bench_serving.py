@@ -57,7 +57,8 @@ def measure(bundle: Path, images: list[np.ndarray], threads: int, rounds: int, r
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    from edgeseg.export.triton import TritonServer, write_repository
+    from edgeseg.export.triton import write_repository
+    from edgeseg.export.triton_server import TritonServer
     from edgeseg.runtime import Segmenter
 
     def triton_sender(module, url):

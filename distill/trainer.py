@@ -169,8 +169,8 @@ class Trainer:
         ckpt = load_checkpoint(last)
         check_resumable(ckpt, last, run_identity(self.cfg, self.job, self.world))
         self.model.student.load_state_dict(ckpt[self.job.state_key])
-        if self.model.projection is not None:
-            self.model.projection.load_state_dict(ckpt["projection"])
+        if self.loss_fn.projection is not None:
+            self.loss_fn.projection.load_state_dict(ckpt["projection"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:
@@ -199,7 +199,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "role": self.job.role,
             self.job.state_key: self.model.student.state_dict(),
-            "projection": self.model.projection.state_dict() if self.model.projection is not None else None,
+            "projection": self.loss_fn.projection.state_dict() if self.loss_fn.projection is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),

@@ -28,7 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeseg.export.triton_server import CPU_MODEL
-from edgeseg.export.triton_server import TritonServer  # noqa: F401  (benchmarks/bench_serving.py imports it from here)
 from edgeseg.runtime.bundle import Bundle
 from edgeseg.runtime.errors import BackendUnavailableError, InputError
 from edgeseg.runtime.files import replace_dir, staging_dir
