@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeseg.calibration.pixels import uint8_to_signed
-from edgeseg.runtime.errors import InputError
-from edgeseg.runtime.images import list_images, read_rgb
+from edgeseg.runtime.images import read_rgb, require_images
 
 _LAPLACE = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
@@ -41,14 +40,11 @@ def noise_sigma(image: np.ndarray) -> float:
 def check_target_folder(folder: str | Path) -> list[Path]:
     """The images of a target-image folder; one clear error for a missing or empty one."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: target-image folder does not exist; point calibration.target.images "
-                         "(or --target-images) at a folder of a few unlabelled deployment images")
-    paths = list_images(folder)
-    if not paths:
-        raise InputError(f"{folder}: target-image folder has no images (.png/.jpg); put a handful (e.g. 8) of "
-                         "unlabelled deployment-domain images in it")
-    return paths
+    return require_images(folder,
+                          f"{folder}: target-image folder does not exist; point calibration.target.images "
+                          "(or --target-images) at a folder of a few unlabelled deployment images",
+                          f"{folder}: target-image folder has no images (.png/.jpg); put a handful (e.g. 8) of "
+                          "unlabelled deployment-domain images in it")
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from edgeseg.distill.config import Config, DataConfig
 from edgeseg.runtime.errors import InputError
-from edgeseg.runtime.images import IMAGE_SUFFIXES, list_images, read_rgb
+from edgeseg.runtime.images import IMAGE_SUFFIXES, list_images, read_rgb, require_images
 from edgeseg.runtime.preprocess import fit_image, fit_mask
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,11 @@ def image_samples(folder: str | Path) -> list[Sample]:
     """Unlabelled samples: every image in ``folder/images`` (or in ``folder`` itself), headers checked."""
     folder = Path(folder)
     img_dir = folder / "images" if (folder / "images").is_dir() else folder
-    if not img_dir.is_dir():
-        raise InputError(f"{folder}: folder of unlabelled images does not exist; point data.unlabelled "
-                         "(--unlabelled DIR) at a folder of frames")
-    images = list_images(img_dir)
-    if not images:
-        raise InputError(f"{img_dir}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
-                         "an unlabelled source needs at least one readable frame")
+    images = require_images(img_dir,
+                            f"{folder}: folder of unlabelled images does not exist; point data.unlabelled "
+                            "(--unlabelled DIR) at a folder of frames",
+                            f"{img_dir}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
+                            "an unlabelled source needs at least one readable frame")
     for img in images:
         _image_size(img)  # an unreadable frame fails now, by name, not an hour into training
     return [Sample(image=img) for img in images]

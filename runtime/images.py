@@ -16,6 +16,19 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def require_images(folder: Path, missing: str, empty: str) -> list[Path]:
+    """The images directly in ``folder``; InputError ``missing`` if it is not a folder, ``empty`` if it has none.
+
+    The two messages are the caller's: each names its setting and the fix.
+    """
+    if not folder.is_dir():
+        raise InputError(missing)
+    paths = list_images(folder)
+    if not paths:
+        raise InputError(empty)
+    return paths
+
+
 def to_rgb_uint8(array: np.ndarray, name: str = "image") -> np.ndarray:
     """Convert a grayscale, RGB or RGBA array of uint8, uint16 or float to HxWx3 uint8.
 
