@@ -110,7 +110,10 @@ ARMS: dict[str, tuple[str, dict, str]] = {
     "full_kd": ("student", {"data.labelled_count": 0, "data.unlabelled": "", "train.unlabelled_share": 0.0},
                 "distillation with every train image labelled"),
 }
-EVERY_SEED = ("gt_only", "kd_labelled", "kd_unlabelled", "kd_site")  # the rest run on the first seed (the budget)
+# What runs where, in this order (the study's budget on 2 cores): the arms the targets compare on every
+# seed first, then the ablations and the full-label contrast on the first seed only.
+EVERY_SEED = ("gt_only", "kd_unlabelled", "kd_site")
+FIRST_SEED_ONLY = ("kd_labelled", "kd_no_feature", "kd_feature_only", "full_gt_only", "full_kd")
 # keys of the study this one replaced (synthetic variants in the old demo world): dropped on a rerun
 STALE_PREFIXES = ("distill_gain", "student_test", "nodistill_", "target_", "hard_", "per_seed", "seeds")
 
@@ -157,12 +160,12 @@ def _paired(per_seed: list[dict], split: str, a: str, b: str) -> list[float]:
     return [r[split][b] - r[split][a] for r in per_seed if a in r[split] and b in r[split]]
 
 
-def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str, ...] | None = None) -> dict:
     """Distillation where it pays: the arms of :data:`ARMS` over ``seeds``, scored on test and test_shift.
 
-    Arms a-d run on every seed, e, f and the full-label contrast on the first (the study's budget on
-    2 cores). Gains are paired by seed. A completed arm (its ``last.pt`` complete) is reused, so an
-    interrupted study resumes.
+    :data:`EVERY_SEED` arms run on every seed, then :data:`FIRST_SEED_ONLY` on the first (the study's
+    budget on 2 cores); ``arms`` keeps only those named. Gains are paired by seed. A completed arm
+    (its ``last.pt`` complete) is reused, so an interrupted study resumes.
     """
     from edgeseg.distill.data import has_split
     from edgeseg.distill.evaluation import score_split
@@ -172,20 +175,28 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     splits = [s for s in ("test", "test_shift") if has_split(cfg, s)] or ["val"]
     device = resolve_device(cfg.device)
     teacher = load_model(cfg.teacher, cfg.teacher_checkpoint).to(device)
-    per_seed, arm_seeds, seconds = [], {}, {}
-    for k, seed in enumerate(seeds):
+    unknown = set(arms or ()) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {', '.join(ARMS)}")
+    wanted = [a for a in ARMS if (arms is None or a in arms) and _runnable(cfg, a)]
+    plan = [(s, a) for s in seeds for a in EVERY_SEED if a in wanted] + \
+           [(seeds[0], a) for a in FIRST_SEED_ONLY if a in wanted]
+    trained: dict[tuple[int, str], Path] = {}
+    arm_seeds, seconds = {}, {}
+    for n, (seed, arm) in enumerate(plan, 1):
+        run, role = _arm_config(cfg, arm, seed)
+        job = job_for(run, role)
+        log.info("seed study %d/%d: seed %d, arm %s (%s) -> %s", n, len(plan), seed, arm, ARMS[arm][2], job.out_dir)
+        Trainer(run, job).run()
+        trained[seed, arm] = job.out_dir / "best.pt"
+        arm_seeds.setdefault(arm, []).append(seed)
+        seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
+    per_seed = []
+    for seed in seeds:
         models = {"teacher": teacher}
-        for arm in ARMS:
-            if (k > 0 and arm not in EVERY_SEED) or not _runnable(cfg, arm):
-                continue
-            run, role = _arm_config(cfg, arm, seed)
-            job = job_for(run, role)
-            log.info("seed study: seed %d, arm %s (%s) -> %s", seed, arm, ARMS[arm][2], job.out_dir)
-            Trainer(run, job).run()
-            models[arm] = load_model(cfg.student, job.out_dir / "best.pt", cfg.student.feature_stride,
-                                     keys=("student",)).to(device)
-            arm_seeds.setdefault(arm, []).append(seed)
-            seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
+        for (s, arm), path in trained.items():
+            if s == seed:
+                models[arm] = load_model(cfg.student, path, cfg.student.feature_stride, keys=("student",)).to(device)
         row = {"seed": seed}
         for split in splits:
             sc = score_split(cfg, models, split, device)
@@ -194,7 +205,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
         per_seed.append(row)
     out: dict = {"seeds": list(seeds), "splits": splits, "per_seed": per_seed,
                  "seeds_completed": [r["seed"] for r in per_seed if all(a in r[splits[0]] for a in EVERY_SEED
-                                                                        if _runnable(cfg, a))],
+                                                                        if a in wanted)],
                  "arms": {a: ARMS[a][2] for a in arm_seeds}, "arm_seeds": arm_seeds,
                  "arm_train_seconds": {a: float(np.mean(v)) for a, v in seconds.items()},
                  "label_budget": cfg.data.labelled_count, "unlabelled_share": cfg.train.unlabelled_share}

@@ -266,7 +266,8 @@ class Trainer:
 
             exposed = main_first(lambda: expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor),
                                  self.is_main, self.world)
-            self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std)
+            self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std,
+                                                      threads=cfg.threads)  # ORT's pool sized like torch's
             c_t, h_t, w_t = self.feature_teacher.feature_shape(cfg.data.image_size)
             log.info("feature teacher %s: %s -> (%d, %d, %d)", exposed.name, cfg.feature_teacher.tensor, c_t, h_t, w_t)
             projection = ProjectionHead(student.feature_channels, cfg.feature_teacher.hidden_channels, c_t)
