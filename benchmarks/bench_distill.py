@@ -91,9 +91,10 @@ def bench_iobinding(cfg: Config, batch: int, rounds: int, threads: int = 0) -> d
     return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std; the std of a single value is None (no spread measured), never 0."""
     v = np.asarray(values, np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 # The study's arms: (training role, config changes over the demo's own, what it is). Fixed before any arm
@@ -114,8 +115,11 @@ ARMS: dict[str, tuple[str, dict, str]] = {
 # seed first, then the ablations and the full-label contrast on the first seed only.
 EVERY_SEED = ("gt_only", "kd_unlabelled", "kd_site")
 FIRST_SEED_ONLY = ("kd_labelled", "kd_no_feature", "kd_feature_only", "full_gt_only", "full_kd")
-# keys of the study this one replaced (synthetic variants in the old demo world): dropped on a rerun
-STALE_PREFIXES = ("distill_gain", "student_test", "nodistill_", "target_", "hard_", "per_seed", "seeds")
+# every key a study writes, and those of the study this one replaced (synthetic variants in the old demo
+# world): dropped before a rerun writes its own, so a rerun with fewer arms leaves no figure of another run
+STALE_PREFIXES = ("distill_gain", "student_test", "nodistill_", "target_", "hard_", "per_seed", "seeds", "splits",
+                  "arms", "arm_", "label_budget", "unlabelled_share", "gain_", "feature_term", "logit_terms",
+                  "shift_loss", "site_recovered", "teacher_test", *(f"{a}_" for a in ARMS))
 
 
 def _arm_config(cfg: Config, arm: str, seed: int) -> tuple[Config, str]:
@@ -213,7 +217,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
         for arm in ["teacher", *arm_seeds]:
             vals = [r[split][arm] for r in per_seed if arm in r[split]]
             out[f"{arm}_{split}_miou_mean"], out[f"{arm}_{split}_miou_std"] = _mean_std(vals)
-    gains = {  # key -> (from arm, to arm, splits): paired by seed, b - a
+    gains = {  # key -> (from arm a, to arm b): b - a, paired by seed
         "gain_kd_unlabelled_vs_gt_only": ("gt_only", "kd_unlabelled"),
         "gain_kd_labelled_vs_gt_only": ("gt_only", "kd_labelled"),
         "gain_unlabelled_vs_labelled_only": ("kd_labelled", "kd_unlabelled"),
@@ -240,6 +244,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
     if "gain_kd_unlabelled_vs_gt_only_mean" in out:
         gain, std = out["gain_kd_unlabelled_vs_gt_only_mean"], out["gain_kd_unlabelled_vs_gt_only_std"]
         out["gain_kd_unlabelled_verdict"] = (
+            f"gain {gain * 100:+.2f} points over 1 seed: no spread measured" if std is None else
             f"gain {gain * 100:+.2f} points, std {std * 100:.2f} over {out['gain_kd_unlabelled_vs_gt_only_n']} seeds: "
             + ("beyond 2 std" if gain > 2 * std else "within noise (under 2 std)"))
     return out

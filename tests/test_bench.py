@@ -29,7 +29,7 @@ def test_seed_study_runs_the_arms_and_pairs_gains_by_seed(tiny_run, tmp_path):
     site_gain = [r["test_shift"]["kd_site"] - r["test_shift"]["kd_unlabelled"] for r in rows]
     assert out["gain_site_vs_source_test_shift_mean"] == pytest.approx(np.mean(site_gain))
     assert out["feature_term_effect_mean"] == pytest.approx(rows[0]["test"]["kd_unlabelled"] - rows[0]["test"]["kd_no_feature"])
-    assert out["feature_term_effect_n"] == 1 and out["logit_terms_effect_std"] == 0.0
+    assert out["feature_term_effect_n"] == 1 and out["logit_terms_effect_std"] is None  # one seed: no spread
     shift = [r["test"]["gt_only"] - r["test_shift"]["gt_only"] for r in rows]
     assert out["shift_loss_mean"] == pytest.approx(np.mean(shift))
     assert ("within noise" in out["gain_kd_unlabelled_verdict"]) != ("beyond 2 std" in out["gain_kd_unlabelled_verdict"])
