@@ -83,9 +83,10 @@ def bench_iobinding(cfg: Config, batch: int, rounds: int, threads: int = 0) -> d
     return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std; the std of a single value is None (no spread measured), never 0."""
     v = np.asarray(values, np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 # The study's arms: (training role, config changes over the demo's own, what it is). Fixed before any arm
@@ -102,9 +103,15 @@ ARMS: dict[str, tuple[str, dict, str]] = {
     "full_kd": ("student", {"data.labelled_count": 0, "data.unlabelled": "", "train.unlabelled_share": 0.0},
                 "distillation with every train image labelled"),
 }
-EVERY_SEED = ("gt_only", "kd_labelled", "kd_unlabelled", "kd_site")  # the rest run on the first seed (the budget)
-# keys of the study this one replaced (synthetic variants in the old demo world): dropped on a rerun
-STALE_PREFIXES = ("distill_gain", "student_test", "nodistill_", "target_", "hard_", "per_seed", "seeds")
+# What runs where, in this order (the study's budget on 2 cores): the arms the targets compare on every
+# seed first, then the ablations and the full-label contrast on the first seed only.
+EVERY_SEED = ("gt_only", "kd_unlabelled", "kd_site")
+FIRST_SEED_ONLY = ("kd_labelled", "kd_no_feature", "kd_feature_only", "full_gt_only", "full_kd")
+# every key a study writes, and those of the study this one replaced (synthetic variants in the old demo
+# world): dropped before a rerun writes its own, so a rerun with fewer arms leaves no figure of another run
+STALE_PREFIXES = ("distill_gain", "student_test", "nodistill_", "target_", "hard_", "per_seed", "seeds", "splits",
+                  "arms", "arm_", "label_budget", "unlabelled_share", "gain_", "feature_term", "logit_terms",
+                  "shift_loss", "site_recovered", "teacher_test", *(f"{a}_" for a in ARMS))
 
 
 def _arm_config(cfg: Config, arm: str, seed: int) -> tuple[Config, str]:
@@ -149,12 +156,12 @@ def _paired(per_seed: list[dict], split: str, a: str, b: str) -> list[float]:
     return [r[split][b] - r[split][a] for r in per_seed if a in r[split] and b in r[split]]
 
 
-def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str, ...] | None = None) -> dict:
     """Distillation where it pays: the arms of :data:`ARMS` over ``seeds``, scored on test and test_shift.
 
-    Arms a-d run on every seed, e, f and the full-label contrast on the first (the study's budget on
-    2 cores). Gains are paired by seed. A completed arm (its ``last.pt`` complete) is reused, so an
-    interrupted study resumes.
+    :data:`EVERY_SEED` arms run on every seed, then :data:`FIRST_SEED_ONLY` on the first (the study's
+    budget on 2 cores); ``arms`` keeps only those named. Gains are paired by seed. A completed arm
+    (its ``last.pt`` complete) is reused, so an interrupted study resumes.
     """
     from edgeseg.distill.data import has_split
     from edgeseg.distill.evaluation import score_split
@@ -166,20 +173,28 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     splits = [s for s in ("test", "test_shift") if has_split(cfg, s)] or ["val"]
     device = resolve_device(cfg.device)
     teacher = load_teacher(cfg, device)
-    per_seed, arm_seeds, seconds = [], {}, {}
-    for k, seed in enumerate(seeds):
+    unknown = set(arms or ()) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {', '.join(ARMS)}")
+    wanted = [a for a in ARMS if (arms is None or a in arms) and _runnable(cfg, a)]
+    plan = [(s, a) for s in seeds for a in EVERY_SEED if a in wanted] + \
+           [(seeds[0], a) for a in FIRST_SEED_ONLY if a in wanted]
+    trained: dict[tuple[int, str], Path] = {}
+    arm_seeds, seconds = {}, {}
+    for n, (seed, arm) in enumerate(plan, 1):
+        run, role = _arm_config(cfg, arm, seed)
+        job = job_for(run, role)
+        log.info("seed study %d/%d: seed %d, arm %s (%s) -> %s", n, len(plan), seed, arm, ARMS[arm][2], job.out_dir)
+        Trainer(run, job).run()
+        trained[seed, arm] = job.out_dir / "best.pt"
+        arm_seeds.setdefault(arm, []).append(seed)
+        seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
+    per_seed = []
+    for seed in seeds:
         models = {"teacher": teacher}
-        for arm in ARMS:
-            if (k > 0 and arm not in EVERY_SEED) or not _runnable(cfg, arm):
-                continue
-            run, role = _arm_config(cfg, arm, seed)
-            job = job_for(run, role)
-            log.info("seed study: seed %d, arm %s (%s) -> %s", seed, arm, ARMS[arm][2], job.out_dir)
-            Trainer(run, job).run()
-            models[arm] = load_model(cfg.student, job.out_dir / "best.pt", cfg.student.feature_stride,
-                                     keys=("student",)).to(device)
-            arm_seeds.setdefault(arm, []).append(seed)
-            seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
+        for (s, arm), path in trained.items():
+            if s == seed:
+                models[arm] = load_model(cfg.student, path, cfg.student.feature_stride, keys=("student",)).to(device)
         row = {"seed": seed}
         for split in splits:
             sc = score_split(cfg, models, split, device)
@@ -188,7 +203,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
         per_seed.append(row)
     out: dict = {"seeds": list(seeds), "splits": splits, "per_seed": per_seed,
                  "seeds_completed": [r["seed"] for r in per_seed if all(a in r[splits[0]] for a in EVERY_SEED
-                                                                        if _runnable(cfg, a))],
+                                                                        if a in wanted)],
                  "arms": {a: ARMS[a][2] for a in arm_seeds}, "arm_seeds": arm_seeds,
                  "arm_train_seconds": {a: float(np.mean(v)) for a, v in seconds.items()},
                  "label_budget": cfg.data.labelled_count, "unlabelled_share": cfg.train.unlabelled_share}
@@ -196,7 +211,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
         for arm in ["teacher", *arm_seeds]:
             vals = [r[split][arm] for r in per_seed if arm in r[split]]
             out[f"{arm}_{split}_miou_mean"], out[f"{arm}_{split}_miou_std"] = _mean_std(vals)
-    gains = {  # key -> (from arm, to arm, splits): paired by seed, b - a
+    gains = {  # key -> (from arm a, to arm b): b - a, paired by seed
         "gain_kd_unlabelled_vs_gt_only": ("gt_only", "kd_unlabelled"),
         "gain_kd_labelled_vs_gt_only": ("gt_only", "kd_labelled"),
         "gain_unlabelled_vs_labelled_only": ("kd_labelled", "kd_unlabelled"),
@@ -223,6 +238,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     if "gain_kd_unlabelled_vs_gt_only_mean" in out:
         gain, std = out["gain_kd_unlabelled_vs_gt_only_mean"], out["gain_kd_unlabelled_vs_gt_only_std"]
         out["gain_kd_unlabelled_verdict"] = (
+            f"gain {gain * 100:+.2f} points over 1 seed: no spread measured" if std is None else
             f"gain {gain * 100:+.2f} points, std {std * 100:.2f} over {out['gain_kd_unlabelled_vs_gt_only_n']} seeds: "
             + ("beyond 2 std" if gain > 2 * std else "within noise (under 2 std)"))
     return out

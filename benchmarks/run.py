@@ -38,8 +38,9 @@ def _machine() -> dict:
 @click.option("--only", default=",".join(BENCHES), show_default=True, help="Comma-separated benchmarks to run.")
 @click.option("--rounds", type=int, default=20, show_default=True, help="Interleaved rounds per measurement.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the distillation seed study.")
+@click.option("--arms", default=None, help="Comma-separated arms of the seed study (default: all of ARMS).")
 @exit_on_user_error
-def main(config_path, overrides, verbose, only, rounds, seeds):
+def main(config_path, overrides, verbose, only, rounds, seeds, arms):
     cfg = load(config_path, overrides, max(verbose, 1))  # info: minutes of training must show in the log
     wanted = [b.strip() for b in only.split(",") if b.strip()]
     unknown = set(wanted) - set(BENCHES) - {"seeds"}
@@ -57,7 +58,8 @@ def main(config_path, overrides, verbose, only, rounds, seeds):
 
             result = json.loads(path.read_text()) if path.is_file() else {}
             result = {k: v for k, v in result.items() if not k.startswith(STALE_PREFIXES)}
-            study = seed_study(cfg, tuple(int(x) for x in seeds.split(",") if x.strip()))
+            study = seed_study(cfg, tuple(int(x) for x in seeds.split(",") if x.strip()),
+                               tuple(a.strip() for a in arms.split(",")) if arms else None)
             result.update(study, seed_study_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                           seed_study_seconds=time.perf_counter() - t0)
             path.write_text(json.dumps(result, indent=1, default=str))

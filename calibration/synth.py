@@ -188,7 +188,7 @@ class Synthesizer:
                       else {"student_sha256": sha256_file(self.student_path)})
             return guide, {**origin, "hard_images": int(is_hard.sum())}
         # mode guidance: k-means over teacher embeddings of real images, an equal share per mode
-        paths = [s.image for s in split_samples(self.cfg, "train")]
+        paths = [s.image for s in split_samples(self.cfg, GENERATOR_SPLIT)]
         emb, chosen = embed_real_images(self.teacher, paths, limit=len(paths))
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-8)
         centres, labels = kmeans(emb, g.modes, seed=self.cal.seed)
@@ -211,7 +211,7 @@ class Synthesizer:
             prompts = [self.cal.prompts[int(i) % len(self.cal.prompts)] for i in index]
             init = None
             if self.cal.img2img_strength > 0:
-                sources = getattr(self, "medoid_paths", None) or [s.image for s in split_samples(self.cfg, "train")]
+                sources = getattr(self, "medoid_paths", None) or [s.image for s in split_samples(self.cfg, GENERATOR_SPLIT)]
                 init = [read_rgb(sources[int(i) % len(sources)]) for i in index]
             return generate(self.pipe, prompts, seeds, self.size, self.cal.sampler.steps, 0.0, init,
                             self.cal.img2img_strength, guide, self.cal.guidance, index=index), None

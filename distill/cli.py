@@ -119,8 +119,11 @@ def export_feature_teacher(config_path, overrides, verbose, out, fresh):
     cfg = load(config_path, overrides, max(verbose, 1))
     path = Path(out or cfg.feature_teacher_onnx)
     samples = split_samples(cfg, "teacher")
+    from edgeseg.distill.config import config_to_dict
+
     key = {"version": 2, "images": len(samples), "image_size": list(cfg.data.image_size),
-           "epochs": cfg.feature_teacher.demo_epochs, "seed": cfg.seed, "split": cfg.data.teacher_split or "train"}
+           "epochs": cfg.feature_teacher.demo_epochs, "seed": cfg.seed, "split": cfg.data.teacher_split or "train",
+           "demo": config_to_dict(cfg.data.demo) if cfg.data.source == "demo" else None}
     stamp = path.with_suffix(".json")
     if not fresh and path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         log.info("demo feature teacher %s is up to date", path)

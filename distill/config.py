@@ -501,6 +501,9 @@ class Config:
                 "teacher_train.hard_examples/extra_share", "synthetic pairs are for the student; leave them off for the teacher")
         require(self.teacher_train.unlabelled_share == 0, "teacher_train.unlabelled_share",
                 "the teacher learns from labels; unlabelled images are for the student")
+        require(self.train.unlabelled_share == 0 or self.loss.kl > 0 or self.loss.mse > 0
+                or (self.feature_teacher.enabled and self.loss.feature > 0), "train.unlabelled_share",
+                "needs a teacher term (loss.kl, loss.mse or loss.feature > 0): unlabelled images teach nothing else")
         require(self.train.unlabelled_share == 0 or self.data.labelled_count > 0 or bool(self.data.unlabelled),
                 "train.unlabelled_share", "needs unlabelled images: set data.unlabelled (a folder, --unlabelled DIR) "
                 "or data.labelled_count (the rest of train becomes the unlabelled pool)")

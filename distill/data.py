@@ -181,8 +181,9 @@ def split_samples(cfg: Config, split: str) -> list[Sample]:
     d: DataConfig = cfg.data
     _ensure_demo(cfg)
     if split == "teacher":
-        if not d.teacher_split:
-            return split_samples(cfg, "train")
+        if not d.teacher_split:  # the labels the user has: never the masks of the unlabelled pool
+            train = split_samples(cfg, "train")
+            return student_data(cfg, train).labelled if d.labelled_count else train
         if d.source == "coco":
             raise InputError("data.teacher_split is for folder data; with COCO, train the teacher on the train split")
         return folder_samples(cfg.data_root / d.teacher_split)
@@ -193,6 +194,9 @@ def split_samples(cfg: Config, split: str) -> list[Sample]:
             raise InputError(f"data.{split}_images must name the COCO image folder of the {split} split")
         return coco_samples(cfg.data_root / rel, cfg.data_root / images)
     return folder_samples(cfg.data_root / rel)
+
+
+RESERVED_SOURCE_NAMES = ("pool", "extra", "hard")  # the trainer's own sample sources
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,10 @@ def student_data(cfg: Config, train: list[Sample] | None = None) -> StudentData:
             unlabelled["pool"] = pool
     if d.unlabelled:
         folder = Path(d.unlabelled)
-        unlabelled[folder.name or "unlabelled"] = image_samples(folder if folder.is_absolute() else cfg.data_root / folder)
+        name = folder.name or "unlabelled"
+        if name in RESERVED_SOURCE_NAMES:  # a folder called pool must not replace the train pool
+            name = f"unlabelled_{name}"
+        unlabelled[name] = image_samples(folder if folder.is_absolute() else cfg.data_root / folder)
     return StudentData(labelled, unlabelled, len(train))
 
 

@@ -109,7 +109,7 @@ def detection_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     heat = F.binary_cross_entropy_with_logits(pred[:, 0:1], heat_t, weight=weight)
     centres = (target[:, 1:2] > 0).float()
     size = (F.l1_loss(pred[:, 1:], target[:, 1:], reduction="none") * centres).sum() / centres.sum().clamp_min(1) / 2
-    return heat + size, {"heatmap": float(heat), "size": float(size)}
+    return heat + size, {"heatmap": heat.item(), "size": size.item()}
 
 
 def train_demo_detector(samples, image_hw: tuple[int, int], epochs: int = 4, batch_size: int = 32,

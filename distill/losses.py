@@ -197,7 +197,7 @@ class DistillationLoss(nn.Module):
             per["feature"] = feature_mse(projected, teacher_feature, self.channel_norm, per_sample=True)
         for name, values in per.items():
             terms[name] = values.mean()
-        total = sum(getattr(w, name) * value for name, value in terms.items())
+        total = sum((getattr(w, name) * value for name, value in terms.items()), student_logits.new_zeros(()).float())
         out = {k: v.detach() for k, v in terms.items()}
         if labelled is not None and per:
             for name, values in per.items():

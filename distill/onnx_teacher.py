@@ -144,8 +144,7 @@ class OnnxFeatureTeacher:
                          self._in.data_ptr())
             b.bind_output(self.output_name, kind, index, _TORCH_TO_NUMPY[self.output_dtype], shape, self._out.data_ptr())
         if tuple(images.shape[2:]) != model_hw:  # a static-size model: one interpolation on the device
-            rgb = torch.addcmul(self._mean, images, self._std)
-            self._in.copy_(F.interpolate(rgb, size=model_hw, mode="bilinear", align_corners=False))
+            self._in.copy_(self._resized(torch.addcmul(self._mean, images, self._std), model_hw))
         elif self.input_dtype == torch.float32:
             torch.addcmul(self._mean, images, self._std, out=self._in)  # un-normalise straight into the bound buffer
         else:
@@ -159,13 +158,20 @@ class OnnxFeatureTeacher:
         producer.wait_stream(self._stream)  # torch's next kernels read the output after ORT wrote it
         return self._out
 
+    @staticmethod
+    def _resized(rgb: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(B, 3, H, W) float32 -> (B, 3, *hw), bilinear (antialiased when shrinking, or it aliases)."""
+        shrink = hw[0] < rgb.shape[2] or hw[1] < rgb.shape[3]
+        return F.interpolate(rgb, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
+
     @torch.no_grad()
     def run_with_copies(self, images: torch.Tensor) -> torch.Tensor:
         """The plain ``session.run`` path (host numpy in, numpy out, copied back): the reference."""
-        x = self.unnormalise(images)
         model_hw = self.model_input_hw(tuple(images.shape[2:]))
         if tuple(images.shape[2:]) != model_hw:
-            x = F.interpolate(x.float(), size=model_hw, mode="bilinear", align_corners=False).to(self.input_dtype)
+            x = self._resized(torch.addcmul(self._mean, images, self._std), model_hw).to(self.input_dtype)
+        else:
+            x = self.unnormalise(images)
         x = x.cpu().numpy()
         out = self.session.run([self.output_name], {self.input_name: x})[0]
         return torch.from_numpy(out).to(self.device)

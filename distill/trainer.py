@@ -119,7 +119,8 @@ class Trainer:
 
             exposed = main_first(lambda: expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor),
                                  self.is_main, self.world)
-            self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std)
+            self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std,
+                                                      threads=cfg.threads)  # ORT's pool sized like torch's
             c_t, h_t, w_t = self.feature_teacher.feature_shape(cfg.data.image_size)
             log.info("feature teacher %s: %s -> (%d, %d, %d)", exposed.name, cfg.feature_teacher.tensor, c_t, h_t, w_t)
             projection = ProjectionHead(student.feature_channels, cfg.feature_teacher.hidden_channels, c_t)
@@ -360,6 +361,8 @@ class Trainer:
             group = k.rsplit("_", 1)[-1]
             if group in ("labelled", "unlabelled"):
                 out[f"loss_{k}"] = v / max(sums.get(f"n_{group}", 0.0), 1.0)
+            elif k in ("bce", "dice") and "n_gt_steps" in sums:  # over the steps that had a labelled sample
+                out[f"loss_{k}"] = v / max(sums["n_gt_steps"], 1.0)
             else:
                 out[f"loss_{k}" if k != "loss" else k] = v / max(steps, 1)
         if "n_unlabelled" in sums:
@@ -396,6 +399,7 @@ class Trainer:
         if grouped:  # groups apart, summed per sample (the epoch divides by each group's count)
             n = {"labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum())}
             out.update({f"n_{g}": float(c) for g, c in n.items()})
+            out["n_gt_steps"] = float("bce" in terms or "dice" in terms)
             for k, v in terms.items():
                 group = k.rsplit("_", 1)[-1]
                 out[k] = v.item() * n[group] if group in n else v.item()

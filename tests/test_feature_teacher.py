@@ -94,6 +94,23 @@ def test_a_static_size_feature_teacher_gets_the_batch_resized_on_the_device(tmp_
     assert torch.equal(out, teacher.run_with_copies(images))
 
 
+def test_distill_trains_at_its_own_size_with_a_static_size_feature_teacher(tiny_run, tmp_path):
+    """The case a user met: a teacher fixed at 96x96, training at 64x64 (it refused before)."""
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
+    from tests.test_trainer import _config
+
+    src = tmp_path / "yolo_Nx3x96x96_featext.onnx"
+    onnx.save(_detector_model((96, 96)), src)
+    _, cfg = _config(tiny_run, tmp_path / "run", train={"epochs": 1}, feature_teacher={"tensor": WANTED})
+    cfg = __import__("dataclasses").replace(cfg, feature_teacher=__import__("dataclasses").replace(
+        cfg.feature_teacher, onnx=str(src), tensor=WANTED))
+    trainer = Trainer(cfg, job_for(cfg, "student"))
+    metrics = trainer.run()
+    assert trainer.feature_teacher.input_hw == (96, 96) and trainer.feature_teacher.output_buffer.shape[-2:] == (12, 12)
+    assert np.isfinite(metrics["loss_feature"]) and metrics["loss_feature"] > 0
+
+
 def test_expose_prunes_and_exposes(detector):
     out = expose_tensor(detector, WANTED)
     assert out == cached_path(detector, WANTED)

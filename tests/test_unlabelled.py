@@ -61,6 +61,18 @@ def test_a_sample_without_a_mask_changes_no_ground_truth_gradient():
     # a batch with no labelled sample has no ground-truth term at all (not one against an empty mask)
     _, terms = DistillationLoss(LossConfig())(logits, mask, 2.0, teacher, labelled=torch.zeros(4, dtype=torch.bool))
     assert "bce" not in terms and "dice" not in terms and "kl" in terms
+    # ... and with no teacher term either the loss is a zero tensor (the finite check reads it), not the int 0
+    total, _ = DistillationLoss(gt_only)(logits, mask, labelled=torch.zeros(4, dtype=torch.bool))
+    assert isinstance(total, torch.Tensor) and float(total) == 0.0
+
+
+def test_epoch_records_average_each_term_over_what_carried_it():
+    """Ground-truth terms over the steps that had a labelled sample; a group's term per sample of the group."""
+    sums = {"loss": 4.0, "bce": 1.0, "n_gt_steps": 2.0, "kl": 2.0, "kl_unlabelled": 3.0, "kl_labelled": 1.0,
+            "n_unlabelled": 6.0, "n_labelled": 2.0}
+    out = Trainer._epoch_terms(None, sums, 4)
+    assert out == {"loss": 1.0, "loss_bce": 0.5, "loss_kl": 0.5, "loss_kl_unlabelled": 0.5, "loss_kl_labelled": 0.5,
+                   "unlabelled_fraction": 0.75}
 
 
 def test_a_label_budget_keeps_the_epoch_length_and_every_share_exactly():
@@ -71,8 +83,8 @@ def test_a_label_budget_keeps_the_epoch_length_and_every_share_exactly():
     assert (idx < 150).sum() == 400 and ((idx >= 150) & (idx < 800)).sum() == 200 and (idx >= 800).sum() == 200
     seen = np.bincount(idx[idx < 150], minlength=150)
     assert idx.max() < 1200 and seen.min() >= 2 and seen.max() <= 3  # every labelled image, equally often (+-1)
-    # the old behaviour where there is no budget: the same order as before the option existed
-    assert EpochSampler(100, 0, 3, batch_size=4).indices == EpochSampler(100, 0, 3, batch_size=4, length=100).indices
+    # no budget: the order the sampler had before the option existed, (seed, epoch)'s permutation
+    assert EpochSampler(100, 0, 3, batch_size=4).indices == torch.randperm(100, generator=torch.Generator().manual_seed(3)).tolist()
     # two ranks: disjoint shards of one mixed order
     r = [EpochSampler(150, 0, 2, rank=k, world=2, batch_size=8, mix=((650, 0.25),), length=800).indices for k in (0, 1)]
     assert sorted(r[0] + r[1]) == sorted(EpochSampler(150, 0, 2, batch_size=16, mix=((650, 0.25),), length=800).indices)
@@ -90,6 +102,15 @@ def test_the_labelled_subset_pool_and_site_frames(tiny_run, tmp_path):
     assert not any(s.labelled for items in d.unlabelled.values() for s in items)
     assert {s.image for s in d.labelled}.isdisjoint(s.image for s in d.unlabelled["pool"])
     assert [s.image for s in student_data(cfg).labelled] == [s.image for s in d.labelled]  # seeded
+    # without a teacher corpus of its own the teacher learns from the labels there are, not the pool's masks
+    from edgeseg.distill.data import split_samples
+
+    assert [s.image for s in split_samples(cfg, "teacher")] == [s.image for s in d.labelled]
+    # a folder called pool is another source, not a replacement of the train pool
+    pool_dir = shutil.copytree(site, tmp_path / "x" / "pool")
+    _, named = _config(tiny_run, tmp_path / "run2", data={"labelled_count": 5, "unlabelled": str(pool_dir)},
+                       train={"unlabelled_share": 0.5})
+    assert set(student_data(named).unlabelled) == {"pool", "unlabelled_pool"}
     baseline = Trainer(cfg, job_for(cfg, "baseline"))
     baseline._setup()
     assert baseline.data_summary()["labelled"] == 5 and baseline.sources == [] and baseline.data.epoch_length == 16
@@ -143,6 +164,11 @@ def test_bad_unlabelled_input_is_one_clear_line(tiny_run, tmp_path):
         assert [l for l in lines if l.startswith("error")] == lines[-1:], r.stderr
     r = run_cli("distill", "train", "--config", str(path), "--set", "data.labelled_count=99")
     assert r.returncode != 0 and "labelled_count is 99 but the train split has 16 images" in r.stderr
+    from edgeseg.distill.config import Config, ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="needs a teacher term"):
+        load_config(path, Config, ["train.unlabelled_share=0.3", "data.labelled_count=8", "loss.kl=0", "loss.mse=0",
+                                   "loss.feature=0"])
 
 
 def test_demo_teacher_corpus_and_site_frames_are_their_own_images(tmp_path):
@@ -153,8 +179,9 @@ def test_demo_teacher_corpus_and_site_frames_are_their_own_images(tmp_path):
     assert len(list((root / "teacher" / "masks").glob("*.png"))) == 6
     assert not (root / "site" / "masks").exists() and len(list((root / "site" / "images").glob("*.png"))) == 3
     read = lambda split, i: (root / split / "images" / f"{i:05d}.png").read_bytes()
-    assert all(read("site", i) != read("test_shift", i) for i in range(3))  # same site, other frames
-    assert all(read("teacher", i) != read("train", i) for i in range(4))  # the student never sees the teacher's
+    files = lambda split: {p.read_bytes() for p in (root / split / "images").glob("*.png")}
+    assert files("site").isdisjoint(files("test_shift"))  # the same site, other frames
+    assert files("teacher").isdisjoint(files("train") | files("val") | files("test"))  # the student never sees them
     # an old set (no teacher corpus, no site) keeps its stamp and its pixels
     old = generate_demo_dataset(tmp_path / "old", (64, 64), 4, 2)
     assert "teacher_count" not in json.loads((old / "demo.json").read_text())
