@@ -435,3 +435,35 @@ def test_fast_shrink_stays_close_to_area_averaging():
     small = frame[:150, :200]
     assert np.array_equal(resize_image(small, (96, 128)), cv2.resize(small, (128, 96), interpolation=cv2.INTER_AREA))
     assert np.array_equal(resize_image(small, (300, 400)), cv2.resize(small, (400, 300), interpolation=cv2.INTER_LINEAR))
+
+
+def _rss_mib() -> float:
+    """This process's resident set now (not the peak), from /proc."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_serving_memory_does_not_grow_with_the_requests_served(tiny_onnx):  # noqa: F811
+    """1,000 VGA frames through the queue from 4 callers: RSS after them within 10% of RSS after 100."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeseg.runtime import Segmenter
+
+    path, _ = tiny_onnx
+    frames = _images([(480, 640)] * 4, seed=5)
+    with Segmenter(path, backend="onnxruntime-cpu", threads=1, max_wait_ms=1.0) as seg, \
+            ThreadPoolExecutor(4) as callers:
+        def serve(n):  # each mask checked and dropped: the test must not hold what it measures
+            served = 0
+            for i in range(0, n, 5):
+                futures = [seg.submit(frames[(i + k) % 4]) for k in range(5)]
+                served += sum(f.result(timeout=60).shape == (480, 640) for f in futures)
+            return served
+
+        assert sum(callers.map(serve, [25] * 4)) == 100  # buffers, arenas and caches reach their size
+        after_100 = _rss_mib()
+        assert sum(callers.map(serve, [225] * 4)) == 900
+        after_1000 = _rss_mib()
+    assert after_1000 <= 1.10 * after_100, f"RSS grew from {after_100:.0f} to {after_1000:.0f} MiB over 900 requests"
