@@ -130,6 +130,32 @@ def budget_study(cfg: Config, budget_points: float = 0.0) -> dict:
     return out
 
 
+def hardware_shares(models: dict[str, Path], hw: tuple[int, int], timings: dict) -> dict:
+    """Achieved arithmetic at batch 8 beside the CPU's peak (``int8_share_of_peak``, ``fp32_share_of_peak``), at
+    the default thread count and at 1 thread, and where the u8s8 model's time goes by kind of op."""
+    import onnxruntime as ort
+
+    from benchmarks.hardware import cpu_peak, model_macs, op_time_split, share_of_peak
+
+    work = model_macs(models["fp32"], hw)
+    out = {"macs_per_image": work["macs_per_image"], "macs_by_kind": work["by_kind"]}
+    for tag, cores in (("default", None), ("1", 1)):
+        peak = cpu_peak(cores=cores)
+        b8 = timings[f"threads_{tag}_batch_8"]
+        fig = {"peak": peak,
+               "int8_share_of_peak": share_of_peak(work["macs_per_image"], 8, b8["u8s8"]["median_ms"], peak["int8_peak_gops"]),
+               "fp32_share_of_peak": share_of_peak(work["macs_per_image"], 8, b8["fp32"]["median_ms"], peak["fp32_peak_gflops"])}
+        if "amx_int8_peak_gops" in peak:
+            fig["int8_share_of_amx_peak"] = share_of_peak(work["macs_per_image"], 8, b8["u8s8"]["median_ms"],
+                                                          peak["amx_int8_peak_gops"])
+        out.update(fig) if tag == "default" else out.setdefault("threads_1", fig)
+    x = np.random.default_rng(0).standard_normal((8, 3, *hw)).astype(np.float32)
+    out["u8s8_time_by_kind"] = op_time_split(
+        lambda so: ort.InferenceSession(str(models["u8s8"]), so, providers=["CPUExecutionProvider"]),
+        {"images": x}, work["node_kind"])
+    return out
+
+
 def run(cfg: Config, rounds: int = 20) -> dict:
     d = cfg.stage_dir("export")
     models = {"fp32": d / "model.onnx", "s8s8": d / "model.int8.onnx", "u8s8": d / "model.int8-cpu.onnx"}
@@ -165,6 +191,7 @@ def run(cfg: Config, rounds: int = 20) -> dict:
         out["activation_sweep"] = _activation_sweep(cfg, Path(tmp), rounds)
     out["student_activation"] = cfg.student.activation
     out["default_threads"] = os.cpu_count()
+    out["hardware"] = hardware_shares(models, (h, w), out)
     # headline figures: batch 8 at the machine's default thread count; the 1-thread ones in threads_1
     out.update(headline["default"])
     out["threads_1"] = headline["1"]

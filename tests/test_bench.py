@@ -71,3 +71,36 @@ def test_the_users_ort_baseline_segments_like_the_runtime(tiny_onnx):  # noqa: F
         ours = seg.predict(images)
     for a, b in zip(user, ours):
         assert a.shape == b.shape and (a == b).mean() > 0.98
+
+
+def test_work_and_peak_for_the_share_of_the_hardware(tmp_path):
+    """Multiply-adds counted from the graph by hand, the peak formula on a given cpuinfo, a real profiled session."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.hardware import cpu_peak, model_macs, op_time_split, share_of_peak
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["images", "w1"], ["a"], name="dense", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["b"], name="dw", pads=[1, 1, 1, 1], group=4),
+             helper.make_node("Conv", ["b", "w3"], ["mask_logits"], name="pw")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("mask_logits", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                              [w("w1", 4, 3, 3, 3), w("w2", 4, 1, 3, 3), w("w3", 2, 4, 1, 1)])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    work = model_macs(path, (8, 8))
+    # dense: 4x8x8 outputs x 3 inputs x 3x3; depthwise: 4x8x8 x 1 x 3x3; pointwise: 2x8x8 x 4
+    assert work["by_kind"] == {"dense": 6912, "depthwise": 2304, "pointwise": 512} and work["macs_per_image"] == 9728
+    info = "cpu MHz\t\t: 2000.000\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_int8\n"
+    peak = cpu_peak(cores=2, cpuinfo=info)
+    assert peak["isa"] == "avx512_vnni" and peak["fp32_peak_gflops"] == pytest.approx(2 * 16 * 2 * 2.0 * 2)
+    assert peak["int8_peak_gops"] == pytest.approx(2 * 64 * 2 * 2.0 * 2) and peak["amx_int8_peak_gops"] == 2 * 1024 * 2.0 * 2
+    assert cpu_peak(cores=1, cpuinfo="cpu MHz : 1000\nflags : avx2\n")["int8_peak_gops"] == pytest.approx(2 * 16 * 2)
+    assert share_of_peak(1000, 8, 1.0, 0.016) == pytest.approx(1.0)  # 2 x 8,000 ops in 1 ms = 0.016 GOP/s
+    split = op_time_split(lambda so: ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]),
+                          {"images": np.zeros((2, 3, 8, 8), np.float32)}, work["node_kind"], runs=3)
+    assert set(split) <= {"dense", "depthwise", "pointwise", "layout", "other"} and sum(split.values()) == pytest.approx(1.0)
+    assert "dense" in split and "depthwise" in split
