@@ -325,3 +325,16 @@ def test_a_real_triton_server_serves_the_bundle(repository, bundle, tmp_path):
         assert np.array_equal(infer(client, httpclient, pool[0]), expected[0])
         client.close()
     assert server.process.poll() is not None  # reaped
+
+
+def test_serving_memory_is_measured_per_process_without_torch(bundle):
+    """The memory benchmark's children: each its own process, the runtime's without torch, peaks read from /proc."""
+    from benchmarks.memory import serving_memory
+
+    out = serving_memory(bundle, batch=2)
+    for kind in ("runtime", "bare"):
+        p = out["processes"][kind]
+        assert p["torch_imported"] is False, kind
+        assert 0 < p["rss_start_mb"] <= p["rss_after_warmup_mb"] <= p["peak_rss_mb"], p
+    assert out["runtime_vs_bare_peak_rss"] == out["runtime_serving_peak_rss_mb"] / out["bare_session_peak_rss_mb"]
+    assert out["processes"]["runtime"]["model"] == out["processes"]["bare"]["model"]  # the same model file
