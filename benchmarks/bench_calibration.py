@@ -13,6 +13,15 @@ import numpy as np
 from edgeseg.distill.config import Config, load_config
 
 
+def peak_memory(cfg: Config) -> dict:
+    """``calibration_synth_peak_rss_mb``: the peak RSS of the process that wrote the calibration set (its manifest)."""
+    import json
+
+    manifest = cfg.stage_dir("calibration") / "synthetic" / "manifest.json"
+    peak = json.loads(manifest.read_text()).get("peak_rss_mb") if manifest.is_file() else None
+    return {"calibration_synth_peak_rss_mb": peak} if peak is not None else {}
+
+
 def run(cfg: Config, config_path: str, overrides: tuple[str, ...] = (), images: int = 128) -> dict:
     """Headline speeds at torch's default thread count; ``threads_1`` repeats them at 1 thread."""
     import os
@@ -22,6 +31,7 @@ def run(cfg: Config, config_path: str, overrides: tuple[str, ...] = (), images: 
     default = torch.get_num_threads()
     out = measure(cfg, config_path, overrides, images)
     out["default_threads"] = os.cpu_count()
+    out.update(peak_memory(cfg))
     torch.set_num_threads(1)
     try:
         one = measure(cfg, config_path, overrides, images // 2)

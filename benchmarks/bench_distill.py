@@ -12,6 +12,7 @@ activation when that differs.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -233,6 +234,10 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
             [r["test"]["gt_only"] - r["test_shift"]["gt_only"] for r in per_seed])
         if "gain_site_vs_source_test_shift_mean" in out and out["shift_loss_mean"] > 0:
             out["site_recovered_shift_share"] = out["gain_site_vs_source_test_shift_mean"] / out["shift_loss_mean"]
+    jsonl = cfg.stage_dir("distill") / "metrics.jsonl"  # the demo's own student, trained in its own process
+    peaks = [json.loads(l).get("peak_rss_mb") for l in jsonl.read_text().splitlines()] if jsonl.is_file() else []
+    if any(p is not None for p in peaks):
+        out["distill_train_peak_rss_mb"] = max(p for p in peaks if p is not None)
     if "kd_unlabelled_test_miou_mean" in out:
         out["kd_unlabelled_vs_teacher_test"] = out["kd_unlabelled_test_miou_mean"] / out["teacher_test_miou_mean"]
     if "gain_kd_unlabelled_vs_gt_only_mean" in out:

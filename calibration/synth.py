@@ -37,6 +37,7 @@ from edgeseg.distill.data import split_samples
 from edgeseg.distill.device import use_device
 from edgeseg.distill.models import load_model
 from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.profiler import peak_rss_mb
 from edgeseg.runtime.files import recover_dir, replace_dir, sha256_file, staging_dir
 from edgeseg.runtime.images import list_images, read_rgb
 
@@ -314,6 +315,7 @@ class Synthesizer:
                 entry["file"] = pool_file(c)
         manifest = self._manifest(pool, screen, kept, surplus, rounds, teacher_masks, bool(pool_pairs))
         manifest["seconds"] = {"generate": t_gen, "total": time.perf_counter() - t0}
+        manifest["peak_rss_mb"] = peak_rss_mb()  # generator training (if it ran here), sampling and the filters
         self._write(out_dir, kept, manifest, teacher_masks, {pool_file(c): c for c in pool_pairs})
         manifest["seconds"]["total"] = time.perf_counter() - t0
         log.info("%d of %d generated images passed the filters (%s); wrote %d in %.0f s -> %s", len(screen.passing),

@@ -41,6 +41,7 @@ from edgeseg.distill.sampler import EpochSampler, steps_per_epoch
 from edgeseg.distill.sources import HARD_EXAMPLES, Generate, SampleSource, SourceContext, describe, sources_for
 from edgeseg.distill.visualize import comparison_grid, save_png
 from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.profiler import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ class Trainer:
             record["temperature"] = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
         record.update(self._epoch_terms(sums, seen))
         record["epoch_time_s"] = time.perf_counter() - t_epoch
+        record["peak_rss_mb"] = peak_rss_mb()  # this process's peak so far (machine-dependent, like the time)
         if self.is_main and (self.epoch % train.eval_every == 0 or self.epoch == train.epochs):
             record.update(self._validate())
             self.last_metrics = record

@@ -101,3 +101,11 @@ def plot(result: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MiB (Linux and macOS report ``ru_maxrss`` in KiB and bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

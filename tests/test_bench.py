@@ -1,6 +1,8 @@
 """The benchmarks' own logic on tiny models: the seed study's pairing, ratio spreads, the user's ORT baseline."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,8 @@ def test_seed_study_runs_the_arms_and_pairs_gains_by_seed(tiny_run, tmp_path):
     assert out["gain_site_vs_source_test_shift_mean"] == pytest.approx(np.mean(site_gain))
     assert out["feature_term_effect_mean"] == pytest.approx(rows[0]["test"]["kd_unlabelled"] - rows[0]["test"]["kd_no_feature"])
     assert out["feature_term_effect_n"] == 1 and out["logit_terms_effect_std"] is None  # one seed: no spread
+    peaks = [json.loads(l)["peak_rss_mb"] for l in (tmp_path / "run" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert out["distill_train_peak_rss_mb"] == max(peaks) > 0  # the demo student's own process
     shift = [r["test"]["gt_only"] - r["test_shift"]["gt_only"] for r in rows]
     assert out["shift_loss_mean"] == pytest.approx(np.mean(shift))
     assert ("within noise" in out["gain_kd_unlabelled_verdict"]) != ("beyond 2 std" in out["gain_kd_unlabelled_verdict"])
