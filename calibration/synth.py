@@ -429,10 +429,12 @@ def label_file(image_file: str | Path) -> Path:
     return image_file.parent.parent / "masks" / image_file.name
 
 
-def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None = None, limit: int | None = None) -> np.ndarray:
+def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None = None, limit: int | None = None,
+                            fit: bool = False) -> np.ndarray:
     """(N, H, W, 3) uint8 images of a calibration folder (``<folder>/images`` or the folder itself).
 
-    Raises InputError for a missing or empty folder, or images whose size is not ``image_hw``.
+    ``fit``: letterbox images of another size to ``image_hw`` (real frames); otherwise such an image is an
+    InputError (a generated set is made at the model's size). A missing or empty folder is an InputError.
     """
     folder = recover_dir(folder)
     if not folder.is_dir():
@@ -446,7 +448,11 @@ def load_calibration_images(folder: str | Path, image_hw: tuple[int, int] | None
     images = []
     for p in paths:
         img = read_rgb(p)
-        if image_hw is not None and img.shape[:2] != tuple(image_hw):
+        if image_hw is not None and img.shape[:2] != tuple(image_hw) and fit:
+            from edgeseg.runtime.preprocess import fit_image
+
+            img = fit_image(img, tuple(image_hw), "letterbox")[0]
+        elif image_hw is not None and img.shape[:2] != tuple(image_hw):
             raise InputError(f"{p}: calibration image is {img.shape[1]}x{img.shape[0]} but the model takes "
                              f"{image_hw[1]}x{image_hw[0]}; regenerate the set for this model (edgeseg calibration synth)")
         images.append(img)

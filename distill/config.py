@@ -448,6 +448,10 @@ class ExportConfig:
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = 99.999  # for calibration_method percentile
     calibration_images: int = 256  # at most this many calibration images
+    # The set the deployed INT8 models are calibrated on: synthetic (<run_dir>/calibration/synthetic), site
+    # (the deployment site's few frames: calibration.target.images, the demo's <data>/target_images), real
+    # (the training images), or a folder of images (any size: letterboxed to the model's input)
+    calibration: str = "synthetic"
     max_miou_drop: float = 1.0  # accuracy budget in mIoU points (INT8 vs FP32); keeps nodes in float until it holds
     max_float_nodes: int = 24  # give up the budget search after this many float nodes
     threshold: float = 0.5  # probability above which a pixel is a person

@@ -92,6 +92,11 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
     accuracy = json.loads(accuracy_path.read_text())
     precision = cfg.export.precision
     ok, words = check_budget(accuracy, precision, cfg.export.max_miou_drop)
+    quantized = json.loads((export_dir / "quantize.json").read_text()) if (export_dir / "quantize.json").is_file() else {}
+    calibration = {"choice": quantized.get("calibration_choice", "synthetic"), "dir": quantized.get("calibration_dir"),
+                   "images": quantized.get("calibration_images")}
+    if precision == "int8":
+        words += f"; INT8 calibrated on {calibration['choice']} ({calibration['images']} images from {calibration['dir']})"
     if not ok and not (allow_over_budget or cfg.deploy.allow_over_budget):
         raise InputError(f"refusing to deploy: {words}. Raise export.max_miou_drop, choose another export.precision, "
                          "or pass --allow-over-budget")
@@ -130,6 +135,7 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         "precision": precision,
         "normalisation": "fused in the graph" if spec.fused else {"mean": list(spec.mean), "std": list(spec.std)},
         "budget": {"max_miou_drop_points": cfg.export.max_miou_drop, "met": ok, "figures": words},
+        "calibration": calibration,
         "float_nodes": accuracy.get("mixed_float_nodes", []) if accuracy.get("deployed_int8") == "mixed" else [],
         "cpu_float_nodes": accuracy.get("cpu_mixed_float_nodes", []) if accuracy.get("cpu_model") == "int8_cpu_mixed" else [],
         "files": listed,

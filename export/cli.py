@@ -41,15 +41,19 @@ def onnx(config_path, overrides, verbose, checkpoint):
               help="Calibration folder (default: <run_dir>/calibration/synthetic).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
               help="Calibration method (default: export.calibration_method).")
+@click.option("--calibration", "choice", default=None, metavar="site|synthetic|real|DIR",
+              help="The set the deployed INT8 models are calibrated on (export.calibration; default synthetic).")
 @click.option("--no-contrast", is_flag=True, help="Skip the real-image and noise calibrations.")
 @click.option("--no-budget", is_flag=True, help="Skip the accuracy budget search.")
 @exit_on_user_error
-def quantize(config_path, overrides, verbose, calib, method, no_contrast, no_budget):
+def quantize(config_path, overrides, verbose, calib, method, choice, no_contrast, no_budget):
     """Q/DQ INT8 (s8s8 + u8s8), TensorRT calibration cache, accuracy budget."""
     from edgeseg.export.stage import run_quantize
 
     if method:
         overrides = (*overrides, f"export.calibration_method={method}")
+    if choice:
+        overrides = (*overrides, f"export.calibration={choice}")
     _echo(run_quantize(load(config_path, overrides, max(verbose, 1)), calib, not no_contrast, not no_budget))
 
 
@@ -95,11 +99,15 @@ def accuracy(config_path, overrides, verbose, checkpoint):
 @config_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
 @click.option("--calib", type=click.Path(file_okay=False), default=None)
+@click.option("--calibration", "choice", default=None, metavar="site|synthetic|real|DIR",
+              help="The set the deployed INT8 models are calibrated on (export.calibration; default synthetic).")
 @exit_on_user_error
-def all_steps(config_path, overrides, verbose, checkpoint, calib):
+def all_steps(config_path, overrides, verbose, checkpoint, calib, choice):
     """onnx, quantize, engine and accuracy in one go (`make export`)."""
     from edgeseg.export.stage import run_accuracy, run_engine, run_onnx, run_quantize, validation_set
 
+    if choice:
+        overrides = (*overrides, f"export.calibration={choice}")
     cfg = load(config_path, overrides, max(verbose, 1))
     run_onnx(cfg, checkpoint)
     # val selects (the budget search); the report is on test and test_shift, never on val when they exist

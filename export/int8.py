@@ -39,6 +39,7 @@ from edgeseg.distill.config import Config
 from edgeseg.export.trt_rules import check_for_tensorrt
 from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
 from edgeseg.export.trt_cache import write_cache
+from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import sha256_file, write_json_atomic
 from edgeseg.runtime.images import list_images
 from edgeseg.runtime.preprocess import normalise_batch
@@ -161,19 +162,42 @@ def calibration_provenance(calib_dir: Path, limit: int | None = None) -> dict:
             "target_folder": (m.get("target") or {}).get("folder")}
 
 
+CALIBRATION_CHOICES = ("synthetic", "site", "real")  # export.calibration, or a folder
+
+
+def resolve_calibration(cfg: Config, choice: str | None = None) -> tuple[str, Path]:
+    """(name, folder) of the set the deployed INT8 models are calibrated on (``export.calibration``)."""
+    choice = choice or cfg.export.calibration
+    if choice == "synthetic":
+        return choice, cfg.stage_dir("calibration") / "synthetic"
+    if choice == "site":
+        site = target_sources(cfg).get("target_images")
+        if site is None:
+            raise InputError("--calibration site needs the deployment site's frames: set calibration.target.images "
+                             "(a folder of a few unlabelled frames from the site)")
+        return choice, site
+    if choice == "real":
+        return choice, cfg.data_root / cfg.data.train
+    folder = Path(choice)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a calibration set; use one of {', '.join(CALIBRATION_CHOICES)} or a folder of images")
+    return "folder", folder
+
+
 def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool = True,
-                 val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
+                 val: tuple[list[np.ndarray], list[np.ndarray]] | None = None, choice: str = "folder") -> dict:
     """Write every INT8 artifact into ``export_dir``; returns the quantization report.
 
     Args:
         val: (images, masks) at original size for the accuracy budget; None skips the budget.
+        choice: what ``calib_dir`` is (synthetic, site, real, folder): recorded, and real frames are letterboxed.
     """
     t0 = time.perf_counter()
     e = cfg.export
     fp32 = export_dir / "model.onnx"
     spec = ModelSpec.from_onnx(fp32)
     hw = tuple(spec.image_size)
-    images = load_calibration_images(calib_dir, hw, limit=e.calibration_images)
+    images = load_calibration_images(calib_dir, hw, limit=e.calibration_images, fit=choice != "synthetic")
     to_input = input_transform(spec)
     batches = batches_of(images, to_input)
     pre = preprocess_for_quantization(fp32, export_dir / "model.pre.onnx")
@@ -182,7 +206,8 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     check_for_tensorrt(s8)  # the TensorRT model: fail here, not on the device
     u8 = quantize_qdq(pre, export_dir / "model.int8-cpu.onnx", batches, flavour="u8s8", **q)
     cache = write_cache(activation_scales(s8), export_dir / "calibration.cache")
-    report = {"calibration_dir": str(calib_dir), "calibration_images": len(images), "method": e.calibration_method,
+    report = {"calibration_dir": str(calib_dir), "calibration_images": len(images), "calibration_choice": choice,
+              "method": e.calibration_method,
               "calibration": calibration_provenance(calib_dir, e.calibration_images), "fp32_sha256": sha256_file(fp32),
               "files": {"int8": str(s8), "int8_cpu": str(u8), "cache": str(cache)}}
     if contrast:

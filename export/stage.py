@@ -73,15 +73,15 @@ def validation_set(cfg: Config, limit: int | None = None) -> tuple[list[np.ndarr
 
 def run_quantize(cfg: Config, calib: str | Path | None = None, contrast: bool = True, budget: bool = True,
                  val: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
-    from edgeseg.export.int8 import quantize_all
+    from edgeseg.export.int8 import quantize_all, resolve_calibration
 
     out = export_dir(cfg)
     if not (out / "model.onnx").is_file():
         raise InputError(f"{out / 'model.onnx'}: missing; run `edgeseg export onnx` first")
-    calib = Path(calib) if calib else cfg.stage_dir("calibration") / "synthetic"
+    choice, calib = ("folder", Path(calib)) if calib else resolve_calibration(cfg)
     if budget and val is None:
         val = validation_set(cfg)
-    return quantize_all(cfg, out, calib, contrast=contrast, val=val if budget else None)
+    return quantize_all(cfg, out, calib, contrast=contrast, val=val if budget else None, choice=choice)
 
 
 def run_engine(cfg: Config | None, precision: str, bundle: Path | None = None, dla_core: int = -1) -> dict:

@@ -470,6 +470,49 @@ def test_accuracy_scores_only_the_models_this_run_wrote(exported, tmp_path):
         run_accuracy(cfg)
 
 
+def test_the_deployed_models_calibration_set_is_chosen_and_reported(exported, tmp_path):
+    """--calibration site|synthetic|real|DIR picks the set; quantize.json and the bundle's gate say which."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from edgeseg.export.bundle import write_bundle
+    from edgeseg.export.int8 import resolve_calibration
+    from edgeseg.export.stage import run_accuracy, run_quantize
+
+    _, path, run_dir, _, _, _, _ = exported
+    for sub in ("distill", "calibration", "export"):
+        shutil.copytree(run_dir / sub, tmp_path / sub)
+    cfg = load_config(path, Config, [f"run_dir={tmp_path}"])
+    assert resolve_calibration(cfg)[0] == "synthetic"
+    assert resolve_calibration(cfg, "site") == ("site", cfg.data_root / "target_images")  # the demo's site frames
+    assert resolve_calibration(cfg, "real") == ("real", cfg.data_root / "train")
+    with pytest.raises(InputError, match="nonsense: not a calibration set; use one of synthetic, site, real"):
+        resolve_calibration(cfg, "nonsense")
+    frames = tmp_path / "frames"  # a user's folder: frames of another size than the model's, letterboxed
+    frames.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(frames / f"f{i}.png")
+    scales = {}
+    for choice in ("site", str(frames)):
+        q = run_quantize(load_config(path, Config, [f"run_dir={tmp_path}", f"export.calibration={choice}"]),
+                         contrast=False, budget=False)
+        recorded = json.loads((tmp_path / "export" / "quantize.json").read_text())
+        assert recorded["calibration_choice"] == ("site" if choice == "site" else "folder") == q["calibration_choice"]
+        assert recorded["calibration_images"] == (8 if choice == "site" else 3)
+        scales[choice] = (tmp_path / "export" / "calibration.cache").read_text()
+    assert scales["site"] != scales[str(frames)]  # different sets, different ranges
+    run_accuracy(cfg)
+    manifest = write_bundle(cfg, tmp_path / "export", tmp_path / "bundle", None, allow_over_budget=True)
+    assert manifest["calibration"] == {"choice": "folder", "dir": str(frames), "images": 3}
+    assert f"INT8 calibrated on folder (3 images from {frames})" in manifest["budget"]["figures"]
+    r = run_cli("export", "quantize", "--config", str(path), "--set", f"run_dir={tmp_path}", "--calibration", "nope",
+                "--no-contrast", "--no-budget")
+    assert r.returncode != 0 and "nope: not a calibration set" in r.stderr and "Traceback" not in r.stderr
+
+
 # --- what TensorRT's ONNX parser accepts ----------------------------------------------------------
 
 def test_the_tensorrt_models_pass_the_parser_rules(exported):
