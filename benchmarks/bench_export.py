@@ -192,6 +192,7 @@ def run(cfg: Config, rounds: int = 20) -> dict:
     out["student_activation"] = cfg.student.activation
     out["default_threads"] = os.cpu_count()
     out["hardware"] = hardware_shares(models, (h, w), out)
+    out.update({k: out["hardware"][k] for k in ("int8_share_of_peak", "fp32_share_of_peak")})
     # headline figures: batch 8 at the machine's default thread count; the 1-thread ones in threads_1
     out.update(headline["default"])
     out["threads_1"] = headline["1"]

@@ -229,6 +229,7 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
     report, main_preds, main_scores = _score_splits(runners, sets, splits, deployed, cpu_model)  # 3
     report = {"split": splits[0], "selection_split": "val", "note": note, **report}
     report["matrix"] = _calibration_matrix(quant, sets, splits)  # 4
+    _site_rows(report, splits, quant.get("method", cfg.export.calibration_method))
     report.update(_deployment(cfg, quant, models, deployed, cpu_model))  # 5
     for key in ("parity_max_abs", "nodes_before_onnxsim", "nodes_after_onnxsim"):
         report[key] = _read_report(out / "onnx.json").get(key)
@@ -238,6 +239,18 @@ def run_accuracy(cfg: Config, checkpoint: str | Path | None = None,
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "accuracy.json", report)
     return report
+
+
+def _site_rows(report: dict, splits: list[str], method: str) -> None:
+    """``site_int8_miou`` per split: the s8s8 model (the configured method) calibrated on the site's few frames
+    alone (the matrix's ``target_images`` row), beside the deployed model; nothing when there are none."""
+    for i, split in enumerate(splits):
+        block = report if i == 0 else report[split]
+        row = next((r for r in report["matrix"] if r["split"] == split and r["flavour"] == "s8s8"
+                    and r["method"] == method and r["calibration"] == "target_images"), None)
+        if row is not None:
+            block["site_int8_miou"] = row["miou"]
+            block["site_int8_calibration"] = f"s8s8 {method}, the site's frames alone (matrix row target_images)"
 
 
 def _read_report(path: Path) -> dict:

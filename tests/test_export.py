@@ -433,6 +433,11 @@ def test_accuracy_report_is_on_test_with_the_shift_and_the_matrix(exported):
     row = next(r for r in acc["matrix"] if (r["flavour"], r["method"], r["calibration"], r["split"]) ==
                ("s8s8", "minmax", "synthetic", "test"))
     assert row["miou"] == pytest.approx(acc["int8_synthetic_miou"])  # the same model, the same split
+    # the site-calibrated model (the site's frames alone) is named on every split, from its matrix row
+    for split, block in (("test", acc), ("test_shift", acc["test_shift"])):
+        site = next(r for r in acc["matrix"] if (r["flavour"], r["method"], r["calibration"], r["split"]) ==
+                    ("s8s8", "minmax", "target_images", split))
+        assert block["site_int8_miou"] == site["miou"] and "target_images" in block["site_int8_calibration"]
     # the budget decided on val: its figures are not the reported ones
     assert quant["budget"]["split"] == "val" and quant["budget_cpu"]["flavour"] == "u8s8"
 

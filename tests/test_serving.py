@@ -336,5 +336,5 @@ def test_serving_memory_is_measured_per_process_without_torch(bundle):
         p = out["processes"][kind]
         assert p["torch_imported"] is False, kind
         assert 0 < p["rss_start_mb"] <= p["rss_after_warmup_mb"] <= p["peak_rss_mb"], p
-    assert out["runtime_vs_bare_peak_rss"] == out["runtime_serving_peak_rss_mb"] / out["bare_session_peak_rss_mb"]
+    assert out["runtime_vs_bare_peak_rss"] == out["runtime_peak_rss_mb"] / out["bare_session_peak_rss_mb"]
     assert out["processes"]["runtime"]["model"] == out["processes"]["bare"]["model"]  # the same model file
