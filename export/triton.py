@@ -27,7 +27,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from edgeseg.export.triton_server import CPU_MODEL
+from edgeseg.export.triton_server import CPU_MODEL, find_tritonserver  # noqa: F401  (the documented entry point: `from edgeseg.export.triton import find_tritonserver`)
 from edgeseg.runtime.bundle import Bundle
 from edgeseg.runtime.errors import BackendUnavailableError, InputError
 from edgeseg.runtime.files import replace_dir, staging_dir

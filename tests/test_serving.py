@@ -338,3 +338,10 @@ def test_serving_memory_is_measured_per_process_without_torch(bundle):
         assert 0 < p["rss_start_mb"] <= p["rss_after_warmup_mb"] <= p["peak_rss_mb"], p
     assert out["runtime_vs_bare_peak_rss"] == out["runtime_peak_rss_mb"] / out["bare_session_peak_rss_mb"]
     assert out["processes"]["runtime"]["model"] == out["processes"]["bare"]["model"]  # the same model file
+
+
+def test_the_server_lookup_keeps_its_documented_import_path():
+    """`from edgeseg.export.triton import find_tritonserver` (the set-up check uses it) finds the same binary."""
+    from edgeseg.export import triton, triton_server
+
+    assert triton.find_tritonserver is triton_server.find_tritonserver and triton.find_tritonserver().is_file()
