@@ -148,7 +148,10 @@ def hardware_shares(models: dict[str, Path], hw: tuple[int, int], timings: dict)
         if "amx_int8_peak_gops" in peak:
             fig["int8_share_of_amx_peak"] = share_of_peak(work["macs_per_image"], 8, b8["u8s8"]["median_ms"],
                                                           peak["amx_int8_peak_gops"])
-        out.update(fig) if tag == "default" else out.setdefault("threads_1", fig)
+        if tag == "default":
+            out.update(fig)
+        else:
+            out["threads_1"] = fig
     x = np.random.default_rng(0).standard_normal((8, 3, *hw)).astype(np.float32)
     out["u8s8_time_by_kind"] = op_time_split(
         lambda so: ort.InferenceSession(str(models["u8s8"]), so, providers=["CPUExecutionProvider"]),

@@ -93,6 +93,7 @@ class Trainer:
         val_samples = split_samples(cfg, "val")
         self.train_set = SegmentationDataset(self.data.labelled, cfg.data, train=True, seed=cfg.seed)
         self.sources: list[SampleSource] = sources_for(job.train, self.data, self.generators)
+        self.grouped = any(not s.labelled for s in self.sources)  # unlabelled sources: loss terms per group too
         self._source_sets: dict[str, tuple[list, SegmentationDataset]] = {}
         for src in self.sources:
             log.info("%s: %.1f%% of each epoch's samples from %s (%s)", job.role, 100 * src.share, src.name,
@@ -375,7 +376,9 @@ class Trainer:
         """One optimizer step; the loss terms (a group's term as a sum over its samples, with ``n_<group>``)."""
         images = images.to(self.device, non_blocking=True)
         masks = masks.to(self.device, non_blocking=True)
-        grouped = any(not s.labelled for s in self.sources)  # unlabelled sources: terms per group too
+        grouped = self.grouped
+        # group sizes from the loader's host tensor: no device round trip per step
+        n = {"labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum())} if grouped else {}
         labelled = labelled.to(self.device, non_blocking=True)
         temperature = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
@@ -399,7 +402,6 @@ class Trainer:
         self.scheduler.step()
         out = {"loss": loss.item()}
         if grouped:  # groups apart, summed per sample (the epoch divides by each group's count)
-            n = {"labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum())}
             out.update({f"n_{g}": float(c) for g, c in n.items()})
             out["n_gt_steps"] = float("bce" in terms or "dice" in terms)
             for k, v in terms.items():
