@@ -12,7 +12,9 @@ DATA ?=
 SET ?=
 BASELINE ?= 1
 TARGET ?=
-TARGET_COUNT ?= 192
+# the calibration set's count: the export matrix compares calibration sets at equal counts
+TARGET_COUNT ?= 256
+WITH_TEACHER ?= 1
 # The pair that works on these machines (see README); on a Jetson or another CUDA build, pick yours.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
@@ -23,7 +25,7 @@ ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
         $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.edgeseg-installed
 
-.PHONY: setup demo teacher distill calibrate calibrate-target export deploy profile serve bench test test-all clean
+.PHONY: setup demo generator teacher distill calibrate calibrate-target export deploy check profile serve bench test test-all clean
 
 setup: $(STAMP)
 
@@ -44,6 +46,11 @@ demo: setup
 	  printf '%s\t%s\n' $$stage $$(( $$(date +%s) - t )) >> "$$times"; \
 	done; printf 'total\t%s\n' $$(( $$(date +%s) - start )) >> "$$times"; \
 	echo "demo finished; seconds per stage ($$times):"; column -t "$$times"
+
+# The shipped generator (calibration/assets/demo_generator, fp16): pretrained on the demo world's teacher
+# corpus. `make demo` loads it; this rebuilds it (about 40 min on 2 cores; resumes from its checkpoint).
+generator: setup
+	$(EDGESEG) calibration generator $(ARGS) --steps 3000
 
 # Demo only: train the B3 teacher on the generated data and export the stand-in ONNX feature teacher.
 teacher: setup
@@ -73,8 +80,14 @@ calibrate-target: setup
 export: setup
 	$(EDGESEG) export all $(ARGS)
 
+# WITH_TEACHER=1 carries the teacher as ONNX (large), for `make check`'s teacher agreement.
 deploy: setup
-	$(EDGESEG) export bundle $(ARGS)
+	$(EDGESEG) export bundle $(ARGS) $(if $(filter 1,$(WITH_TEACHER)),--with-teacher)
+
+# The label-free site check of the bundle on a folder of frames (TARGET=dir; the demo's 8 target images).
+check: setup
+	$(EDGESEG) runtime check --bundle $(RUN_DIR)/bundle --images $(or $(TARGET),$(RUN_DIR)/data/target_images) \
+	  --out $(RUN_DIR)/site_check
 
 profile: setup
 	$(EDGESEG) runtime profile --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/profile --batch 1,2,4,8 --iters 30

@@ -100,14 +100,25 @@ ARMS: dict[str, tuple[str, dict, str]] = {
     "kd_no_feature": ("student", {"data.unlabelled": "", "loss.feature": 0.0}, "e: c with the feature term off"),
     "kd_feature_only": ("student", {"data.unlabelled": "", "loss.kl": 0.0, "loss.mse": 0.0},
                         "f: c with the logit terms (KL, MSE) off: ground truth + feature teacher only"),
+    # a new site from a handful of frames (README "At a new site"): {site8} is <data>/target_images (8 unlabelled
+    # frames of test_shift's site), {site8_synth} those 8 beside SITE_SYNTH_COUNT synthetic site images
+    "site8": ("student", {"data.unlabelled": "{site8}"}, "g: c + the 8 unlabelled site frames (repeated to d's share)"),
+    "site8_synth": ("student", {"data.unlabelled": "{site8_synth}"},
+                    "h: c + the 8 site frames and synthetic site images steered by them, teacher-labelled"),
+    "site8_synth_hard": ("student", {"data.unlabelled": "{site8_synth}", "train.hard_examples.share": 0.1},
+                         "i: h + ConfiG hard examples against the current student (confidence objective)"),
     "full_gt_only": ("baseline", {"data.labelled_count": 0}, "a with every train image labelled"),
     "full_kd": ("student", {"data.labelled_count": 0, "data.unlabelled": "", "train.unlabelled_share": 0.0},
                 "distillation with every train image labelled"),
 }
 # What runs where, in this order (the study's budget on 2 cores): the arms the targets compare on every
 # seed first, then the ablations and the full-label contrast on the first seed only.
-EVERY_SEED = ("gt_only", "kd_unlabelled", "kd_site")
-FIRST_SEED_ONLY = ("kd_labelled", "kd_no_feature", "kd_feature_only", "full_gt_only", "full_kd")
+EVERY_SEED = ("gt_only", "kd_unlabelled", "kd_site", "site8", "site8_synth")
+FIRST_SEED_ONLY = ("site8_synth_hard", "kd_labelled", "kd_no_feature", "kd_feature_only", "full_gt_only", "full_kd")
+SITE_ARMS = ("site8", "site8_synth", "site8_synth_hard")  # `--only site` reruns these beside a, c and d
+# N, the synthetic site images of arm h: as many as arm d has real site frames, so h is d's synthetic
+# counterpart at an equal count (what synthesis buys over the 8 frames, against what 400 real frames buy)
+SITE_SYNTH_COUNT = 400
 # every key a study writes, and those of the study this one replaced (synthetic variants in the old demo
 # world): dropped before a rerun writes its own, so a rerun with fewer arms leaves no figure of another run
 STALE_PREFIXES = ("distill_gain", "student_test", "nodistill_", "target_", "hard_", "per_seed", "seeds", "splits",
@@ -123,15 +134,55 @@ def _arm_config(cfg: Config, arm: str, seed: int) -> tuple[Config, str]:
     role, changes, _ = ARMS[arm]
     if seed == cfg.seed and arm in ("gt_only", "kd_site"):
         return cfg, role  # make distill trained these two
+    folders = site_folders(cfg) if any("{site8" in str(v) for v in changes.values()) else {}
     raw = config_to_dict(cfg)
     raw.update(seed=seed, run_dir=str(cfg.stage_dir("seeds") / f"seed{seed}-{arm}"))
     raw["data"]["root"] = str(cfg.data_root)
     raw["teacher"]["checkpoint"] = str(cfg.teacher_checkpoint)
     raw["feature_teacher"]["onnx"] = str(cfg.feature_teacher_onnx)
     for key, value in changes.items():
-        section, field = key.split(".")
-        raw[section][field] = value
+        *sections, field = key.split(".")
+        node = raw
+        for section in sections:
+            node = node[section]
+        node[field] = str(value).format(**folders) if isinstance(value, str) else value
     return parse_config(raw, Config, source=f"seed study arm {arm}"), role
+
+
+def site_folders(cfg: Config, count: int | None = None) -> dict[str, str]:
+    """``{site8}`` (the 8 frames) and ``{site8_synth}`` (the frames + SITE_SYNTH_COUNT synthetic site images), made once.
+
+    The synthetic images come from the shipped generator steered by the 8 frames (calibration.target), as
+    ``make calibrate-target`` makes them: the teacher, itself hurt by the shift, does not filter them on
+    confidence. Their conditioning masks are not used: arm h reads the folder as unlabelled, so the teacher
+    labels every image (its soft outputs and features).
+    """
+    import dataclasses
+    import shutil
+
+    from edgeseg.calibration.synth import Synthesizer
+
+    frames = cfg.data_root / "target_images"
+    synth = cfg.stage_dir("seeds") / "site_synth"
+    if not (synth / "manifest.json").is_file():
+        cal = cfg.calibration
+        run = dataclasses.replace(cfg, calibration=dataclasses.replace(
+            cal, filter=dataclasses.replace(cal.filter, max_uncertain_fraction=1.0)))
+        count = count or SITE_SYNTH_COUNT
+        log.info("synthesising %d site images steered by the 8 frames in %s -> %s", count, frames, synth)
+        Synthesizer(run, target_images=frames).run(synth, count, overwrite=True)
+    both = cfg.stage_dir("seeds") / "site8_synth_frames"
+    wanted = [(p, f"frame_{p.name}") for p in sorted(frames.glob("*.png"))] + \
+             [(p, f"synth_{p.name}") for p in sorted((synth / "images").glob("*.png"))]
+    if sorted(q.name for q in both.glob("*.png")) != sorted(name for _, name in wanted):
+        tmp = both.with_name(both.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for src, name in wanted:
+            shutil.copyfile(src, tmp / name)
+        shutil.rmtree(both, ignore_errors=True)
+        tmp.rename(both)
+    return {"site8": str(frames), "site8_synth": str(both)}
 
 
 def _runnable(cfg: Config, arm: str) -> bool:
@@ -142,6 +193,8 @@ def _runnable(cfg: Config, arm: str) -> bool:
         return cfg.data.labelled_count > 0 and cfg.train.unlabelled_share > 0
     if arm == "kd_site":
         return bool(cfg.data.unlabelled) and cfg.train.unlabelled_share > 0
+    if arm in SITE_ARMS:
+        return (cfg.data_root / "target_images").is_dir() and cfg.train.unlabelled_share > 0
     return True
 
 
@@ -171,6 +224,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
     from edgeseg.distill.job import job_for
     from edgeseg.distill.trainer import Trainer
 
+    from edgeseg.calibration.hard_examples import hard_example_generator
     splits = [s for s in ("test", "test_shift") if has_split(cfg, s)] or ["val"]
     device = resolve_device(cfg.device)
     teacher = load_teacher(cfg, device)
@@ -186,7 +240,8 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
         run, role = _arm_config(cfg, arm, seed)
         job = job_for(run, role)
         log.info("seed study %d/%d: seed %d, arm %s (%s) -> %s", n, len(plan), seed, arm, ARMS[arm][2], job.out_dir)
-        Trainer(run, job).run()
+        # calibration's hard-example generator, as the `edgeseg` command wires it into `distill train` (arm i)
+        Trainer(run, job, generators={"hard_examples": hard_example_generator(run)}).run()
         trained[seed, arm] = job.out_dir / "best.pt"
         arm_seeds.setdefault(arm, []).append(seed)
         seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
@@ -220,6 +275,12 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
         "feature_term_effect": ("kd_no_feature", "kd_unlabelled"),
         "logit_terms_effect": ("kd_feature_only", "kd_unlabelled"),
         "gain_kd_full_labels": ("full_gt_only", "full_kd"),
+        "site8_vs_kd_unlabelled": ("kd_unlabelled", "site8"),
+        "site8_synth_vs_kd_unlabelled": ("kd_unlabelled", "site8_synth"),
+        "site8_synth_vs_site8": ("site8", "site8_synth"),
+        "site8_synth_vs_kd_site": ("kd_site", "site8_synth"),
+        "site8_synth_hard_vs_site8_synth": ("site8_synth", "site8_synth_hard"),
+        "site8_synth_hard_vs_kd_unlabelled": ("kd_unlabelled", "site8_synth_hard"),
     }
     for key, (a, b) in gains.items():
         for split in splits:
@@ -234,6 +295,18 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
             [r["test"]["gt_only"] - r["test_shift"]["gt_only"] for r in per_seed])
         if "gain_site_vs_source_test_shift_mean" in out and out["shift_loss_mean"] > 0:
             out["site_recovered_shift_share"] = out["gain_site_vs_source_test_shift_mean"] / out["shift_loss_mean"]
+    if "test_shift" in splits:  # what h (and g, i) recover of what d recovers over c, paired by seed
+        for arm in SITE_ARMS:
+            own = _paired(per_seed, "test_shift", "kd_unlabelled", arm)
+            full = [r["test_shift"]["kd_site"] - r["test_shift"]["kd_unlabelled"] for r in per_seed
+                    if arm in r["test_shift"] and "kd_site" in r["test_shift"] and "kd_unlabelled" in r["test_shift"]]
+            if own and np.mean(full) > 0:
+                out[f"{arm}_recovered_share_of_site"] = float(np.mean(own) / np.mean(full))
+        if "site8_synth" in arm_seeds:
+            synth = site_folders(cfg)["site8_synth"]
+            out["site8_synth_images"] = {"frames": len(list(Path(synth).glob("frame_*.png"))),
+                                         "synthetic": len(list(Path(synth).glob("synth_*.png"))),
+                                         "why_n": "as many as arm d's real site frames: h is d's synthetic counterpart"}
     jsonl = cfg.stage_dir("distill") / "metrics.jsonl"  # the demo's own student, trained in its own process
     peaks = [json.loads(l).get("peak_rss_mb") for l in jsonl.read_text().splitlines()] if jsonl.is_file() else []
     if any(p is not None for p in peaks):

@@ -3,7 +3,10 @@
     python -m benchmarks.run --config configs/demo.yaml [--only distill,runtime] [--rounds 20] [--seeds 0,1,2]
 
 ``--only seeds`` reruns the distillation seed study alone and updates its keys in ``distill.json``
-(the speed figures there stay as they were measured).
+(the speed figures there stay as they were measured); ``--only generator`` measures the shipped
+generator's KID and updates its keys in ``calibration.json``; ``--only site`` runs the site arms (g, h, i)
+beside a, c and d and updates the ``site8*`` keys of ``distill.json``; ``--only site_check`` validates
+``edgeseg runtime check`` on the demo (``site_check.json``).
 
 Needs the demo's artifacts (``make demo``): the benchmarks measure what the pipeline built.
 """
@@ -22,7 +25,7 @@ from edgeseg.distill.cli import config_options, load
 from edgeseg.runtime.console import exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = ("distill", "calibration", "export", "runtime", "serving")
+BENCHES = ("distill", "calibration", "export", "runtime", "serving", "site_check")
 
 
 def _machine() -> dict:
@@ -43,7 +46,7 @@ def _machine() -> dict:
 def main(config_path, overrides, verbose, only, rounds, seeds, arms):
     cfg = load(config_path, overrides, max(verbose, 1))  # info: minutes of training must show in the log
     wanted = [b.strip() for b in only.split(",") if b.strip()]
-    unknown = set(wanted) - set(BENCHES) - {"seeds"}
+    unknown = set(wanted) - set(BENCHES) - {"seeds", "generator", "site"}
     if unknown:
         raise click.BadParameter(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -65,6 +68,36 @@ def main(config_path, overrides, verbose, only, rounds, seeds, arms):
             path.write_text(json.dumps(result, indent=1, default=str))
             print(f"  -> {path} (seed study, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             continue
+        if name == "site":  # the site arms beside a, c and d (reused when trained): only the site8 keys change
+            from benchmarks.bench_distill import SITE_ARMS, seed_study
+
+            path = RESULTS / "distill.json"
+            result = json.loads(path.read_text()) if path.is_file() else {}
+            result = {k: v for k, v in result.items() if not k.startswith("site8")}
+            study = seed_study(cfg, tuple(int(x) for x in seeds.split(",") if x.strip()),
+                               ("gt_only", "kd_unlabelled", "kd_site", *SITE_ARMS))
+            result.update({k: v for k, v in study.items() if k.startswith("site8")},
+                          site8_per_seed=[{split: {a: v for a, v in row[split].items() if a in SITE_ARMS}
+                                           for split in study["splits"]} | {"seed": row["seed"]} for row in study["per_seed"]],
+                          site8_arms={a: study["arms"][a] for a in SITE_ARMS if a in study["arms"]},
+                          site8_arm_seeds={a: study["arm_seeds"][a] for a in SITE_ARMS if a in study["arm_seeds"]},
+                          site8_arm_train_seconds={a: study["arm_train_seconds"][a] for a in SITE_ARMS
+                                                   if a in study["arm_train_seconds"]},
+                          site8_study_seconds=time.perf_counter() - t0,
+                          site8_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            path.write_text(json.dumps(result, indent=1, default=str))
+            print(f"  -> {path} (site arms, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            continue
+        if name == "generator":  # updates the generator keys of calibration.json, the rest stays as measured
+            from benchmarks.bench_generator import run as run_generator
+
+            path = RESULTS / "calibration.json"
+            result = json.loads(path.read_text()) if path.is_file() else {}
+            result.update(run_generator(cfg, sheet=RESULTS / "generator_samples.png"),
+                          generator_kid_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            path.write_text(json.dumps(result, indent=1, default=str))
+            print(f"  -> {path} (generator KID, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            continue
         if name == "distill":
             from benchmarks.bench_distill import run
             result = run(cfg, rounds, tuple(int(x) for x in seeds.split(",") if x.strip()))
@@ -77,6 +110,9 @@ def main(config_path, overrides, verbose, only, rounds, seeds, arms):
         elif name == "runtime":
             from benchmarks.bench_runtime import run
             result = run(cfg, rounds)
+        elif name == "site_check":
+            from benchmarks.bench_site_check import run
+            result = run(cfg)
         else:
             from benchmarks.bench_serving import run
             result = run(cfg, rounds)

@@ -59,6 +59,34 @@ def synth(config_path, overrides, verbose, out, count, guidance, student, teache
 
 @main.command()
 @config_options
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where the pretrained generator goes (default: the shipped one, calibration/assets/demo_generator).")
+@click.option("--steps", type=int, default=3000, show_default=True, help="Optimiser steps.")
+@click.option("--checkpoint-every", type=int, default=250, show_default=True,
+              help="Steps between resumable checkpoints (<out>.partial/state.pt).")
+@exit_on_user_error
+def generator(config_path, overrides, verbose, out, steps, checkpoint_every):
+    """Pretrain the mask-conditioned generator on the world's labelled corpus and ship it in fp16 (make generator)."""
+    import dataclasses
+    import shlex
+
+    from edgeseg.calibration.generator import SHIPPED, pretrain
+    from edgeseg.calibration.synth import GENERATOR_SPLIT
+    from edgeseg.distill.data import split_samples
+    from edgeseg.runtime.errors import InputError
+
+    if steps < 1 or checkpoint_every < 1:
+        raise InputError(f"--steps and --checkpoint-every must be >= 1, got {steps} and {checkpoint_every}")
+    cfg = load(config_path, overrides, max(verbose, 1))
+    ddpm = dataclasses.replace(cfg.calibration.ddpm, train_steps=steps)
+    command = shlex.join(["edgeseg", "calibration", "generator", *sys.argv[3:]])
+    meta = pretrain(ddpm, split_samples(cfg, GENERATOR_SPLIT), out or SHIPPED, cfg.calibration.seed, command,
+                    checkpoint_every)
+    click.echo(json.dumps({"out": str(out or SHIPPED), "sha256": meta["sha256"], "train_seconds": meta["train_seconds"]}))
+
+
+@main.command()
+@config_options
 @click.option("--calib", type=click.Path(file_okay=False), default=None,
               help="Calibration folder (default: <run_dir>/calibration/synthetic).")
 @click.option("--student", type=click.Path(dir_okay=False), default=None,

@@ -102,6 +102,86 @@ class ConditionedUNet(torch.nn.Module):
         return self.unet(torch.cat([x, self.cond.to(x)], dim=1), t)
 
 
+class DDPMTraining:
+    """One DDPM training run: model, EMA, optimiser and schedule, stepped in resumable slices.
+
+    ``train`` runs steps ``[self.step, stop)``; ``state_dict``/``load_state_dict`` carry everything a
+    resumed run needs (weights, EMA, optimiser, schedule, the batch generator's state), so a run
+    stopped at a checkpoint and resumed draws the same batches as one that never stopped.
+    """
+
+    def __init__(self, cfg: DDPMConfig, samples: list[Sample], seed: int = 0, conditional: bool = False):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        torch.manual_seed(seed)
+        self.cfg, self.step = cfg, 0
+        self.data = load_training_images(samples, cfg.image_size)
+        self.masks = load_training_masks(samples, cfg.image_size) if conditional else None
+        self.unet = build_unet(cfg, conditional)
+        self.scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2",
+                                       prediction_type=cfg.prediction)
+        self.ema = EMAModel(self.unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+        warmup = min(cfg.warmup_steps, cfg.train_steps // 10 + 1)
+        lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / cfg.train_steps))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def _loss(self) -> torch.Tensor:
+        cfg, g = self.cfg, self.g
+        idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=g)
+        x0 = self.data[idx]
+        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5).view(-1, 1, 1, 1)
+        x0 = torch.where(flip, x0.flip(-1), x0)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, max(1, int(round(cfg.max_t * cfg.timesteps))), (cfg.batch_size,), generator=g)
+        xt = self.scheduler.add_noise(x0, noise, t)
+        if self.masks is not None:  # the mask flips with its image
+            m = self.masks[idx]
+            xt = torch.cat([xt, condition_input(torch.where(flip, m.flip(-1), m))], dim=1)
+        return F.mse_loss(self.unet(xt, t).sample, x0 if cfg.prediction == "sample" else noise)
+
+    def train(self, steps, on_step=None) -> float:
+        """Run the optimiser steps in ``steps`` (an iterable of step numbers from ``self.step``); the last loss."""
+        self.unet.train()
+        loss = float("nan")
+        for step in steps:
+            value = self._loss()
+            self.opt.zero_grad(set_to_none=True)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.grad_clip)
+            self.opt.step()
+            self.lr_schedule.step()
+            self.ema.step(self.unet.parameters())
+            self.step, loss = step + 1, value.item()
+            if on_step is not None:
+                on_step(self.step, loss)
+            elif step % 50 == 0 and hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{loss:.4f}")
+        return loss
+
+    def finished(self):
+        """The EMA weights in a copy of the UNet, in eval mode (training can go on from the live weights)."""
+        import copy
+
+        unet = copy.deepcopy(self.unet)
+        self.ema.copy_to(unet.parameters())
+        return unet.eval()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "lr_schedule": self.lr_schedule.state_dict(), "g": self.g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.unet.load_state_dict(state["unet"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.g.set_state(state["g"])
+
+
 def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, seed: int = 0, conditional: bool = False):
     """The DDPM UNet (eval mode) from ``folder`` if it matches, else trained on ``samples`` and saved.
 
@@ -113,8 +193,7 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
     Returns:
         (UNet2DModel, its scheduler config dict).
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.training_utils import EMAModel
+    from diffusers import UNet2DModel
     from edgeseg.runtime.progress import LoggedProgress
 
     folder = recover_dir(folder)
@@ -126,49 +205,17 @@ def train_or_load(cfg: DDPMConfig, samples: list[Sample], folder: str | Path, se
         return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval(), json.loads(meta_path.read_text())["scheduler"]
 
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    data = load_training_images(samples, cfg.image_size)
-    masks = load_training_masks(samples, cfg.image_size) if conditional else None
-    unet = build_unet(cfg, conditional)
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2",
-                              prediction_type=cfg.prediction)
-    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    warmup = min(100, cfg.train_steps // 10 + 1)
-    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / cfg.train_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    g = torch.Generator().manual_seed(seed)
-    unet.train()
+    run = DDPMTraining(cfg, samples, seed, conditional)
     bar = LoggedProgress(range(cfg.train_steps), desc="training the DDPM", logger=log)
-    for step in bar:
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
-        x0 = data[idx]
-        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5).view(-1, 1, 1, 1)
-        x0 = torch.where(flip, x0.flip(-1), x0)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, max(1, int(round(cfg.max_t * cfg.timesteps))), (cfg.batch_size,), generator=g)
-        xt = scheduler.add_noise(x0, noise, t)
-        if masks is not None:
-            m = masks[idx]
-            xt = torch.cat([xt, condition_input(torch.where(flip, m.flip(-1), m))], dim=1)
-        loss = F.mse_loss(unet(xt, t).sample, x0 if cfg.prediction == "sample" else noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    ema.copy_to(unet.parameters())
-    unet.eval()
+    loss = run.train(bar)
+    unet, scheduler = run.finished(), run.scheduler
 
     # save atomically: a temporary folder renamed into place, the metadata last
     tmp = staging_dir(folder)
     unet.save_pretrained(tmp / "unet")
     (tmp / _META).write_text(json.dumps({"key": meta, "scheduler": dict(scheduler.config),
-                                         "train_seconds": time.perf_counter() - t0, "final_loss": loss.item()}, indent=1))
+                                         "train_seconds": time.perf_counter() - t0, "final_loss": loss}, indent=1))
     replace_dir(tmp, folder)
     log.info("trained the DDPM (%d steps, %.0f s, final loss %.4f) -> %s", cfg.train_steps,
-             time.perf_counter() - t0, loss.item(), folder)
+             time.perf_counter() - t0, loss, folder)
     return unet, dict(scheduler.config)

@@ -136,16 +136,24 @@ class Synthesizer:
                                    "class": type(self.pipe).__name__, "prompts": list(self.cal.prompts)}
             return
         from edgeseg.calibration.ddpm import load_training_images, load_training_masks, train_or_load
+        from edgeseg.calibration.generator import is_pretrained, load_pretrained, resolve
 
         default = "cddpm" if self.conditional else "ddpm"
-        folder = Path(self.cal.model) if self.cal.model else self.cfg.stage_dir("calibration") / default
+        folder = resolve(self.cal.model) if self.cal.model else self.cfg.stage_dir("calibration") / default
         if self.cal.model and not (folder / "ddpm.json").is_file():
             raise InputError(f"{folder}: not an edgeseg DDPM folder (no ddpm.json); set calibration.generator: pipeline "
-                             "for a diffusers pipeline, or leave calibration.model empty to train the embedded DDPM")
+                             "for a diffusers pipeline, rebuild the shipped one with `make generator`, or leave "
+                             "calibration.model empty to train the embedded DDPM")
         train = split_samples(self.cfg, GENERATOR_SPLIT)
         strength = self.cal.img2img_strength
-        self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, train, folder, seed=self.cal.seed,
-                                                         conditional=self.conditional)
+        if self.cal.model and is_pretrained(folder):  # shipped: loaded as it is, never retrained here
+            self.unet, self.scheduler_config = load_pretrained(folder)
+            if self.unet.config.sample_size != self.cal.ddpm.image_size:
+                raise InputError(f"{folder}: the pretrained generator draws {self.unet.config.sample_size} px images "
+                                 f"but calibration.ddpm.image_size is {self.cal.ddpm.image_size}; set it to match")
+        else:
+            self.unet, self.scheduler_config = train_or_load(self.cal.ddpm, train, folder, seed=self.cal.seed,
+                                                             conditional=self.conditional)
         if self.conditional != (self.unet.config.in_channels == 4):
             raise InputError(f"{folder}: holds a{'n un' if self.conditional else ' mask-'}conditional DDPM but "
                              f"calibration.generator is {self.cal.generator}; point calibration.model elsewhere")

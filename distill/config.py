@@ -282,6 +282,9 @@ class DDPMConfig:
     lr: float = 1e-3
     timesteps: int = 1000  # DDPM noise levels
     max_t: float = 1.0  # train on noise levels t < max_t * timesteps only (img2img never goes higher)
+    warmup_steps: int = 100  # linear learning-rate warm-up (at most a tenth of train_steps), then cosine decay
+    grad_clip: float = 1.0  # gradient-norm clip per step
+    ema_decay: float = 0.999  # the EMA weights the generator samples with (diffusers EMAModel, with warm-up)
     # what the UNet predicts: the noise (epsilon), or the clean image (sample: smoother, but on the demo
     # the teacher found a person in its blurry images far less often when it was tried: a lower
     # condition_iou_median in calibration/report.json; benchmarks/results/calibration.json has the default's)

@@ -225,8 +225,9 @@ def _draw_shape(c: _Canvas, image: np.ndarray, fill: np.ndarray) -> np.ndarray:
 
 def render_sample(seed: int, split: str, index: int, size: tuple[int, int], max_people: int,
                   empty_fraction: float, backgrounds: list[np.ndarray],
-                  conditions: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one image and its mask.
+                  conditions: float = 0.0, info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image and its mask (``info``, if given, gets the image's ``condition``: one of
+    :data:`CONDITIONS`, or ``none``).
 
     ``test_shift`` and ``site`` images are always under a deployment condition (and drawn on the
     held-out backgrounds the caller passes); any other split's image is with probability
@@ -268,14 +269,20 @@ def render_sample(seed: int, split: str, index: int, size: tuple[int, int], max_
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     out = np.asarray(img, np.float32)
+    condition = "none"
     if split in ("test_shift", "site") or (conditions > 0 and rng.random() < conditions):
-        out = _deployment_shift(out, rng)
+        out, condition = _deployment_shift(out, rng)
+    if info is not None:
+        info["condition"] = condition
     out = out + rng.normal(0, rng.uniform(1, 6), size=(h, w, 3))
     mask_small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX)) > 127
     return out.clip(0, 255).astype(np.uint8), mask_small.astype(np.uint8)
 
 
-def _deployment_shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+CONDITIONS = ("low_light", "backlight", "colour_cast")  # the world's deployment conditions, by _deployment_shift's kind
+
+
+def _deployment_shift(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """One deployment-domain condition that training never shows, applied to a (H, W, 3) float image.
 
     - low light: exposure x0.15-0.4 with a gamma lift, then shot and read noise (a dark, grainy camera);
@@ -287,16 +294,16 @@ def _deployment_shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     if kind == 0:
         lit = 255 * (np.clip(image, 0, 255) / 255 * rng.uniform(0.15, 0.4)) ** rng.uniform(0.8, 1.0)
         shot = rng.normal(0, 1, image.shape) * np.sqrt(np.maximum(lit, 0) * rng.uniform(0.5, 2.0))
-        return lit + shot + rng.normal(0, rng.uniform(4, 10), image.shape)
+        return lit + shot + rng.normal(0, rng.uniform(4, 10), image.shape), CONDITIONS[kind]
     if kind == 1:
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         cy, cx = rng.uniform(-0.2, 1.2) * h, (rng.choice([-0.3, 1.3]) + rng.uniform(-0.2, 0.2)) * w
         d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / max(h, w)
         glow = rng.uniform(150, 220) * np.exp(-(d / rng.uniform(0.4, 0.8)) ** 2)
-        return image * rng.uniform(0.45, 0.7) + glow[:, :, None] * np.array([1.0, 0.97, 0.9])
+        return image * rng.uniform(0.45, 0.7) + glow[:, :, None] * np.array([1.0, 0.97, 0.9]), CONDITIONS[kind]
     gains = rng.choice([[1.35, 0.95, 0.45], [0.6, 0.9, 1.4], [1.3, 0.75, 1.2], [0.8, 1.3, 0.7]])
     mean = image.mean()
-    return (mean + (image - mean) * rng.uniform(0.5, 0.8)) * np.asarray(gains) * rng.uniform(0.8, 1.1)
+    return (mean + (image - mean) * rng.uniform(0.5, 0.8)) * np.asarray(gains) * rng.uniform(0.8, 1.1), CONDITIONS[kind]
 
 
 TARGET_IMAGES = "target_images"
@@ -379,3 +386,35 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
     log.info("wrote the demo data set (%s at %s) to %s", ", ".join(f"{n} {s}" for s, n in counts.items()),
              image_size, root)
     return root
+
+
+
+def render_split(root: str | Path, split: str, indices, info: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, mask) of ``split``'s images at ``indices``, drawn from the set's parameters in ``root/demo.json``.
+
+    Indices past the split's count draw further images of the same distribution that no split holds
+    (held-out images for a benchmark). ``info``, if given, gets each image's ``condition``.
+    """
+    params = json.loads((Path(root) / "demo.json").read_text())
+    backgrounds = _load_backgrounds(_SHIFT_BACKGROUND_SOURCES if split in ("test_shift", "site") else _BACKGROUND_SOURCES)
+    out = []
+    for i in indices:
+        d: dict = {}
+        out.append(render_sample(params["seed"], split, i, tuple(params["image_size"]), params["max_people"],
+                                 params["empty_fraction"], backgrounds,
+                                 conditions=params.get("teacher_conditions", 0.0) if split == "teacher" else 0.0, info=d))
+        if info is not None:
+            info.append(d["condition"])
+    return out
+
+
+def image_conditions(root: str | Path, split: str) -> list[str]:
+    """Each image's deployment condition in a demo set's ``split`` (one of :data:`CONDITIONS`, or ``none``).
+
+    Not stored with the images (a camera does not label its frames either); re-drawn from the set's
+    parameters, so it is exactly the condition each image was rendered under.
+    """
+    count = json.loads((Path(root) / "demo.json").read_text()).get(f"{split}_count", 0)
+    conditions: list[str] = []
+    render_split(root, split, range(count), conditions)
+    return conditions

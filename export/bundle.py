@@ -9,6 +9,7 @@ A folder (written beside, then renamed into place) and a ``.tar.gz`` of it::
     model.fp16.onnx            FP16 graph when exported (role fp16; TensorRT 11)
     calibration.cache          TensorRT 10 implicit-INT8 cache (role calibration-cache)
     calibration_manifest.json  how the calibration set was made
+    teacher.onnx               the teacher, with --with-teacher (role teacher; `runtime check`'s accuracy proxy)
     model.int8.engine(+.json)  when an engine was built here
     build_engine.py            builds the engine on the target device
 """
@@ -83,8 +84,24 @@ def check_budget(accuracy: dict, precision: str, budget_points: float) -> tuple[
     return ok, "; ".join(words) + f", budget {budget_points:.2f} ({split})"
 
 
+REFERENCE_SPLIT, REFERENCE_IMAGES = "val", 64  # `runtime check`'s reference: held-out source images
+
+
+def site_check_reference(cfg: Config, bundle_dir: Path) -> dict:
+    """The label-free proxies of `edgeseg runtime check` on held-out source images (what "fine" looks like)."""
+    from edgeseg.export.stage import eval_set
+    from edgeseg.runtime.check import SiteCheck
+
+    images, _ = eval_set(cfg, REFERENCE_SPLIT, REFERENCE_IMAGES)
+    result = SiteCheck(bundle_dir).measure(images)
+    result.pop("_per_frame")
+    for fit in result["range_fit"].values():
+        fit["worst"] = fit["worst"][:3]
+    return {"split": REFERENCE_SPLIT, **result}
+
+
 def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: Path | None,
-                 allow_over_budget: bool = False) -> dict:
+                 allow_over_budget: bool = False, with_teacher: bool = False) -> dict:
     """Assemble, check and write the bundle (+ .tar.gz); returns its manifest."""
     accuracy_path = export_dir / "accuracy.json"
     if not accuracy_path.is_file():
@@ -112,6 +129,10 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
     }
     if calib_manifest is not None and calib_manifest.is_file():
         files["calibration_manifest.json"] = (calib_manifest, "calibration-manifest")
+    if with_teacher:
+        from edgeseg.export.onnx_model import export_teacher_onnx
+
+        files["teacher.onnx"] = (export_teacher_onnx(cfg, export_dir / "teacher.onnx"), "teacher")
     for engine in sorted(export_dir.glob("model.*.engine")):
         files[engine.name] = (engine, "engine")
         files[engine_sidecar(engine).name] = (engine_sidecar(engine), "engine-metadata")
@@ -144,6 +165,9 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         "config": config_to_dict(cfg),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if precision == "int8":  # measured on the staged bundle itself: exactly the files that ship
+        manifest["site_check_reference"] = site_check_reference(cfg, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     replace_dir(tmp, out_dir)
     archive = out_dir.with_name(out_dir.name + ".tar.gz")
     tmp_archive = archive.with_name(f".{archive.name}.tmp")

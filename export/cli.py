@@ -122,8 +122,10 @@ def all_steps(config_path, overrides, verbose, checkpoint, calib, choice):
 @config_options
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Bundle folder (default: <run_dir>/bundle).")
 @click.option("--allow-over-budget", is_flag=True, help="Write the bundle even if the precision misses the budget.")
+@click.option("--with-teacher", is_flag=True,
+              help="Carry the teacher as teacher.onnx (large) for `edgeseg runtime check`'s teacher agreement.")
 @exit_on_user_error
-def bundle(config_path, overrides, verbose, out, allow_over_budget):
+def bundle(config_path, overrides, verbose, out, allow_over_budget, with_teacher):
     """Write the deploy bundle and its .tar.gz (`make deploy`)."""
     from pathlib import Path
 
@@ -132,7 +134,7 @@ def bundle(config_path, overrides, verbose, out, allow_over_budget):
     cfg = load(config_path, overrides, max(verbose, 1))
     out = Path(out) if out else Path(cfg.run_dir) / "bundle"
     calib_manifest = cfg.stage_dir("calibration") / "synthetic" / "manifest.json"
-    manifest = write_bundle(cfg, cfg.stage_dir("export"), out, calib_manifest, allow_over_budget)
+    manifest = write_bundle(cfg, cfg.stage_dir("export"), out, calib_manifest, allow_over_budget, with_teacher)
     click.echo(json.dumps({"bundle": str(out), "archive": str(out) + ".tar.gz", "precision": manifest["precision"],
                            "budget": manifest["budget"]}))
 

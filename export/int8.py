@@ -276,6 +276,8 @@ def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray
     reuse = {("s8s8", method, "synthetic"): files["int8"], ("u8s8", method, "synthetic"): files["int8_cpu"],
              ("s8s8", method, "real"): files["int8_real"], ("s8s8", method, "noise"): files["int8_noise"]}
     rows = []
+    counts = {name: int(sum(len(b) for b in batches)) for name, batches in sources.items()}
+    equal = counts.get("synthetic", max(counts.values()))  # every source at the calibration set's count if it has it
     for flavour in FLAVOURS:
         for m in MATRIX_METHODS:
             for source in sources:
@@ -285,7 +287,10 @@ def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray
                     shutil.copyfile(reuse[(flavour, m, source)], path)
                 else:
                     quantize_qdq(pre, path, sources[source], m, flavour, percentile=percentile, preprocessed=True)
-                rows.append({"flavour": flavour, "method": m, "calibration": source, "model": str(path)})
+                row = {"flavour": flavour, "method": m, "calibration": source, "model": str(path), "images": counts[source]}
+                if counts[source] < equal:
+                    row["note"] = f"{counts[source]} images: all the source has (the others use {equal})"
+                rows.append(row)
     return rows
 
 

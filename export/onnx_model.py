@@ -189,3 +189,39 @@ def export_onnx(cfg: Config, student: UnetSegmenter, out_dir: Path) -> dict:
               "seconds": time.perf_counter() - t0}
     log.info("ONNX: %d -> %d nodes after onnxsim, parity %.2g, %.1f s", nodes_before, nodes_after, worst, report["seconds"])
     return report
+
+
+def export_teacher_onnx(cfg: Config, out: Path) -> Path:
+    """``out``: the teacher behind the student's I/O contract (for `runtime check`'s teacher agreement).
+
+    Rebuilt only when the teacher checkpoint changes (its SHA-256 is stored in the model's metadata
+    and in ``<out>.json``); torch and ONNX Runtime must agree as for the student.
+    """
+    from edgeseg.distill.models import load_teacher
+    from edgeseg.runtime.files import sha256_file
+
+    stamp = out.with_name(out.name + ".json")
+    digest = sha256_file(cfg.teacher_checkpoint)
+    if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("teacher_sha256") == digest:
+        return out
+    t0 = time.perf_counter()
+    e = cfg.export
+    deploy = DeployModel(load_teacher(cfg).eval(), cfg.data.mean, cfg.data.std, e.fuse_preprocessing, "logits",
+                         e.threshold).eval()
+    contract = {**io_contract(cfg), "output_name": OUTPUT_NAMES["logits"], "output": "logits"}
+    raw = out.with_name("teacher.raw.onnx")
+    export_module(deploy, raw, example_input(cfg, 1, 0), ["images"], [OUTPUT_NAMES["logits"]], opset=e.opset,
+                  metadata={"edgeseg.io": json.dumps(contract), "edgeseg.teacher_sha256": digest},
+                  transform=spatial_means_to_global_pool)
+    simplify(raw, out)
+    raw.unlink()
+    with torch.no_grad():
+        x = example_input(cfg, 2, 3)
+        worst = float(np.abs(deploy(x).numpy() - cpu_session(out).run(None, {"images": x.numpy()})[0]).max())
+    if worst > 1e-3:
+        raise InputError(f"{out}: ONNX Runtime differs from torch by {worst:.3g} on the teacher; please report it")
+    with atomic_path(stamp) as tmp:
+        tmp.write_text(json.dumps({"teacher_sha256": digest, "parity_max_abs": worst}))
+    log.info("teacher ONNX -> %s (%.1f MB, parity %.2g, %.0f s)", out, out.stat().st_size / 2**20, worst,
+             time.perf_counter() - t0)
+    return out

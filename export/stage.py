@@ -250,7 +250,13 @@ def _site_rows(report: dict, splits: list[str], method: str) -> None:
                     and r["method"] == method and r["calibration"] == "target_images"), None)
         if row is not None:
             block["site_int8_miou"] = row["miou"]
-            block["site_int8_calibration"] = f"s8s8 {method}, the site's frames alone (matrix row target_images)"
+            block["site_int8_calibration"] = (f"s8s8 {method}, the site's frames alone (matrix row target_images, "
+                                              f"{row.get('images', '?')} images)")
+        synth = next((r for r in report["matrix"] if r["split"] == split and r["flavour"] == "s8s8"
+                      and r["method"] == method and r["calibration"] == "target"), None)
+        if synth is not None:  # the synthetic site set (calibration synth --target-images): the site at a full count
+            block["site_synthetic_int8_miou"] = synth["miou"]
+            block["site_synthetic_int8_images"] = synth.get("images")
 
 
 def _read_report(path: Path) -> dict:
@@ -309,7 +315,8 @@ def _calibration_matrix(quant: dict, sets: dict, splits: list[str]) -> list[dict
         for split in splits:
             images, gts = sets[split]
             matrix.append({"flavour": row["flavour"], "method": row["method"], "calibration": row["calibration"],
-                           "split": split, "miou": miou_of(predict_masks(runner, images), gts)})
+                           "split": split, "miou": miou_of(predict_masks(runner, images), gts),
+                           **{k: row[k] for k in ("images", "note") if k in row}})
     return matrix
 
 

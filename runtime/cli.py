@@ -135,5 +135,34 @@ def profile(bundle, batches, iters, warmup, image_size, backend, threads, device
                            "backend": result["backend"], "device": result["device"]}))
 
 
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(), help="Deploy bundle folder (with its FP32 and INT8 models).")
+@click.option("--images", required=True, type=click.Path(), help="Folder of unlabelled frames from the site.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where site_check.json and site_check.png go (default: <images>/../site_check).")
+@click.option("--limit", type=int, default=0, help="Check only the first N frames by name (0 = all).")
+@click.option("--require-teacher", is_flag=True, help="Fail if the bundle carries no teacher (export bundle --with-teacher).")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("-v", "--verbose", count=True)
+@exit_on_user_error
+def check(bundle, images, out, limit, require_teacher, threads, verbose):
+    """Label-free site check: INT8 range fit, INT8 and teacher agreement, and what to do (recalibrate, adapt)."""
+    from edgeseg.runtime.check import run_check
+
+    configure_logging(verbose)
+    if limit < 0:
+        raise InputError(f"--limit must be >= 0, got {limit}")
+    r = run_check(bundle, images, out, threads, limit, require_teacher)
+    sat = ", ".join(f"{role} {v['saturation'] * 100:.2f}%" for role, v in r["range_fit"].items())
+    teacher = f"{r['teacher_agreement_miou']:.4f}" if r["teacher_agreement_miou"] is not None else "no teacher in the bundle"
+    print(f"{r['frames']} frames in {r['seconds']:.1f} s: values out of INT8 range {sat}; INT8 vs FP32 mIoU "
+          f"{r['int8_agreement_miou']:.4f}; student vs teacher mIoU {teacher}", file=sys.stderr)
+    for f in r["findings"]:
+        print(f"{f['finding']}: {f['why']}\n  -> {f['command']}", file=sys.stderr)
+    if not r["findings"]:
+        print(r["verdict"][0], file=sys.stderr)
+    click.echo(json.dumps({"report": r["report"], "figure": r["figure"], "verdict": r["verdict"]}))
+
+
 if __name__ == "__main__":
     main()

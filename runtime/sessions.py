@@ -27,11 +27,13 @@ def session_options(threads: int = 0, optimize: bool = True):
     return so
 
 
-def cpu_session(path: str | Path, threads: int = 0, optimize: bool = True):
-    """A CPU ``ort.InferenceSession`` of ``path`` with :func:`session_options`; ORT's errors propagate."""
+def cpu_session(path: str | Path | bytes, threads: int = 0, optimize: bool = True):
+    """A CPU ``ort.InferenceSession`` of ``path`` (or a serialised model) with :func:`session_options`;
+    ORT's errors propagate."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(threads, optimize), providers=CPU)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, session_options(threads, optimize), providers=CPU)
 
 
 def open_session(path: str | Path, options, providers: list, problem: str = "ONNX Runtime cannot load it",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +13,16 @@ from tests.test_trainer import _config
 
 
 def test_seed_study_runs_the_arms_and_pairs_gains_by_seed(tiny_run, tmp_path):
-    from benchmarks.bench_distill import ARMS, EVERY_SEED, seed_study
+    from benchmarks.bench_distill import ARMS, EVERY_SEED, SITE_ARMS, seed_study
     from tests.test_unlabelled import _frames
 
+    ARMS = {a: v for a, v in ARMS.items() if a not in SITE_ARMS}  # the site arms: the next test
     site = _frames(tiny_run, tmp_path / "site")
     _, cfg = _config(tiny_run, tmp_path / "run", train={"epochs": 1, "unlabelled_share": 0.5},
                      data={"labelled_count": 8, "unlabelled": str(site)})
     with pytest.raises(ValueError, match="unknown arm"):
         seed_study(cfg, seeds=(0,), arms=("kd_everything",))
-    out = seed_study(cfg, seeds=(0, 1))
+    out = seed_study(cfg, seeds=(0, 1), arms=tuple(ARMS))
     assert out["seeds"] == [0, 1] and out["seeds_completed"] == [0, 1] and out["splits"] == ["test", "test_shift"]
     assert out["arm_seeds"] == {a: ([0, 1] if a in EVERY_SEED else [0]) for a in ARMS}
     rows = out["per_seed"]
@@ -51,6 +53,40 @@ def test_seed_study_runs_the_arms_and_pairs_gains_by_seed(tiny_run, tmp_path):
     assert ident("gt_only", "distill-baseline")["loss"]["kl"] == 0
     feature_only = load_checkpoint(tmp_path / "run" / "seeds" / "seed0-kd_feature_only" / "distill" / "last.pt")["identity"]
     assert feature_only["loss"]["kl"] == feature_only["loss"]["mse"] == 0 and feature_only["loss"]["feature"] > 0
+
+
+def test_site_arms_train_on_the_8_frames_and_synthetic_site_images(tiny_run, tmp_path):
+    """g: the 8 target frames as the site source; h: those frames and N synthetic site images steered by them
+    (shipped-generator stand-in: the tiny DDPM); i: h + hard examples. Paired gains and the recovered share."""
+    from benchmarks.bench_distill import SITE_ARMS, seed_study, site_folders
+    from edgeseg.distill.checkpoint import load_checkpoint
+    from tests.test_synthesis import TINY_DDPM
+    from tests.test_unlabelled import _frames
+
+    site = _frames(tiny_run, tmp_path / "site")
+    _, cfg = _config(tiny_run, tmp_path / "run", train={"epochs": 1, "unlabelled_share": 0.5},
+                     data={"labelled_count": 8, "unlabelled": str(site)},
+                     calibration={"ddpm": TINY_DDPM, "sampler": {"steps": 3, "batch_size": 4}, "count": 4,
+                                  "guidance": {"mode": "none"}, "filter": {"min_person_fraction": 0.0,
+                                                                           "min_condition_iou": 0.0, "dedup_bits": 0}})
+    folders = site_folders(cfg, count=3)
+    names = sorted(p.name for p in Path(folders["site8_synth"]).glob("*.png"))
+    assert len([n for n in names if n.startswith("frame_")]) == 8 and len([n for n in names if n.startswith("synth_")]) == 3
+    out = seed_study(cfg, seeds=(0, 1), arms=("gt_only", "kd_unlabelled", "kd_site", *SITE_ARMS))
+    assert out["arm_seeds"]["site8"] == [0, 1] and out["arm_seeds"]["site8_synth_hard"] == [0]
+    ident = lambda arm, seed=0: load_checkpoint(tmp_path / "run" / "seeds" / f"seed{seed}-{arm}" / "distill" / "last.pt")["identity"]
+    assert ident("site8")["data"]["unlabelled"] == str(cfg.data_root / "target_images")
+    assert ident("site8_synth", 1)["data"]["unlabelled"] == folders["site8_synth"]
+    assert ident("site8_synth_hard")["train"]["hard_examples"]["share"] == 0.1
+    rows = out["per_seed"]
+    h_g = [r["test_shift"]["site8_synth"] - r["test_shift"]["site8"] for r in rows]
+    assert out["site8_synth_vs_site8_test_shift_mean"] == pytest.approx(np.mean(h_g))
+    assert out["site8_synth_vs_kd_unlabelled_n"] == 2 and out["site8_synth_hard_vs_site8_synth_n"] == 1
+    d_c = np.mean([r["test_shift"]["kd_site"] - r["test_shift"]["kd_unlabelled"] for r in rows])
+    if d_c > 0:
+        h_c = np.mean([r["test_shift"]["site8_synth"] - r["test_shift"]["kd_unlabelled"] for r in rows])
+        assert out["site8_synth_recovered_share_of_site"] == pytest.approx(h_c / d_c)
+    assert out["site8_synth_images"]["frames"] == 8 and out["site8_synth_images"]["synthetic"] == 3
 
 
 def test_ratio_spread_is_per_round():

@@ -438,6 +438,13 @@ def test_accuracy_report_is_on_test_with_the_shift_and_the_matrix(exported):
         site = next(r for r in acc["matrix"] if (r["flavour"], r["method"], r["calibration"], r["split"]) ==
                     ("s8s8", "minmax", "target_images", split))
         assert block["site_int8_miou"] == site["miou"] and "target_images" in block["site_int8_calibration"]
+        synthetic_site = next(r for r in acc["matrix"] if (r["flavour"], r["method"], r["calibration"], r["split"]) ==
+                              ("s8s8", "minmax", "target", split))
+        assert block["site_synthetic_int8_miou"] == synthetic_site["miou"]
+    # every row states its count; a source with fewer images than the set says so (the 4 stand-in site images)
+    counts = {r["calibration"]: r["images"] for r in acc["matrix"]}
+    assert counts["synthetic"] == counts["real"] == counts["noise"] == counts["target_images"] == 8 and counts["target"] == 4
+    assert all(("note" in r) == (r["images"] < 8) for r in acc["matrix"])
     # the budget decided on val: its figures are not the reported ones
     assert quant["budget"]["split"] == "val" and quant["budget_cpu"]["flavour"] == "u8s8"
 
@@ -657,3 +664,83 @@ def test_served_masks_do_not_depend_on_the_batch(exported):
                     out = s.run(None, {"images": x[start:start + b]})[0]
                     for j in range(b):
                         assert np.array_equal(out[j], alone[start + j]), (name, threads, b, start + j)
+
+
+# --- the label-free site check ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checked_bundle(exported, tmp_path_factory):
+    """The tiny run's bundle with its teacher, written once (its manifest carries the check's reference)."""
+    from edgeseg.export.bundle import write_bundle
+
+    cfg, _, run_dir, *_ = exported
+    out = tmp_path_factory.mktemp("site") / "bundle"
+    manifest = write_bundle(cfg, run_dir / "export", out, None, allow_over_budget=True, with_teacher=True)
+    return cfg, out, manifest
+
+
+def _frames(folder: Path, images: list[np.ndarray]) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_site_check_passes_source_frames_and_flags_a_strong_shift(checked_bundle, tmp_path):
+    """A check that calls every folder fine, or every folder bad, has failed: held-out test frames pass,
+    the same frames under a strong shift (over-exposed x6, colour-cast) are flagged, with the commands."""
+    from edgeseg.export.stage import eval_set
+    from edgeseg.runtime.check import activation_ranges, run_check
+
+    cfg, bundle, manifest = checked_bundle
+    assert manifest["files"]["teacher.onnx"]["role"] == "teacher"
+    ref = manifest["site_check_reference"]
+    assert ref["split"] == "val" and ref["frames"] == 8 and 0 < ref["int8_agreement_miou"] <= 1
+    ranges = activation_ranges(bundle / "model.int8-cpu.onnx")
+    assert "images" in ranges and all(lo <= 0 <= hi for lo, hi in ranges.values())  # u8 ranges hold zero
+
+    test_images, _ = eval_set(cfg, "test")
+    fine = run_check(bundle, _frames(tmp_path / "test", test_images), tmp_path / "out_test", need_teacher=True)
+    assert fine["findings"] == [] and fine["verdict"][0].startswith("fine")
+    assert fine["teacher_agreement_miou"] is not None and fine["range_fit"]["int8"]["tensors"] > 10
+    shifted = [np.clip(img.astype(np.float32) * 6.0 * np.array([1.4, 0.8, 0.4]), 0, 255).astype(np.uint8)
+               for img in test_images]
+    bad = run_check(bundle, _frames(tmp_path / "shift", shifted), tmp_path / "out_shift")
+    assert "recalibrate on these frames" in bad["verdict"]
+    assert any("edgeseg export quantize --calibration" in f["command"] for f in bad["findings"])
+    assert bad["int8_agreement_miou"] < fine["int8_agreement_miou"] - 0.01
+    report = json.loads((tmp_path / "out_shift" / "site_check.json").read_text())
+    assert report["verdict"] == bad["verdict"] and (tmp_path / "out_shift" / "site_check.png").stat().st_size > 10_000
+    worst = report["range_fit"]["int8"]["worst"]
+    assert worst == sorted(worst, key=lambda w: -w["saturation"])  # worst tensors first
+
+
+def test_site_check_bad_input_is_one_line(checked_bundle, exported, tmp_path):
+    from edgeseg.export.bundle import write_bundle
+
+    cfg, bundle, _ = checked_bundle
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("runtime", "check", "--bundle", str(bundle), "--images", str(empty))
+    assert r.returncode != 0 and "no images" in r.stderr and str(empty) in r.stderr and "Traceback" not in r.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "00000.png").write_bytes(b"not a png")
+    r = run_cli("runtime", "check", "--bundle", str(bundle), "--images", str(broken))
+    assert r.returncode != 0 and "00000.png: not a readable image" in r.stderr and "Traceback" not in r.stderr
+    frames = _frames(tmp_path / "frames", [np.full((64, 64, 3), 128, np.uint8)])
+    no_teacher = write_bundle(cfg, exported[2] / "export", tmp_path / "plain", None, allow_over_budget=True)
+    assert "teacher.onnx" not in no_teacher["files"]
+    r = run_cli("runtime", "check", "--bundle", str(tmp_path / "plain"), "--images", str(frames), "--require-teacher")
+    assert r.returncode != 0 and "--with-teacher" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("runtime", "check", "--bundle", str(tmp_path / "plain"), "--images", str(frames), "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verdict"] and "no teacher in the bundle" in r.stderr
+    (tmp_path / "plain" / "model.onnx").unlink()
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    del manifest["files"]["model.onnx"]
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli("runtime", "check", "--bundle", str(tmp_path / "plain"), "--images", str(frames))
+    assert r.returncode != 0 and "no FP32 model" in r.stderr and "Traceback" not in r.stderr

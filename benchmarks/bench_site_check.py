@@ -1,0 +1,99 @@
+"""Validating `edgeseg runtime check` where labels exist: do its label-free proxies see what labels see?
+
+On the demo bundle (with its teacher), the check runs on held-out ``test`` frames and on each of
+``test_shift``'s deployment conditions (low light, backlight, colour cast; each image's condition
+is re-drawn from the data set's parameters). Beside each folder's proxies stand the true figures:
+the served INT8 student's mIoU against the labels, its drop from ``test``, and INT8's loss against
+FP32 on the same frames. The proxies' margins are fixed in ``runtime/check.py`` (set before this
+ran); nothing here tunes them.
+
+Writes ``benchmarks/results/site_check.json``: ``groups`` (per folder: proxies, verdict, true
+figures), ``ranking`` (does each proxy order the conditions as the true drop does: Spearman's
+rho over the three conditions) and ``check_seconds`` (per folder, at the default thread count).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    return np.argsort(np.argsort(values)).astype(float)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho of two equally long lists (no ties expected among three real-valued figures)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+    return float((ra * rb).sum() / denom) if denom else 0.0
+
+
+def run(cfg, bundle: str | Path | None = None) -> dict:
+    from edgeseg.distill.demo_data import CONDITIONS, image_conditions
+    from edgeseg.export.stage import eval_set
+    from edgeseg.runtime.check import SiteCheck, verdict
+    from edgeseg.runtime.errors import InputError
+    from edgeseg.runtime.metrics import score_masks
+
+    bundle = Path(bundle or Path(cfg.run_dir) / "bundle")
+    check = SiteCheck(bundle, need_teacher=True)
+    reference = check.bundle.manifest.get("site_check_reference")
+    if reference is None:
+        raise InputError(f"{bundle}: no site_check_reference in the manifest; rewrite it with `edgeseg export bundle --with-teacher`")
+    test_images, test_masks = eval_set(cfg, "test")
+    shift_images, shift_masks = eval_set(cfg, "test_shift")
+    conditions = image_conditions(cfg.data_root, "test_shift")
+    groups = {"test": (test_images, test_masks)}
+    for name in CONDITIONS:
+        idx = [i for i, c in enumerate(conditions) if c == name]
+        groups[f"test_shift/{name}"] = ([shift_images[i] for i in idx], [shift_masks[i] for i in idx])
+
+    out: dict = {"bundle": str(bundle), "reference": {k: v for k, v in reference.items() if k != "range_fit"}
+                 | {"saturation": {r: f["saturation"] for r, f in reference["range_fit"].items()}}, "groups": {}}
+    for name, (images, masks) in groups.items():
+        t0 = time.perf_counter()
+        result = check.measure(images, keep_masks=True)
+        seconds = time.perf_counter() - t0
+        per_frame = result.pop("_per_frame")
+        findings = verdict(result, reference, images=name)
+        int8 = score_masks(per_frame["served_masks"], masks)["miou"]
+        fp32 = score_masks(per_frame["fp32_masks"], masks)["miou"]
+        out["groups"][name] = {
+            "frames": len(images), "check_seconds": round(seconds, 2),
+            "saturation": {r: f["saturation"] for r, f in result["range_fit"].items()},
+            "saturated_tensors": {r: f["saturated_tensors"] for r, f in result["range_fit"].items()},
+            "int8_agreement_miou": result["int8_agreement_miou"],
+            "teacher_agreement_miou": result["teacher_agreement_miou"],
+            "verdict": [f["finding"] for f in findings] or ["fine"],
+            "true_int8_miou": int8, "true_fp32_miou": fp32, "int8_loss_points": (fp32 - int8) * 100,
+        }
+        log.info("site check on %s (%d frames, %.1f s): %s; true INT8 mIoU %.4f", name, len(images), seconds,
+                 out["groups"][name]["verdict"], int8)
+    base = out["groups"]["test"]["true_int8_miou"]
+    for g in out["groups"].values():
+        g["true_miou_drop_points"] = (base - g["true_int8_miou"]) * 100
+    shifted = [f"test_shift/{c}" for c in CONDITIONS]
+    drop = [out["groups"][n]["true_miou_drop_points"] for n in shifted]
+    loss = [out["groups"][n]["int8_loss_points"] for n in shifted]
+    teacher_gap = [1 - out["groups"][n]["teacher_agreement_miou"] for n in shifted]
+    int8_gap = [1 - out["groups"][n]["int8_agreement_miou"] for n in shifted]
+    served = check.served_role
+    saturation = [out["groups"][n]["saturation"][served] for n in shifted]
+    out["ranking"] = {
+        "conditions": shifted,
+        "true_drop_order": [shifted[i] for i in np.argsort(drop)[::-1]],
+        "teacher_disagreement_vs_true_drop_spearman": spearman(teacher_gap, drop),
+        "int8_disagreement_vs_int8_loss_spearman": spearman(int8_gap, loss),
+        f"saturation_{served}_vs_int8_loss_spearman": spearman(saturation, loss),
+        "same_order_as_true_drop": [shifted[i] for i in np.argsort(teacher_gap)[::-1]] == [shifted[i] for i in np.argsort(drop)[::-1]],
+    }
+    flagged = {n: g["verdict"] != ["fine"] for n, g in out["groups"].items()}
+    out["test_passes"] = not flagged["test"]
+    out["shift_conditions_flagged"] = sum(flagged[n] for n in shifted)
+    return out
