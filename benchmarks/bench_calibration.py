@@ -10,7 +10,9 @@ import time
 
 import numpy as np
 
-from edgeseg.distill.config import Config, load_config
+from edgeseg.distill.config import load_config
+
+from edgeseg.export.config import Config
 
 
 def peak_memory(cfg: Config) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks.timing import interleaved, ratio, strip_samples, with_spread
-from edgeseg.distill.config import Config
+from edgeseg.export.config import Config
 from edgeseg.distill.models import UnetSegmenter
 from edgeseg.distill.onnx_export import export_module
 from edgeseg.runtime.sessions import cpu_session
@@ -146,7 +146,7 @@ def _arm_config(cfg: Config, arm: str, seed: int) -> tuple[Config, str]:
         for section in sections:
             node = node[section]
         node[field] = str(value).format(**folders) if isinstance(value, str) else value
-    return parse_config(raw, Config, source=f"seed study arm {arm}"), role
+    return parse_config(raw, type(cfg), source=f"seed study arm {arm}"), role
 
 
 def site_folders(cfg: Config, count: int | None = None) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.timing import interleaved, ratio, with_spread
-from edgeseg.distill.config import Config
+from edgeseg.export.config import Config
 from edgeseg.runtime.sessions import cpu_session
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks.timing import interleaved, strip_samples, with_spread
-from edgeseg.distill.config import Config
+from edgeseg.export.config import Config
 
 
 HEADLINE = ("runtime_vs_torch_speedup", "runtime_vs_ort_fp32_speedup", "runtime_fp32_vs_torch_fp32_speedup",

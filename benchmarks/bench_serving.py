@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseg.distill.config import Config
+from edgeseg.export.config import Config
 
 CLIENTS = 8
 

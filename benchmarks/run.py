@@ -21,7 +21,8 @@ from pathlib import Path
 
 import click
 
-from edgeseg.distill.cli import config_options, load
+from edgeseg.distill.cli import config_options, load, use_schema
+from edgeseg.export.config import Config
 from edgeseg.runtime.console import exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,6 +45,7 @@ def _machine() -> dict:
 @click.option("--arms", default=None, help="Comma-separated arms of the seed study (default: all of ARMS).")
 @exit_on_user_error
 def main(config_path, overrides, verbose, only, rounds, seeds, arms):
+    use_schema(Config)  # the whole file's schema, as the `edgeseg` command hands it to the stages
     cfg = load(config_path, overrides, max(verbose, 1))  # info: minutes of training must show in the log
     wanted = [b.strip() for b in only.split(",") if b.strip()]
     unknown = set(wanted) - set(BENCHES) - {"seeds", "generator", "site"}

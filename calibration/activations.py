@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.calibration.quantize import batches_of, quantize_qdq
-from edgeseg.distill.config import Config
+from edgeseg.calibration.config import CalibratedConfig
 from edgeseg.runtime.preprocess import normalise_batch
 from edgeseg.runtime.sessions import cpu_session
 
@@ -20,7 +20,7 @@ _KL_BINS = 128
 _SAMPLES_PER_BATCH = 1 << 16  # activation values per tensor and batch that histograms and coverage look at
 
 
-def activation_statistics(cfg: Config, student, sets: dict[str, np.ndarray],
+def activation_statistics(cfg: CalibratedConfig, student, sets: dict[str, np.ndarray],
                           held_out: np.ndarray) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """Per student tensor, each set against the held-out images; and each set's per-tensor SQNR (dB).
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from edgeseg.calibration.pixels import uint8_to_signed
-from edgeseg.distill.config import DDPMConfig, config_to_dict
+from edgeseg.calibration.config import DDPMConfig
+from edgeseg.distill.config import config_to_dict
 from edgeseg.distill.data import Sample
 from edgeseg.runtime.files import recover_dir, replace_dir, sha256_file, staging_dir
 from edgeseg.runtime.images import read_rgb

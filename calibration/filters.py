@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from edgeseg.distill.config import FilterConfig
+from edgeseg.calibration.config import FilterConfig
 
 
 def dhash(image: np.ndarray) -> int:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from edgeseg.calibration.ddpm import _META, DDPMTraining, _images_fingerprint
-from edgeseg.distill.config import DDPMConfig, config_to_dict
+from edgeseg.calibration.config import DDPMConfig
+from edgeseg.distill.config import config_to_dict
 from edgeseg.distill.data import Sample
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path, replace_dir, sha256_file, staging_dir

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseg.distill.config import Config, HardExamplesConfig
+from edgeseg.calibration.config import CalibratedConfig
+
+from edgeseg.distill.config import HardExamplesConfig
 from edgeseg.distill.sources import Generate
 
 
-def hard_example_generator(cfg: Config) -> Generate:
+def hard_example_generator(cfg: CalibratedConfig) -> Generate:
     """The trainer's ``hard_examples`` source: ``(student, folder, seed) -> summary`` for this config."""
     return lambda student, folder, seed: hard_example_set(cfg, student, folder, cfg.train.hard_examples, seed)
 
 
-def hard_example_set(cfg: Config, student, out_dir: str | Path, hard: HardExamplesConfig, seed: int) -> dict:
+def hard_example_set(cfg: CalibratedConfig, student, out_dir: str | Path, hard: HardExamplesConfig, seed: int) -> dict:
     """Write ``count`` hard pairs (images/, masks/, manifest.json) to ``out_dir``; returns a summary.
 
     Args:

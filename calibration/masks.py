@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeseg.distill.config import MaskSourceConfig
+from edgeseg.calibration.config import MaskSourceConfig
 from edgeseg.runtime.errors import InputError
 
 

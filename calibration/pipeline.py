@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edgeseg.calibration.sampler import Guide, guidance_scale, normalise_gradient
-from edgeseg.distill.config import GuidanceConfig
+from edgeseg.calibration.config import GuidanceConfig
 from edgeseg.runtime.errors import BackendUnavailableError, InputError
 
 log = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ def unguided_samples(unet, scheduler_config: dict, mask_source, sampler_cfg, cou
     from edgeseg.calibration.ddpm import ConditionedUNet
     from edgeseg.calibration.sampler import sample
     from edgeseg.calibration.synth import images_to_model
-    from edgeseg.distill.config import GuidanceConfig
+    from edgeseg.calibration.config import GuidanceConfig
 
     out = []
     for start in range(0, count, batch):

@@ -37,7 +37,7 @@ import numpy as np
 
 from edgeseg.calibration.activations import activation_statistics
 from edgeseg.calibration.synth import GENERATOR_SPLIT, MANIFEST, load_calibration_images
-from edgeseg.distill.config import Config
+from edgeseg.calibration.config import CalibratedConfig
 from edgeseg.runtime.files import write_json_atomic
 from edgeseg.runtime.preprocess import fit_image
 
@@ -71,7 +71,7 @@ def contact_sheet(images: np.ndarray, masks: np.ndarray, columns: int = 8, limit
     return sheet
 
 
-def similarity_summary(manifest: dict, calib_dir: Path, cfg: Config, out_dir: Path, pairs: int = 8) -> dict:
+def similarity_summary(manifest: dict, calib_dir: Path, cfg: CalibratedConfig, out_dir: Path, pairs: int = 8) -> dict:
     """How close the set's images are to training data: quantiles of SSIM to the nearest training
     image (approximate search, as synth recorded it in the manifest), of the dHash distance, and for
     the ``ddpm`` generator's img2img sets of SSIM to each image's own source; ``closest_pairs.png``
@@ -129,7 +129,7 @@ def measured_counts(manifest: dict, images: int) -> dict:
     return counts
 
 
-def condition_iou_summary(cfg: Config, calib_dir: Path, manifest: dict) -> dict:
+def condition_iou_summary(cfg: CalibratedConfig, calib_dir: Path, manifest: dict) -> dict:
     """Label fidelity of a set labelled by its conditioning masks, on the set and on the unfiltered pool.
 
     ``condition_iou_*``: the teacher's mask vs the conditioning mask (the manifest's figures). The
@@ -193,7 +193,7 @@ _EXACT_CHECK = 50  # images of each kind (synthetic, held-out) whose nearest tra
 _EXACT_PIXELS = 7e8  # at most this many training-image pixels scored per kind (the demo: 50 x 800 x 128 x 128)
 
 
-def held_out_similarity(cfg: Config, synthetic: np.ndarray, held_out: np.ndarray, held_out_split: str) -> dict:
+def held_out_similarity(cfg: CalibratedConfig, synthetic: np.ndarray, held_out: np.ndarray, held_out_split: str) -> dict:
     """Held-out real images' SSIM to their nearest training image (the search synth applies to each
     synthetic image), and how often that approximate search misses the exact nearest on a sample.
 
@@ -264,7 +264,7 @@ class ReportImages:
     held_out_split: str  # test, else val
 
 
-def report_images(cfg: Config, calib_dir: Path) -> ReportImages:
+def report_images(cfg: CalibratedConfig, calib_dir: Path) -> ReportImages:
     """The set under test, uniform noise and real training images of its size, and the held-out real images."""
     from edgeseg.distill.data import has_split, split_samples
 
@@ -281,7 +281,7 @@ def report_images(cfg: Config, calib_dir: Path) -> ReportImages:
     return ReportImages(sets, held_out, held_out_split)
 
 
-def teacher_sheets(cfg: Config, calib_dir: Path, manifest: dict, synthetic: np.ndarray, out_dir: Path) -> tuple[str, str | None]:
+def teacher_sheets(cfg: CalibratedConfig, calib_dir: Path, manifest: dict, synthetic: np.ndarray, out_dir: Path) -> tuple[str, str | None]:
     """The teacher's masks over the set: the contact sheet, and (condition-labelled sets) the pairs sheet."""
     from edgeseg.calibration.guidance import TeacherView
     from edgeseg.calibration.synth import teacher_probabilities
@@ -307,7 +307,7 @@ def set_summary(sets, per_tensor: list[dict], sqnr: dict[str, dict[str, float]])
     return out
 
 
-def build_report(cfg: Config, calib_dir: str | Path, student_checkpoint: str | Path | None = None,
+def build_report(cfg: CalibratedConfig, calib_dir: str | Path, student_checkpoint: str | Path | None = None,
                  out_dir: str | Path | None = None) -> dict:
     """Compute the report for ``calib_dir``; write ``report.json`` and ``contact_sheet.png`` to ``out_dir``.
 

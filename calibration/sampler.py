@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from edgeseg.distill.config import GuidanceConfig, SamplerConfig
+from edgeseg.calibration.config import GuidanceConfig, SamplerConfig
 
 Guide = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Steer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

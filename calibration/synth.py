@@ -32,7 +32,8 @@ from edgeseg.calibration.guidance import (ConfidenceGuide, MaskGuide, MixedGuide
                                           medoids)
 from edgeseg.calibration.pixels import signed_to_uint8, uint8_to_signed
 from edgeseg.calibration.screen import Candidate, Screen, pool_file
-from edgeseg.distill.config import Config, config_to_dict
+from edgeseg.calibration.config import CalibratedConfig
+from edgeseg.distill.config import config_to_dict
 from edgeseg.distill.data import split_samples
 from edgeseg.distill.device import use_device
 from edgeseg.distill.models import load_model
@@ -108,7 +109,7 @@ def _fit(img: np.ndarray, hw) -> np.ndarray:
 class Synthesizer:
     """Generates a calibration set for one config (``edgeseg calibration synth``)."""
 
-    def __init__(self, cfg: Config, guidance: str | None = None, student: str | Path | None = None,
+    def __init__(self, cfg: CalibratedConfig, guidance: str | None = None, student: str | Path | None = None,
                  target_images: str | Path | None = None, student_model=None, sample_seed: int | None = None):
         """``target_images`` overrides calibration.target.images; ``student_model`` (an in-memory
         student, for hard examples during training) replaces the checkpoint for confidence guidance;

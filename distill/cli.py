@@ -19,6 +19,15 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 # Regenerating sample sources by name -> factory(config) -> Generate, filled by the command layer
 # (the `edgeseg` command wires calibration's hard-example generator here: see its WIRING).
 GENERATORS: dict = {}
+# The schema the config file is parsed with: the whole file's (export's ``Config``, every stage's sections),
+# handed in by the command layer (the `edgeseg` command, the benchmarks); distill's own sections alone
+# (``DistillConfig``) until then.
+SCHEMA: list[type] = []
+
+
+def use_schema(cls: type) -> None:
+    """Parse config files with ``cls`` from now on (the command layer's choice: the whole file's schema)."""
+    SCHEMA[:] = [cls]
 
 
 def config_options(f):
@@ -32,10 +41,10 @@ def config_options(f):
 
 
 def load(config_path: str, overrides: tuple[str, ...], verbose: int):
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import DistillConfig, load_config
 
     configure_logging(verbose)
-    return load_config(config_path, Config, overrides)
+    return load_config(config_path, SCHEMA[0] if SCHEMA else DistillConfig, overrides)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edgeseg.distill.config import Config, DataConfig
+from edgeseg.distill.config import DistillConfig, DataConfig
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.images import IMAGE_SUFFIXES, list_images, read_rgb, require_images
 from edgeseg.runtime.preprocess import fit_image, fit_mask
@@ -145,7 +145,7 @@ SPLITS = ("train", "val", "test", "test_shift", "teacher")  # teacher: data.teac
 OPTIONAL_SPLITS = ("test", "test_shift")
 
 
-def _ensure_demo(cfg: Config) -> None:
+def _ensure_demo(cfg: DistillConfig) -> None:
     d: DataConfig = cfg.data
     if d.source == "demo":
         from edgeseg.distill.demo_data import generate_demo_dataset, generate_target_images
@@ -158,7 +158,7 @@ def _ensure_demo(cfg: Config) -> None:
                                    d.demo.empty_fraction)
 
 
-def has_split(cfg: Config, split: str) -> bool:
+def has_split(cfg: DistillConfig, split: str) -> bool:
     """Whether the data set has ``split`` (train and val always; test and test_shift are optional)."""
     if split not in OPTIONAL_SPLITS:
         return True
@@ -171,7 +171,7 @@ def has_split(cfg: Config, split: str) -> bool:
     return (rel / "images").is_dir()
 
 
-def split_samples(cfg: Config, split: str) -> list[Sample]:
+def split_samples(cfg: DistillConfig, split: str) -> list[Sample]:
     """The samples of ``split`` (train, val, test or test_shift) for the configured source.
 
     The demo source generates its set under ``<run_dir>/data`` first (once; cached).
@@ -208,7 +208,7 @@ class StudentData:
     epoch_length: int  # samples per epoch: the size of the train split, whatever share of it is labelled
 
 
-def student_data(cfg: Config, train: list[Sample] | None = None) -> StudentData:
+def student_data(cfg: DistillConfig, train: list[Sample] | None = None) -> StudentData:
     """The train split cut to the label budget (``data.labelled_count``), and the unlabelled sources.
 
     The labelled subset is a seeded choice (``data.labelled_seed``); the rest of train becomes the
@@ -236,7 +236,7 @@ def student_data(cfg: Config, train: list[Sample] | None = None) -> StudentData:
     return StudentData(labelled, unlabelled, len(train))
 
 
-def report_splits(cfg: Config) -> tuple[list[str], str]:
+def report_splits(cfg: DistillConfig) -> tuple[list[str], str]:
     """The splits quality figures are reported on, and a note for the reports.
 
     ``test`` (with ``test_shift`` beside it when present); without a test split, ``val``, the

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edgeseg.distill.config import Config, LossConfig, ModelConfig, TrainConfig
+from edgeseg.distill.config import DistillConfig, LossConfig, ModelConfig, TrainConfig
 
 Role = Literal["teacher", "student", "baseline"]
 
@@ -33,7 +33,7 @@ class TrainJob:
         return "model" if self.role == "teacher" else "student"
 
 
-def job_for(cfg: Config, role: Role) -> TrainJob:
+def job_for(cfg: DistillConfig, role: Role) -> TrainJob:
     """The job ``make teacher`` / ``make distill`` / the baseline run for this config."""
     gt_only = dataclasses.replace(cfg.loss, kl=0.0, mse=0.0, feature=0.0)
     if role == "teacher":

@@ -12,7 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from edgeseg.distill.config import Config, config_to_dict
+from edgeseg.distill.config import DistillConfig, config_to_dict
 from edgeseg.distill.job import TrainJob
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "edgeseg-train/1"
 
 
-def run_identity(cfg: Config, job: TrainJob, world: int) -> dict:
+def run_identity(cfg: DistillConfig, job: TrainJob, world: int) -> dict:
     """The settings a checkpoint must share with this run to be resumed by it."""
     c = config_to_dict(cfg)
     model = config_to_dict(job.model)

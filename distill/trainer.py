@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from edgeseg.distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
-from edgeseg.distill.config import Config, TrainConfig, config_to_dict
+from edgeseg.distill.config import DistillConfig, TrainConfig, config_to_dict
 from edgeseg.distill.data import SegmentationDataset, StudentData, split_samples, student_data
 from edgeseg.distill.device import use_device
 from edgeseg.distill.distributed import all_finite, barrier, init_distributed, main_first
@@ -74,7 +74,7 @@ def _lr_lambda(train: TrainConfig, total_steps: int):
 class Trainer:
     """Trains one :class:`TrainJob`; ``run()`` returns the final validation metrics."""
 
-    def __init__(self, cfg: Config, job: TrainJob, max_steps: int | None = None, fresh: bool = False,
+    def __init__(self, cfg: DistillConfig, job: TrainJob, max_steps: int | None = None, fresh: bool = False,
                  generators: dict[str, Generate] | None = None):
         """``generators``: regenerating sample sources by name (``hard_examples``), wired by the command layer."""
         self.cfg, self.job, self.max_steps, self.fresh = cfg, job, max_steps, fresh

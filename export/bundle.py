@@ -25,7 +25,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from edgeseg.distill.config import Config, config_to_dict
+from edgeseg.distill.config import config_to_dict
+
+from edgeseg.export.config import Config
 from edgeseg.runtime.bundle import FORMAT, MANIFEST
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import replace_dir, sha256_file, staging_dir

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from edgeseg.distill.cli import config_options, load
+from edgeseg.distill.cli import config_options, load, use_schema
+from edgeseg.export.config import Config
 from edgeseg.runtime.console import configure_logging, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ def _echo(obj: dict) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Strip, ONNX, Q/DQ INT8, TensorRT engines, accuracy report, deploy bundle."""
+    use_schema(Config)  # export owns the whole file's schema: also when run as `python -m edgeseg.export.cli`
 
 
 @main.command()

@@ -35,7 +35,7 @@ import numpy as np
 from edgeseg.calibration.quantize import activation_scales, batches_of, preprocess_for_quantization, quantize_qdq
 from edgeseg.calibration.report import noise_images, real_images
 from edgeseg.calibration.synth import load_calibration_images
-from edgeseg.distill.config import Config
+from edgeseg.export.config import Config
 from edgeseg.export.trt_rules import check_for_tensorrt
 from edgeseg.export.accuracy import miou_of, onnx_runner, predict_masks
 from edgeseg.export.trt_cache import write_cache

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgeseg.distill.config import Config, config_to_dict
+from edgeseg.distill.config import config_to_dict
+
+from edgeseg.export.config import Config
 from edgeseg.distill.models import UnetSegmenter
 from edgeseg.distill.onnx_export import export_module
 from edgeseg.runtime.errors import InputError

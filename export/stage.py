@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseg.distill.config import Config, ExportConfig
+from edgeseg.export.config import Config, ExportConfig
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path, write_json_atomic
 

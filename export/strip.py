@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from edgeseg.distill.checkpoint import load_checkpoint
-from edgeseg.distill.config import Config
+from edgeseg.export.config import Config
 from edgeseg.distill.losses import DistillationModel, ProjectionHead
 from edgeseg.distill.models import UnetSegmenter, build_model, check_activation
 from edgeseg.runtime.errors import InputError

@@ -55,7 +55,9 @@ def tiny_run(tmp_path_factory):
     """
     import torch
 
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import load_config
+
+    from edgeseg.export.config import Config
     from edgeseg.distill.data import split_samples
     from edgeseg.distill.demo_feature_teacher import DemoDetector, export_demo_feature_teacher
     from edgeseg.distill.models import build_model

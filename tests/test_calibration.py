@@ -11,7 +11,9 @@ from edgeseg.calibration.filters import Confidence, SetFilter, dhash, hamming, t
 from edgeseg.calibration.guidance import ConfidenceGuide, ModeGuide, TaskGuide, TeacherView, binary_entropy, kmeans, medoids
 from edgeseg.calibration.sampler import guidance_scale, guided_eps, normalise_gradient, predicted_x0, sample
 from edgeseg.calibration.synth import Synthesizer, check_request, load_calibration_images
-from edgeseg.distill.config import Config, DDPMConfig, FilterConfig, GuidanceConfig, SamplerConfig, load_config
+from edgeseg.calibration.config import DDPMConfig, FilterConfig, GuidanceConfig, SamplerConfig
+from edgeseg.distill.config import load_config
+from edgeseg.export.config import Config
 from edgeseg.distill.models import UnetSegmenter
 from edgeseg.runtime.errors import InputError
 from tests.conftest import run_cli, write_config
@@ -547,7 +549,7 @@ def test_the_count_asked_for_is_the_count_delivered(tiny_run, tmp_path):
 def test_near_copies_of_training_images_are_measured_and_dropped(tiny_run, tmp_path):
     from edgeseg.calibration.filters import Confidence, SetFilter
     from edgeseg.calibration.similarity import TrainIndex
-    from edgeseg.distill.config import FilterConfig
+    from edgeseg.calibration.config import FilterConfig
     from edgeseg.distill.data import split_samples
     from edgeseg.runtime.images import read_rgb
     from edgeseg.runtime.preprocess import fit_image

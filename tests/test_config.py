@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgeseg.distill.config import Config, load_config
+from edgeseg.distill.config import load_config
+
+from edgeseg.export.config import Config
 from edgeseg.runtime.errors import ConfigError
 from tests.conftest import ROOT, run_cli
 

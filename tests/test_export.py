@@ -11,7 +11,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from edgeseg.distill.config import Config, load_config
+from edgeseg.distill.config import load_config
+
+from edgeseg.export.config import Config
 from edgeseg.export.engine import (BuildPlan, capabilities, engine_metadata, engine_paths, plan_build, profile_shapes)
 from edgeseg.export.int8 import budget_search
 from edgeseg.export.trt_cache import decode_scale, encode_scale, read_cache, version_code, write_cache

@@ -48,7 +48,9 @@ def test_cuda_iobinding_feature_teacher_equals_session_run(tiny_run):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_build_and_tensorrt_runner_match_onnxruntime(tiny_run, tmp_path, precision):
 
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import load_config
+
+    from edgeseg.export.config import Config
     from edgeseg.distill.models import build_model
     from edgeseg.export.engine import build_engine, capabilities, plan_build, profile_shapes
     from edgeseg.export.int8 import input_transform
@@ -98,7 +100,8 @@ def test_engine_build_and_tensorrt_runner_match_onnxruntime(tiny_run, tmp_path, 
 def test_trainer_on_cuda_with_amp_resumes_exactly(tiny_run, tmp_path):
     """A few AMP steps on the GPU: finite losses, and a run stopped and resumed equals an uninterrupted one."""
     from edgeseg.distill.checkpoint import load_checkpoint
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import load_config
+    from edgeseg.export.config import Config
     from edgeseg.distill.job import job_for
     from edgeseg.distill.trainer import Trainer
 
@@ -125,7 +128,8 @@ def test_trainer_on_cuda_with_amp_resumes_exactly(tiny_run, tmp_path):
 @needs_cuda
 @pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu")
 def test_runtime_cuda_provider_matches_the_cpu(tiny_run, tmp_path):
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import load_config
+    from edgeseg.export.config import Config
     from edgeseg.distill.models import build_model
     from edgeseg.export.onnx_model import export_onnx
     from edgeseg.runtime import Segmenter
@@ -150,7 +154,8 @@ def test_mask_conditioned_synthesis_with_the_teacher_on_cuda(tiny_run, tmp_path)
     """The conditional generator with mask guidance while the teacher sits on the GPU (device: auto):
     masks, images and guidance gradients must meet on one device, and give the CPU run's labels."""
     from edgeseg.calibration.synth import Synthesizer
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import load_config
+    from edgeseg.export.config import Config
 
     _, base = tiny_run
     cal = {"generator": "conditional", "count": 4, "pool_factor": 1.0,

@@ -79,7 +79,8 @@ def tiny_onnx(tiny_run, tmp_path_factory):
 
     _, base = tiny_run
     d = tmp_path_factory.mktemp("rt")
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import load_config
+    from edgeseg.export.config import Config
 
     cfg = load_config(write_config(d, export={"max_batch": 4, "opt_batch": 2}), Config)
     torch.manual_seed(3)

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, write_config
-from edgeseg.distill.config import Config, DDPMConfig, GuidanceConfig, MaskSourceConfig, SamplerConfig, load_config
+from edgeseg.calibration.config import DDPMConfig, GuidanceConfig, MaskSourceConfig, SamplerConfig
+from edgeseg.distill.config import load_config
+from edgeseg.export.config import Config
 from edgeseg.runtime.errors import ConfigError, InputError
 
 TINY_DDPM = {"image_size": 16, "block_out_channels": [8, 16], "train_steps": 3, "batch_size": 4}

@@ -55,7 +55,8 @@ def models(tiny_run, tmp_path_factory):
     import torch
 
     from edgeseg.calibration.quantize import activation_scales, batches_of, quantize_qdq
-    from edgeseg.distill.config import Config, load_config
+    from edgeseg.distill.config import load_config
+    from edgeseg.export.config import Config
     from edgeseg.distill.models import build_model
     from edgeseg.export.int8 import input_transform
     from edgeseg.export.onnx_model import export_onnx

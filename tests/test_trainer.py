@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edgeseg.distill.checkpoint import load_checkpoint
-from edgeseg.distill.config import Config, load_config
+from edgeseg.distill.config import load_config
+from edgeseg.export.config import Config
 from edgeseg.distill.models import load_model
 from edgeseg.distill.job import job_for
 from edgeseg.distill.trainer import Trainer

@@ -164,7 +164,8 @@ def test_bad_unlabelled_input_is_one_clear_line(tiny_run, tmp_path):
         assert [l for l in lines if l.startswith("error")] == lines[-1:], r.stderr
     r = run_cli("distill", "train", "--config", str(path), "--set", "data.labelled_count=99")
     assert r.returncode != 0 and "labelled_count is 99 but the train split has 16 images" in r.stderr
-    from edgeseg.distill.config import Config, ConfigError, load_config
+    from edgeseg.distill.config import ConfigError, load_config
+    from edgeseg.export.config import Config
 
     with pytest.raises(ConfigError, match="needs a teacher term"):
         load_config(path, Config, ["train.unlabelled_share=0.3", "data.labelled_count=8", "loss.kl=0", "loss.mse=0",

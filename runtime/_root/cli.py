@@ -37,6 +37,10 @@ _EXTRA_MODULES = {"torch", "torchvision", "timm", "segmentation_models_pytorch",
 # calibration's generators become distill's sample sources (imports point calibration -> distill,
 # and distill itself names no generator). A listed stage that is not installed wires nothing.
 WIRING: dict[str, tuple[str, ...]] = {"distill": ("calibration",)}
+# The config file's schema: each stage owns its sections, and export's ``Config`` composes them all
+# (distill's, then calibration's, then its own). The stages that read the file parse it with that.
+SCHEMA = ("edgeseg.export.config", "Config")
+_READS_CONFIG = {"distill", "calibration", "export", "serve"}
 
 
 class StageGroup(click.Group):
@@ -51,6 +55,9 @@ class StageGroup(click.Group):
         module, help_line, _ = STAGES[name]
         group = importlib.import_module(module).main
         group.short_help = help_line
+        if name in _READS_CONFIG:
+            schema = getattr(importlib.import_module(SCHEMA[0]), SCHEMA[1])
+            importlib.import_module("edgeseg.distill.cli").use_schema(schema)
         for other in WIRING.get(name, ()):
             try:
                 wiring = importlib.import_module(STAGES[other][0])
