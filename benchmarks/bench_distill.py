@@ -245,15 +245,16 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
         trained[seed, arm] = job.out_dir / "best.pt"
         arm_seeds.setdefault(arm, []).append(seed)
         seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
+    # every seed's students scored in one pass per split beside one pass of the teacher (seed-independent)
+    models = {"teacher": teacher}
+    for (seed, arm), path in trained.items():
+        models[f"{arm}@{seed}"] = load_model(cfg.student, path, cfg.student.feature_stride, keys=("student",)).to(device)
+    scores = {split: score_split(cfg, models, split, device) for split in splits}
     per_seed = []
     for seed in seeds:
-        models = {"teacher": teacher}
-        for (s, arm), path in trained.items():
-            if s == seed:
-                models[arm] = load_model(cfg.student, path, cfg.student.feature_stride, keys=("student",)).to(device)
         row = {"seed": seed}
         for split in splits:
-            sc = score_split(cfg, models, split, device)
+            sc = {name.split("@")[0]: v for name, v in scores[split].items() if name == "teacher" or name.endswith(f"@{seed}")}
             row[split] = {name: v["miou"] for name, v in sc.items()}
             row[split]["agreement"] = {name: v["agreement"] for name, v in sc.items() if name != "teacher"}
         per_seed.append(row)

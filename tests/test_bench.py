@@ -144,3 +144,19 @@ def test_work_and_peak_for_the_share_of_the_hardware(tmp_path):
                           {"images": np.zeros((2, 3, 8, 8), np.float32)}, work["node_kind"], runs=3)
     assert set(split) <= {"dense", "depthwise", "pointwise", "layout", "other"} and sum(split.values()) == pytest.approx(1.0)
     assert "dense" in split and "depthwise" in split
+
+
+def test_spearman_ranks_and_demo_conditions_are_the_rendered_ones(tiny_run):
+    from benchmarks.bench_site_check import spearman
+    from edgeseg.distill.demo_data import CONDITIONS, image_conditions, render_split
+    from edgeseg.runtime.images import read_rgb
+
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [2, 3, 1]) == pytest.approx(-0.5)
+    _, cfg = tiny_run
+    conditions = image_conditions(cfg.data_root, "test_shift")
+    assert len(conditions) == 8 and set(conditions) <= set(CONDITIONS)  # every test_shift image is under one
+    assert set(image_conditions(cfg.data_root, "test")) == {"none"}
+    (img, _), = render_split(cfg.data_root, "test_shift", [3])
+    assert (img == read_rgb(cfg.data_root / "test_shift" / "images" / "00003.png")).all()  # the very image
