@@ -234,8 +234,8 @@ def verdict(result: dict, reference: dict | None, margins: Margins = Margins(), 
         teacher_low = (result["teacher_agreement_miou"] is not None
                        and result["teacher_agreement_miou"] < margins.teacher_agreement_abs)
         basis = "fixed limits (the bundle has no site_check_reference)"
-    recalibrate = (f"edgeseg export quantize --calibration {images} && edgeseg export bundle "
-                   "(or make export deploy with export.calibration set to the folder)")
+    recalibrate = (f"edgeseg export all --calibration {images} && edgeseg export bundle "
+                   "(make export deploy SET=export.calibration=<the folder>)")
     adapt = (f"edgeseg distill train --unlabelled {images} --unlabelled-share 0.5, then make export deploy")
     if saturates or int8_low:
         why = []

@@ -711,7 +711,7 @@ def test_site_check_passes_source_frames_and_flags_a_strong_shift(checked_bundle
                for img in test_images]
     bad = run_check(bundle, _frames(tmp_path / "shift", shifted), tmp_path / "out_shift")
     assert "recalibrate on these frames" in bad["verdict"]
-    assert any("edgeseg export quantize --calibration" in f["command"] for f in bad["findings"])
+    assert any("edgeseg export all --calibration" in f["command"] for f in bad["findings"])
     assert bad["int8_agreement_miou"] < fine["int8_agreement_miou"] - 0.01
     report = json.loads((tmp_path / "out_shift" / "site_check.json").read_text())
     assert report["verdict"] == bad["verdict"] and (tmp_path / "out_shift" / "site_check.png").stat().st_size > 10_000
