@@ -419,3 +419,72 @@ def test_hard_examples_need_a_from_noise_generator_checked_at_load(tiny_run, tmp
                                    "calibration.img2img_strength=0.4", "calibration.ddpm.max_t=0.5"])
     with pytest.raises(ConfigError, match="synthetic pairs are for the student"):
         load_config(path, Config, ["teacher_train.hard_examples.share=0.2"])
+
+
+# --- the shipped, pretrained generator -------------------------------------------------------------
+
+def test_pretrained_generator_resumes_exactly_ships_fp16_and_is_loaded_not_retrained(tiny_run, tmp_path):
+    """make generator: a run stopped at a checkpoint and resumed ships the same weights as one that never
+    stopped; the weights are fp16 with their SHA-256 checked on load; calibration.model loads it as is."""
+    from safetensors.torch import load_file
+
+    from edgeseg.calibration.generator import WEIGHTS, load_pretrained, pretrain
+    from edgeseg.calibration.synth import Synthesizer
+    from edgeseg.distill.data import split_samples
+
+    _, cfg = tiny_run
+    ddpm = DDPMConfig(**{**TINY_DDPM, "train_steps": 4})
+    samples = split_samples(cfg, "train")
+    whole = pretrain(ddpm, samples, tmp_path / "whole", seed=3, command="edgeseg calibration generator", checkpoint_every=2)
+    assert not (tmp_path / "whole.partial").exists() and whole["pretrained"] and whole["key"]["images"] == len(samples)
+    # the interrupted run: its checkpoint after two of the four steps, then `make generator` again
+    from edgeseg.calibration.ddpm import DDPMTraining
+
+    first = DDPMTraining(ddpm, samples, seed=3, conditional=True)
+    first.train(range(0, 2))
+    (tmp_path / "resumed.partial").mkdir()
+    torch.save({"key": whole["key"], "training": first.state_dict(), "seconds": 1.0},
+               tmp_path / "resumed.partial" / "state.pt")
+    resumed = pretrain(ddpm, samples, tmp_path / "resumed", seed=3, command="c", checkpoint_every=2)
+    assert resumed["sha256"] == whole["sha256"]  # bit-identical fp16 weights
+    weights = load_file(str(tmp_path / "whole" / WEIGHTS))
+    assert all(v.dtype == torch.float16 for v in weights.values())
+    unet, sched = load_pretrained(tmp_path / "whole")
+    assert next(unet.parameters()).dtype == torch.float32 and sched["num_train_timesteps"] == ddpm.timesteps
+
+    # calibration.model points at it: the synthesizer loads it (no cddpm trained in the run folder)
+    path, run = _synth_config(tiny_run, tmp_path / "run", model=str(tmp_path / "whole"), ddpm=TINY_DDPM)
+    synth = Synthesizer(run)
+    synth.generate_pool(2, progress=False)
+    assert synth.generator_info["checkpoint_sha256"] == whole["sha256"]
+    assert not (run.stage_dir("calibration") / "cddpm").exists()
+
+    # a damaged file is one clear line naming it and the fix
+    blob = bytearray((tmp_path / "whole" / WEIGHTS).read_bytes())
+    blob[-1] ^= 0xFF
+    (tmp_path / "whole" / WEIGHTS).write_bytes(bytes(blob))
+    with pytest.raises(InputError, match=r"diffusion_pytorch_model.safetensors: SHA-256 .* `make generator`"):
+        load_pretrained(tmp_path / "whole")
+
+
+def test_shipped_demo_generator_is_complete_and_matches_its_record():
+    """The checkpoint in the repository is the one ddpm.json describes (hash, command, training data size)."""
+    from edgeseg.calibration.generator import SHIPPED, WEIGHTS, resolve
+    from edgeseg.runtime.files import sha256_file
+
+    meta = json.loads((SHIPPED / "ddpm.json").read_text())
+    assert resolve("demo") == SHIPPED and meta["pretrained"] and meta["command"].startswith("edgeseg calibration generator")
+    assert sha256_file(SHIPPED / WEIGHTS) == meta["sha256"]
+    assert (SHIPPED / WEIGHTS).stat().st_size < 8 * 2**20  # small enough for git
+    assert meta["key"]["config"]["train_steps"] >= 2000 and meta["key"]["conditional"]
+
+
+def test_kid_is_near_zero_within_a_distribution_and_grows_with_a_shift():
+    from edgeseg.calibration.quality import kid
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    same, _ = kid(a, b)
+    small, _ = kid(a + 0.3, b)
+    large, _ = kid(a + 1.0, b)
+    assert abs(same) < 0.05 and 0 < small < large and large > 10 * abs(same)
