@@ -182,7 +182,7 @@ def site_folders(cfg: Config, count: int | None = None) -> dict[str, str]:
             shutil.copyfile(src, tmp / name)
         shutil.rmtree(both, ignore_errors=True)
         tmp.rename(both)
-    return {"site8": str(frames), "site8_synth": str(both)}
+    return {"site8": str(frames.resolve()), "site8_synth": str(both.resolve())}  # absolute: data.unlabelled is read under the data root otherwise
 
 
 def _runnable(cfg: Config, arm: str) -> bool:

@@ -75,7 +75,7 @@ def test_site_arms_train_on_the_8_frames_and_synthetic_site_images(tiny_run, tmp
     out = seed_study(cfg, seeds=(0, 1), arms=("gt_only", "kd_unlabelled", "kd_site", *SITE_ARMS))
     assert out["arm_seeds"]["site8"] == [0, 1] and out["arm_seeds"]["site8_synth_hard"] == [0]
     ident = lambda arm, seed=0: load_checkpoint(tmp_path / "run" / "seeds" / f"seed{seed}-{arm}" / "distill" / "last.pt")["identity"]
-    assert ident("site8")["data"]["unlabelled"] == str(cfg.data_root / "target_images")
+    assert ident("site8")["data"]["unlabelled"] == str((cfg.data_root / "target_images").resolve())
     assert ident("site8_synth", 1)["data"]["unlabelled"] == folders["site8_synth"]
     assert ident("site8_synth_hard")["train"]["hard_examples"]["share"] == 0.1
     rows = out["per_seed"]

@@ -1,9 +1,9 @@
 """The ``edgeseg`` command: one sub-command group per stage, loaded only when it runs.
 
     edgeseg distill train | train-teacher | evaluate | expose-feature | ...
-    edgeseg calibration synth | report
+    edgeseg calibration synth | report | generator
     edgeseg export onnx | quantize | engine | accuracy | all | bundle
-    edgeseg runtime infer | profile
+    edgeseg runtime infer | profile | check
     edgeseg serve triton | deepstream | start
 
 Stage groups are imported lazily: ``edgeseg --help`` and ``edgeseg runtime ...`` work on an edge
