@@ -707,6 +707,7 @@ def test_site_check_passes_source_frames_and_flags_a_strong_shift(checked_bundle
     fine = run_check(bundle, _frames(tmp_path / "test", test_images), tmp_path / "out_test", need_teacher=True)
     assert fine["findings"] == [] and fine["verdict"][0].startswith("fine")
     assert fine["teacher_agreement_miou"] is not None and fine["range_fit"]["int8"]["tensors"] > 10
+    assert 0 <= fine["person_fraction"] <= 1 and fine["frames"] == len(test_images)
     shifted = [np.clip(img.astype(np.float32) * 6.0 * np.array([1.4, 0.8, 0.4]), 0, 255).astype(np.uint8)
                for img in test_images]
     bad = run_check(bundle, _frames(tmp_path / "shift", shifted), tmp_path / "out_shift")
