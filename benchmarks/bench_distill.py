@@ -116,6 +116,8 @@ ARMS: dict[str, tuple[str, dict, str]] = {
 EVERY_SEED = ("gt_only", "kd_unlabelled", "kd_site", "site8", "site8_synth")
 FIRST_SEED_ONLY = ("site8_synth_hard", "kd_labelled", "kd_no_feature", "kd_feature_only", "full_gt_only", "full_kd")
 SITE_ARMS = ("site8", "site8_synth", "site8_synth_hard")  # `--only site` reruns these beside a, c and d
+# gains between site arms whose plain key (`<key>_mean`) is test_shift's, test's beside as `<key>_test_*`
+SITE_HEADLINE = ("site8_synth_vs_site8", "site8_synth_vs_kd_site", "site8_synth_hard_vs_site8_synth")
 # N, the synthetic site images of arm h: as many as arm d has real site frames, so h is d's synthetic
 # counterpart at an equal count (what synthesis buys over the 8 frames, against what 400 real frames buy)
 SITE_SYNTH_COUNT = 400
@@ -276,18 +278,21 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
         "feature_term_effect": ("kd_no_feature", "kd_unlabelled"),
         "logit_terms_effect": ("kd_feature_only", "kd_unlabelled"),
         "gain_kd_full_labels": ("full_gt_only", "full_kd"),
-        "site8_vs_kd_unlabelled": ("kd_unlabelled", "site8"),
-        "site8_synth_vs_kd_unlabelled": ("kd_unlabelled", "site8_synth"),
+        # the site arms over c (no site data), as gain_site_vs_source is d over c
+        "site8_gain": ("kd_unlabelled", "site8"),
+        "site8_synth_gain": ("kd_unlabelled", "site8_synth"),
+        "site8_synth_hard_gain": ("kd_unlabelled", "site8_synth_hard"),
+        # between site arms: questions about the site, so their plain key is test_shift's (SITE_HEADLINE)
         "site8_synth_vs_site8": ("site8", "site8_synth"),
         "site8_synth_vs_kd_site": ("kd_site", "site8_synth"),
         "site8_synth_hard_vs_site8_synth": ("site8_synth", "site8_synth_hard"),
-        "site8_synth_hard_vs_kd_unlabelled": ("kd_unlabelled", "site8_synth_hard"),
     }
     for key, (a, b) in gains.items():
         for split in splits:
             vals = _paired(per_seed, split, a, b)
             if vals:
-                name = key if split == "test" else f"{key}_{split}"
+                headline = "test_shift" if key in SITE_HEADLINE and "test_shift" in splits else "test"
+                name = key if split == headline else f"{key}_{split}"
                 out[f"{name}_mean"], out[f"{name}_std"] = _mean_std(vals)
                 out[f"{name}_n"] = len(vals)
     if "test_shift" in splits and "gt_only" in arm_seeds:

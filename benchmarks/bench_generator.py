@@ -9,6 +9,7 @@ of the file stays as measured):
 - ``generator_kid_floor``: held-out real B vs real A (two samples of the world itself);
 - ``generator_kid_excess_ratio``: (kid - floor) / (baseline - floor); the target is at most 0.5;
 - ``*_native``: the same at full resolution (see ``calibration/quality.py``);
+- ``*_standardised``: at the generator's resolution, every feature standardised by real A's mean and std;
 - ``generator_samples.png``: real, today's and the shipped generator's images, one row each.
 
 Held-out real images are the teacher corpus's distribution (its lighting mix, its backgrounds),
@@ -70,9 +71,15 @@ def run(cfg, baseline: str | Path | None = None, sheet: Path | None = None) -> d
     f_a, f_b = feats(at_generator_resolution(real_a, res)), feats(at_generator_resolution(real_b, res))
     f_a_native, f_b_native = feats(real_a), feats(real_b)
     out = {}
-    for suffix, (a, b) in {"": (f_a, f_b), "_native": (f_a_native, f_b_native)}.items():
-        out[f"generator_kid{suffix}"], out[f"generator_kid{suffix}_std"] = kid(f_gen, a)
-        out[f"generator_kid_baseline{suffix}"], out[f"generator_kid_baseline{suffix}_std"] = kid(f_base, a)
+    # the same features standardised by real A's per-feature mean and std (added after the first run showed
+    # a subset spread several times the means: a few large features dominate the cubic kernel)
+    mu, sd = f_a.mean(0), f_a.std(0) + 1e-6
+    z = lambda f: (f - mu) / sd
+    variants = {"": (f_gen, f_base, f_a, f_b), "_native": (f_gen, f_base, f_a_native, f_b_native),
+                "_standardised": (z(f_gen), z(f_base), z(f_a), z(f_b))}
+    for suffix, (gen_f, base_f, a, b) in variants.items():
+        out[f"generator_kid{suffix}"], out[f"generator_kid{suffix}_std"] = kid(gen_f, a)
+        out[f"generator_kid_baseline{suffix}"], out[f"generator_kid_baseline{suffix}_std"] = kid(base_f, a)
         out[f"generator_kid_floor{suffix}"], out[f"generator_kid_floor{suffix}_std"] = kid(b, a)
         floor = out[f"generator_kid_floor{suffix}"]
         out[f"generator_kid_excess_ratio{suffix}"] = (out[f"generator_kid{suffix}"] - floor) / max(

@@ -9,7 +9,8 @@ ran); nothing here tunes them.
 
 Writes ``benchmarks/results/site_check.json``: ``groups`` (per folder: proxies, verdict, true
 figures), ``ranking`` (does each proxy order the conditions as the true drop does: Spearman's
-rho over the three conditions) and ``check_seconds`` (per folder, at the default thread count).
+rho over the three conditions; ``ranks_agree``: the teacher agreement orders them as the true drop
+does) and ``check_seconds`` (per folder, at the default thread count).
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def run(cfg, bundle: str | Path | None = None) -> dict:
         f"saturation_{served}_vs_int8_loss_spearman": spearman(saturation, loss),
         "same_order_as_true_drop": [shifted[i] for i in np.argsort(teacher_gap)[::-1]] == [shifted[i] for i in np.argsort(drop)[::-1]],
     }
+    # the headline: the label-free accuracy proxy (teacher agreement) orders the conditions as the labels do
+    out["ranks_agree"] = bool(out["ranking"]["same_order_as_true_drop"])
     flagged = {n: g["verdict"] != ["fine"] for n, g in out["groups"].items()}
     out["test_passes"] = not flagged["test"]
     out["shift_conditions_flagged"] = sum(flagged[n] for n in shifted)

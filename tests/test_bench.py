@@ -80,8 +80,13 @@ def test_site_arms_train_on_the_8_frames_and_synthetic_site_images(tiny_run, tmp
     assert ident("site8_synth_hard")["train"]["hard_examples"]["share"] == 0.1
     rows = out["per_seed"]
     h_g = [r["test_shift"]["site8_synth"] - r["test_shift"]["site8"] for r in rows]
-    assert out["site8_synth_vs_site8_test_shift_mean"] == pytest.approx(np.mean(h_g))
-    assert out["site8_synth_vs_kd_unlabelled_n"] == 2 and out["site8_synth_hard_vs_site8_synth_n"] == 1
+    assert out["site8_synth_vs_site8_mean"] == pytest.approx(np.mean(h_g))  # a site question: test_shift's
+    assert out["site8_synth_vs_site8_std"] == pytest.approx(np.std(h_g, ddof=1))
+    h_g_test = [r["test"]["site8_synth"] - r["test"]["site8"] for r in rows]
+    assert out["site8_synth_vs_site8_test_mean"] == pytest.approx(np.mean(h_g_test))
+    h_c = [r["test_shift"]["site8_synth"] - r["test_shift"]["kd_unlabelled"] for r in rows]
+    assert out["site8_synth_gain_test_shift_mean"] == pytest.approx(np.mean(h_c))  # beside gain_site_vs_source
+    assert out["site8_synth_gain_n"] == 2 and out["site8_synth_hard_vs_site8_synth_n"] == 1
     d_c = np.mean([r["test_shift"]["kd_site"] - r["test_shift"]["kd_unlabelled"] for r in rows])
     if d_c > 0:
         h_c = np.mean([r["test_shift"]["site8_synth"] - r["test_shift"]["kd_unlabelled"] for r in rows])
