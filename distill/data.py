@@ -18,7 +18,7 @@ from PIL import Image
 
 from edgeseg.distill.config import DistillConfig, DataConfig
 from edgeseg.runtime.errors import InputError
-from edgeseg.runtime.images import IMAGE_SUFFIXES, list_images, read_rgb, require_images
+from edgeseg.runtime.images import IMAGE_SUFFIXES, list_images, open_image, read_rgb, require_images
 from edgeseg.runtime.preprocess import fit_image, fit_mask
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,7 @@ class Sample:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask file as (H, W) uint8 with 1 = person (any value > 0, any channel)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: mask file does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            a = np.asarray(im)
-    except OSError as e:
-        raise InputError(f"{path}: not a readable mask image ({e})") from None
+    a = np.asarray(open_image(path, noun="mask", what="mask image", fix=""))
     if a.ndim == 3:
         a = a[:, :, :3].max(axis=2)  # an RGB(A) mask: any colour channel > 0 is person
     return (a > 0).astype(np.uint8)

@@ -59,28 +59,36 @@ def to_rgb_uint8(array: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB (grayscale, palette, RGBA and 16-bit converted)."""
+def open_image(path: str | Path, noun: str = "image", what: str = "image", fix: str = "re-save it as PNG or JPEG"):
+    """The PIL image at ``path`` with its pixels loaded (the file closed again). A missing file is one
+    InputError "<path>: <noun> file does not exist", an unreadable one "<path>: not a readable <what>
+    (<why>); <fix>": the one place that turns a user's bad image file into a clear line."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: image file does not exist")
+        raise InputError(f"{path}: {noun} file does not exist")
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode == "P" or im.mode == "PA":
-                im = im.convert("RGBA")
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im).astype(np.uint16)
-            elif im.mode == "F":
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-            elif im.mode in ("L", "RGB", "RGBA", "LA"):
-                arr = np.asarray(im)
-                if im.mode == "LA":
-                    arr = arr[:, :, 0]
-            else:
-                arr = np.asarray(im.convert("RGB"))
+            return im
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable image ({e}); re-save it as PNG or JPEG") from None
+        raise InputError(f"{path}: not a readable {what} ({e})" + (f"; {fix}" if fix else "")) from None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (grayscale, palette, RGBA and 16-bit converted)."""
+    im = open_image(path)
+    if im.mode == "P" or im.mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.uint16)
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    elif im.mode in ("L", "RGB", "RGBA", "LA"):
+        arr = np.asarray(im)
+        if im.mode == "LA":
+            arr = arr[:, :, 0]
+    else:
+        arr = np.asarray(im.convert("RGB"))
     return to_rgb_uint8(arr, name=str(path))
