@@ -13,7 +13,6 @@ Headline keys are at the machine's default thread count; ``threads_1`` holds the
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -123,8 +122,7 @@ def queue_vs_predict(bundle: Path, frames: list[np.ndarray], rounds: int, thread
 
 def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) -> dict:
     batch = len(images)
-    from edgeseg.distill.models import load_teacher
-    from edgeseg.export.onnx_model import export_onnx
+    from edgeseg.export.onnx_model import export_teacher_onnx
     from edgeseg.export.strip import load_student
     from edgeseg.runtime import Segmenter
     from edgeseg.runtime.pipeline import BatchBuffers, finish, prepare
@@ -134,62 +132,58 @@ def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) ->
         raise FileNotFoundError(f"run `make deploy` first: {bundle} is missing")
     torch.set_num_threads(threads or os.cpu_count())
     student, _ = load_student(cfg, cfg.stage_dir("distill") / "best.pt")
-    teacher = load_teacher(cfg).eval()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # FP32 student and teacher through the same runtime (the teacher exported like the student)
-        export_onnx(cfg, teacher, Path(tmp))
-        teacher_onnx = Path(tmp) / "teacher.onnx"
-        (Path(tmp) / "model.onnx").rename(teacher_onnx)
-        int8 = Segmenter(bundle, backend="onnxruntime-cpu", threads=threads)
-        fp32 = Segmenter(cfg.stage_dir("export") / "model.onnx", backend="onnxruntime-cpu", threads=threads)
-        fp32_teacher = Segmenter(teacher_onnx, backend="onnxruntime-cpu", threads=threads)
-        user = user_ort_fp32(cfg.stage_dir("export") / "model.onnx", threads)
+    # FP32 student and teacher through the same runtime: the teacher's ONNX as the bundle carries it (cached)
+    teacher_onnx = export_teacher_onnx(cfg, cfg.stage_dir("export") / "teacher.onnx")
+    int8 = Segmenter(bundle, backend="onnxruntime-cpu", threads=threads)
+    fp32 = Segmenter(cfg.stage_dir("export") / "model.onnx", backend="onnxruntime-cpu", threads=threads)
+    fp32_teacher = Segmenter(teacher_onnx, backend="onnxruntime-cpu", threads=threads)
+    user = user_ort_fp32(cfg.stage_dir("export") / "model.onnx", threads)
 
-        spec = fp32.spec
-        cl_student = student.to(memory_format=torch.channels_last)
-        buffers = BatchBuffers(spec)
+    spec = fp32.spec
+    cl_student = student.to(memory_format=torch.channels_last)
+    buffers = BatchBuffers(spec)
 
-        @torch.no_grad()
-        def torch_predict():
-            feed, placements = prepare(images, spec, buffers)
-            x = torch.from_numpy(feed).contiguous(memory_format=torch.channels_last)
-            return finish(cl_student(x).numpy(), placements, spec)
+    @torch.no_grad()
+    def torch_predict():
+        feed, placements = prepare(images, spec, buffers)
+        x = torch.from_numpy(feed).contiguous(memory_format=torch.channels_last)
+        return finish(cl_student(x).numpy(), placements, spec)
 
-        def model_only(seg):
-            feed, _ = prepare(images, seg.spec, BatchBuffers(seg.spec))
-            return lambda: seg.runner.infer(feed)
+    def model_only(seg):
+        feed, _ = prepare(images, seg.spec, BatchBuffers(seg.spec))
+        return lambda: seg.runner.infer(feed)
 
-        x_torch = torch.from_numpy(prepare(images, spec, BatchBuffers(spec))[0].copy()).contiguous(
-            memory_format=torch.channels_last)
-        # Two interleaved groups. torch's OpenMP threads keep spinning for a while after each call,
-        # so an ONNX Runtime call right after a torch call runs on contended cores (at 2 threads the
-        # INT8 model measured 19 ms beside torch and 11 ms alone). The ONNX Runtime comparisons are
-        # timed among themselves, as a deployed runtime (no torch in the process) would run; the
-        # torch comparisons are timed against the same runtime calls in their own group.
-        ort_group = interleaved({
-            "runtime_int8_cpu": lambda: int8.predict(images),
-            "runtime_fp32": lambda: fp32.predict(images),
-            "runtime_teacher_fp32": lambda: fp32_teacher.predict(images),
-            "user_ort_fp32": lambda: user(images),
-            "model_only_int8_cpu": model_only(int8),
-        }, rounds=rounds)
-        torch_group = interleaved({
-            "runtime_int8_cpu": lambda: int8.predict(images),
-            "runtime_fp32": lambda: fp32.predict(images),
-            "torch_eager_channels_last": torch_predict,
-            "model_only_int8_cpu": model_only(int8),
-            "model_only_torch": lambda: torch.no_grad()(cl_student)(x_torch),
-        }, rounds=rounds)
-        res = {**ort_group, **{k: v for k, v in torch_group.items() if "torch" in k}}
-        time.sleep(0.5)  # let torch's OpenMP threads stop spinning before the stage split is timed
-        per_call = []  # the stage split: medians over calls (one call is one sample of a noisy machine)
-        for _ in range(rounds):
-            int8.predict(images)
-            per_call.append(dict(int8.last_timings_ms))
-        stages = {k: float(np.median([c[k] for c in per_call])) for k in per_call[0]}
-        for s in (int8, fp32, fp32_teacher):
-            s.close()
+    x_torch = torch.from_numpy(prepare(images, spec, BatchBuffers(spec))[0].copy()).contiguous(
+        memory_format=torch.channels_last)
+    # Two interleaved groups. torch's OpenMP threads keep spinning for a while after each call,
+    # so an ONNX Runtime call right after a torch call runs on contended cores (at 2 threads the
+    # INT8 model measured 19 ms beside torch and 11 ms alone). The ONNX Runtime comparisons are
+    # timed among themselves, as a deployed runtime (no torch in the process) would run; the
+    # torch comparisons are timed against the same runtime calls in their own group.
+    ort_group = interleaved({
+        "runtime_int8_cpu": lambda: int8.predict(images),
+        "runtime_fp32": lambda: fp32.predict(images),
+        "runtime_teacher_fp32": lambda: fp32_teacher.predict(images),
+        "user_ort_fp32": lambda: user(images),
+        "model_only_int8_cpu": model_only(int8),
+    }, rounds=rounds)
+    torch_group = interleaved({
+        "runtime_int8_cpu": lambda: int8.predict(images),
+        "runtime_fp32": lambda: fp32.predict(images),
+        "torch_eager_channels_last": torch_predict,
+        "model_only_int8_cpu": model_only(int8),
+        "model_only_torch": lambda: torch.no_grad()(cl_student)(x_torch),
+    }, rounds=rounds)
+    res = {**ort_group, **{k: v for k, v in torch_group.items() if "torch" in k}}
+    time.sleep(0.5)  # let torch's OpenMP threads stop spinning before the stage split is timed
+    per_call = []  # the stage split: medians over calls (one call is one sample of a noisy machine)
+    for _ in range(rounds):
+        int8.predict(images)
+        per_call.append(dict(int8.last_timings_ms))
+    stages = {k: float(np.median([c[k] for c in per_call])) for k in per_call[0]}
+    for s in (int8, fp32, fp32_teacher):
+        s.close()
     pre_post = (stages["preprocess"] + stages["postprocess"]) / stages["total"]
     out = {"threads": threads or "default", "batch": batch, "model_input_size": list(spec.image_size),
            "int8_model": "bundle model.int8-cpu.onnx (u8s8)", "pre_post_share": pre_post, "stages_ms_batch8": stages,

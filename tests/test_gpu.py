@@ -49,9 +49,8 @@ def test_cuda_iobinding_feature_teacher_equals_session_run(tiny_run):
 def test_engine_build_and_tensorrt_runner_match_onnxruntime(tiny_run, tmp_path, precision):
 
     from edgeseg.distill.config import load_config
-
-    from edgeseg.export.config import Config
     from edgeseg.distill.models import build_model
+    from edgeseg.export.config import Config
     from edgeseg.export.engine import build_engine, capabilities, plan_build, profile_shapes
     from edgeseg.export.int8 import input_transform
     from edgeseg.export.onnx_model import export_onnx
