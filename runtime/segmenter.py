@@ -21,7 +21,7 @@ from edgeseg.runtime.batcher import MicroBatcher
 from edgeseg.runtime.bundle import Bundle
 from edgeseg.runtime.errors import BackendUnavailableError, ClosedError, InputError, IntegrityError
 from edgeseg.runtime.images import to_rgb_uint8
-from edgeseg.runtime.pipeline import BatchBuffers, check_images, finish, fit, prepare
+from edgeseg.runtime.pipeline import BatchBuffers, Workers, check_images, finish, fit, prepare
 from edgeseg.runtime.spec import ModelSpec, engine_sidecar
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def available_backends() -> list[str]:
 
 
 def _make_runner(backend: str, model: Path, spec: ModelSpec, threads: int, device_id: int,
-                 cuda_graphs: bool = False) -> Runner:
+                 cuda_graphs: bool = False, spin_after_run: bool = False) -> Runner:
     if backend == "tensorrt":
         from edgeseg.runtime.backends.tensorrt_engine import TensorRTRunner
 
@@ -59,7 +59,7 @@ def _make_runner(backend: str, model: Path, spec: ModelSpec, threads: int, devic
     from edgeseg.runtime.backends.onnxrt import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(model, spec, provider=backend.removeprefix("onnxruntime-"), threads=threads,
-                             device_id=device_id)
+                             device_id=device_id, spin_after_run=spin_after_run)
 
 
 class Segmenter:
@@ -74,12 +74,22 @@ class Segmenter:
         queue_size: pending ``submit`` requests before callers block (back-pressure).
         device_id: the CUDA GPU (TensorRT, ONNX Runtime CUDA/TensorRT EPs).
         cuda_graphs: replay a captured CUDA graph per batch size (native TensorRT backend only).
+        exact_masks: resize each mask's float scores (the evaluations' masks, bit for bit) instead of
+            uint8 scores, which is faster at camera sizes and may move a few boundary pixels
+            (``pipeline.masks_at_source``; README "Runtime" has the measured share).
+        pre_threads: threads for a batch's per-image letterboxing and masks (0: as ``threads``,
+            or every core when ``threads`` is 0).
+        spin_after_run: let ONNX Runtime's CPU threads spin after each call returns (its own
+            default). Off here: they would hold a core for about 50 ms after every batch, the core
+            this batch's masks and the next batch's letterboxing need (README "runtime").
     """
 
     def __init__(self, path: str | Path, backend: str = "auto", threads: int = 0, max_batch: int | None = None,
-                 max_wait_ms: float = 5.0, queue_size: int = 64, device_id: int = 0, cuda_graphs: bool = False):
+                 max_wait_ms: float = 5.0, queue_size: int = 64, device_id: int = 0, cuda_graphs: bool = False,
+                 exact_masks: bool = False, pre_threads: int = 0, spin_after_run: bool = False):
         path = Path(path)
         self.cuda_graphs = cuda_graphs
+        self.spin_after_run = spin_after_run
         if not path.exists():
             raise InputError(f"{path}: does not exist; pass a deploy bundle folder, an .onnx or an .engine file")
         self.bundle = Bundle(path) if path.is_dir() else None
@@ -106,6 +116,8 @@ class Segmenter:
         self.device = self.runner.device
         self.model_path = self.runner.model_path
         self._buffers = BatchBuffers(self.spec)
+        self.exact_masks = exact_masks
+        self._workers = Workers(pre_threads or threads)
         self._lock = threading.Lock()
         self._batcher: MicroBatcher | None = None
         self._batcher_args = (max_wait_ms, queue_size)
@@ -125,7 +137,7 @@ class Segmenter:
         for name in candidates:
             try:
                 model = self.bundle.model_for(name) if self.bundle else path
-                runner = _make_runner(name, model, self.spec, threads, device_id, self.cuda_graphs)
+                runner = _make_runner(name, model, self.spec, threads, device_id, self.cuda_graphs, self.spin_after_run)
                 runner.activate()
                 return runner
             except (BackendUnavailableError, InputError, IntegrityError) as e:
@@ -152,11 +164,11 @@ class Segmenter:
         """One model call; ``fitted``: the images were already letterboxed (see ``submit``)."""
         with self._lock:  # one model call at a time; the buffers are shared
             t0 = time.perf_counter()
-            feed, placements = prepare(images, self.spec, self._buffers, fitted=fitted)
+            feed, placements = prepare(images, self.spec, self._buffers, fitted=fitted, workers=self._workers)
             t1 = time.perf_counter()
             output = self.runner.infer(feed)
             t2 = time.perf_counter()
-            masks = finish(output, placements, self.spec)
+            masks = finish(output, placements, self.spec, self._workers, quantised=not self.exact_masks)
             t3 = time.perf_counter()
             r = self.runner.timings_ms
             self.last_timings_ms = {"preprocess": (t1 - t0) * 1000, "copy_in": r["copy_in"], "infer": r["infer"],
@@ -202,6 +214,7 @@ class Segmenter:
             self._batcher.close(cancel=cancel)
         with self._lock:  # after the last batch: no model call can be running
             self.runner.deactivate()
+            self._workers.close()
 
     def __enter__(self) -> "Segmenter":
         return self

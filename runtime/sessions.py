@@ -13,9 +13,13 @@ from edgeseg.runtime.errors import InputError
 CPU = ["CPUExecutionProvider"]
 
 
-def session_options(threads: int = 0, optimize: bool = True):
+def session_options(threads: int = 0, optimize: bool = True, spin_after_run: bool = True):
     """``ort.SessionOptions``: warnings and below silenced; ``threads`` intra-op threads (0: ORT's
-    default); ``optimize`` False disables graph optimisation (tensor names and metadata as written)."""
+    default); ``optimize`` False disables graph optimisation (tensor names and metadata as written);
+    ``spin_after_run`` False stops the intra-op threads spinning as soon as a call returns
+    (``session.force_spinning_stop``; they still spin between a call's operators, where it pays).
+    Left spinning, they hold a core for about 50 ms after each call, which the runtime's own
+    letterboxing and masks, and any other session, then lack (README "runtime" has the figures)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -24,6 +28,8 @@ def session_options(threads: int = 0, optimize: bool = True):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    if not spin_after_run:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

@@ -40,8 +40,9 @@ class OnnxRuntimeRunner(Runner):
     """
 
     def __init__(self, model_path: str | Path, spec: ModelSpec | None, provider: str = "cpu", threads: int = 0,
-                 device_id: int = 0, cache_dir: str | Path | None = None):
+                 device_id: int = 0, cache_dir: str | Path | None = None, spin_after_run: bool = True):
         super().__init__(model_path, spec, threads)
+        self.spin_after_run = spin_after_run
         if provider not in _PROVIDERS:
             raise InputError(f"ONNX Runtime provider must be one of {', '.join(_PROVIDERS)}, got {provider!r}")
         self.provider = provider
@@ -60,7 +61,7 @@ class OnnxRuntimeRunner(Runner):
         if wanted not in ort.get_available_providers():
             raise BackendUnavailableError(f"ONNX Runtime here has no {wanted}; install onnxruntime-gpu "
                                           "(pip install 'edgeseg[gpu]') on a CUDA machine, or use backend onnxruntime-cpu")
-        so = session_options(self.threads)
+        so = session_options(self.threads, spin_after_run=self.spin_after_run)
         providers: list = [wanted]
         if self.provider == "cuda":
             providers = [(wanted, {"device_id": self.device_id}), "CPUExecutionProvider"]
