@@ -25,14 +25,23 @@ def main() -> None:
 @click.option("--max-batch", type=int, default=None, help="Triton max_batch_size (default: the bundle's).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances (instance_group count).")
 @click.option("--max-queue-delay-us", type=int, default=2000, show_default=True, help="Dynamic batcher queue delay.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="ONNX Runtime threads per instance of the CPU model (0: every core).")
+@click.option("--preferred-batch", default=None,
+              help="Comma-separated preferred batch sizes of the CPU model's dynamic batcher (default: the max batch).")
 @click.option("-v", "--verbose", count=True)
 @exit_on_user_error
-def triton(bundle, out, max_batch, instances, max_queue_delay_us, verbose):
+def triton(bundle, out, max_batch, instances, max_queue_delay_us, threads, preferred_batch, verbose):
     """Write a Triton model repository (Python backend model + GPU models and ensemble)."""
     from edgeseg.export.triton import write_repository
+    from edgeseg.runtime.errors import InputError
 
     configure_logging(max(verbose, 1))
-    click.echo(json.dumps(write_repository(bundle, out, max_batch, instances, max_queue_delay_us)))
+    try:
+        sizes = [int(b) for b in preferred_batch.split(",") if b.strip()] if preferred_batch else None
+    except ValueError:
+        raise InputError(f"--preferred-batch takes comma-separated integers such as 4,8, got {preferred_batch!r}") from None
+    click.echo(json.dumps(write_repository(bundle, out, max_batch, instances, max_queue_delay_us, threads, sizes)))
 
 
 @main.command()

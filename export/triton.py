@@ -58,13 +58,19 @@ def model_config(fields: dict, note: str = "") -> str:
     return comments + text_format.MessageToString(config)
 
 
-def cpu_config(name: str, max_batch: int, instances: int, max_queue_delay_us: int, threads: int = 0) -> str:
-    """config.pbtxt of the Python-backend model (runs anywhere the runtime runs)."""
+def cpu_config(name: str, max_batch: int, instances: int, max_queue_delay_us: int, threads: int = 0,
+               preferred_batch: list[int] | None = None) -> str:
+    """config.pbtxt of the Python-backend model (runs anywhere the runtime runs).
+
+    ``preferred_batch``: the dynamic batcher's preferred sizes (it sends a batch as soon as one
+    of them is ready instead of waiting out ``max_queue_delay_us``); default ``[max_batch]``.
+    """
     return model_config({
         "name": name, "backend": "python", "max_batch_size": max_batch,
         "input": [_tensor("IMAGE", "TYPE_UINT8", [-1, -1, 3])],
         "output": [_tensor("MASK", "TYPE_UINT8", [-1, -1])],
-        "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
+        "dynamic_batching": {"preferred_batch_size": preferred_batch or [max_batch],
+                             "max_queue_delay_microseconds": max_queue_delay_us},
         "instance_group": [{"count": instances, "kind": "KIND_CPU"}],
         "parameters": {"backend": {"string_value": "auto"}, "threads": {"string_value": str(threads)}},
     }, "edgeseg person segmentation through edgeseg's runtime (Python backend). Triton batches\n"
@@ -194,8 +200,12 @@ def validate_config(text: str, where: str = "config.pbtxt"):
 
 
 def write_repository(bundle_dir: str | Path, out: str | Path, max_batch: int | None = None, instances: int = 1,
-                     max_queue_delay_us: int = 2000, threads: int = 0) -> dict:
-    """Write the model repository for ``bundle_dir`` into ``out`` (atomically); returns what was written."""
+                     max_queue_delay_us: int = 2000, threads: int = 0, preferred_batch: list[int] | None = None) -> dict:
+    """Write the model repository for ``bundle_dir`` into ``out`` (atomically); returns what was written.
+
+    ``threads``: ONNX Runtime threads of each instance of the CPU model (0: every core);
+    ``preferred_batch``: its dynamic batcher's preferred sizes (default: the largest batch).
+    """
     bundle = Bundle(bundle_dir)  # verified: a repository is never made from a changed bundle
     spec = bundle.spec
     max_batch = max_batch or spec.max_batch
@@ -203,10 +213,13 @@ def write_repository(bundle_dir: str | Path, out: str | Path, max_batch: int | N
         raise InputError(f"--max-batch must be in 1..{spec.max_batch} (the bundle's profile), got {max_batch}")
     if instances < 1 or max_queue_delay_us < 0:
         raise InputError(f"--instances must be >= 1 and --max-queue-delay-us >= 0, got {instances}, {max_queue_delay_us}")
+    preferred_batch = sorted(set(preferred_batch or [max_batch]))
+    if not all(1 <= b <= max_batch for b in preferred_batch):
+        raise InputError(f"--preferred-batch sizes must be in 1..{max_batch} (the max batch), got {preferred_batch}")
     out = Path(out)
     engine, engine_meta = plan_engine(bundle, max_batch)
     tmp = staging_dir(out)
-    configs = {CPU_MODEL: cpu_config(CPU_MODEL, max_batch, instances, max_queue_delay_us, threads),
+    configs = {CPU_MODEL: cpu_config(CPU_MODEL, max_batch, instances, max_queue_delay_us, threads, preferred_batch),
                **gpu_configs(bundle, max_batch, min(spec.opt_batch, max_batch), instances, max_queue_delay_us,
                              engine_meta)}
     for name, text in configs.items():

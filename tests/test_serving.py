@@ -30,7 +30,7 @@ def repository(bundle, tmp_path_factory):
     from edgeseg.export.triton import write_repository
 
     out = tmp_path_factory.mktemp("triton") / "repo"
-    write_repository(bundle, out, max_batch=4, instances=1, max_queue_delay_us=20000)
+    write_repository(bundle, out, max_batch=4, instances=1, max_queue_delay_us=20000, preferred_batch=[2, 4])
     return out
 
 
@@ -42,6 +42,7 @@ def test_every_config_parses_with_tritons_own_schema(repository):
                             "edgeseg_gpu"}
     cpu = configs["edgeseg"]
     assert cpu.backend == "python" and cpu.max_batch_size == 4 and cpu.dynamic_batching.max_queue_delay_microseconds == 20000
+    assert list(cpu.dynamic_batching.preferred_batch_size) == [2, 4]
     assert [i.name for i in cpu.input] == ["IMAGE"] and list(cpu.input[0].dims) == [-1, -1, 3]
     assert cpu.instance_group[0].count == 1
     assert configs["edgeseg_trt"].platform == "tensorrt_plan"
@@ -73,6 +74,9 @@ def test_repository_refuses_bad_options(bundle, tmp_path):
         write_repository(bundle, tmp_path / "r", max_batch=64)
     with pytest.raises(InputError, match="--instances must be >= 1"):
         write_repository(bundle, tmp_path / "r", instances=0)
+    with pytest.raises(InputError, match=r"--preferred-batch sizes must be in 1\.\.4"):
+        write_repository(bundle, tmp_path / "r", preferred_batch=[4, 8])
+    assert not (tmp_path / "r").exists()  # nothing half-written
 
 
 class _FakeBackendUtils:
@@ -324,6 +328,19 @@ def test_a_real_triton_server_serves_the_bundle(repository, bundle, tmp_path):
                 client.infer("edgeseg", [x])
         assert np.array_equal(infer(client, httpclient, pool[0]), expected[0])
         client.close()
+
+        # system shared memory (the serving benchmark's client): the frame and the mask never cross the socket
+        from benchmarks.bench_serving import triton_sender
+
+        same = [k for k, img in enumerate(pool) if img.shape[:2] == sizes[0]]
+        send, close = triton_sender(grpcclient, server.grpc_url, (*sizes[0], 3), shm=True)()
+        try:
+            for k in same[:4]:
+                assert np.array_equal(send(pool[k])[0], expected[k])
+        finally:
+            close()
+        status = grpcclient.InferenceServerClient(server.grpc_url).get_system_shared_memory_status(as_json=True)
+        assert not status.get("regions"), status  # every region unregistered again
     assert server.process.poll() is not None  # reaped
 
 
