@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.timing import interleaved, ratio, strip_samples, with_spread
+from benchmarks.timing import SETTLE_S, interleaved, ratio, strip_samples, with_spread
 from edgeseg.export.config import Config
 from edgeseg.distill.models import UnetSegmenter
 from edgeseg.distill.onnx_export import export_module
@@ -57,7 +57,8 @@ def bench_decoders(cfg: Config, batch: int, threads: int, rounds: int) -> dict:
             params[name] = sum(p.numel() for p in m.parameters())
             path = export_module(m, Path(tmp) / f"{name}.onnx", torch.zeros(1, 3, *hw), ["images"], ["mask_logits"])
             sessions[name] = cpu_session(path, threads)
-        res = interleaved({n: (lambda s=s: s.run(None, {"images": x})) for n, s in sessions.items()}, rounds=rounds)
+        res = interleaved({n: (lambda s=s: s.run(None, {"images": x})) for n, s in sessions.items()}, rounds=rounds,
+                          settle_s=SETTLE_S)
     sweep = {n: {"decoder_channels": list(models[n][1]), "activation": models[n][2], "params": params[n],
                  "median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
                  "speedup_vs_teacher": ratio(res, "teacher_b3_standard", n)} for n, r in res.items()}
@@ -313,10 +314,7 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
             out["site8_synth_images"] = {"frames": len(list(Path(synth).glob("frame_*.png"))),
                                          "synthetic": len(list(Path(synth).glob("synth_*.png"))),
                                          "why_n": "as many as arm d's real site frames: h is d's synthetic counterpart"}
-    jsonl = cfg.stage_dir("distill") / "metrics.jsonl"  # the demo's own student, trained in its own process
-    peaks = [json.loads(l).get("peak_rss_mb") for l in jsonl.read_text().splitlines()] if jsonl.is_file() else []
-    if any(p is not None for p in peaks):
-        out["distill_train_peak_rss_mb"] = max(p for p in peaks if p is not None)
+    out.update(training_peak_memory(cfg))
     if "kd_unlabelled_test_miou_mean" in out:
         out["kd_unlabelled_vs_teacher_test"] = out["kd_unlabelled_test_miou_mean"] / out["teacher_test_miou_mean"]
     if "gain_kd_unlabelled_vs_gt_only_mean" in out:
@@ -326,6 +324,14 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
             f"gain {gain * 100:+.2f} points, std {std * 100:.2f} over {out['gain_kd_unlabelled_vs_gt_only_n']} seeds: "
             + ("beyond 2 std" if gain > 2 * std else "within noise (under 2 std)"))
     return out
+
+
+def training_peak_memory(cfg: Config) -> dict:
+    """``distill_train_peak_rss_mb``: the peak RSS of the demo's own student training (its own process, its metrics)."""
+    jsonl = cfg.stage_dir("distill") / "metrics.jsonl"
+    peaks = [json.loads(line).get("peak_rss_mb") for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
+    peaks = [p for p in peaks if p is not None]
+    return {"distill_train_peak_rss_mb": max(peaks), "distill_train_batch": cfg.train.batch_size} if peaks else {}
 
 
 def run(cfg: Config, rounds: int = 20, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.timing import interleaved, ratio, with_spread
+from benchmarks.timing import SETTLE_S, interleaved, ratio, with_spread
 from edgeseg.export.config import Config
 from edgeseg.runtime.sessions import cpu_session
 
@@ -82,7 +82,8 @@ def _activation_sweep(cfg: Config, tmp: Path, rounds: int) -> dict:
     out = {}
     for threads, tag in ((0, "default_threads"), (1, "threads_1")):
         sessions = {k: cpu_session(p, threads) for k, p in models.items()}
-        res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds)
+        res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds,
+                              settle_s=SETTLE_S)
         out[tag] = {act: {"fp32_ms": res[f"{act}_fp32"]["median_ms"], "u8s8_ms": res[f"{act}_u8s8"]["median_ms"],
                           "u8s8_vs_fp32": ratio(res, f"{act}_fp32", f"{act}_u8s8"),
                           "u8s8_vs_silu_fp32": ratio(res, "silu_fp32", f"{act}_u8s8")} for act in ("silu", "relu")}
@@ -179,7 +180,8 @@ def run(cfg: Config, rounds: int = 20) -> dict:
             tag = "default" if threads == 0 else "1"
             for batch in (1, 8):
                 x = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
-                res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds)
+                res = interleaved({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()}, rounds=rounds,
+                              settle_s=SETTLE_S)
                 out[f"threads_{tag}_batch_{batch}"] = {
                     k: {"median_ms": r["median_ms"], "p10_ms": r["p10_ms"], "p90_ms": r["p90_ms"],
                         "speedup_vs_fp32": ratio(res, "fp32", k)} for k, r in res.items()}

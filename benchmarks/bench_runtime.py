@@ -12,6 +12,7 @@ Headline keys are at the machine's default thread count; ``threads_1`` holds the
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -19,42 +20,54 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.timing import interleaved, strip_samples, with_spread
+from benchmarks.timing import SETTLE_S, interleaved, strip_samples, with_spread
 from edgeseg.export.config import Config
 
 
+log = logging.getLogger(__name__)
+
 HEADLINE = ("runtime_vs_torch_speedup", "runtime_vs_ort_fp32_speedup", "runtime_fp32_vs_torch_fp32_speedup",
             "student_vs_teacher_speedup", "model_only_int8_vs_torch_speedup", "pre_post_share")
+BURST = 3  # calls per sample in the stage split: a serving loop's next call meets what the last one left
 
 
 def run(cfg: Config, rounds: int = 20, batch: int = 8) -> dict:
+    import tempfile
+
     from edgeseg.distill.data import load_sample, split_samples
     from edgeseg.runtime.profiler import sample_images
 
     demo = [load_sample(s)[0] for s in split_samples(cfg, "val")[:batch]]
     vga_frames = sample_images(batch, (480, 640))
+    hd_frames = sample_images(batch, (1080, 1920))
+    bundle = Path(cfg.run_dir) / "bundle"
     out: dict = {"default_threads": os.cpu_count(), "batch": batch,
                  "input_images": f"demo validation images {demo[0].shape[1]}x{demo[0].shape[0]}"}
     for threads in (0, 1):  # 0: ONNX Runtime's and torch's default (every core)
+        log.info("runtime bench, %s threads: 128x128, VGA and 1080p batches (about a minute each), then the "
+                 "VGA stage split", threads or "default")
         small = measure(cfg, demo, rounds, threads)
         vga = measure(cfg, vga_frames, rounds, threads)
+        hd = measure(cfg, hd_frames, max(5, rounds // 2), threads)
         block = {k: small[k] for k in small if k.startswith(HEADLINE)}
         block["pre_post_share_vga"] = vga["pre_post_share"]
+        block["pre_post_share_1080p"] = hd["pre_post_share"]
         block["pre_post_share_128"] = small["pre_post_share"]
         block["stages_ms_batch8"] = small["stages_ms_batch8"]
         block["throughput_ips"] = small["throughput_ips"]
         block["timings"] = small["timings"]
-        block["vga_480x640"] = {k: vga[k] for k in vga if k.startswith(HEADLINE) or k in ("stages_ms_batch8",
-                                                                                     "throughput_ips")}
+        for key, res in (("vga_480x640", vga), ("hd_1080x1920", hd)):
+            block[key] = {k: res[k] for k in res if k.startswith(HEADLINE) or k in ("stages_ms_batch8", "throughput_ips")}
+        with tempfile.TemporaryDirectory() as tmp:
+            block["vga_480x640"]["stages"] = stage_split(bundle, vga_frames, rounds, threads, Path(tmp))
         if threads == 0:
             out.update(block)
         else:
             out["threads_1"] = block
-    out["vga_480x640"]["queue"] = queue_vs_predict(Path(cfg.run_dir) / "bundle", sample_images(64, (480, 640)),
-                                                   rounds, 0)
+    out["vga_480x640"]["queue"] = queue_vs_predict(bundle, sample_images(64, (480, 640)), rounds, 0)
     from benchmarks.memory import serving_memory
 
-    out["memory"] = serving_memory(Path(cfg.run_dir) / "bundle", batch)
+    out["memory"] = serving_memory(bundle, batch)
     out.update({k: out["memory"][k] for k in ("runtime_peak_rss_mb", "bare_session_peak_rss_mb", "runtime_vs_bare_peak_rss")})
     return out
 
@@ -156,26 +169,30 @@ def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) ->
 
     x_torch = torch.from_numpy(prepare(images, spec, BatchBuffers(spec))[0].copy()).contiguous(
         memory_format=torch.channels_last)
-    # Two interleaved groups. torch's OpenMP threads keep spinning for a while after each call,
-    # so an ONNX Runtime call right after a torch call runs on contended cores (at 2 threads the
-    # INT8 model measured 19 ms beside torch and 11 ms alone). The ONNX Runtime comparisons are
-    # timed among themselves, as a deployed runtime (no torch in the process) would run; the
-    # torch comparisons are timed against the same runtime calls in their own group.
+    # Two interleaved groups, with a pause before every call. torch's OpenMP threads and ONNX
+    # Runtime's own (the user's session, which keeps ORT's default) keep spinning for a while after
+    # each call, so a call right after another variant's runs on contended cores (at 2 threads the
+    # INT8 model measured 19 ms beside torch and 11 ms alone; two ORT sessions in turn took 3.3x one
+    # alone). The pause (SETTLE_S) outlasts the spinning. The ONNX Runtime comparisons are timed
+    # among themselves, as a deployed runtime (no torch in the process) would run; the torch
+    # comparisons are timed against the same runtime calls in their own group.
     ort_group = interleaved({
         "runtime_int8_cpu": lambda: int8.predict(images),
         "runtime_fp32": lambda: fp32.predict(images),
         "runtime_teacher_fp32": lambda: fp32_teacher.predict(images),
         "user_ort_fp32": lambda: user(images),
         "model_only_int8_cpu": model_only(int8),
-    }, rounds=rounds)
+    }, rounds=rounds, settle_s=SETTLE_S)
     torch_group = interleaved({
         "runtime_int8_cpu": lambda: int8.predict(images),
         "runtime_fp32": lambda: fp32.predict(images),
         "torch_eager_channels_last": torch_predict,
         "model_only_int8_cpu": model_only(int8),
         "model_only_torch": lambda: torch.no_grad()(cl_student)(x_torch),
-    }, rounds=rounds)
+    }, rounds=rounds, settle_s=SETTLE_S)
     res = {**ort_group, **{k: v for k, v in torch_group.items() if "torch" in k}}
+    log.info("  %dx%d, %s threads: INT8 runtime %.1f ms, torch %.1f ms per batch of %d", *images[0].shape[:2],
+             threads or "default", res["runtime_int8_cpu"]["median_ms"], res["torch_eager_channels_last"]["median_ms"], batch)
     time.sleep(0.5)  # let torch's OpenMP threads stop spinning before the stage split is timed
     per_call = []  # the stage split: medians over calls (one call is one sample of a noisy machine)
     for _ in range(rounds):
@@ -194,4 +211,147 @@ def measure(cfg: Config, images: list[np.ndarray], rounds: int, threads: int) ->
     with_spread(out, "runtime_fp32_vs_torch_fp32_speedup", torch_group, "torch_eager_channels_last", "runtime_fp32")
     with_spread(out, "model_only_int8_vs_torch_speedup", torch_group, "model_only_torch", "model_only_int8_cpu")
     with_spread(out, "student_vs_teacher_speedup", ort_group, "runtime_teacher_fp32", "runtime_fp32")
+    return out
+
+
+def fuse_normalisation(model: Path, out: Path) -> Path:
+    """``model`` with uint8 NHWC input and the normalisation as graph nodes (Cast, Transpose, Mul, Add).
+
+    The graph the runtime would run if the CPU bundle's default were fused preprocessing: the
+    lever weighed in :func:`stage_split` (the model's own nodes are untouched).
+    """
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeseg.runtime.spec import ModelSpec
+
+    spec = ModelSpec.from_onnx(model)
+    m = onnx.load(str(model))
+    g = m.graph
+    name, inner = spec.input_name, spec.input_name + "_normalised"
+    for node in g.node:
+        node.input[:] = [inner if i == name else i for i in node.input]
+    std = np.asarray(spec.std, np.float32)
+    scale = (1.0 / (255.0 * std)).reshape(1, 3, 1, 1).astype(np.float32)
+    bias = (-np.asarray(spec.mean, np.float32) / std).reshape(1, 3, 1, 1).astype(np.float32)
+    g.initializer.extend([numpy_helper.from_array(scale, "edgeseg_norm_scale"),
+                          numpy_helper.from_array(bias, "edgeseg_norm_bias")])
+    pre = [helper.make_node("Cast", [name], ["edgeseg_f32_nhwc"], to=TensorProto.FLOAT),
+           helper.make_node("Transpose", ["edgeseg_f32_nhwc"], ["edgeseg_f32"], perm=[0, 3, 1, 2]),
+           helper.make_node("Mul", ["edgeseg_f32", "edgeseg_norm_scale"], ["edgeseg_scaled"]),
+           helper.make_node("Add", ["edgeseg_scaled", "edgeseg_norm_bias"], [inner])]
+    nodes = pre + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    h, w = spec.image_size
+    del g.input[0]
+    g.input.insert(0, helper.make_tensor_value_info(name, TensorProto.UINT8, ["batch", h, w, 3]))
+    meta = {p.key: p for p in m.metadata_props}
+    io = json.loads(meta["edgeseg.io"].value)
+    io["input_layout"] = "NHWC-uint8"
+    meta["edgeseg.io"].value = json.dumps(io)
+    onnx.save(m, str(out))
+    return out
+
+
+def stage_split(bundle: Path, frames: list[np.ndarray], rounds: int, threads: int, tmp: Path) -> dict:
+    """Where a camera batch's pre- and post-processing time goes, and what each lever buys.
+
+    ``stages_ms``: each step of the serial path timed alone in one thread, steps interleaved
+    round by round (letterbox resize, its padded copy into the batch buffer, normalisation, the
+    model, the mask's crop and resize, the threshold), beside the uint8 mask path's steps.
+    ``paths``: end to end through ``Segmenter.predict``, bursts of BURST calls interleaved with a
+    pause between them (ONNX Runtime's spinning threads would otherwise carry one variant's
+    load into the next): the old defaults (serial per-image work, float masks, ONNX Runtime's
+    threads spinning), then one lever added at a time; each with its pre, post and their share.
+    """
+    import cv2
+
+    from edgeseg.runtime import Segmenter
+    from edgeseg.runtime.pipeline import QUANT_STEPS, BatchBuffers, score_cut
+    from edgeseg.runtime.preprocess import normalise_batch, place, resize_image
+
+    from benchmarks.memory import cpu_model
+
+    def seg(model=bundle, **kw):
+        return Segmenter(model, backend="onnxruntime-cpu", threads=threads, **kw)
+
+    fused_model = fuse_normalisation(cpu_model(bundle), tmp / "model.fused.onnx")
+    segs = {"old_defaults": seg(pre_threads=1, exact_masks=True, spin_after_run=True),
+            "threads": seg(exact_masks=True, spin_after_run=True),
+            "stop_spinning": seg(pre_threads=1, exact_masks=True),
+            "stop_spinning_threads": seg(exact_masks=True),
+            "stop_spinning_threads_uint8_masks": seg(),
+            "stop_spinning_threads_uint8_masks_fused": seg(fused_model)}
+    default = "stop_spinning_threads_uint8_masks"  # what Segmenter() does now
+    int8 = segs["old_defaults"]
+    spec = int8.spec
+    placements = [place(f.shape[:2], spec.image_size, spec.resize) for f in frames]
+    resized = [resize_image(f, (p.height, p.width)) for f, p in zip(frames, placements)]
+    batch = BatchBuffers(spec).uint8(len(frames))
+    feed = normalise_batch(batch, spec.mean, spec.std)
+    logits = int8.runner.infer(feed).copy()
+    cut, steps = score_cut(spec), QUANT_STEPS[spec.output]
+    crops = [np.ascontiguousarray(s[0, p.top:p.top + p.height, p.left:p.left + p.width]) for s, p in zip(logits, placements)]
+    scores = [cv2.resize(c, (p.src_hw[1], p.src_hw[0])) for c, p in zip(crops, placements)]
+    quantised = [np.clip(np.ceil((c - cut) * steps) + 128, 0, 255).astype(np.uint8) for c in crops]
+    big_u8 = [cv2.resize(q, (p.src_hw[1], p.src_hw[0])) for q, p in zip(quantised, placements)]
+
+    def pad_copy():
+        for r, p, slot in zip(resized, placements, batch):
+            cv2.copyMakeBorder(r, p.top, p.dst_hw[0] - p.top - p.height, p.left, p.dst_hw[1] - p.left - p.width,
+                               cv2.BORDER_CONSTANT, dst=slot, value=tuple(int(v) for v in spec.pad_value))
+
+    steps_res = interleaved({
+        "letterbox_resize": lambda: [resize_image(f, (p.height, p.width)) for f, p in zip(frames, placements)],
+        "letterbox_pad_copy": pad_copy,
+        "normalisation": lambda: normalise_batch(batch, spec.mean, spec.std, out=feed),
+        "infer": lambda: segs["stop_spinning"].runner.infer(feed),
+        "mask_crop_resize": lambda: [cv2.resize(np.ascontiguousarray(s[0, p.top:p.top + p.height, p.left:p.left + p.width]),
+                                                (p.src_hw[1], p.src_hw[0])) for s, p in zip(logits, placements)],
+        "threshold": lambda: [np.greater(s, cut).view(np.uint8) for s in scores],
+        "uint8_mask_quantise": lambda: [np.clip(np.ceil((c - cut) * steps) + 128, 0, 255).astype(np.uint8) for c in crops],
+        "uint8_mask_resize": lambda: [cv2.resize(q, (p.src_hw[1], p.src_hw[0])) for q, p in zip(quantised, placements)],
+        "uint8_threshold_in_place": lambda: [cv2.threshold(b, 128, 1, cv2.THRESH_BINARY, dst=b) for b in big_u8],
+    }, rounds=rounds, settle_s=SETTLE_S)
+    stages = {k: r["median_ms"] for k, r in steps_res.items()}
+    serial_steps = ("letterbox_resize", "letterbox_pad_copy", "normalisation", "mask_crop_resize", "threshold")
+
+    calls: dict[str, list[dict]] = {k: [] for k in segs}
+
+    def burst(name):
+        def fn():
+            for _ in range(BURST):
+                segs[name].predict(frames)
+                calls[name].append(dict(segs[name].last_timings_ms))
+        return fn
+
+    ends = interleaved({k: burst(k) for k in segs}, rounds=rounds, settle_s=SETTLE_S)
+    paths = {}
+    for name, cs in calls.items():
+        cs = cs[-rounds * BURST:]  # the timed rounds, not the warm-up
+        med = {k: float(np.median([c[k] for c in cs])) for k in ("preprocess", "infer", "postprocess", "total")}
+        paths[name] = {**{f"{k}_ms": v for k, v in med.items()},
+                       "pre_post_share": (med["preprocess"] + med["postprocess"]) / med["total"],
+                       "call_median_ms": ends[name]["median_ms"] / BURST, "call_p10_ms": ends[name]["p10_ms"] / BURST,
+                       "call_p90_ms": ends[name]["p90_ms"] / BURST}
+    exact = segs["stop_spinning_threads"].predict(frames)
+    fast = segs[default].predict(frames)
+    moved = sum(int((a != b).sum()) for a, b in zip(exact, fast))
+    workers = segs[default]._workers.threads
+    for s in segs.values():
+        s.close()
+    out = {"frames": len(frames), "frame_size": list(frames[0].shape[:2]), "threads": threads or "default",
+           "pre_threads": workers, "stages_ms": stages,
+           "stages_p10_ms": {k: r["p10_ms"] for k, r in steps_res.items()},
+           "stages_p90_ms": {k: r["p90_ms"] for k, r in steps_res.items()},
+           "pre_post_share_serial_steps": sum(stages[k] for k in serial_steps) / (
+               sum(stages[k] for k in serial_steps) + stages["infer"]),
+           "paths": paths, "default_path": default, "pre_post_share": paths[default]["pre_post_share"],
+           "uint8_masks_moved_pixels": moved, "uint8_masks_moved_share": moved / sum(m.size for m in exact)}
+    for name in segs:
+        if name != "old_defaults":
+            with_spread(out, f"{name}_vs_old_defaults_speedup", ends, "old_defaults", name)
     return out

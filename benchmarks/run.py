@@ -6,7 +6,9 @@
 (the speed figures there stay as they were measured); ``--only generator`` measures the shipped
 generator's KID and updates its keys in ``calibration.json``; ``--only site`` runs the site arms (g, h, i)
 beside a, c and d and updates the ``site8*`` keys of ``distill.json``; ``--only site_check`` validates
-``edgeseg runtime check`` on the demo (``site_check.json``).
+``edgeseg runtime check`` on the demo (``site_check.json``); ``--only memory`` records the peak RSS of the
+run's own training and synthesis processes (``distill_train_peak_rss_mb`` in ``distill.json``,
+``calibration_synth_peak_rss_mb`` in ``calibration.json``) without rerunning those benchmarks.
 
 Needs the demo's artifacts (``make demo``): the benchmarks measure what the pipeline built.
 """
@@ -48,7 +50,7 @@ def main(config_path, overrides, verbose, only, rounds, seeds, arms):
     use_schema(Config)  # the whole file's schema, as the `edgeseg` command hands it to the stages
     cfg = load(config_path, overrides, max(verbose, 1))  # info: minutes of training must show in the log
     wanted = [b.strip() for b in only.split(",") if b.strip()]
-    unknown = set(wanted) - set(BENCHES) - {"seeds", "generator", "site"}
+    unknown = set(wanted) - set(BENCHES) - {"seeds", "generator", "site", "memory"}
     if unknown:
         raise click.BadParameter(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,18 @@ def main(config_path, overrides, verbose, only, rounds, seeds, arms):
                           site8_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             path.write_text(json.dumps(result, indent=1, default=str))
             print(f"  -> {path} (site arms, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            continue
+        if name == "memory":  # the stages' own processes recorded their peaks: copy them into the results
+            from benchmarks.bench_calibration import peak_memory
+            from benchmarks.bench_distill import training_peak_memory
+
+            for file, found in (("distill.json", training_peak_memory(cfg)), ("calibration.json", peak_memory(cfg))):
+                path = RESULTS / file
+                result = json.loads(path.read_text()) if path.is_file() else {}
+                result.update(found, peak_memory_run_dir=str(cfg.run_dir),
+                              peak_memory_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                path.write_text(json.dumps(result, indent=1, default=str))
+                print(f"  -> {path} {found}", file=sys.stderr)
             continue
         if name == "generator":  # updates the generator keys of calibration.json, the rest stays as measured
             from benchmarks.bench_generator import run as run_generator

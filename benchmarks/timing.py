@@ -10,15 +10,27 @@ import statistics
 import time
 from typing import Callable
 
+# A pause longer than ONNX Runtime's ~50 ms of spinning after a call (see ``interleaved``).
+SETTLE_S = 0.08
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int = 20, warmup: int = 2) -> dict[str, dict]:
-    """{name: {"median_ms", "p10_ms", "p90_ms", "n", "samples_ms"}} over ``rounds`` interleaved calls of each."""
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int = 20, warmup: int = 2,
+                settle_s: float = 0.0) -> dict[str, dict]:
+    """{name: {"median_ms", "p10_ms", "p90_ms", "n", "samples_ms"}} over ``rounds`` interleaved calls of each.
+
+    ``settle_s``: an untimed pause before every call. ONNX Runtime's intra-op threads spin for
+    about 50 ms after each call (measured here: 49 ms of CPU in a 100 ms sleep after one), so a
+    variant timed right after another session's call shares the cores with its spinning threads;
+    a pause of more than that times each variant on a machine its predecessor has left.
+    """
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            if settle_s:
+                time.sleep(settle_s)
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1000)

@@ -118,6 +118,21 @@ def test_the_users_ort_baseline_segments_like_the_runtime(tiny_onnx):  # noqa: F
         assert a.shape == b.shape and (a == b).mean() > 0.98
 
 
+def test_the_fused_normalisation_lever_serves_the_same_masks(tiny_onnx, tmp_path):  # noqa: F811
+    """The stage split's fused variant: uint8 NHWC in, the normalisation as graph nodes, the same model after it."""
+    from benchmarks.bench_runtime import fuse_normalisation
+    from edgeseg.runtime import Segmenter
+
+    path, _ = tiny_onnx
+    fused = fuse_normalisation(path, tmp_path / "fused.onnx")
+    images = _images([(48, 64), (64, 64), (480, 640)])
+    with Segmenter(path, backend="onnxruntime-cpu", threads=1) as plain, \
+            Segmenter(fused, backend="onnxruntime-cpu", threads=1) as inside:
+        assert inside.spec.fused and not plain.spec.fused
+        for a, b in zip(plain.predict(images), inside.predict(images)):
+            assert a.shape == b.shape and (a != b).mean() < 1e-3
+
+
 def test_work_and_peak_for_the_share_of_the_hardware(tmp_path):
     """Multiply-adds counted from the graph by hand, the peak formula on a given cpuinfo, a real profiled session."""
     import onnx
