@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
 import cv2
@@ -55,7 +55,10 @@ class Workers:
                 fn(i)
 
         futures = [self._pool.submit(chunk, k) for k in range(1, n)]
-        chunk(0)
+        try:
+            chunk(0)
+        finally:
+            wait(futures)  # no chunk outlives the call, even when this thread's chunk failed
         for f in futures:
             f.result()  # re-raises a worker's error here
 

@@ -474,6 +474,7 @@ def test_serving_memory_does_not_grow_with_the_requests_served(tiny_onnx):  # no
 
 def test_workers_run_every_image_once_and_raise_a_workers_error():
     import threading
+    import time
 
     from edgeseg.runtime.pipeline import Workers
 
@@ -494,6 +495,17 @@ def test_workers_run_every_image_once_and_raise_a_workers_error():
 
     with pytest.raises(ValueError, match="image 7"):
         workers.each(bad, 8, pixels=10**6)
+    done = []
+
+    def first_fails(i):
+        if i == 0:  # this thread's chunk fails while the pool's is still at work
+            raise ValueError("image 0 is bad")
+        time.sleep(0.05)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="image 0"):
+        workers.each(first_fails, 2, pixels=10**6)
+    assert done == [1]  # no chunk outlives the call: it never writes into the next call's buffers
     seen.clear()
     workers.each(one, 8, pixels=100)  # too little work to hand over: all in the caller's thread
     assert sorted(seen) == list(range(8))
