@@ -35,7 +35,7 @@ from edgeseg.calibration.screen import Candidate, Screen, pool_file
 from edgeseg.calibration.config import CalibratedConfig
 from edgeseg.distill.config import config_to_dict
 from edgeseg.distill.data import split_samples
-from edgeseg.distill.device import use_device
+from edgeseg.distill.device import peak_device_mb, use_device
 from edgeseg.distill.models import load_model
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.profiler import peak_rss_mb
@@ -325,6 +325,8 @@ class Synthesizer:
         manifest = self._manifest(pool, screen, kept, surplus, rounds, teacher_masks, bool(pool_pairs))
         manifest["seconds"] = {"generate": t_gen, "total": time.perf_counter() - t0}
         manifest["peak_rss_mb"] = peak_rss_mb()  # generator training (if it ran here), sampling and the filters
+        if (device_peak := peak_device_mb(self.device)) is not None:
+            manifest["peak_cuda_mb"] = device_peak
         self._write(out_dir, kept, manifest, teacher_masks, {pool_file(c): c for c in pool_pairs})
         manifest["seconds"]["total"] = time.perf_counter() - t0
         log.info("%d of %d generated images passed the filters (%s); wrote %d in %.0f s -> %s", len(screen.passing),

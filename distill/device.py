@@ -31,3 +31,10 @@ def use_device(device: str, threads: int, local_rank: int = 0) -> torch.device:
     """The config's device, with its thread count applied: what every torch entry point starts with."""
     apply_threads(threads)
     return resolve_device(device, local_rank)
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    """The peak GPU memory torch has allocated on ``device`` so far, in MiB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20

@@ -30,7 +30,7 @@ import torch.nn as nn
 from edgeseg.distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from edgeseg.distill.config import DistillConfig, TrainConfig, config_to_dict
 from edgeseg.distill.data import SegmentationDataset, StudentData, split_samples, student_data
-from edgeseg.distill.device import use_device
+from edgeseg.distill.device import peak_device_mb, use_device
 from edgeseg.distill.distributed import all_finite, barrier, init_distributed, main_first
 from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_loader, predict_logits, score
 from edgeseg.distill.job import TrainJob
@@ -318,6 +318,8 @@ class Trainer:
         record.update(self._epoch_terms(sums, seen))
         record["epoch_time_s"] = time.perf_counter() - t_epoch
         record["peak_rss_mb"] = peak_rss_mb()  # this process's peak so far (machine-dependent, like the time)
+        if (device_peak := peak_device_mb(self.device)) is not None:
+            record["peak_cuda_mb"] = device_peak
         if self.is_main and (self.epoch % train.eval_every == 0 or self.epoch == train.epochs):
             record.update(self._validate())
             self.last_metrics = record

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -121,6 +122,8 @@ def test_trainer_on_cuda_with_amp_resumes_exactly(tiny_run, tmp_path):
     for name, value in ca["student"].items():
         assert torch.equal(value, cb["student"][name]), name
     assert np.isfinite(ca["metrics"]["loss"])
+    records = [json.loads(line) for line in (tmp_path / "a" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["peak_cuda_mb"] > 0 for r in records)  # the device's peak beside the process's RSS
 
 
 @pytest.mark.gpu

@@ -70,6 +70,7 @@ def _records(run_dir):
     for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert record.pop("epoch_time_s") > 0 and record.pop("peak_rss_mb") > 0
+        assert "peak_cuda_mb" not in record  # the device's peak is recorded on CUDA only (tests/test_gpu.py)
         out.append(record)
     return out
 
