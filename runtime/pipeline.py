@@ -37,13 +37,14 @@ class Workers:
     """
 
     def __init__(self, threads: int = 0, min_pixels: int = 64 * 64 * 8):
-        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.threads = max(1, threads or usable_cores())
         self.min_pixels = min_pixels
         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="edgeseg-pre") if self.threads > 1 else None
 
     def each(self, fn: Callable[[int], None], count: int, pixels: int = 0) -> None:
         """``fn(i)`` for every ``i`` in ``range(count)``; ``pixels``: the batch's source pixels (to decide)."""
-        n = min(self.threads, count, max(1, pixels // self.min_pixels)) if self._pool else 1
+        pool = self._pool
+        n = min(self.threads, count, max(1, pixels // self.min_pixels)) if pool else 1
         if n <= 1:
             for i in range(count):
                 fn(i)
@@ -54,7 +55,7 @@ class Workers:
             for i in range(bounds[k], bounds[k + 1]):
                 fn(i)
 
-        futures = [self._pool.submit(chunk, k) for k in range(1, n)]
+        futures = [pool.submit(chunk, k) for k in range(1, n)]
         try:
             chunk(0)
         finally:
@@ -69,6 +70,14 @@ class Workers:
 
 
 _SERIAL = Workers(1)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container may limit), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class BatchBuffers:
@@ -160,8 +169,14 @@ def finish(output: np.ndarray, placements: Sequence[Placement], spec: ModelSpec,
 _scratch = threading.local()
 
 
-def _float_scratch(hw: tuple[int, int]) -> np.ndarray:
-    """This thread's reusable float image of ``hw`` (the resized scores before thresholding)."""
+SCRATCH_MAX_PIXELS = 1080 * 1920  # larger frames get a fresh array each time: no thread keeps more than 8 MiB
+
+
+def _float_scratch(hw: tuple[int, int]) -> np.ndarray | None:
+    """This thread's reusable float image of ``hw`` (the resized scores before thresholding), or None
+    above SCRATCH_MAX_PIXELS (OpenCV then allocates)."""
+    if hw[0] * hw[1] > SCRATCH_MAX_PIXELS:
+        return None
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.shape != hw:
         buf = _scratch.buf = np.empty(hw, np.float32)

@@ -213,8 +213,10 @@ class Segmenter:
         if self._batcher is not None:
             self._batcher.close(cancel=cancel)
         with self._lock:  # after the last batch: no model call can be running
-            self.runner.deactivate()
-            self._workers.close()
+            try:
+                self.runner.deactivate()
+            finally:
+                self._workers.close()
 
     def __enter__(self) -> "Segmenter":
         return self

@@ -528,8 +528,9 @@ def test_float_masks_are_todays_bit_for_bit_in_any_thread():
 
     from edgeseg.runtime.pipeline import Workers, masks_at_source
 
-    logits = _smooth_logits(4, (64, 64))
-    placements = [place(hw, (64, 64)) for hw in ((480, 640), (1080, 1920), (64, 64), (50, 90))]
+    logits = _smooth_logits(5, (64, 64))
+    # (1200, 2000): above SCRATCH_MAX_PIXELS, resized without the thread's scratch buffer
+    placements = [place(hw, (64, 64)) for hw in ((480, 640), (1080, 1920), (64, 64), (50, 90), (1200, 2000))]
     ref = []
     for s, p in zip(logits[:, 0], placements):  # the formula, written out
         crop = np.ascontiguousarray(s[p.top:p.top + p.height, p.left:p.left + p.width])
