@@ -270,7 +270,7 @@ def stage_split(bundle: Path, frames: list[np.ndarray], rounds: int, threads: in
     import cv2
 
     from edgeseg.runtime import Segmenter
-    from edgeseg.runtime.pipeline import QUANT_STEPS, BatchBuffers, score_cut
+    from edgeseg.runtime.pipeline import QUANT_STEPS, BatchBuffers, prepare, score_cut
     from edgeseg.runtime.preprocess import normalise_batch, place, resize_image
 
     from benchmarks.memory import cpu_model
@@ -285,13 +285,17 @@ def stage_split(bundle: Path, frames: list[np.ndarray], rounds: int, threads: in
             "stop_spinning_threads": seg(exact_masks=True),
             "stop_spinning_threads_uint8_masks": seg(),
             "stop_spinning_threads_uint8_masks_fused": seg(fused_model)}
+    if segs["threads"]._workers.threads == 1:  # at 1 thread the thread levers are the serial paths again
+        for name in ("threads", "stop_spinning_threads"):
+            segs.pop(name).close()
     default = "stop_spinning_threads_uint8_masks"  # what Segmenter() does now
     int8 = segs["old_defaults"]
     spec = int8.spec
     placements = [place(f.shape[:2], spec.image_size, spec.resize) for f in frames]
     resized = [resize_image(f, (p.height, p.width)) for f, p in zip(frames, placements)]
     batch = BatchBuffers(spec).uint8(len(frames))
-    feed = normalise_batch(batch, spec.mean, spec.std)
+    feed, _ = prepare(frames, spec, BatchBuffers(spec))  # the frames' own input: their logits feed the mask steps
+    feed = feed.copy()
     logits = int8.runner.infer(feed).copy()
     cut, steps = score_cut(spec), QUANT_STEPS[spec.output]
     crops = [np.ascontiguousarray(s[0, p.top:p.top + p.height, p.left:p.left + p.width]) for s, p in zip(logits, placements)]
@@ -337,7 +341,8 @@ def stage_split(bundle: Path, frames: list[np.ndarray], rounds: int, threads: in
                        "pre_post_share": (med["preprocess"] + med["postprocess"]) / med["total"],
                        "call_median_ms": ends[name]["median_ms"] / BURST, "call_p10_ms": ends[name]["p10_ms"] / BURST,
                        "call_p90_ms": ends[name]["p90_ms"] / BURST}
-    exact = segs["stop_spinning_threads"].predict(frames)
+    with seg(exact_masks=True) as reference:
+        exact = reference.predict(frames)
     fast = segs[default].predict(frames)
     moved = sum(int((a != b).sum()) for a, b in zip(exact, fast))
     workers = segs[default]._workers.threads

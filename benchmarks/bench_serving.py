@@ -45,7 +45,7 @@ TWO_INSTANCES = {"instances": 2, "max_queue_delay_us": 2000, "preferred_batch": 
 
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
     """(median, p10, p90) of ``values``."""
-    q = statistics.quantiles(values, n=10) if len(values) >= 2 else [values[0]] * 9
+    q = statistics.quantiles(values, n=10, method="inclusive") if len(values) >= 2 else [values[0]] * 9
     return statistics.median(values), q[0], q[-1]
 
 
@@ -79,6 +79,8 @@ def _load(make, images, requests: int) -> tuple[float, list[float]]:
     for t in threads:
         t.join(600)
     wall = time.perf_counter() - t0
+    if any(t.is_alive() for t in threads):  # never release a region a request may still be using
+        raise RuntimeError(f"a client did not finish {requests} requests in 600 s")
     for _, close in senders:
         close()
     if errors:
@@ -104,11 +106,31 @@ def triton_sender(module, url: str, shape: tuple[int, ...], shm: bool = False):
         import tritonclient.utils.shared_memory as shm_util
 
         tag = uuid.uuid4().hex[:12]
-        regions = {}
-        for kind, size in (("in", image_bytes), ("out", image_bytes // 3)):
-            name, key = f"edgeseg_{kind}_{tag}", f"/edgeseg_{kind}_{tag}"
-            regions[kind] = (name, shm_util.create_shared_memory_region(name, key, size), size)
-            client.register_system_shared_memory(name, key, size)
+        regions, registered = {}, []
+
+        def close():
+            """Unregister and destroy every region made so far, then close the client; the first error after."""
+            errors = []
+            for name, handle, _ in regions.values():
+                try:
+                    if name in registered:
+                        _unregister(client, name)
+                except Exception as e:  # noqa: BLE001  (the others are still released)
+                    errors.append(e)
+                shm_util.destroy_shared_memory_region(handle)
+            client.close()
+            if errors:
+                raise errors[0]
+
+        try:
+            for kind, size in (("in", image_bytes), ("out", image_bytes // 3)):
+                name, key = f"edgeseg_{kind}_{tag}", f"/edgeseg_{kind}_{tag}"
+                regions[kind] = (name, shm_util.create_shared_memory_region(name, key, size), size)
+                client.register_system_shared_memory(name, key, size)
+                registered.append(name)
+        except Exception:
+            close()
+            raise
 
         def send(image):
             name, handle, size = regions["in"]
@@ -121,11 +143,6 @@ def triton_sender(module, url: str, shape: tuple[int, ...], shm: bool = False):
             client.infer("edgeseg", [x], outputs=[y])
             return shm_util.get_contents_as_numpy(out_handle, np.uint8, mask_shape).copy()
 
-        def close():
-            for name, handle, _ in regions.values():
-                _unregister(client, name)
-                shm_util.destroy_shared_memory_region(handle)
-            client.close()
         return send, close
     return make
 
