@@ -270,8 +270,8 @@ def stage_split(bundle: Path, frames: list[np.ndarray], rounds: int, threads: in
     import cv2
 
     from edgeseg.runtime import Segmenter
-    from edgeseg.runtime.pipeline import QUANT_STEPS, BatchBuffers, prepare, score_cut
-    from edgeseg.runtime.preprocess import normalise_batch, place, resize_image
+    from edgeseg.runtime.pipeline import QUANT_STEPS, BatchBuffers, prepare, quantise_scores, score_cut
+    from edgeseg.runtime.preprocess import normalise_batch, pad_into, place, resize_image
 
     from benchmarks.memory import cpu_model
 
@@ -300,13 +300,12 @@ def stage_split(bundle: Path, frames: list[np.ndarray], rounds: int, threads: in
     cut, steps = score_cut(spec), QUANT_STEPS[spec.output]
     crops = [np.ascontiguousarray(s[0, p.top:p.top + p.height, p.left:p.left + p.width]) for s, p in zip(logits, placements)]
     scores = [cv2.resize(c, (p.src_hw[1], p.src_hw[0])) for c, p in zip(crops, placements)]
-    quantised = [np.clip(np.ceil((c - cut) * steps) + 128, 0, 255).astype(np.uint8) for c in crops]
+    quantised = [quantise_scores(c, cut, steps) for c in crops]
     big_u8 = [cv2.resize(q, (p.src_hw[1], p.src_hw[0])) for q, p in zip(quantised, placements)]
 
     def pad_copy():
         for r, p, slot in zip(resized, placements, batch):
-            cv2.copyMakeBorder(r, p.top, p.dst_hw[0] - p.top - p.height, p.left, p.dst_hw[1] - p.left - p.width,
-                               cv2.BORDER_CONSTANT, dst=slot, value=tuple(int(v) for v in spec.pad_value))
+            pad_into(r, p, spec.pad_value, slot)
 
     steps_res = interleaved({
         "letterbox_resize": lambda: [resize_image(f, (p.height, p.width)) for f, p in zip(frames, placements)],
@@ -316,7 +315,7 @@ def stage_split(bundle: Path, frames: list[np.ndarray], rounds: int, threads: in
         "mask_crop_resize": lambda: [cv2.resize(np.ascontiguousarray(s[0, p.top:p.top + p.height, p.left:p.left + p.width]),
                                                 (p.src_hw[1], p.src_hw[0])) for s, p in zip(logits, placements)],
         "threshold": lambda: [np.greater(s, cut).view(np.uint8) for s in scores],
-        "uint8_mask_quantise": lambda: [np.clip(np.ceil((c - cut) * steps) + 128, 0, 255).astype(np.uint8) for c in crops],
+        "uint8_mask_quantise": lambda: [quantise_scores(c, cut, steps) for c in crops],
         "uint8_mask_resize": lambda: [cv2.resize(q, (p.src_hw[1], p.src_hw[0])) for q, p in zip(quantised, placements)],
         "uint8_threshold_in_place": lambda: [cv2.threshold(b, 128, 1, cv2.THRESH_BINARY, dst=b) for b in big_u8],
     }, rounds=rounds, settle_s=SETTLE_S)

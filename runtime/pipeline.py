@@ -166,6 +166,16 @@ def finish(output: np.ndarray, placements: Sequence[Placement], spec: ModelSpec,
                            workers=workers, quant_steps=steps)
 
 
+def quantise_scores(scores: np.ndarray, cut: float, steps: float) -> np.ndarray:
+    """``ceil((scores - cut) * steps) + 128`` clipped to 0..255, as uint8: above 128 exactly where above the cut."""
+    q = np.subtract(scores, cut, dtype=np.float32)
+    q *= steps
+    np.ceil(q, out=q)
+    q += 128
+    np.clip(q, 0, 255, out=q)
+    return q.astype(np.uint8)
+
+
 _scratch = threading.local()
 
 
@@ -218,12 +228,7 @@ def masks_at_source(output: np.ndarray, placements: Sequence[Placement], cut: fl
         if crop.shape == p.src_hw:
             np.greater(crop, cut, out=mask.view(bool))  # bool written as 0/1 uint8
         elif quant_steps and not nearest:
-            q = np.subtract(crop, cut, dtype=np.float32)
-            q *= quant_steps
-            np.ceil(q, out=q)
-            q += 128
-            np.clip(q, 0, 255, out=q)
-            cv2.resize(q.astype(np.uint8), size, dst=mask, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(quantise_scores(crop, cut, quant_steps), size, dst=mask, interpolation=cv2.INTER_LINEAR)
             cv2.threshold(mask, 128, 1, cv2.THRESH_BINARY, dst=mask)
         else:
             dst = _float_scratch(p.src_hw) if crop.dtype == np.float32 else None

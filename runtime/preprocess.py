@@ -64,11 +64,17 @@ def fit_image(image: np.ndarray, dst_hw: Sequence[int], mode: ResizeMode = "lett
         resized = image
     else:
         resized = resize_image(image, (p.height, p.width))
+    pad_into(resized, p, pad_value, out)
+    return out, p
+
+
+def pad_into(resized: np.ndarray, p: Placement, pad_value: Sequence[int], out: np.ndarray) -> np.ndarray:
+    """Copy the image resized to (p.height, p.width) into ``out`` at its placement, padding the rest."""
     bottom, right = p.dst_hw[0] - p.top - p.height, p.dst_hw[1] - p.left - p.width
     # the padded copy written straight into ``out`` (a numpy broadcast fill costs 50x more)
     cv2.copyMakeBorder(resized, p.top, bottom, p.left, right, cv2.BORDER_CONSTANT, dst=out,
                        value=tuple(int(v) for v in pad_value))
-    return out, p
+    return out
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
