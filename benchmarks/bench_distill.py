@@ -72,7 +72,9 @@ def bench_iobinding(cfg: Config, batch: int, rounds: int, threads: int = 0) -> d
     from edgeseg.distill.feature_onnx import expose_tensor
     from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
 
-    exposed = expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor)
+    from edgeseg.distill.teachers import feature_teacher_model
+
+    exposed = expose_tensor(feature_teacher_model(cfg), cfg.feature_teacher.tensor)
     teacher = OnnxFeatureTeacher(exposed, "cpu", cfg.data.mean, cfg.data.std, threads=threads)
     images = torch.randn(batch, 3, *cfg.data.image_size)
     first = teacher(images)
@@ -134,6 +136,8 @@ def _arm_config(cfg: Config, arm: str, seed: int) -> tuple[Config, str]:
     own under <run_dir>/seeds, sharing the data, the teacher and the feature teacher."""
     from edgeseg.distill.config import config_to_dict, parse_config
 
+    from edgeseg.distill.teachers import feature_teacher_model
+
     role, changes, _ = ARMS[arm]
     if seed == cfg.seed and arm in ("gt_only", "kd_site"):
         return cfg, role  # make distill trained these two
@@ -142,7 +146,7 @@ def _arm_config(cfg: Config, arm: str, seed: int) -> tuple[Config, str]:
     raw.update(seed=seed, run_dir=str(cfg.stage_dir("seeds") / f"seed{seed}-{arm}"))
     raw["data"]["root"] = str(cfg.data_root)
     raw["teacher"]["checkpoint"] = str(cfg.teacher_checkpoint)
-    raw["feature_teacher"]["onnx"] = str(cfg.feature_teacher_onnx)
+    raw["feature_teacher"]["onnx"] = str(feature_teacher_model(cfg))
     for key, value in changes.items():
         *sections, field = key.split(".")
         node = raw

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgeseg.runtime.console import configure_logging, exit_on_user_error
+from edgeseg.runtime.console import configure_logging, exit_on_user_error, hidden_alias
 from edgeseg.runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -94,19 +94,28 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_dat
 @config_options
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (checkpoint, exit 0).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing last.pt and start over.")
+@click.option("--ship", is_flag=True,
+              help="When training has finished, write the teacher as the shipped demo teacher (fp16, SHA-256) "
+                   "under distill/assets/demo_teachers (make teacher).")
 @exit_on_user_error
-def train_teacher(config_path, overrides, verbose, max_steps, fresh):
-    """Train the B3 teacher on ground truth (the demo's `make teacher`)."""
+def train_teacher(config_path, overrides, verbose, max_steps, fresh, ship):
+    """Train the B3 teacher on ground truth until val mIoU stops improving (the demo's `make teacher`)."""
     from edgeseg.distill.job import job_for
     from edgeseg.distill.trainer import Trainer
 
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "teacher")
     metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh).run()
-    click.echo(json.dumps({"checkpoint": str(job.out_dir / "best.pt"), **_plain(metrics)}))
+    out = {"checkpoint": str(job.out_dir / "best.pt"), **_plain(metrics)}
+    if ship and (job.out_dir / "last.pt").is_file():
+        from edgeseg.distill.shipped import ship_teacher
+
+        meta = ship_teacher(cfg, job.out_dir, _command(config_path, overrides, "train-teacher --ship"))
+        out["shipped"] = {"sha256": meta["sha256"], "val_miou_fp16": meta["val_miou_fp16"], "bytes": meta["bytes"]}
+    click.echo(json.dumps(out))
 
 
-@main.command("run-dir")
+@main.command("run-dir", hidden=True)
 @config_options
 @exit_on_user_error
 def run_dir(config_path, overrides, verbose):
@@ -114,34 +123,85 @@ def run_dir(config_path, overrides, verbose):
     click.echo(load(config_path, overrides, verbose).run_dir)
 
 
-@main.command("export-feature-teacher")
+@main.command("train-feature-teacher")
 @config_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output ONNX (default: <run_dir>/feature_teacher/featext.onnx).")
 @click.option("--fresh", is_flag=True, help="Retrain even if an up-to-date model is there.")
+@click.option("--ship", is_flag=True,
+              help="Write the trained detector as the shipped demo feature teacher (fp16, SHA-256) under "
+                   "distill/assets/demo_teachers (make teacher).")
 @exit_on_user_error
-def export_feature_teacher(config_path, overrides, verbose, out, fresh):
-    """Demo only: train the stand-in feature teacher (a person detector) on the teacher corpus, export ONNX."""
+def train_feature_teacher(config_path, overrides, verbose, out, fresh, ship):
+    """Demo only: train the stand-in feature teacher (a person detector) on the teacher corpus until its val
+    loss stops improving, and export it to ONNX."""
+    from edgeseg.distill.config import config_to_dict
     from edgeseg.distill.data import split_samples
     from edgeseg.distill.demo_feature_teacher import export_demo_feature_teacher, train_demo_detector
 
     cfg = load(config_path, overrides, max(verbose, 1))
-    path = Path(out or cfg.feature_teacher_onnx)
+    path = Path(out or cfg.stage_dir("feature_teacher") / "featext.onnx")
     samples = split_samples(cfg, "teacher")
-    from edgeseg.distill.config import config_to_dict
-
-    key = {"version": 2, "images": len(samples), "image_size": list(cfg.data.image_size),
-           "epochs": cfg.feature_teacher.demo_epochs, "seed": cfg.seed, "split": cfg.data.teacher_split or "train",
+    ft = cfg.feature_teacher
+    key = {"version": 3, "images": len(samples), "image_size": list(cfg.data.image_size), "epochs": ft.demo_epochs,
+           "patience": ft.demo_patience, "seed": cfg.seed, "split": cfg.data.teacher_split or "train",
            "demo": config_to_dict(cfg.data.demo) if cfg.data.source == "demo" else None}
     stamp = path.with_suffix(".json")
     if not fresh and path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         log.info("demo feature teacher %s is up to date", path)
+        summary = json.loads(stamp.read_text())
     else:
-        detector, summary = train_demo_detector(samples, tuple(cfg.data.image_size), cfg.feature_teacher.demo_epochs,
-                                                seed=cfg.seed)
+        detector, summary = train_demo_detector(
+            samples, tuple(cfg.data.image_size), ft.demo_epochs, seed=cfg.seed, val_samples=split_samples(cfg, "val"),
+            patience=ft.demo_patience, state_file=path.with_name(path.stem + ".partial.pt"))
         export_demo_feature_teacher(detector, path, tuple(cfg.data.image_size), summary)
-        write_json_atomic(stamp, {"key": key, **summary})
-    click.echo(str(path))
+        torch_state = {k: v for k, v in detector.state_dict().items()}
+        summary = {"key": key, **summary}
+        write_json_atomic(stamp, summary)
+        import torch
+
+        torch.save(torch_state, path.with_suffix(".pt"))
+        path.with_name(path.stem + ".partial.pt").unlink(missing_ok=True)
+    out_info = {"model": str(path)}
+    if ship:
+        import torch
+
+        from edgeseg.distill.shipped import DETECTOR, ship as ship_asset
+
+        state = torch.load(path.with_suffix(".pt"), weights_only=True)
+        meta = ship_asset(state, DETECTOR, {
+            "what": "the demo's feature teacher: a person detector (centre heatmap + box sizes), trained to convergence "
+                    "on the teacher corpus; its neck's Concat is the matched tensor",
+            "command": _command(config_path, overrides, "train-feature-teacher --ship"), "width": 16,
+            "tensor": ft.tensor, "data": key, "seed": cfg.seed,
+            **{k: summary.get(k) for k in ("epochs", "epochs_max", "best_epoch", "best_val_loss", "stopped_early",
+                                           "curve", "train_seconds")}})
+        out_info["shipped"] = {"sha256": meta["sha256"], "bytes": meta["bytes"]}
+    click.echo(json.dumps(out_info))
+
+
+hidden_alias(main, train_feature_teacher, "export-feature-teacher")  # the old name, for one release
+
+
+@main.command()
+@config_options
+@exit_on_user_error
+def prepare(config_path, overrides, verbose):
+    """Make the inputs every stage reads ready and check them: the demo data set (generated once), the teacher's
+    weights (the shipped ones' SHA-256) and the feature teacher's ONNX (the shipped detector exported)."""
+    from edgeseg.distill.data import has_split, split_samples, student_data
+    from edgeseg.distill.models import load_teacher
+    from edgeseg.distill.teachers import feature_teacher_model
+
+    cfg = load(config_path, overrides, max(verbose, 1))
+    splits = {s: len(split_samples(cfg, s)) for s in ("train", "val", "test", "test_shift") if has_split(cfg, s)}
+    data = student_data(cfg)
+    load_teacher(cfg)  # a missing, damaged or mismatched teacher fails here, in seconds, not in the first step
+    info = {"run_dir": cfg.run_dir, "splits": splits, "labelled": len(data.labelled),
+            "unlabelled": {k: len(v) for k, v in data.unlabelled.items()}, "teacher": str(cfg.teacher_checkpoint)}
+    if cfg.feature_teacher.enabled and cfg.loss.feature > 0:
+        info["feature_teacher"] = str(feature_teacher_model(cfg))
+    click.echo(json.dumps(info))
 
 
 @main.command("expose-feature")
@@ -272,6 +332,12 @@ def _print_table(report: dict) -> None:
         print(f"test_shift: teacher {s['teacher_miou']:.4f}, student {s['student_miou']:.4f}"
               + (f", ground truth alone {s['student_nodistill_miou']:.4f}" if "student_nodistill_miou" in s else ""),
               file=sys.stderr)
+
+
+def _command(config_path: str, overrides: tuple[str, ...], sub: str) -> str:
+    """The command line that rebuilds a shipped asset (recorded beside it)."""
+    sets = "".join(f" --set {o}" for o in overrides)
+    return f"edgeseg distill {sub} --config {config_path}{sets}"
 
 
 def _plain(d: dict) -> dict:

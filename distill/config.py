@@ -119,7 +119,9 @@ class ModelConfig:
     encoder: str = "tu-efficientnet_b3"  # smp encoder name (tu-* = timm models wrapped by smp)
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # 5 blocks = full-res output; 4 = half-res + x2 upsample
     encoder_weights: str = "none"  # imagenet | none | path to an encoder state_dict
-    checkpoint: str = ""  # trained weights; empty = <run_dir>/teacher/best.pt for the teacher
+    # trained weights (a checkpoint, a state_dict or .safetensors); for the teacher, empty = <run_dir>/teacher/best.pt
+    # (what `distill train-teacher` writes) and `demo` = the shipped demo teacher (distill/assets, SHA-256 checked)
+    checkpoint: str = ""
     # Encoder activation. silu is EfficientNet's own (and its ImageNet weights'); relu folds into
     # the INT8 convolutions (ONNX Runtime CPU runs SiLU as a table Sigmoid plus an INT8 Mul, a
     # large share of INT8 latency), the EfficientNet-Lite trade; the measured cost per thread count
@@ -161,14 +163,18 @@ class FeatureTeacherConfig:
     """The frozen ONNX feature teacher (e.g. YOLOv9 whole-body) and the projection head."""
 
     enabled: bool = True  # false: no feature loss, no ONNX teacher
-    onnx: str = ""  # full ONNX model; empty = the demo's <run_dir>/feature_teacher/featext.onnx
+    # full ONNX model; `demo` = the shipped demo detector (exported to <run_dir>/feature_teacher/shipped.onnx on
+    # first use); empty = the detector `distill train-feature-teacher` trains (<run_dir>/feature_teacher/featext.onnx)
+    onnx: str = ""
     tensor: str = "segmentation_model_34_Concat_output_0"  # intermediate tensor to expose and match
     hidden_channels: int = 768  # projection head: Conv(C_s, hidden) -> BN -> ReLU -> Conv(hidden, C_t)
     channel_norm: bool = False  # normalise both features per channel (over H, W) before the MSE
-    demo_epochs: int = 4  # demo only: epochs of the demo's detector on the teacher corpus (make teacher)
+    demo_epochs: int = 40  # demo only: ceiling of the demo detector's epochs on the teacher corpus (make teacher)
+    demo_patience: int = 4  # ... which stops once its val loss has not improved for this many epochs
 
     def __post_init__(self):
         require(self.demo_epochs >= 1, "demo_epochs", f"must be >= 1, got {self.demo_epochs}")
+        require(self.demo_patience >= 0, "demo_patience", f"must be >= 0, got {self.demo_patience}")
         require(self.hidden_channels >= 1, "hidden_channels", f"must be >= 1, got {self.hidden_channels}")
         require(bool(self.tensor), "tensor", "must name the ONNX tensor to match")
 
@@ -243,8 +249,15 @@ class TrainConfig:
     weight_decay: float = 1e-2  # AdamW decoupled weight decay
     grad_clip_norm: float = 1.0  # max global gradient norm; 0 disables clipping
     amp: bool = True  # mixed precision (float16 autocast + GradScaler); used on CUDA only
+    # NHWC activations and weights: oneDNN's faster convolutions on the CPU (benchmarks/results/distill.json
+    # `channels_last_step_speedup`) and cuDNN's tensor-core layout; the numbers trained are the same kind
+    channels_last: bool = True
     vis_images: int = 4  # validation images in each epoch's visualisation PNG
     eval_every: int = 1  # epochs between validations (the last epoch always validates)
+    # Stop once val mIoU has not improved by more than min_delta for this many validations in a row
+    # (0 = train all epochs). `epochs` is then the budget's ceiling; the LR schedule still spans it.
+    patience: int = 0
+    min_delta: float = 0.001  # val mIoU gain (absolute) that counts as an improvement for `patience`
     # Extra labelled pairs mixed into training (e.g. target-domain pairs from `calibration synth
     # --target-images`): a folder with images/ and masks/. The budget stays the same: this share of
     # each epoch's images comes from the folder, the rest from the training split.
@@ -254,6 +267,11 @@ class TrainConfig:
     # data.labelled_count is set, and data.unlabelled), split equally between them; teacher terms only.
     unlabelled_share: float = 0.0
     hard_examples: HardExamplesConfig = field(default_factory=HardExamplesConfig)
+    # The frozen teachers' outputs: `cached` computes them once per image and moves them with each sample's
+    # flip, zoom and crop (distill/targets.py); `live` runs the teachers on every augmented batch; `auto`
+    # caches when the cache fits cache_limit_mb. benchmarks/results/distill.json `kd_site_live` measures the difference.
+    teacher_targets: Literal["auto", "cached", "live"] = "auto"
+    cache_limit_mb: int = 4096  # memory the cached targets may take (float16), for teacher_targets: auto
 
     def __post_init__(self):
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -263,12 +281,17 @@ class TrainConfig:
         require(self.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+        require(self.patience >= 0 and self.min_delta >= 0, "patience/min_delta",
+                f"must be >= 0, got {self.patience}, {self.min_delta}")
         require(0 <= self.extra_share < 1, "extra_share", f"must be in [0, 1), got {self.extra_share}")
         require(self.extra_share == 0 or bool(self.extra_data), "extra_data",
                 "extra_share > 0 needs a folder of pairs (train.extra_data or --extra-data DIR)")
         require(not self.extra_data or self.extra_share > 0, "extra_share",
                 f"extra_data ({self.extra_data}) is used only with a share > 0: set train.extra_share (--extra-share)")
         require(0 <= self.unlabelled_share < 1, "unlabelled_share", f"must be in [0, 1), got {self.unlabelled_share}")
+        require(self.teacher_targets in ("auto", "cached", "live"), "teacher_targets",
+                f"must be auto, cached or live, got {self.teacher_targets!r}")
+        require(self.cache_limit_mb >= 0, "cache_limit_mb", f"must be >= 0, got {self.cache_limit_mb}")
         total = self.extra_share + self.hard_examples.share + self.unlabelled_share
         require(total < 1, "extra_share + hard_examples.share + unlabelled_share",
                 f"must stay below 1 (some labelled training images each epoch), got {total}")
@@ -316,10 +339,19 @@ class DistillConfig:
 
     @property
     def teacher_checkpoint(self) -> Path:
+        """The teacher's weights: the shipped demo teacher (``demo``), a path, or what ``make teacher`` trained."""
+        from edgeseg.distill.shipped import TEACHER, resolve
+
+        if shipped := resolve(self.teacher.checkpoint, TEACHER):
+            return shipped
         return Path(self.teacher.checkpoint) if self.teacher.checkpoint else self.stage_dir("teacher") / "best.pt"
 
     @property
     def feature_teacher_onnx(self) -> Path:
+        """The feature teacher's ONNX file (for ``demo``, where the shipped detector is exported: see
+        ``edgeseg.distill.teachers.feature_teacher_model``)."""
+        if self.feature_teacher.onnx == "demo":
+            return self.stage_dir("feature_teacher") / "shipped.onnx"
         if self.feature_teacher.onnx:
             return Path(self.feature_teacher.onnx)
         return self.stage_dir("feature_teacher") / "featext.onnx"

@@ -264,10 +264,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
     any number of loader workers see exactly the same pixels. Call :meth:`set_epoch` each epoch.
 
     Returns per item: image (3, H, W) float32 normalised, mask (1, H, W) float32 in {0, 1}, and
-    the raw (3, H, W) uint8 image (for visualisation and the feature teacher).
+    the raw (3, H, W) uint8 image (for visualisation and the feature teacher). With ``geometry``,
+    a fourth item: the (2, 3) float32 affine ``theta`` of the item's flip, zoom and crop, as
+    ``torch.nn.functional.affine_grid`` reads it (output to source, normalised coordinates,
+    ``align_corners=False``), so anything computed on the un-augmented image (a cached teacher
+    output, at any resolution) can be moved the same way (:func:`warp_like`).
     """
 
-    def __init__(self, samples: list[Sample], data: DataConfig, train: bool, seed: int = 0):
+    def __init__(self, samples: list[Sample], data: DataConfig, train: bool, seed: int = 0, geometry: bool = False):
         if not samples:
             raise InputError("the data set is empty: no samples were found")
         self.samples = samples
@@ -278,6 +282,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.augment = data.augment if (train and data.augment.enabled) else None
         self.seed = seed
         self.epoch = 0
+        self.geometry = geometry
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -289,18 +294,24 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image, mask = load_sample(self.samples[index])
         image, placement = fit_image(image, self.size, "letterbox", self.pad)
         mask = fit_mask(mask, placement)
+        theta = IDENTITY
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, mask = self._augment(image, mask, rng)
+            image, mask, theta = self._augment(image, mask, rng)
         x = (image.astype(np.float32) - self.mean) / self.std
-        return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
+        item = (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
                 torch.from_numpy(mask[None].astype(np.float32)),
                 torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
+        return (*item, torch.from_numpy(theta)) if self.geometry else item
 
     def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        """The augmented image and mask, and the affine theta of the flip, zoom and crop (colour jitter is not geometry)."""
         a = self.augment
         h, w = self.size
-        if a.hflip and rng.random() < 0.5:
+        ax = ay = 1.0  # theta's scale and offset per axis, in normalised coordinates
+        bx = by = 0.0
+        flip = a.hflip and rng.random() < 0.5
+        if flip:
             image, mask = image[:, ::-1], mask[:, ::-1]
         scale = float(rng.uniform(*a.scale))
         if abs(scale - 1.0) > 1e-3:
@@ -314,6 +325,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             canvas[oy:oy + sh, ox:ox + sw], mcanvas[oy:oy + sh, ox:ox + sw] = im, mk
             cy, cx = rng.integers(0, canvas.shape[0] - h + 1), rng.integers(0, canvas.shape[1] - w + 1)
             image, mask = canvas[cy:cy + h, cx:cx + w], mcanvas[cy:cy + h, cx:cx + w]
+            # output pixel x -> resized pixel x + cx - ox -> source pixel (that + 0.5) * w / sw - 0.5 (PIL's centres)
+            ax, bx = w / sw, (w + 2.0 * (cx - ox)) / sw - 1.0
+            ay, by = h / sh, (h + 2.0 * (cy - oy)) / sh - 1.0
+        if flip:  # the flip came first: the source's x is mirrored
+            ax, bx = -ax, -bx
         if a.color_jitter > 0:
             j = a.color_jitter
             f = image.astype(np.float32)
@@ -323,4 +339,25 @@ class SegmentationDataset(torch.utils.data.Dataset):
             gray = f.mean(axis=2, keepdims=True)
             f = (f - gray) * rng.uniform(1 - j, 1 + j) + gray  # saturation
             image = f.clip(0, 255).astype(np.uint8)
-        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+        theta = np.array([[ax, 0.0, bx], [0.0, ay, by]], np.float32)
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask), theta
+
+
+IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)  # theta of an un-augmented item
+
+
+def warp_like(maps: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Move (B, C, h, w) maps computed on un-augmented images the way each item's augmentation moved it.
+
+    ``theta``: (B, 2, 3) from :class:`SegmentationDataset` (``geometry=True``). Bilinear; where the
+    augmented view shows the letterbox pad (zoomed out), the map takes ``fill`` ((C,) or a scalar:
+    what the model says about the pad colour). Any resolution: the coordinates are normalised.
+    """
+    import torch.nn.functional as F
+
+    maps = maps.float()
+    grid = F.affine_grid(theta.to(maps.device, torch.float32), list(maps.shape), align_corners=False)
+    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(torch.ones_like(maps[:, :1]), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    fill = torch.as_tensor(fill, dtype=out.dtype, device=out.device).reshape(1, -1, 1, 1)
+    return out + (1 - inside) * fill

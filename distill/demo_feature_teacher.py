@@ -112,41 +112,94 @@ def detection_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     return heat + size, {"heatmap": heat.item(), "size": size.item()}
 
 
-def train_demo_detector(samples, image_hw: tuple[int, int], epochs: int = 4, batch_size: int = 32,
-                        lr: float = 3e-3, seed: int = 0) -> tuple[DemoDetector, dict]:
-    """Train the detector on ``samples`` (the teacher corpus); returns it (eval mode) and a summary."""
+@torch.no_grad()
+def detection_val_loss(model: DemoDetector, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean detection loss over held-out images (the selection metric of the detector's training)."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        x, t = images[i:i + batch_size].float() / 255, targets[i:i + batch_size]
+        total += detection_loss(model(x), t)[0].item() * len(x)
+        n += len(x)
+    model.train()
+    return total / max(n, 1)
+
+
+def train_demo_detector(samples, image_hw: tuple[int, int], epochs: int = 40, batch_size: int = 32,
+                        lr: float = 3e-3, seed: int = 0, val_samples=None, patience: int = 4,
+                        min_delta: float = 0.002, state_file: str | Path | None = None) -> tuple[DemoDetector, dict]:
+    """Train the detector on ``samples`` (the teacher corpus); returns it (eval mode) and a summary.
+
+    With ``val_samples`` it trains until the val detection loss stops improving (``patience``
+    epochs without a relative gain of ``min_delta``; ``epochs`` is the ceiling the cosine schedule
+    spans) and returns the best epoch's weights. ``state_file``: a checkpoint written after every
+    epoch (atomically) and resumed from, so a stopped run loses at most one epoch.
+    """
+    from edgeseg.runtime.files import atomic_path
     from edgeseg.runtime.progress import LoggedProgress
 
     t0 = time.perf_counter()
     images, targets = _load_corpus(samples, image_hw)
+    val = _load_corpus(val_samples, image_hw) if val_samples else None
     torch.manual_seed(seed)
     model = DemoDetector()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (len(images) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    per_epoch = len(images) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(epochs * per_epoch, 1))
     g = torch.Generator().manual_seed(seed)
+    key = {"images": len(images), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+           "val": len(val[0]) if val else 0, "image_hw": list(image_hw)}
+    state = {"epoch": 0, "curve": [], "best": None, "best_loss": float("inf"), "best_epoch": 0}
+    if state_file and Path(state_file).is_file():
+        saved = torch.load(state_file, weights_only=False)
+        if saved.get("key") == key:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            g.set_state(saved["generator"])
+            state = saved["state"]
+            log.info("resuming the demo detector at epoch %d from %s", state["epoch"], state_file)
     model.train()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    for step in LoggedProgress(range(steps), desc="demo feature teacher (detector)", logger=log):
-        if step % (len(images) // batch_size) == 0:
-            order = torch.randperm(len(images), generator=g)
-        k = step % (len(images) // batch_size)
-        idx = order[k * batch_size:(k + 1) * batch_size]
-        x, t = images[idx].float() / 255, targets[idx]
-        if step % 2:  # a horizontal flip every other batch: boxes are symmetric
-            x, t = x.flip(-1), t.flip(-1)
-        loss, last = detection_loss(model(x), t)
-        first = first or last
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    stale = 0 if not state["curve"] else state["epoch"] - state["best_epoch"]
+    while state["epoch"] < epochs and not (val is not None and patience and stale >= patience):
+        order = torch.randperm(len(images), generator=g)
+        for k in LoggedProgress(range(per_epoch), desc=f"demo detector epoch {state['epoch'] + 1}/{epochs}", logger=log):
+            idx = order[k * batch_size:(k + 1) * batch_size]
+            x, t = images[idx].float() / 255, targets[idx]
+            if k % 2:  # a horizontal flip every other batch: boxes are symmetric
+                x, t = x.flip(-1), t.flip(-1)
+            loss, last = detection_loss(model(x), t)
+            first = first or last
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        state["epoch"] += 1
+        record = {"epoch": state["epoch"], "train_loss": last.get("heatmap", 0.0) + last.get("size", 0.0)}
+        if val is not None:
+            record["val_loss"] = detection_val_loss(model, *val)
+            if record["val_loss"] < state["best_loss"] * (1 - min_delta):
+                state["best_loss"], state["best_epoch"] = record["val_loss"], state["epoch"]
+                state["best"] = {k: v.clone() for k, v in model.state_dict().items()}
+            stale = state["epoch"] - state["best_epoch"]
+            log.info("demo detector epoch %d: val loss %.4f (best %.4f at epoch %d)", state["epoch"],
+                     record["val_loss"], state["best_loss"], state["best_epoch"])
+        state["curve"].append(record)
+        if state_file:
+            with atomic_path(state_file) as tmp:
+                torch.save({"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "generator": g.get_state(), "state": state}, tmp)
+    if state["best"] is not None:
+        model.load_state_dict(state["best"])
     model.eval()
-    summary = {"images": len(images), "epochs": epochs, "steps": steps, "first_loss": first, "final_loss": last,
-               "train_seconds": time.perf_counter() - t0}
-    log.info("demo feature teacher: %d steps on %d teacher-corpus images in %.0f s (heatmap %.4f, size %.4f)",
-             steps, len(images), summary["train_seconds"], last.get("heatmap", 0.0), last.get("size", 0.0))
+    summary = {"images": len(images), "epochs": state["epoch"], "epochs_max": epochs, "steps": state["epoch"] * per_epoch,
+               "first_loss": first, "final_loss": last, "curve": state["curve"],
+               "best_epoch": state["best_epoch"] or state["epoch"], "best_val_loss": state["best_loss"] if val else None,
+               "stopped_early": state["epoch"] < epochs, "train_seconds": time.perf_counter() - t0}
+    log.info("demo feature teacher: %d epochs on %d teacher-corpus images in %.0f s (best val loss %.4f at epoch %d)",
+             state["epoch"], len(images), summary["train_seconds"], state["best_loss"], summary["best_epoch"])
     return model, summary
 
 
@@ -175,3 +228,27 @@ def export_demo_feature_teacher(detector: DemoDetector, out: str | Path, image_h
     meta = {"edgeseg_feature_teacher": json.dumps({"task": "person centre heatmap + box size", **(summary or {})})}
     return export_module(detector.eval(), out, torch.rand(1, 3, *image_hw), ["images"], ["detections"],
                          transform=_flatten_names, metadata=meta)
+
+
+def export_shipped_detector(out: str | Path, image_hw: tuple[int, int]) -> Path:
+    """The shipped demo detector (fp16 weights, SHA-256 checked) as the feature teacher ONNX at ``out``.
+
+    Exported once per (weights, input size): a stamp beside ``out`` records both, so a later call is free.
+    """
+    from edgeseg.distill.shipped import DETECTOR, load_checked, read_meta, weights_path
+    from edgeseg.runtime.files import write_json_atomic
+
+    out = Path(out)
+    weights = weights_path(DETECTOR)
+    state = load_checked(weights)  # checks the hash every time: a changed file never serves silently
+    meta = read_meta(weights)
+    key = {"sha256": meta["sha256"], "image_size": list(image_hw)}
+    stamp = out.with_suffix(".json")
+    if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return out
+    detector = DemoDetector(width=meta.get("width", 16))
+    detector.load_state_dict(state)
+    export_demo_feature_teacher(detector, out, image_hw, {"shipped": str(weights), "sha256": meta["sha256"]})
+    write_json_atomic(stamp, {"key": key, "source": str(weights)})
+    log.info("feature teacher: the shipped demo detector (sha256 %s) exported to %s", meta["sha256"][:12], out)
+    return out

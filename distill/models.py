@@ -88,6 +88,10 @@ def load_state_dict(path: str | Path, keys: tuple[str, ...] = ("model", "state_d
     checkpoint trained with another is refused (the weights would load and compute nonsense).
     """
     path = Path(path)
+    if path.suffix == ".safetensors":  # a plain state_dict; a shipped one is checked against its recorded SHA-256
+        from edgeseg.distill.shipped import load_checked
+
+        return {k.removeprefix("module."): v for k, v in load_checked(path).items()}
     if not path.is_file():
         raise InputError(f"{path}: checkpoint does not exist; train one first (make teacher / make distill) or fix the path")
     try:

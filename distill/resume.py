@@ -35,6 +35,8 @@ def run_identity(cfg: DistillConfig, job: TrainJob, world: int) -> dict:
         train.pop("hard_examples", None)
     if not train.get("unlabelled_share"):
         train.pop("unlabelled_share", None)
+    if not train.get("patience"):
+        train.pop("patience", None), train.pop("min_delta", None)
     out = {"role": job.role, "model": model, "train": train,
            "loss": config_to_dict(job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
            "world": world}

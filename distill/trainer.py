@@ -38,7 +38,8 @@ from edgeseg.distill.losses import DistillationLoss, DistillationModel, Projecti
 from edgeseg.distill.models import build_model, count_parameters, load_teacher
 from edgeseg.distill.resume import CHECKPOINT_FORMAT, check_resumable, copy_best, repair_best, run_identity
 from edgeseg.distill.sampler import EpochSampler, steps_per_epoch
-from edgeseg.distill.sources import HARD_EXAMPLES, Generate, SampleSource, SourceContext, describe, sources_for
+from edgeseg.distill.sources import HARD_EXAMPLES, FixedSource, Generate, SampleSource, SourceContext, describe, sources_for
+from edgeseg.distill.targets import TeacherTargets, cache_bytes
 from edgeseg.distill.visualize import comparison_grid, save_png
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.profiler import peak_rss_mb
@@ -49,16 +50,22 @@ PROGRESS_EVERY_S = 30.0  # a log line at least this often inside an epoch (logs,
 
 
 class _Flagged(torch.utils.data.Dataset):
-    """A dataset's items plus whether they carry a ground-truth mask: (image, mask, raw, labelled)."""
+    """A training dataset's items with what the step needs beside them: (image, mask, labelled, theta, row).
 
-    def __init__(self, dataset: SegmentationDataset, labelled: bool):
+    ``labelled``: whether the item carries a ground-truth mask; ``theta``: its augmentation's affine
+    (the dataset is built with ``geometry=True``); ``row``: its cached teacher targets' row (-1: none).
+    """
+
+    def __init__(self, dataset: SegmentationDataset, labelled: bool, rows: torch.Tensor | None = None):
         self.dataset, self.labelled = dataset, torch.tensor(labelled)
+        self.rows = rows if rows is not None else torch.full((len(dataset),), -1, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return (*self.dataset[index], self.labelled)
+        image, mask, _, theta = self.dataset[index]
+        return image, mask, self.labelled, theta, self.rows[index]
 
 
 def _lr_lambda(train: TrainConfig, total_steps: int):
@@ -91,7 +98,7 @@ class Trainer:
         # rank 0 generates the demo set (if needed) while the others wait
         self.data = main_first(lambda: self._training_data(), self.is_main, self.world)
         val_samples = split_samples(cfg, "val")
-        self.train_set = SegmentationDataset(self.data.labelled, cfg.data, train=True, seed=cfg.seed)
+        self.train_set = SegmentationDataset(self.data.labelled, cfg.data, train=True, seed=cfg.seed, geometry=True)
         self.sources: list[SampleSource] = sources_for(job.train, self.data, self.generators)
         self.grouped = any(not s.labelled for s in self.sources)  # unlabelled sources: loss terms per group too
         self._source_sets: dict[str, tuple[list, SegmentationDataset]] = {}
@@ -110,16 +117,20 @@ class Trainer:
         if job.freeze_encoder:
             student.encoder.requires_grad_(False)
 
+        self.memory_format = torch.channels_last if job.train.channels_last else torch.contiguous_format
         self.teacher = None
         if job.loss.uses_teacher:
             self.teacher = load_teacher(cfg, self.device).eval().requires_grad_(False)
+            self.teacher.to(memory_format=self.memory_format)
 
         self.feature_teacher, projection = None, None
         if job.loss.feature > 0:
             from edgeseg.distill.feature_onnx import expose_tensor
             from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
 
-            exposed = main_first(lambda: expose_tensor(cfg.feature_teacher_onnx, cfg.feature_teacher.tensor),
+            from edgeseg.distill.teachers import feature_teacher_model
+
+            exposed = main_first(lambda: expose_tensor(feature_teacher_model(cfg), cfg.feature_teacher.tensor),
                                  self.is_main, self.world)
             self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std,
                                                       threads=cfg.threads)  # ORT's pool sized like torch's
@@ -128,8 +139,9 @@ class Trainer:
             projection = ProjectionHead(student.feature_channels, cfg.feature_teacher.hidden_channels, c_t)
         # The loss owns the projection head; the training module holds the same object for the optimizer and DDP.
         self.loss_fn = DistillationLoss(job.loss, channel_norm=cfg.feature_teacher.channel_norm, projection=projection)
+        self.targets = self._teacher_targets()
 
-        self.net = DistillationModel(student, self.loss_fn.projection).to(self.device)
+        self.net = DistillationModel(student, self.loss_fn.projection).to(self.device, memory_format=self.memory_format)
         self.model = self.net  # the unwrapped module (checkpoints, validation)
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
@@ -139,11 +151,31 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(job.train, self.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch, self.batch_in_epoch, self.step, self.best_miou, self.best_epoch = 0, 0, 0, -1.0, 0
+        # early stopping (train.patience): the val mIoU the next validation must beat by min_delta, and when it was set
+        self.plateau_miou, self.plateau_epoch, self.stopped_early = -1.0, 0, False
         self.epoch_sums: dict[str, float] = {}  # this epoch's running loss sums (saved: a resumed epoch continues them)
         self.last_metrics: dict = {}
         log.info("%s: %d trainable / %d parameters, %d steps/epoch x %d epochs, device %s%s", job.role,
                  sum(p.numel() for p in params), count_parameters(self.model), self.steps_per_epoch,
                  job.train.epochs, self.device, f", {self.world} processes" if self.world > 1 else "")
+
+    def _teacher_targets(self) -> TeacherTargets | None:
+        """The cache of the frozen teachers' outputs (``train.teacher_targets``), filled for every fixed sample; None: live."""
+        mode = self.job.train.teacher_targets
+        if mode == "live" or (self.teacher is None and self.feature_teacher is None):
+            return None
+        fixed = [*self.data.labelled, *(s for src in self.sources if isinstance(src, FixedSource) for s in src.items)]
+        hw = tuple(self.cfg.data.image_size)
+        feature = self.feature_teacher.feature_shape(hw) if self.feature_teacher is not None else None
+        need = cache_bytes(len(fixed), hw if self.teacher is not None else (0, 0), feature)
+        if mode == "auto" and need > self.job.train.cache_limit_mb * 2**20:
+            log.info("%s: the teachers run on every batch (train.teacher_targets: auto): caching %d images' outputs would "
+                     "take %.0f MB, over train.cache_limit_mb %d", self.job.role, len(fixed), need / 2**20,
+                     self.job.train.cache_limit_mb)
+            return None
+        targets = TeacherTargets(self.teacher, self.feature_teacher, self.cfg.data, self.device)
+        targets.ensure(fixed)
+        return targets
 
     def _training_data(self) -> StudentData:
         """The teacher's corpus (all labelled), or the student's labelled subset and unlabelled sources."""
@@ -185,6 +217,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         self.best_miou, self.last_metrics = ckpt["best_miou"], ckpt.get("metrics", {})
         self.best_epoch = ckpt.get("best_epoch", 0)
+        self.plateau_miou, self.plateau_epoch = ckpt.get("plateau", (-1.0, 0))
+        self.stopped_early = ckpt.get("stopped_early", False)
         self.epoch_sums = dict(ckpt.get("epoch_sums", {}))
         restore_rng(ckpt["rng"])
         if self.is_main:
@@ -208,6 +242,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
             "best_miou": self.best_miou, "best_epoch": self.best_epoch, "epoch_sums": self.epoch_sums,
+            "plateau": (self.plateau_miou, self.plateau_epoch), "stopped_early": self.stopped_early,
             "metrics": self.last_metrics, "complete": complete,
             "rng": capture_rng(), "identity": run_identity(self.cfg, self.job, self.world), "config": config_to_dict(self.cfg),
         }
@@ -256,12 +291,23 @@ class Trainer:
             self.job.out_dir.mkdir(parents=True, exist_ok=True)
             (self.job.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=1))
             self._prepare_validation()
-        while self.epoch < self.job.train.epochs:
+        while self.epoch < self.job.train.epochs and not self.stopped_early:
             trained = self._train_epoch()
             if trained is None:  # stopped at --max-steps, checkpoint saved
                 return self.last_metrics
             self._end_epoch(*trained)
         return self.last_metrics
+
+    def _plateaued(self, val_miou: float | None) -> bool:
+        """Whether training stops here: ``train.patience`` validations without a gain of ``min_delta`` (same on every rank)."""
+        train = self.job.train
+        if val_miou is not None and val_miou > self.plateau_miou + train.min_delta:
+            self.plateau_miou, self.plateau_epoch = val_miou, self.epoch
+        stop = torch.tensor([int(train.patience > 0 and val_miou is not None
+                                 and (self.epoch - self.plateau_epoch) // train.eval_every >= train.patience)])
+        if self.world > 1:
+            torch.distributed.broadcast(stop, src=0)
+        return bool(stop.item())
 
     def _train_epoch(self) -> tuple[dict[str, float], int, float] | None:
         """The rest of this epoch's batches: (loss sums, batches seen, start time), or None at ``--max-steps``."""
@@ -284,8 +330,8 @@ class Trainer:
         bar = tqdm(loader, desc=f"{self.job.role} epoch {self.epoch + 1}/{train.epochs}",
                    initial=self.batch_in_epoch, total=self.steps_per_epoch, disable=None if self.is_main else True,
                    leave=False)
-        for images, masks, _, labelled in bar:
-            terms = self._step(images, masks, labelled)
+        for images, masks, labelled, theta, rows in bar:
+            terms = self._step(images, masks, labelled, theta, rows)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             self.batch_in_epoch += 1
@@ -326,12 +372,18 @@ class Trainer:
             if record["val_miou"] > self.best_miou:
                 self.best_miou, self.best_epoch = record["val_miou"], self.epoch
                 record["best"] = True
+        self.stopped_early = self._plateaued(record.get("val_miou")) and self.epoch < train.epochs
+        if self.stopped_early:
+            record["stopped_early"] = True
+            log.info("%s: val mIoU has not improved by %.4g for %d validations (best %.4f at epoch %d): stopping at "
+                     "epoch %d of %d", self.job.role, train.min_delta, train.patience, self.best_miou, self.best_epoch,
+                     self.epoch, train.epochs)
         if self.is_main:
             with open(self.job.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", self.epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                                                            if isinstance(v, float)))
-        self._save(complete=self.epoch == train.epochs)
+        self._save(complete=self.epoch == train.epochs or self.stopped_early)
         if self.is_main and record.get("best"):
             copy_best(self.job.out_dir)  # a byte copy of the checkpoint just written
         barrier(self.world)
@@ -349,12 +401,16 @@ class Trainer:
                 continue
             cached = self._source_sets.get(src.name)
             if cached is None or cached[0] is not samples:  # a new set (first use, or regenerated)
-                cached = (samples, SegmentationDataset(samples, self.cfg.data, train=True, seed=self.cfg.seed))
+                if self.targets is not None:
+                    self.targets.ensure(samples)
+                cached = (samples, SegmentationDataset(samples, self.cfg.data, train=True, seed=self.cfg.seed,
+                                                       geometry=True))
                 self._source_sets[src.name] = cached
             parts.append((cached[1], src.labelled, src.share))
         for d, _, _ in parts:
             d.set_epoch(self.epoch)
-        data = torch.utils.data.ConcatDataset([_Flagged(d, labelled) for d, labelled, _ in parts])
+        rows = (lambda d: self.targets.rows_of(d.samples)) if self.targets is not None else (lambda d: None)
+        data = torch.utils.data.ConcatDataset([_Flagged(d, labelled, rows(d)) for d, labelled, _ in parts])
         return data, tuple((len(d), share) for d, _, share in parts[1:])
 
     def _epoch_terms(self, sums: dict[str, float], steps: int) -> dict[str, float]:
@@ -374,19 +430,27 @@ class Trainer:
             out["unlabelled_fraction"] = sums["n_unlabelled"] / max(sums["n_unlabelled"] + sums.get("n_labelled", 0.0), 1.0)
         return out
 
-    def _step(self, images: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor) -> dict[str, float]:
+    def _teachers(self, images: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor):
+        """The batch's teacher logits and features: from the cache, moved like the batch, or the teachers run on it."""
+        if self.targets is not None:
+            return self.targets.targets(rows, theta)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            teacher_logits = self.teacher(images) if self.teacher is not None else None
+        # The feature teacher reads the batch's memory directly (IOBinding): no copy, no numpy.
+        teacher_feature = self.feature_teacher(images) if self.feature_teacher is not None else None
+        return teacher_logits, teacher_feature
+
+    def _step(self, images: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor, theta: torch.Tensor,
+              rows: torch.Tensor) -> dict[str, float]:
         """One optimizer step; the loss terms (a group's term as a sum over its samples, with ``n_<group>``)."""
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         masks = masks.to(self.device, non_blocking=True)
         grouped = self.grouped
         # group sizes from the loader's host tensor: no device round trip per step
         n = {"labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum())} if grouped else {}
         labelled = labelled.to(self.device, non_blocking=True)
         temperature = temperature_at(self.job.loss.temperature, self.step / self.total_steps)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            teacher_logits = self.teacher(images) if self.teacher is not None else None
-        # The feature teacher reads the batch's memory directly (IOBinding): no copy, no numpy.
-        teacher_feature = self.feature_teacher(images) if self.feature_teacher is not None else None
+        teacher_logits, teacher_feature = self._teachers(images, theta, rows)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             logits, projected = self.net(images)
         loss, terms = self.loss_fn(logits, masks, temperature, teacher_logits, projected, teacher_feature,

@@ -38,3 +38,25 @@ def exit_on_user_error(func: F) -> F:
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+_warned: set[str] = set()
+
+
+def warn_renamed(old: str, new: str) -> None:
+    """Say once per process that ``old`` was renamed ``new`` (an old spelling kept for one release)."""
+    if old not in _warned:
+        _warned.add(old)
+        print(f"warning: `{old}` is renamed `{new}`; the old spelling goes in the next release", file=sys.stderr)
+
+
+def hidden_alias(group, command, old_name: str) -> None:
+    """Register ``command`` under ``old_name`` in ``group`` as a hidden alias that warns once when used."""
+    import click
+
+    def callback(*args, **kwargs):
+        warn_renamed(f"{group.name} {old_name}", f"{group.name} {command.name}")
+        return command.callback(*args, **kwargs)
+
+    group.add_command(click.Command(old_name, params=command.params, callback=callback, hidden=True,
+                                    help=f"Renamed `{command.name}`.", context_settings=command.context_settings))

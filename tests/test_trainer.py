@@ -267,3 +267,36 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # rank 0's own loss was finite: it stops too (each rank writes its own file: no interleaved stdout)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["(True, False)", "(True, False)"]
+
+
+def test_patience_stops_a_flat_run_and_the_stop_is_final(tiny_run, tmp_path):
+    # min_delta 1.0: no validation can improve by a whole mIoU point of 1, so the run stops after `patience`
+    _, cfg = _config(tiny_run, tmp_path / "p", train={"epochs": 5, "patience": 1, "min_delta": 1.0})
+    Trainer(cfg, job_for(cfg, "student")).run()
+    ckpt = load_checkpoint(tmp_path / "p" / "distill" / "last.pt")
+    assert (ckpt["epoch"], ckpt["complete"], ckpt["stopped_early"]) == (2, True, True)
+    records = [json.loads(l) for l in (tmp_path / "p" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["stopped_early"] and "stopped_early" not in records[0]
+    Trainer(cfg, job_for(cfg, "student")).run()  # a rerun finds it complete and trains nothing
+    assert load_checkpoint(tmp_path / "p" / "distill" / "last.pt")["step"] == ckpt["step"]
+
+
+def test_cached_teacher_targets_train_like_live_teachers_when_nothing_moves(tiny_run, tmp_path):
+    # without augmentation every item's theta is the identity: the cache holds what the teachers say (float16)
+    runs = {}
+    for mode in ("cached", "live"):
+        _, cfg = _config(tiny_run, tmp_path / mode, data={"augment": {"enabled": False}},
+                         train={"epochs": 1, "teacher_targets": mode})
+        trainer = Trainer(cfg, job_for(cfg, "student"))
+        trainer.run()
+        assert (trainer.targets is not None) == (mode == "cached")
+        runs[mode] = _records(tmp_path / mode)[0]
+    for key in ("loss_kl", "loss_mse", "loss_feature", "loss_bce"):
+        assert runs["cached"][key] == pytest.approx(runs["live"][key], rel=2e-2), key
+
+
+def test_auto_runs_the_teachers_live_when_the_cache_would_not_fit(tiny_run, tmp_path):
+    _, cfg = _config(tiny_run, tmp_path / "small", train={"epochs": 1, "cache_limit_mb": 0})
+    trainer = Trainer(cfg, job_for(cfg, "student"), max_steps=1)
+    trainer.run()
+    assert trainer.targets is None

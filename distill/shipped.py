@@ -1,0 +1,144 @@
+"""The demo's teachers, trained once to convergence and shipped with the repository (fp16, SHA-256 checked).
+
+A user starts from a teacher someone else trained on a large corpus; the demo starts from teachers
+the project trained on its own world's teacher corpus (``make teacher``), as the calibration
+generator is shipped (``make generator``). Each asset is two files under ``distill/assets/demo_teachers``:
+
+    <name>.safetensors   the weights in float16 (half the size; loading upcasts to float32)
+    <name>.json          {"sha256": the weights', "command": what rebuilds them, "config": the settings,
+                          "val_curve": the selection curve that stopped training, ...}
+
+The folder is a repository asset, not package data: the wheel an edge device installs stays small.
+A config names a shipped asset with ``demo`` (``teacher.checkpoint: demo``, ``feature_teacher.onnx:
+demo``); loading it checks the hash and refuses a changed file with one line saying how to restore it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import atomic_path, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "demo_teachers"
+SHIPPED = "demo"  # the config value that names a shipped asset
+TEACHER = "teacher"  # the B3 segmentation teacher
+DETECTOR = "detector"  # the feature teacher: the demo's person detector
+
+
+def weights_path(name: str, folder: Path = ASSETS) -> Path:
+    return folder / f"{name}.safetensors"
+
+
+def meta_path(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def ship(state: dict[str, torch.Tensor], name: str, meta: dict, folder: Path = ASSETS) -> dict:
+    """Write ``state`` as float16 ``<name>.safetensors`` and ``<name>.json`` (with the weights' SHA-256); both atomic.
+
+    Returns the metadata as written.
+    """
+    from safetensors.torch import save_file
+
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    path = weights_path(name, folder)
+    with atomic_path(path) as tmp:
+        save_file(half, str(tmp), metadata={"format": "pt", "edgeseg_asset": name})
+    meta = {**meta, "sha256": sha256_file(path), "bytes": path.stat().st_size, "dtype": "float16"}
+    write_json_atomic(meta_path(path), meta)
+    log.info("shipped %s: %s (%.1f MB, sha256 %s)", name, path, meta["bytes"] / 2**20, meta["sha256"][:12])
+    return meta
+
+
+def read_meta(weights: str | Path) -> dict:
+    """The asset's JSON sidecar (its hash, command and settings)."""
+    meta = meta_path(weights)
+    if not meta.is_file():
+        raise InputError(f"{meta}: the shipped asset's record is missing; restore it (git checkout {meta}) "
+                         "or rebuild the demo teachers with `make teacher`")
+    return json.loads(meta.read_text())
+
+
+def load_checked(weights: str | Path) -> dict[str, torch.Tensor]:
+    """The float32 state_dict of a safetensors file, after checking its SHA-256 against its JSON sidecar when it has one.
+
+    A user's own ``.safetensors`` without a sidecar loads unchecked; a shipped one must match, else one
+    line names the file and the fix.
+    """
+    from safetensors.torch import load_file
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise InputError(f"{weights}: weights file does not exist; restore it (git checkout {weights}) or rebuild "
+                         "the demo teachers with `make teacher`" if weights.parent == ASSETS else
+                         f"{weights}: weights file does not exist; fix the path")
+    if meta_path(weights).is_file():
+        expected = read_meta(weights)["sha256"]
+        digest = sha256_file(weights)
+        if digest != expected:
+            raise InputError(f"{weights}: SHA-256 {digest[:12]}... does not match {meta_path(weights).name}'s "
+                             f"{expected[:12]}...; the file is damaged or was replaced: restore it (git checkout "
+                             f"{weights}) or rebuild it with `make teacher`")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise InputError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {str(e)[:120]})") from None
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def resolve(value: str, name: str) -> Path | None:
+    """The shipped asset's weights if ``value`` names it (``demo``), else None."""
+    return weights_path(name) if value == SHIPPED else None
+
+
+def training_curve(out_dir: str | Path) -> list[dict]:
+    """The per-epoch validation records of a training run (its ``metrics.jsonl``): what chose when to stop."""
+    path = Path(out_dir) / "metrics.jsonl"
+    keep = ("epoch", "val_miou", "val_person_iou", "epoch_time_s", "lr", "loss", "best", "stopped_early")
+    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, path.read_text().splitlines())] if path.is_file() else []
+
+
+def ship_teacher(cfg, out_dir: str | Path, command: str) -> dict:
+    """Ship the teacher ``distill train-teacher`` trained into ``out_dir`` (its ``best.pt``) as the demo teacher.
+
+    The fp16 weights are scored on val again (rounding can move a figure), and the record keeps the
+    settings, the val curve that stopped training and the command that rebuilds it.
+    """
+    from edgeseg.distill.config import config_to_dict
+    from edgeseg.distill.data import split_samples
+    from edgeseg.distill.device import use_device
+    from edgeseg.distill.evaluation import score_split
+    from edgeseg.distill.models import build_model
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "last.pt").is_file():
+        raise InputError(f"{out_dir}: no teacher training to ship; run `edgeseg distill train-teacher` first")
+    last = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
+    if not last.get("complete"):
+        raise InputError(f"{out_dir / 'last.pt'}: the teacher's training has not finished (epoch {last['epoch']}); "
+                         "run the same command again to resume it, then ship")
+    state = ckpt["model"]
+    device = use_device(cfg.device, cfg.threads)
+    model = build_model(cfg.teacher)
+    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
+    val = score_split(cfg, {"teacher": model.to(device)}, "val", device, reference=None)["teacher"]
+    curve = training_curve(out_dir)
+    meta = {"what": "the demo's B3 segmentation teacher, trained to convergence on the teacher corpus",
+            "command": command, "model": config_to_dict(cfg.teacher) | {"checkpoint": ""},
+            "train": config_to_dict(cfg.teacher_train), "data": {"teacher_split": cfg.data.teacher_split or "train",
+                                                                 "images": len(split_samples(cfg, "teacher")),
+                                                                 "image_size": list(cfg.data.image_size),
+                                                                 "demo": config_to_dict(cfg.data.demo)},
+            "seed": cfg.seed, "best_epoch": ckpt.get("best_epoch"), "epochs_trained": last["epoch"],
+            "stopped_early": bool(last.get("stopped_early")), "val_miou_fp32": ckpt.get("best_miou"),
+            "val_miou_fp16": val["miou"], "val_curve": curve,
+            "train_seconds": round(sum(r.get("epoch_time_s", 0.0) for r in curve), 1),
+            "torch_threads": torch.get_num_threads()}
+    return ship(state, TEACHER, meta)
