@@ -60,3 +60,29 @@ def hidden_alias(group, command, old_name: str) -> None:
 
     group.add_command(click.Command(old_name, params=command.params, callback=callback, hidden=True,
                                     help=f"Renamed `{command.name}`.", context_settings=command.context_settings))
+
+
+def renamed_option(old: str, new: str, param: str, **kwargs):
+    """A hidden option ``old`` kept for one release: it warns once and gives its value to ``param`` (option ``new``).
+
+    The option that replaced it must take :func:`keep_renamed` as its callback, so that its own default
+    does not overwrite the value the old spelling gave. ``kwargs``: the old option's type, multiple, ...
+    """
+    import click
+
+    def callback(ctx, _param, value):
+        if value is not None and value != () and value is not False:
+            warn_renamed(old, new)
+            ctx.params[param] = value
+        return value
+
+    return click.option(old, hidden=True, expose_value=False, callback=callback, **kwargs)
+
+
+def keep_renamed(ctx, param, value):
+    """Callback of an option that replaced a renamed one: the old spelling's value wins over this one's default."""
+    from click.core import ParameterSource
+
+    if ctx.get_parameter_source(param.name) in (ParameterSource.DEFAULT, None) and param.name in ctx.params:
+        return ctx.params[param.name]
+    return value
