@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
 from edgeseg.distill.cli import config_options, load
-from edgeseg.runtime.console import exit_on_user_error
+from edgeseg.runtime.console import exit_on_user_error, keep_renamed, removed_option, renamed_option
+from edgeseg.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def wire(stage: str, group: click.Group) -> None:
         GENERATORS["hard_examples"] = hard_example_generator
 
 
-@main.command()
+@main.command(short_help="Generate, filter and write a calibration set.")
 @config_options
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: <run_dir>/calibration/synthetic).")
@@ -39,25 +41,26 @@ def wire(stage: str, group: click.Group) -> None:
 @click.option("--teacher-masks", is_flag=True,
               help="Write the teacher's masks as labels (default: the conditioning masks of the mask-conditioned "
                    "generator; none for the others).")
-@click.option("--target-images", type=click.Path(), default=None,
-              help="Folder of a few unlabelled deployment-domain images to steer towards "
+@click.option("--images", type=click.Path(), default=None, callback=keep_renamed,
+              help="Folder of a few unlabelled images of the deployment site to steer synthesis towards "
                    "(default: calibration.target.images).")
+@renamed_option("--target-images", "--images", "images", type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @exit_on_user_error
-def synth(config_path, overrides, verbose, out, count, guidance, student, teacher_masks, target_images, overwrite):
+def synth(config_path, overrides, verbose, out, count, guidance, student, teacher_masks, images, overwrite):
     """Generate, filter and write a calibration set (images, labels, manifest.json)."""
     from edgeseg.calibration.synth import Synthesizer
 
     cfg = load(config_path, overrides, max(verbose, 1))
     out = out or cfg.stage_dir("calibration") / "synthetic"
-    manifest = Synthesizer(cfg, guidance, student, target_images).run(out, count, overwrite=overwrite,
-                                                                       teacher_masks=teacher_masks)
+    manifest = Synthesizer(cfg, guidance, student, images).run(out, count, overwrite=overwrite,
+                                                               teacher_masks=teacher_masks)
     counts = manifest["counts"]
     print(f"kept {counts['kept']} of {counts['generated']} generated; dropped {counts['dropped']}", file=sys.stderr)
     click.echo(json.dumps({"out": str(out), "counts": counts, "seconds": manifest["seconds"]}))
 
 
-@main.command()
+@main.command(short_help="Pretrain the shipped demo generator (make generator).")
 @config_options
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where the pretrained generator goes (default: the shipped one, calibration/assets/demo_generator).")
@@ -73,7 +76,6 @@ def generator(config_path, overrides, verbose, out, steps, checkpoint_every):
     from edgeseg.calibration.generator import SHIPPED, pretrain
     from edgeseg.calibration.synth import GENERATOR_SPLIT
     from edgeseg.distill.data import split_samples
-    from edgeseg.runtime.errors import InputError
 
     if steps < 1 or checkpoint_every < 1:
         raise InputError(f"--steps and --checkpoint-every must be >= 1, got {steps} and {checkpoint_every}")
@@ -85,21 +87,22 @@ def generator(config_path, overrides, verbose, out, steps, checkpoint_every):
     click.echo(json.dumps({"out": str(out or SHIPPED), "sha256": meta["sha256"], "train_seconds": meta["train_seconds"]}))
 
 
-@main.command()
+@main.command(short_help="Compare a calibration set with real and noise sets.")
 @config_options
-@click.option("--calib", type=click.Path(file_okay=False), default=None,
-              help="Calibration folder (default: <run_dir>/calibration/synthetic).")
+@click.option("--calibration", default="synthetic", show_default=True, metavar="synthetic|DIR",
+              help="The calibration set to report on: synthetic (<run_dir>/calibration/synthetic) or its folder.")
+@removed_option("--calib", "--calibration synthetic|DIR")
 @click.option("--student", type=click.Path(dir_okay=False), default=None,
               help="Student checkpoint (default: <run_dir>/distill/best.pt).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where report.json and contact_sheet.png go (default: the calibration folder's parent).")
 @exit_on_user_error
-def report(config_path, overrides, verbose, calib, student, out):
+def report(config_path, overrides, verbose, calibration, student, out):
     """Coverage, histogram KL and SQNR of a calibration set vs real and noise sets."""
     from edgeseg.calibration.report import build_report
 
     cfg = load(config_path, overrides, max(verbose, 1))
-    calib = calib or cfg.stage_dir("calibration") / "synthetic"
+    calib = cfg.stage_dir("calibration") / "synthetic" if calibration == "synthetic" else Path(calibration)
     r = build_report(cfg, calib, student, out)
     rows = [("coverage", "coverage"), ("SQNR (dB)", "sqnr_db"), ("hist KL", "hist_kl"), ("max/p99.99", "max_over_p9999")]
     print(f"{'':14s}{'synthetic':>11s}{'real':>11s}{'noise':>11s}", file=sys.stderr)

@@ -42,7 +42,7 @@ def check_target_folder(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return require_images(folder,
                           f"{folder}: target-image folder does not exist; point calibration.target.images "
-                          "(or --target-images) at a folder of a few unlabelled deployment images",
+                          "(or calibration synth --images) at a folder of a few unlabelled deployment images",
                           f"{folder}: target-image folder has no images (.png/.jpg); put a handful (e.g. 8) of "
                           "unlabelled deployment-domain images in it")
 

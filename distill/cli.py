@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from edgeseg.runtime.console import configure_logging, exit_on_user_error, hidden_alias
+from edgeseg.runtime.console import (VERBOSE_HELP, configure_logging, exit_on_user_error, hidden_alias, keep_renamed,
+                                     renamed_option)
 from edgeseg.runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def use_schema(cls: type) -> None:
 
 def config_options(f):
     """--config, --set and -v, shared by every stage command."""
-    f = click.option("-v", "--verbose", count=True, help="-v info, -vv debug logging (stderr).")(f)
+    f = click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)(f)
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a config field, e.g. --set train.epochs=3 (repeatable).")(f)
     f = click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
@@ -52,7 +53,7 @@ def main() -> None:
     """Knowledge distillation: B3 teacher (+ ONNX feature teacher) -> B0 student."""
 
 
-@main.command()
+@main.command(short_help="Distil the student from the teachers.")
 @config_options
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (checkpoint, exit 0).")
 @click.option("--baseline", is_flag=True, help="Train the student on ground truth alone (no teacher terms).")
@@ -66,13 +67,14 @@ def main() -> None:
               help="Share of each epoch's images from confidence-guided hard examples, regenerated against the "
                    "student every --hard-every epochs, in [0, 1) (train.hard_examples.share).")
 @click.option("--hard-every", type=int, default=None, help="Epochs between hard-example regenerations.")
-@click.option("--unlabelled", type=click.Path(), default=None,
+@click.option("--images", type=click.Path(), default=None, callback=keep_renamed,
               help="Folder of unlabelled images (frames from the site, say): teacher terms only (data.unlabelled).")
+@renamed_option("--unlabelled", "--images", "images", type=click.Path())
 @click.option("--unlabelled-share", type=float, default=None,
               help="Share of each epoch's samples from the unlabelled sources, in [0, 1) (train.unlabelled_share).")
 @exit_on_user_error
 def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_data, extra_share, hard_share, hard_every,
-          unlabelled, unlabelled_share):
+          images, unlabelled_share):
     """Distil the student from the teacher and the feature teacher (optionally with synthetic pairs and
     unlabelled images)."""
     from edgeseg.distill.job import job_for
@@ -80,7 +82,7 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_dat
 
     options = {"train.extra_data": extra_data, "train.extra_share": extra_share,
                "train.hard_examples.share": hard_share, "train.hard_examples.every": hard_every,
-               "data.unlabelled": unlabelled, "train.unlabelled_share": unlabelled_share}
+               "data.unlabelled": images, "train.unlabelled_share": unlabelled_share}
     overrides = tuple(overrides) + tuple(f"{k}={v}" for k, v in options.items() if v is not None)
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "baseline" if baseline else "student")
@@ -90,7 +92,7 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_dat
         click.echo(json.dumps({"checkpoint": str(job.out_dir / "last.pt"), **_plain(metrics)}))
 
 
-@main.command("train-teacher")
+@main.command("train-teacher", short_help="Train the segmentation teacher (make teacher).")
 @config_options
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (checkpoint, exit 0).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing last.pt and start over.")
@@ -123,7 +125,7 @@ def run_dir(config_path, overrides, verbose):
     click.echo(load(config_path, overrides, verbose).run_dir)
 
 
-@main.command("train-feature-teacher")
+@main.command("train-feature-teacher", short_help="Demo only: train the feature teacher, export ONNX.")
 @config_options
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output ONNX (default: <run_dir>/feature_teacher/featext.onnx).")
@@ -183,7 +185,7 @@ def train_feature_teacher(config_path, overrides, verbose, out, fresh, ship):
 hidden_alias(main, train_feature_teacher, "export-feature-teacher")  # the old name, for one release
 
 
-@main.command()
+@main.command(short_help="Check the data and teachers every stage reads.")
 @config_options
 @exit_on_user_error
 def prepare(config_path, overrides, verbose):
@@ -204,13 +206,13 @@ def prepare(config_path, overrides, verbose):
     click.echo(json.dumps(info))
 
 
-@main.command("expose-feature")
+@main.command("expose-feature", short_help="Expose an ONNX model's tensor as its output.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--layer", required=True, help="Name of the tensor to expose, e.g. segmentation_model_34_Concat_output_0.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output ONNX (default: cached next to MODEL).")
 @click.option("--input-size", nargs=2, type=int, default=None, metavar="H W",
               help="Input size for which to report the tensor's shape (default: the model's static size, else 640 640).")
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 @exit_on_user_error
 def expose_feature(model, layer, out, input_size, verbose):
     """Cut MODEL at tensor LAYER (pruned, cached) and print its shape for the input size."""
@@ -222,7 +224,7 @@ def expose_feature(model, layer, out, input_size, verbose):
     click.echo(json.dumps({"model": str(path), "tensor": layer, "input_size": list(input_hw), "shape": list(shape)}))
 
 
-@main.command()
+@main.command(short_help="Teacher vs student on test (and test_shift).")
 @config_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Distilled student checkpoint (default: <run_dir>/distill/best.pt).")
@@ -231,7 +233,7 @@ def expose_feature(model, layer, out, input_size, verbose):
 @click.option("--with-baseline", is_flag=True, help="Use <run_dir>/distill-baseline/best.pt as --baseline.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Report JSON (default: <run_dir>/distill/report.json).")
-@click.option("--latency-repeats", type=int, default=20, show_default=True)
+@click.option("--latency-repeats", type=int, default=20, show_default=True, help="Timed forward passes per model.")
 @exit_on_user_error
 def evaluate(config_path, overrides, verbose, checkpoint, baseline, with_baseline, out, latency_repeats):
     """Teacher vs student on the test split (test_shift beside it): mIoU, agreement, size, latency."""

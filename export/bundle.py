@@ -46,7 +46,7 @@ from pathlib import Path
 
 from edgeseg.export.cli import main
 
-sys.exit(main(["engine", "--bundle", str(Path(__file__).resolve().parent), *sys.argv[1:]]))
+sys.exit(main(["bundle-engine", "--bundle", str(Path(__file__).resolve().parent), *sys.argv[1:]]))
 '''
 
 _PACKAGES = ("edgeseg", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "segmentation-models-pytorch",

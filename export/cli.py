@@ -9,7 +9,7 @@ import click
 
 from edgeseg.distill.cli import config_options, load, use_schema
 from edgeseg.export.config import Config
-from edgeseg.runtime.console import configure_logging, exit_on_user_error
+from edgeseg.runtime.console import VERBOSE_HELP, configure_logging, exit_on_user_error, removed_option, warn_renamed
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,15 @@ def main() -> None:
     use_schema(Config)  # export owns the whole file's schema: also when run as `python -m edgeseg.export.cli`
 
 
-@main.command()
+# --calibration: the one name of the set the deployed INT8 models are calibrated on (--calib is gone)
+_CALIBRATION_HELP = ("The set the deployed INT8 models are calibrated on: site, synthetic, real or a folder of images "
+                     "(default: export.calibration, synthetic).")
+_CHECKPOINT_HELP = "Distilled student checkpoint (default: <run_dir>/distill/best.pt)."
+
+
+@main.command(short_help="Strip the projection head and export ONNX.")
 @config_options
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Distillation checkpoint (default: <run_dir>/distill/best.pt).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help=_CHECKPOINT_HELP)
 @exit_on_user_error
 def onnx(config_path, overrides, verbose, checkpoint):
     """Strip the projection head, export model.onnx (+ FP16), onnxsim, parity check."""
@@ -37,18 +42,16 @@ def onnx(config_path, overrides, verbose, checkpoint):
     _echo(run_onnx(load(config_path, overrides, max(verbose, 1)), checkpoint))
 
 
-@main.command()
+@main.command(short_help="Q/DQ INT8 models, calibration cache, budget.")
 @config_options
-@click.option("--calib", type=click.Path(file_okay=False), default=None,
-              help="Calibration folder (default: <run_dir>/calibration/synthetic).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
               help="Calibration method (default: export.calibration_method).")
-@click.option("--calibration", "choice", default=None, metavar="site|synthetic|real|DIR",
-              help="The set the deployed INT8 models are calibrated on (export.calibration; default synthetic).")
+@click.option("--calibration", "choice", default=None, metavar="site|synthetic|real|DIR", help=_CALIBRATION_HELP)
+@removed_option("--calib", "--calibration site|synthetic|real|DIR")
 @click.option("--no-contrast", is_flag=True, help="Skip the real-image and noise calibrations.")
 @click.option("--no-budget", is_flag=True, help="Skip the accuracy budget search.")
 @exit_on_user_error
-def quantize(config_path, overrides, verbose, calib, method, choice, no_contrast, no_budget):
+def quantize(config_path, overrides, verbose, method, choice, no_contrast, no_budget):
     """Q/DQ INT8 (s8s8 + u8s8), TensorRT calibration cache, accuracy budget."""
     from edgeseg.export.stage import run_quantize
 
@@ -56,40 +59,64 @@ def quantize(config_path, overrides, verbose, calib, method, choice, no_contrast
         overrides = (*overrides, f"export.calibration_method={method}")
     if choice:
         overrides = (*overrides, f"export.calibration={choice}")
-    _echo(run_quantize(load(config_path, overrides, max(verbose, 1)), calib, not no_contrast, not no_budget))
+    _echo(run_quantize(load(config_path, overrides, max(verbose, 1)), None, not no_contrast, not no_budget))
 
 
-@main.command()
+_DLA_HELP = "DLA core to build for (Jetson); -1 builds for the GPU."
+
+
+@main.command(short_help="Build a TensorRT engine in <run_dir>/export.")
 @config_options
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
               help="Engine precision (default: export.precision).")
-@click.option("--bundle", type=click.Path(file_okay=False), default=None,
-              help="Build into a deploy bundle (on the target device) instead of <run_dir>/export.")
-@click.option("--dla-core", type=int, default=-1, show_default=True, help="DLA core (Jetson); -1 = GPU.")
+@click.option("--dla-core", type=int, default=-1, show_default=True, help=_DLA_HELP)
+# `engine --bundle` of bundles written before `bundle-engine` (their build_engine.py calls it): kept for one release
+@click.option("--bundle", type=click.Path(file_okay=False), default=None, hidden=True)
 @exit_on_user_error
-def engine(config_path, overrides, verbose, precision, bundle, dla_core):
-    """Build a TensorRT engine with the path the installed TensorRT supports (or say why not)."""
-    from pathlib import Path
+def engine(config_path, overrides, verbose, precision, dla_core, bundle):
+    """Build a TensorRT engine from <run_dir>/export with the path the installed TensorRT supports (or say why not).
 
+    For a deploy bundle on its target device, use `edgeseg export bundle-engine`."""
     from edgeseg.export.stage import run_engine
 
     if bundle:
-        configure_logging(max(verbose, 1))
-        import json as _json
-
-        precision = precision or _json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "int8")
-        _echo(_said(run_engine(None, precision, Path(bundle), dla_core), device_build=True))
+        warn_renamed("export engine --bundle", "export bundle-engine --bundle")
+        _build_bundle_engine(bundle, precision, dla_core, verbose)
         return
     cfg = load(config_path, overrides, max(verbose, 1))
     _echo(_said(run_engine(cfg, precision or cfg.export.precision, None, dla_core)))
 
 
-@main.command()
+@main.command("bundle-engine", short_help="Build a bundle's TensorRT engine on this device.")
+@click.option("--bundle", required=True, type=click.Path(file_okay=False), help="Deploy bundle folder.")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
+              help="Engine precision (default: the bundle's).")
+@click.option("--dla-core", type=int, default=-1, show_default=True, help=_DLA_HELP)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
+@exit_on_user_error
+def bundle_engine(bundle, precision, dla_core, verbose):
+    """Build a deploy bundle's TensorRT engine on the device it will run on (what the bundle's build_engine.py
+    runs): engines are specific to a GPU and a TensorRT version. Reads the bundle's manifest, not a config."""
+    _build_bundle_engine(bundle, precision, dla_core, verbose)
+
+
+def _build_bundle_engine(bundle: str, precision: str | None, dla_core: int, verbose: int) -> None:
+    from pathlib import Path
+
+    from edgeseg.export.stage import run_engine
+
+    configure_logging(max(verbose, 1))
+    precision = precision or json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "int8")
+    _echo(_said(run_engine(None, precision, Path(bundle), dla_core), device_build=True))
+
+
+@main.command(short_help="Teacher -> student -> FP32 -> INT8 accuracy report.")
 @config_options
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help=_CHECKPOINT_HELP)
 @exit_on_user_error
 def accuracy(config_path, overrides, verbose, checkpoint):
-    """Teacher -> student -> FP32 -> INT8 on the validation set: accuracy.json, table, gallery."""
+    """Teacher -> student -> FP32 -> INT8 on the test split, test_shift beside it (val only when there is no
+    test split): accuracy.json, table, gallery."""
     from edgeseg.export.stage import run_accuracy
 
     report = run_accuracy(load(config_path, overrides, max(verbose, 1)), checkpoint)
@@ -97,14 +124,13 @@ def accuracy(config_path, overrides, verbose, checkpoint):
     _echo(report)
 
 
-@main.command("all")
+@main.command("all", short_help="onnx, quantize, accuracy and engine (make export).")
 @config_options
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
-@click.option("--calib", type=click.Path(file_okay=False), default=None)
-@click.option("--calibration", "choice", default=None, metavar="site|synthetic|real|DIR",
-              help="The set the deployed INT8 models are calibrated on (export.calibration; default synthetic).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help=_CHECKPOINT_HELP)
+@click.option("--calibration", "choice", default=None, metavar="site|synthetic|real|DIR", help=_CALIBRATION_HELP)
+@removed_option("--calib", "--calibration site|synthetic|real|DIR")
 @exit_on_user_error
-def all_steps(config_path, overrides, verbose, checkpoint, calib, choice):
+def all_steps(config_path, overrides, verbose, checkpoint, choice):
     """onnx, quantize, engine and accuracy in one go (`make export`)."""
     from edgeseg.export.stage import run_accuracy, run_engine, run_onnx, run_quantize, validation_set
 
@@ -113,14 +139,14 @@ def all_steps(config_path, overrides, verbose, checkpoint, calib, choice):
     cfg = load(config_path, overrides, max(verbose, 1))
     run_onnx(cfg, checkpoint)
     # val selects (the budget search); the report is on test and test_shift, never on val when they exist
-    run_quantize(cfg, calib, val=validation_set(cfg))
+    run_quantize(cfg, None, val=validation_set(cfg))
     report = run_accuracy(cfg, checkpoint)
     print_table(report)
     _said(run_engine(cfg, cfg.export.precision))
     _echo(report)
 
 
-@main.command()
+@main.command(short_help="Write the deploy bundle (make deploy).")
 @config_options
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Bundle folder (default: <run_dir>/bundle).")
 @click.option("--allow-over-budget", is_flag=True, help="Write the bundle even if the precision misses the budget.")

@@ -247,7 +247,7 @@ def target_sources(cfg: Config) -> dict[str, Path]:
     """Deployment-domain calibration sources that exist for this run, by matrix name.
 
     ``target``: the target-domain synthetic set (``<run_dir>/calibration/target``, written by
-    ``calibration synth --target-images``); ``target_images``: the few unlabelled target images
+    ``calibration synth --images``); ``target_images``: the few unlabelled target images
     alone (calibration.target.images, or the demo's ``<data>/target_images``).
     """
     out = {}

@@ -237,7 +237,7 @@ def verdict(result: dict, reference: dict | None, margins: Margins = Margins(), 
         basis = "fixed limits (the bundle has no site_check_reference)"
     recalibrate = (f"edgeseg export all --calibration {images} && edgeseg export bundle "
                    "(make export deploy SET=export.calibration=<the folder>)")
-    adapt = (f"edgeseg distill train --unlabelled {images} --unlabelled-share 0.5, then make export deploy")
+    adapt = (f"edgeseg distill train --images {images} --unlabelled-share 0.5, then make export deploy")
     if saturates or int8_low:
         why = []
         if saturates:

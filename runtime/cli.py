@@ -1,4 +1,4 @@
-"""``edgeseg runtime``: segment a folder of images, or profile latency. Torch-free."""
+"""``edgeseg runtime``: segment images, profile latency, check a bundle at a new site. Torch-free."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgeseg.runtime.console import configure_logging, exit_on_user_error
+from edgeseg.runtime.console import THREADS_HELP, VERBOSE_HELP, configure_logging, exit_on_user_error
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.files import atomic_path, write_json_atomic
 
@@ -93,20 +93,21 @@ def infer(bundle, input_dir, output_dir, backend, threads, device_id, cuda_graph
     click.echo(json.dumps({"output": str(dst), "images": done, "skipped": len(skipped)}))
 
 
-@main.command()
+@main.command(short_help="Latency and throughput per batch size.")
 @click.option("--bundle", required=True, type=click.Path(), help="Deploy bundle folder, .onnx or .engine.")
 @click.option("--batch", "batches", default="1,2,4,8", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", type=int, default=30, show_default=True, help="Timed iterations per batch size.")
-@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed iterations per batch size first.")
 @click.option("--image-size", nargs=2, type=int, default=(480, 640), show_default=True, metavar="H W",
               help="Size of the (synthetic) input images; they are resized to the model's input.")
-@click.option("--backend", type=_BACKENDS, default="auto", show_default=True)
-@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("--backend", type=_BACKENDS, default="auto", show_default=True,
+              help="Inference backend; auto takes the best available.")
+@click.option("--threads", type=int, default=0, show_default=True, help=THREADS_HELP)
 @click.option("--device-id", type=int, default=0, show_default=True, help="CUDA GPU for GPU backends.")
 @click.option("--cuda-graphs", is_flag=True, help="Replay a CUDA graph per batch size (native TensorRT backend).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for profile.json and latency.png (default: <bundle>/../profile).")
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 @exit_on_user_error
 def profile(bundle, batches, iters, warmup, image_size, backend, threads, device_id, cuda_graphs, out, verbose):
     """p50/p90/p99 latency, throughput and per-stage split per batch size."""
@@ -135,15 +136,15 @@ def profile(bundle, batches, iters, warmup, image_size, backend, threads, device
                            "backend": result["backend"], "device": result["device"]}))
 
 
-@main.command()
+@main.command(short_help="Label-free check of a bundle on a site's frames.")
 @click.option("--bundle", required=True, type=click.Path(), help="Deploy bundle folder (with its FP32 and INT8 models).")
 @click.option("--images", required=True, type=click.Path(), help="Folder of unlabelled frames from the site.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where site_check.json and site_check.png go (default: <images>/../site_check).")
 @click.option("--limit", type=int, default=0, help="Check only the first N frames by name (0 = all).")
 @click.option("--require-teacher", is_flag=True, help="Fail if the bundle carries no teacher (export bundle --with-teacher).")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
-@click.option("-v", "--verbose", count=True)
+@click.option("--threads", type=int, default=0, show_default=True, help=THREADS_HELP)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 @exit_on_user_error
 def check(bundle, images, out, limit, require_teacher, threads, verbose):
     """Label-free site check: INT8 range fit, INT8 and teacher agreement, and what to do (recalibrate, adapt)."""

@@ -86,3 +86,21 @@ def keep_renamed(ctx, param, value):
     if ctx.get_parameter_source(param.name) in (ParameterSource.DEFAULT, None) and param.name in ctx.params:
         return ctx.params[param.name]
     return value
+
+
+def removed_option(old: str, replacement: str):
+    """A hidden option that is gone: using it prints one line naming ``replacement`` and exits with status 2."""
+    import click
+
+    def callback(ctx, _param, value):
+        if value is not None:
+            click.echo(f"error: `{old}` was removed; use `{replacement}`", err=True)
+            ctx.exit(2)
+        return value
+
+    return click.option(old, hidden=True, expose_value=False, is_eager=True, default=None, callback=callback)
+
+
+# One meaning of --threads in every command (0: the library's own default, one thread per physical core).
+THREADS_HELP = "ONNX Runtime CPU threads (0: its default, one per physical core)."
+VERBOSE_HELP = "-v info, -vv debug logging (stderr)."

@@ -278,7 +278,7 @@ def test_cli_bad_inputs_are_one_line(tiny_run, tmp_path):
     assert "not a diffusers pipeline (no model_index.json)" in r.stderr.strip().splitlines()[-1]
     r = run_cli("calibration", "synth", "--config", str(path), "--count", "0")
     assert r.returncode == 2 and "--count must be >= 1" in r.stderr
-    r = run_cli("calibration", "report", "--config", str(path), "--calib", str(tmp_path / "none"))
+    r = run_cli("calibration", "report", "--config", str(path), "--calibration", str(tmp_path / "none"))
     assert r.returncode == 2 and "calibration folder does not exist" in r.stderr
 
 

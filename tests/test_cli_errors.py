@@ -61,7 +61,7 @@ def test_calibration_needs_a_student_and_refuses_a_full_folder(cfg_path, tmp_pat
     _assert_one_line(run_cli("calibration", "synth", "--config", str(cfg_path), "--out", str(full)),
                      "exists and is not empty; pass --overwrite")
     (tmp_path / "empty").mkdir()
-    _assert_one_line(run_cli("calibration", "report", "--config", str(cfg_path), "--calib", str(tmp_path / "empty")),
+    _assert_one_line(run_cli("calibration", "report", "--config", str(cfg_path), "--calibration", str(tmp_path / "empty")),
                      "calibration folder has no images")
 
 

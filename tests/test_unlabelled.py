@@ -153,15 +153,17 @@ def test_bad_unlabelled_input_is_one_clear_line(tiny_run, tmp_path):
     bad.mkdir()
     (bad / "frame.png").write_bytes(b"not a png")
     cases = ((("--unlabelled-share", "0.3"), "needs unlabelled images: set data.unlabelled"),
-             (("--unlabelled", str(tmp_path / "empty"), "--unlabelled-share", "0.3"), "empty/images: no images found"),
-             (("--unlabelled", str(bad), "--unlabelled-share", "0.3"), "frame.png: not a readable image"),
-             (("--unlabelled", str(tmp_path / "nope"), "--unlabelled-share", "0.3"), "nope: folder of unlabelled images does not exist"),
+             (("--images", str(tmp_path / "empty"), "--unlabelled-share", "0.3"), "empty/images: no images found"),
+             (("--images", str(bad), "--unlabelled-share", "0.3"), "frame.png: not a readable image"),
+             (("--images", str(tmp_path / "nope"), "--unlabelled-share", "0.3"), "nope: folder of unlabelled images does not exist"),
+             # the old spelling, kept hidden for one release: same value, one warning
              (("--unlabelled-share", "1.2", "--unlabelled", str(bad)), "train.unlabelled_share must be in [0, 1)"))
     for args, message in cases:
         r = run_cli("distill", "train", "--config", str(path), *args)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-800:])
         lines = r.stderr.strip().splitlines()  # info-level progress may come first; one error line, last
         assert [l for l in lines if l.startswith("error")] == lines[-1:], r.stderr
+        assert ("warning: `--unlabelled` is renamed `--images`" in r.stderr) == ("--unlabelled" in args), r.stderr
     r = run_cli("distill", "train", "--config", str(path), "--set", "data.labelled_count=99")
     assert r.returncode != 0 and "labelled_count is 99 but the train split has 16 images" in r.stderr
     from edgeseg.distill.config import ConfigError, load_config

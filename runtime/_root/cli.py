@@ -1,8 +1,8 @@
 """The ``edgeseg`` command: one sub-command group per stage, loaded only when it runs.
 
-    edgeseg distill train | train-teacher | evaluate | expose-feature | ...
+    edgeseg distill train | train-teacher | evaluate | prepare | ...
     edgeseg calibration synth | report | generator
-    edgeseg export onnx | quantize | engine | accuracy | all | bundle
+    edgeseg export onnx | quantize | engine | accuracy | all | bundle | bundle-engine
     edgeseg runtime infer | profile | check
     edgeseg serve triton | deepstream | start
 
@@ -23,7 +23,7 @@ STAGES: dict[str, tuple[str, str, str | None]] = {
     "distill": ("edgeseg.distill.cli", "Train the teacher, distil the student, evaluate.", "train"),
     "calibration": ("edgeseg.calibration.cli", "Synthesise an INT8 calibration set and report on it.", "train"),
     "export": ("edgeseg.export.cli", "ONNX, INT8, TensorRT engines, accuracy and the deploy bundle.", "train"),
-    "runtime": ("edgeseg.runtime.cli", "Segment images with a bundle and profile latency (no torch).", None),
+    "runtime": ("edgeseg.runtime.cli", "Segment images, profile latency, check a new site (no torch).", None),
     "serve": ("edgeseg.export.serve_cli", "Triton repository, DeepStream config and a local Triton server.", "serve"),
 }
 
