@@ -8,6 +8,7 @@ letterboxing, no masks at the frames' size.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def measure_child(kind: str, bundle: Path, batch: int = 8, calls: int = 20) -> d
     warm = _vm("VmRSS")
     for _ in range(calls):
         run()
-    return {"kind": kind, "model": str(cpu_model(bundle)), "rss_start_mb": base, "rss_after_warmup_mb": warm,
+    return {"kind": kind, "pid": os.getpid(), "model": str(cpu_model(bundle)), "rss_start_mb": base, "rss_after_warmup_mb": warm,
             "peak_rss_mb": _vm("VmHWM"), "batches": calls + 3, "torch_imported": "torch" in sys.modules}
 
 

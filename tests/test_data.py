@@ -115,6 +115,29 @@ def test_demo_set_is_deterministic_and_varied(tmp_path):
     assert (root / "train" / "images" / "00000.png").stat().st_mtime_ns == mtime
 
 
+def test_the_8_target_images_are_seed_disjoint_from_test_shift(tmp_path):
+    """The demo's unlabelled site frames (<data>/target_images) come from test_shift's generator (its held-out
+    backgrounds and conditions) under a seed of their own: none is a test_shift image or a near-copy of one."""
+    from edgeseg.distill.demo_data import _SHIFT_BACKGROUND_SOURCES, generate_target_images, image_conditions
+
+    root = generate_demo_dataset(tmp_path, (64, 64), 2, 2, test_shift_count=16)
+    folder = generate_target_images(root, (64, 64), count=8, seed=0)
+    demo_seed = json.loads((root / "demo.json").read_text())["seed"]
+    assert json.loads((folder / "target.json").read_text())["seed"] != demo_seed  # their own seed
+    read = lambda p: np.asarray(Image.open(p), np.int16)
+    targets = [read(p) for p in sorted(folder.glob("*.png"))]
+    shift = [read(p) for p in sorted((root / "test_shift" / "images").glob("*.png"))]
+    assert len(targets) == 8 and len(shift) == 16
+    # the comparison can tell: test_shift's own seed redraws its images exactly, index for index
+    backgrounds = _load_backgrounds(_SHIFT_BACKGROUND_SOURCES)
+    again, _ = render_sample(demo_seed, "test_shift", 3, (64, 64), 3, 0.1, backgrounds)
+    assert np.array_equal(again, shift[3])
+    # every target image differs from every test_shift image (the same indices 0-7 included) by far more than noise
+    gaps = np.array([[np.abs(t - s).mean() for s in shift] for t in targets])
+    assert gaps.min() > 10, gaps.min()
+    assert set(image_conditions(root, "test_shift")) <= {"low_light", "backlight", "colour_cast"}  # the site's
+
+
 def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
     for s in "abcd":
         _write_pair(tmp_path, s, size=(40, 50))

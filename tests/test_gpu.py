@@ -172,3 +172,10 @@ def test_mask_conditioned_synthesis_with_the_teacher_on_cuda(tiny_run, tmp_path)
     assert [i["seed"] for i in runs["cuda"]["images"]] == [i["seed"] for i in runs["cpu"]["images"]]
     for d in ("cpu", "cuda"):
         assert all(0 <= i["condition_iou"] <= 1 for i in runs[d]["images"])
+    # the labels are the conditioning masks drawn from each pair's seed: the CUDA run writes the CPU run's, pixel for pixel
+    from PIL import Image
+
+    for i in runs["cpu"]["images"]:
+        label = i["file"].replace("images/", "masks/")
+        cpu_mask, cuda_mask = (np.asarray(Image.open(tmp_path / d / "set" / label)) for d in ("cpu", "cuda"))
+        assert cpu_mask.any() and np.array_equal(cuda_mask, cpu_mask), label

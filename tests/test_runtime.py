@@ -544,6 +544,38 @@ def test_float_masks_are_todays_bit_for_bit_in_any_thread():
     assert not np.shares_memory(got[0], got[1])  # every mask its own array
 
 
+def test_no_thread_keeps_a_scratch_buffer_above_1080p():
+    """The float mask path reuses one scratch image per thread up to SCRATCH_MAX_PIXELS (1080p) and keeps none
+    for a larger frame: a thread's buffer stays at most 1080 x 1920 floats (8 MiB), whatever it served."""
+    import threading
+
+    from edgeseg.runtime import pipeline
+    from edgeseg.runtime.pipeline import SCRATCH_MAX_PIXELS, masks_at_source
+
+    logits = _smooth_logits(1, (64, 64))
+
+    def kept_after(*sizes):
+        """The scratch buffer a fresh thread holds after exact masks for frames of ``sizes``, in turn."""
+        held = {}
+
+        def work():
+            for hw in sizes:
+                masks_at_source(logits, [place(hw, (64, 64))], 0.0)
+            buf = getattr(pipeline._scratch, "buf", None)
+            held["shape"] = None if buf is None else buf.shape
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        return held["shape"]
+
+    assert SCRATCH_MAX_PIXELS == 1080 * 1920
+    assert kept_after((480, 640)) == (480, 640)
+    assert kept_after((1080, 1920)) == (1080, 1920)  # at the cap: kept for the next frame
+    assert kept_after((1200, 2000)) is None  # above it: OpenCV allocates, the thread keeps nothing
+    assert kept_after((480, 640), (1200, 2000)) == (480, 640)  # a large frame does not grow the kept one
+
+
 @pytest.mark.parametrize("hw", [(480, 640), (1080, 1920), (200, 120)])
 def test_uint8_masks_move_only_boundary_pixels_and_few_of_them(hw):
     """The runtime's default mask path against the exact one: a moved pixel lies between source pixels

@@ -53,14 +53,14 @@ def test_resume_after_max_steps_equals_an_uninterrupted_run(tiny_run, tmp_path):
     assert [l["epoch"] for l in lines[0]] == [1, 2]
     assert lines[0] == lines[1]
     # each record's loss is the weighted sum of its terms (the loss is linear in them, so epoch means add up),
-    # and the temperature follows the schedule at the epoch's last step
-    from edgeseg.distill.losses import temperature_at
-
+    # and the temperature follows the schedule at the epoch's last step: cosine from 3 to 1 over 8 steps,
+    # T = 1 + (3 - 1) * (1 + cos(pi * step / 8)) / 2, by hand: 2.0 after step 4, 1.0 after step 8
     w = straight.loss
+    assert (w.temperature.schedule, w.temperature.t0, w.temperature.t1) == ("cosine", 3.0, 1.0)
     for rec in lines[0]:
         total = sum(getattr(w, k) * rec[f"loss_{k}"] for k in ("kl", "mse", "bce", "dice", "feature"))
         assert rec["loss"] == pytest.approx(total, rel=1e-5)
-        assert rec["temperature"] == pytest.approx(temperature_at(w.temperature, rec["step"] / 8))
+    assert [(rec["step"], rec["temperature"]) for rec in lines[0]] == [(4, pytest.approx(2.0)), (8, pytest.approx(1.0))]
     assert (tmp_path / "b" / "distill" / "vis" / "epoch_002.png").is_file()
 
 
