@@ -35,6 +35,33 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / denom) if denom else 0.0
 
 
+def rank_conditions(groups: dict[str, dict], shifted: list[str], served: str) -> dict:
+    """``ranking`` and ``ranks_agree`` from the groups' proxies and true figures (``groups`` gains each
+    group's ``true_miou_drop_points``, its served INT8 mIoU below ``test``'s).
+
+    ``ranks_agree``, the headline: the label-free accuracy proxy (the teacher agreement) orders the
+    shifted conditions as their true drop does, worst first.
+    """
+    base = groups["test"]["true_int8_miou"]
+    for g in groups.values():
+        g["true_miou_drop_points"] = (base - g["true_int8_miou"]) * 100
+    drop = [groups[n]["true_miou_drop_points"] for n in shifted]
+    loss = [groups[n]["int8_loss_points"] for n in shifted]
+    teacher_gap = [1 - groups[n]["teacher_agreement_miou"] for n in shifted]
+    int8_gap = [1 - groups[n]["int8_agreement_miou"] for n in shifted]
+    saturation = [groups[n]["saturation"][served] for n in shifted]
+    worst_first = lambda values: [shifted[i] for i in np.argsort(values)[::-1]]  # noqa: E731
+    ranking = {
+        "conditions": shifted,
+        "true_drop_order": worst_first(drop),
+        "teacher_disagreement_vs_true_drop_spearman": spearman(teacher_gap, drop),
+        "int8_disagreement_vs_int8_loss_spearman": spearman(int8_gap, loss),
+        f"saturation_{served}_vs_int8_loss_spearman": spearman(saturation, loss),
+        "same_order_as_true_drop": worst_first(teacher_gap) == worst_first(drop),
+    }
+    return {"ranking": ranking, "ranks_agree": bool(ranking["same_order_as_true_drop"])}
+
+
 def run(cfg, bundle: str | Path | None = None) -> dict:
     from edgeseg.distill.demo_data import CONDITIONS, image_conditions
     from edgeseg.export.stage import eval_set
@@ -76,26 +103,8 @@ def run(cfg, bundle: str | Path | None = None) -> dict:
         }
         log.info("site check on %s (%d frames, %.1f s): %s; true INT8 mIoU %.4f", name, len(images), seconds,
                  out["groups"][name]["verdict"], int8)
-    base = out["groups"]["test"]["true_int8_miou"]
-    for g in out["groups"].values():
-        g["true_miou_drop_points"] = (base - g["true_int8_miou"]) * 100
     shifted = [f"test_shift/{c}" for c in CONDITIONS]
-    drop = [out["groups"][n]["true_miou_drop_points"] for n in shifted]
-    loss = [out["groups"][n]["int8_loss_points"] for n in shifted]
-    teacher_gap = [1 - out["groups"][n]["teacher_agreement_miou"] for n in shifted]
-    int8_gap = [1 - out["groups"][n]["int8_agreement_miou"] for n in shifted]
-    served = check.served_role
-    saturation = [out["groups"][n]["saturation"][served] for n in shifted]
-    out["ranking"] = {
-        "conditions": shifted,
-        "true_drop_order": [shifted[i] for i in np.argsort(drop)[::-1]],
-        "teacher_disagreement_vs_true_drop_spearman": spearman(teacher_gap, drop),
-        "int8_disagreement_vs_int8_loss_spearman": spearman(int8_gap, loss),
-        f"saturation_{served}_vs_int8_loss_spearman": spearman(saturation, loss),
-        "same_order_as_true_drop": [shifted[i] for i in np.argsort(teacher_gap)[::-1]] == [shifted[i] for i in np.argsort(drop)[::-1]],
-    }
-    # the headline: the label-free accuracy proxy (teacher agreement) orders the conditions as the labels do
-    out["ranks_agree"] = bool(out["ranking"]["same_order_as_true_drop"])
+    out.update(rank_conditions(out["groups"], shifted, check.served_role))
     flagged = {n: g["verdict"] != ["fine"] for n, g in out["groups"].items()}
     out["test_passes"] = not flagged["test"]
     out["shift_conditions_flagged"] = sum(flagged[n] for n in shifted)
