@@ -1,6 +1,8 @@
 # edgeseg: distill -> calibrate -> export -> deploy -> profile.
 # Variables: CONFIG=file.yaml  DEVICE=cpu|cuda|cuda:N  DATA=/folder/with/train+val  SET="a.b=1 c.d=2"
 #            BASELINE=0 (skip the ground-truth-only student)  TARGET=dir (unlabelled deployment images)  TORCH_SPEC="torch==X torchvision==Y"
+#            TARGET_COUNT=N (target-domain pairs)  WITH_TEACHER=0 (bundle without the teacher)  PYTEST_ARGS="-k x"
+#            STUDY_ARGS="--more-seeds"  PYTHON=python3.11  VENV=.venv
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +27,7 @@ ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
         $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.edgeseg-installed
 
-.PHONY: setup demo generator teacher distill calibrate calibrate-target export deploy check profile serve bench test test-all clean
+.PHONY: setup demo prepare generator teacher distill calibrate calibrate-target export deploy check profile serve bench study test test-all clean
 
 setup: $(STAMP)
 
@@ -41,7 +43,7 @@ $(STAMP): pyproject.toml
 # Each stage's wall time goes to $(RUN_DIR)/demo_times.tsv, printed as a table at the end (the README's timings).
 demo: setup
 	@start=$$(date +%s); times="$(RUN_DIR)/demo_times.tsv"; mkdir -p "$(RUN_DIR)"; printf 'stage\tseconds\n' > "$$times"; \
-	for stage in teacher distill calibrate export deploy profile; do \
+	for stage in prepare distill calibrate export deploy profile; do \
 	  t=$$(date +%s); $(MAKE) --no-print-directory $$stage || exit 1; \
 	  printf '%s\t%s\n' $$stage $$(( $$(date +%s) - t )) >> "$$times"; \
 	done; printf 'total\t%s\n' $$(( $$(date +%s) - start )) >> "$$times"; \
@@ -52,10 +54,17 @@ demo: setup
 generator: setup
 	$(EDGESEG) calibration generator $(ARGS) --steps 3000
 
-# Demo only: train the B3 teacher on the generated data and export the stand-in ONNX feature teacher.
+# The data set (the demo's is generated once) and the teachers, checked: the shipped demo teachers' SHA-256,
+# the feature teacher's ONNX (the shipped detector exported). Seconds; make demo's first stage.
+prepare: setup
+	$(EDGESEG) distill prepare $(ARGS)
+
+# Rebuilds the shipped demo teachers (distill/assets/demo_teachers, fp16 + SHA-256): the B3 teacher on its corpus
+# until val mIoU is flat (about 40 min on 2 cores), then the feature teacher (a detector). make demo does not run
+# it. Resumable: run it again after a stop. In the background: nohup make teacher > teacher.log 2>&1 &
 teacher: setup
-	$(EDGESEG) distill train-teacher $(ARGS)
-	$(EDGESEG) distill export-feature-teacher $(ARGS)
+	$(EDGESEG) distill train-teacher $(ARGS) --ship
+	$(EDGESEG) distill train-feature-teacher $(ARGS) --ship
 
 distill: setup
 	$(EDGESEG) distill train $(ARGS)
@@ -100,6 +109,17 @@ serve: setup
 bench: setup
 	$(PY) -m benchmarks.run $(ARGS)
 
+# The distillation study at convergence (benchmarks/study.py): hours on 2 cores, so it starts in the background,
+# logs to $(RUN_DIR)/study.log and resumes per arm and seed when started again. Not part of bench or CI.
+# STUDY_ARGS: e.g. "--more-seeds" (the single-seed arms on every seed), "--arms gt_only,kd_site".
+STUDY_ARGS ?=
+study: setup
+	@log="$(RUN_DIR)/study.log"; pid="$(RUN_DIR)/study.pid"; mkdir -p "$(RUN_DIR)"; \
+	if [ -f "$$pid" ] && kill -0 "$$(cat "$$pid")" 2>/dev/null; then \
+	  echo "the study is already running (pid $$(cat "$$pid")): tail -f $$log"; exit 0; fi; \
+	nohup $(PY) -m benchmarks.study $(ARGS) $(STUDY_ARGS) >> "$$log" 2>&1 & echo $$! > "$$pid"; \
+	echo "the study runs in the background (pid $$!): tail -f $$log; results go to benchmarks/results/distill.json"
+
 # The CPU test set (CI): slow, GPU and TensorRT tests are skipped, with the reason shown.
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -107,5 +127,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Removes the config's run folder (every stage's output; the shipped assets stay).
 clean:
-	rm -rf runs/demo
+	@dir="$(RUN_DIR)"; case "$$dir" in ""|"/"|"."|"..") echo "refusing to remove '$$dir'"; exit 1;; esac; \
+	echo "rm -rf $$dir"; rm -rf -- "$$dir"

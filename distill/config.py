@@ -17,7 +17,8 @@ from typing import Literal
 from edgeseg.distill.config_loader import ConfigError, config_to_dict, load_config, parse_config, require
 
 __all__ = [
-    "DistillConfig", "DataConfig", "DemoDataConfig", "AugmentConfig", "ModelConfig", "StudentConfig",
+    "DistillConfig", "DataConfig", "DemoDataConfig", "AugmentConfig", "ModelConfig", "TeacherConfig",
+    "OnnxTeacherConfig", "StudentConfig",
     "FeatureTeacherConfig", "LossConfig", "TemperatureConfig", "TrainConfig", "HardExamplesConfig",
     "ConfigError", "load_config", "parse_config", "config_to_dict",
 ]
@@ -136,6 +137,57 @@ class ModelConfig:
         require(len(self.decoder_channels) in (3, 4, 5), "decoder_channels",
                 f"must have 3, 4 or 5 entries (output stride 4, 2 or 1), got {list(self.decoder_channels)}")
         require(all(c > 0 for c in self.decoder_channels), "decoder_channels", "must be positive")
+
+
+@dataclass(frozen=True)
+class OnnxTeacherConfig:
+    """An ONNX person segmenter (a model-zoo file) as the segmentation teacher, instead of a torch checkpoint.
+
+    ``auto`` (and empty) values are read from the model: the input's layout and size from its shape, the
+    output's kind from the op that makes it (Sigmoid: probabilities, Softmax: softmax), edgeseg's own
+    exports from their metadata. Declare what the graph cannot say (channel order, range, mean/std, a
+    matte); a declaration the graph contradicts is refused. `edgeseg distill inspect-teacher` checks them.
+    """
+
+    path: str = ""  # the .onnx file; empty = the torch teacher (teacher.checkpoint)
+    input: str = ""  # input tensor; empty = the model's only image-like input
+    output: str = ""  # the mask output; empty = the only output (name it when there are several)
+    layout: Literal["auto", "nchw", "nhwc"] = "auto"  # input layout
+    channels: Literal["auto", "rgb", "bgr"] = "auto"  # input channel order (auto: metadata, else rgb)
+    range: Literal["auto", "unit", "byte"] = "auto"  # pixels in [0, 1] (unit) or [0, 255] (byte) before mean/std
+    mean: tuple[float, ...] = ()  # per channel, RGB order, in the range's units; empty = 0 (or the metadata's)
+    std: tuple[float, ...] = ()  # per channel, RGB order, in the range's units; empty = 1 (or the metadata's)
+    size: tuple[int, ...] = ()  # (H, W) to run a dynamic-size model at; empty = the training size
+    kind: Literal["auto", "logits", "probabilities", "softmax", "matte"] = "auto"  # what the output holds
+    output_layout: Literal["auto", "nchw", "nhwc", "nhw"] = "auto"  # output layout (nhw: one map, no channel axis)
+    person_channel: int = -1  # the person's channel of a multi-channel output; -1 = auto (1 of 2, 0 of 1)
+    clamp: float = 1e-4  # probabilities / mattes: p clamped to [clamp, 1 - clamp] before the logit (+-9.21)
+
+    def __post_init__(self):
+        require(len(self.mean) in (0, 3) and len(self.std) in (0, 3), "mean/std",
+                f"need 3 values each (or none), got {list(self.mean)}, {list(self.std)}")
+        require(all(s > 0 for s in self.std), "std", f"must be positive, got {list(self.std)}")
+        require(len(self.size) in (0, 2) and all(v > 0 for v in self.size), "size", f"must be [H, W], got {list(self.size)}")
+        require(0 < self.clamp < 0.5, "clamp", f"must be in (0, 0.5), got {self.clamp}")
+
+    def declared(self) -> dict:
+        """What the user declared (for ``edgeseg.runtime.teacher_io.resolve_io``): every non-auto value."""
+        d = {k: getattr(self, k) for k in ("input", "output", "layout", "channels", "range", "mean", "std", "size",
+                                           "kind", "output_layout", "clamp")}
+        if self.person_channel >= 0:
+            d["person_channel"] = self.person_channel
+        return {k: v for k, v in d.items() if v not in ("", "auto", ())}
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    """The segmentation teacher: a UNet checkpoint (the model fields), or an ONNX file (``onnx``)."""
+
+    onnx: OnnxTeacherConfig = field(default_factory=OnnxTeacherConfig)
+
+    @property
+    def is_onnx(self) -> bool:
+        return bool(self.onnx.path)
 
 
 @dataclass(frozen=True)
@@ -307,7 +359,7 @@ class DistillConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     feature_teacher: FeatureTeacherConfig = field(default_factory=FeatureTeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)

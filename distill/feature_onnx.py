@@ -55,8 +55,11 @@ def tensor_names(model) -> list[str]:
     return names
 
 
-def expose_tensor(src: str | Path, tensor: str, out: str | Path | None = None) -> Path:
+def expose_tensor(src: str | Path, tensor: str, out: str | Path | None = None, keep_outputs: bool = False) -> Path:
     """Write a model computing only ``tensor`` (as its one output); reuse a matching cache.
+
+    ``keep_outputs``: keep the model's own outputs too, ``tensor`` added after them (the segmentation
+    teacher that is also the feature teacher runs once for both).
 
     Args:
         src: the full ONNX model.
@@ -74,10 +77,10 @@ def expose_tensor(src: str | Path, tensor: str, out: str | Path | None = None) -
     import onnx.utils
 
     src = Path(src)
-    out = Path(out) if out else cached_path(src, tensor)
+    out = Path(out) if out else cached_path(src, tensor + ("+outputs" if keep_outputs else ""))
     if not src.is_file():
         raise InputError(f"{src}: ONNX file does not exist")
-    key = f"{sha256_file(src)}:{tensor}"
+    key = f"{sha256_file(src)}:{tensor}" + (":+outputs" if keep_outputs else "")
     if out.is_file():
         try:
             cached = onnx.load(str(out), load_external_data=False)
@@ -103,7 +106,8 @@ def expose_tensor(src: str | Path, tensor: str, out: str | Path | None = None) -
     known = {v.name for v in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
     if tensor not in known:  # shape inference could not type it: declare it float, shape unknown
         model.graph.value_info.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-    extracted = onnx.utils.Extractor(model).extract_model(inputs, [tensor])
+    outputs = [o.name for o in model.graph.output if o.name != tensor] if keep_outputs else []
+    extracted = onnx.utils.Extractor(model).extract_model(inputs, [*outputs, tensor])
     extracted.producer_name = "edgeseg.expose_tensor"
     del extracted.metadata_props[:]
     for k, v in {p.key: p.value for p in model.metadata_props}.items():

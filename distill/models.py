@@ -136,11 +136,17 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path, feature_stride: int = 8
     return model
 
 
-def load_teacher(cfg, device: torch.device | str | None = None) -> UnetSegmenter:
-    """The config's teacher (``cfg.teacher`` loaded from ``cfg.teacher_checkpoint``), on ``device`` if given.
+def load_teacher(cfg, device: torch.device | str | None = None) -> nn.Module:
+    """The config's segmentation teacher on ``device`` (CPU if None): normalised images -> (B, 1, H, W) logits.
 
-    ``cfg``: the root config (anything with ``teacher`` and ``teacher_checkpoint``).
+    A UNet loaded from ``cfg.teacher_checkpoint``, or, with ``teacher.onnx.path``, the ONNX model run
+    through IOBinding (``edgeseg.distill.onnx_teacher.OnnxSegmentationTeacher``, a module without
+    parameters). ``cfg``: the root config.
     """
+    if getattr(cfg.teacher, "is_onnx", False):
+        from edgeseg.distill.teachers import onnx_teacher
+
+        return onnx_teacher(cfg, device)
     model = load_model(cfg.teacher, cfg.teacher_checkpoint)
     return model.to(device) if device is not None else model
 

@@ -35,7 +35,7 @@ from edgeseg.distill.distributed import all_finite, barrier, init_distributed, m
 from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_loader, predict_logits, score
 from edgeseg.distill.job import TrainJob
 from edgeseg.distill.losses import DistillationLoss, DistillationModel, ProjectionHead, temperature_at
-from edgeseg.distill.models import build_model, count_parameters, load_teacher
+from edgeseg.distill.models import build_model, count_parameters
 from edgeseg.distill.resume import CHECKPOINT_FORMAT, check_resumable, copy_best, repair_best, run_identity
 from edgeseg.distill.sampler import EpochSampler, steps_per_epoch
 from edgeseg.distill.sources import HARD_EXAMPLES, FixedSource, Generate, SampleSource, SourceContext, describe, sources_for
@@ -118,24 +118,21 @@ class Trainer:
             student.encoder.requires_grad_(False)
 
         self.memory_format = torch.channels_last if job.train.channels_last else torch.contiguous_format
-        self.teacher = None
-        if job.loss.uses_teacher:
-            self.teacher = load_teacher(cfg, self.device).eval().requires_grad_(False)
+        from edgeseg.distill.teachers import feature_teacher_model, open_teachers
+
+        features = job.loss.feature > 0
+        if features:  # rank 0 exports the shipped detector (and exposes the tensor) before the others read it
+            main_first(lambda: feature_teacher_model(cfg), self.is_main, self.world)
+        with torch.random.fork_rng(devices=[]):  # building a torch teacher draws random weights first: not from ours
+            self.teacher, self.feature_teacher = main_first(
+                lambda: open_teachers(cfg, self.device, job.loss.uses_teacher, features), self.is_main, self.world)
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
             self.teacher.to(memory_format=self.memory_format)
-
-        self.feature_teacher, projection = None, None
-        if job.loss.feature > 0:
-            from edgeseg.distill.feature_onnx import expose_tensor
-            from edgeseg.distill.onnx_teacher import OnnxFeatureTeacher
-
-            from edgeseg.distill.teachers import feature_teacher_model
-
-            exposed = main_first(lambda: expose_tensor(feature_teacher_model(cfg), cfg.feature_teacher.tensor),
-                                 self.is_main, self.world)
-            self.feature_teacher = OnnxFeatureTeacher(exposed, self.device, cfg.data.mean, cfg.data.std,
-                                                      threads=cfg.threads)  # ORT's pool sized like torch's
+        projection = None
+        if self.feature_teacher is not None:
             c_t, h_t, w_t = self.feature_teacher.feature_shape(cfg.data.image_size)
-            log.info("feature teacher %s: %s -> (%d, %d, %d)", exposed.name, cfg.feature_teacher.tensor, c_t, h_t, w_t)
+            log.info("feature teacher: %s -> (%d, %d, %d)", cfg.feature_teacher.tensor, c_t, h_t, w_t)
             projection = ProjectionHead(student.feature_channels, cfg.feature_teacher.hidden_channels, c_t)
         # The loss owns the projection head; the training module holds the same object for the optimizer and DDP.
         self.loss_fn = DistillationLoss(job.loss, channel_norm=cfg.feature_teacher.channel_norm, projection=projection)

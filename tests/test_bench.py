@@ -1,100 +1,11 @@
-"""The benchmarks' own logic on tiny models: the seed study's pairing, ratio spreads, the user's ORT baseline."""
+"""The benchmarks' own logic on tiny models: ratio spreads, the user's ORT baseline (the study: tests/test_study.py)."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.timing import interleaved, ratio, ratio_spread, with_spread
 from tests.test_runtime import _images, tiny_onnx  # noqa: F401  (the fixture)
-from tests.test_trainer import _config
-
-
-def test_seed_study_runs_the_arms_and_pairs_gains_by_seed(tiny_run, tmp_path):
-    from benchmarks.bench_distill import ARMS, EVERY_SEED, SITE_ARMS, seed_study
-    from tests.test_unlabelled import _frames
-
-    ARMS = {a: v for a, v in ARMS.items() if a not in SITE_ARMS}  # the site arms: the next test
-    site = _frames(tiny_run, tmp_path / "site")
-    _, cfg = _config(tiny_run, tmp_path / "run", train={"epochs": 1, "unlabelled_share": 0.5},
-                     data={"labelled_count": 8, "unlabelled": str(site)})
-    with pytest.raises(ValueError, match="unknown arm"):
-        seed_study(cfg, seeds=(0,), arms=("kd_everything",))
-    out = seed_study(cfg, seeds=(0, 1), arms=tuple(ARMS))
-    assert out["seeds"] == [0, 1] and out["seeds_completed"] == [0, 1] and out["splits"] == ["test", "test_shift"]
-    assert out["arm_seeds"] == {a: ([0, 1] if a in EVERY_SEED else [0]) for a in ARMS}
-    rows = out["per_seed"]
-    assert rows[0]["test"]["kd_unlabelled"] != rows[1]["test"]["kd_unlabelled"]  # seeds train different students
-    gains = [r["test"]["kd_unlabelled"] - r["test"]["gt_only"] for r in rows]
-    assert out["gain_kd_unlabelled_vs_gt_only_mean"] == pytest.approx(np.mean(gains))
-    assert out["gain_kd_unlabelled_vs_gt_only_std"] == pytest.approx(np.std(gains, ddof=1))
-    site_gain = [r["test_shift"]["kd_site"] - r["test_shift"]["kd_unlabelled"] for r in rows]
-    assert out["gain_site_vs_source_test_shift_mean"] == pytest.approx(np.mean(site_gain))
-    assert out["feature_term_effect_mean"] == pytest.approx(rows[0]["test"]["kd_unlabelled"] - rows[0]["test"]["kd_no_feature"])
-    assert out["feature_term_effect_n"] == 1 and out["logit_terms_effect_std"] is None  # one seed: no spread
-    peaks = [json.loads(l)["peak_rss_mb"] for l in (tmp_path / "run" / "distill" / "metrics.jsonl").read_text().splitlines()]
-    assert out["distill_train_peak_rss_mb"] == max(peaks) > 0  # the demo student's own process
-    shift = [r["test"]["gt_only"] - r["test_shift"]["gt_only"] for r in rows]
-    assert out["shift_loss_mean"] == pytest.approx(np.mean(shift))
-    assert ("within noise" in out["gain_kd_unlabelled_verdict"]) != ("beyond 2 std" in out["gain_kd_unlabelled_verdict"])
-    # seed 0's ground-truth-only and site students are the run's own; every other arm has its own folder
-    assert (tmp_path / "run" / "distill" / "best.pt").is_file() and (tmp_path / "run" / "distill-baseline" / "best.pt").is_file()
-    assert not (tmp_path / "run" / "seeds" / "seed0-kd_site").exists()
-    assert (tmp_path / "run" / "seeds" / "seed1-kd_site" / "distill" / "best.pt").is_file()
-    # the arms differ in what they train on and with: checked on the checkpoints' identities
-    from edgeseg.distill.checkpoint import load_checkpoint
-
-    ident = lambda arm, role="distill", seed=1: load_checkpoint(
-        tmp_path / "run" / "seeds" / f"seed{seed}-{arm}" / role / "last.pt")["identity"]
-    assert ident("kd_labelled", seed=0)["train"].get("unlabelled_share") is None
-    assert ident("kd_unlabelled")["data"]["unlabelled"] == ""
-    assert ident("gt_only", "distill-baseline")["loss"]["kl"] == 0
-    feature_only = load_checkpoint(tmp_path / "run" / "seeds" / "seed0-kd_feature_only" / "distill" / "last.pt")["identity"]
-    assert feature_only["loss"]["kl"] == feature_only["loss"]["mse"] == 0 and feature_only["loss"]["feature"] > 0
-
-
-def test_site_arms_train_on_the_8_frames_and_synthetic_site_images(tiny_run, tmp_path):
-    """g: the 8 target frames as the site source; h: those frames and N synthetic site images steered by them
-    (shipped-generator stand-in: the tiny DDPM); i: h + hard examples. Paired gains and the recovered share."""
-    from benchmarks.bench_distill import SITE_ARMS, seed_study, site_folders
-    from edgeseg.distill.checkpoint import load_checkpoint
-    from tests.test_synthesis import TINY_DDPM
-    from tests.test_unlabelled import _frames
-
-    site = _frames(tiny_run, tmp_path / "site")
-    _, cfg = _config(tiny_run, tmp_path / "run", train={"epochs": 1, "unlabelled_share": 0.5},
-                     data={"labelled_count": 8, "unlabelled": str(site)},
-                     calibration={"ddpm": TINY_DDPM, "sampler": {"steps": 3, "batch_size": 4}, "count": 4,
-                                  "guidance": {"mode": "none"}, "filter": {"min_person_fraction": 0.0,
-                                                                           "min_condition_iou": 0.0, "dedup_bits": 0}})
-    folders = site_folders(cfg, count=3)
-    names = sorted(p.name for p in Path(folders["site8_synth"]).glob("*.png"))
-    assert len([n for n in names if n.startswith("frame_")]) == 8 and len([n for n in names if n.startswith("synth_")]) == 3
-    out = seed_study(cfg, seeds=(0, 1), arms=("gt_only", "kd_unlabelled", "kd_site", *SITE_ARMS))
-    assert out["arm_seeds"]["site8"] == [0, 1] and out["arm_seeds"]["site8_synth_hard"] == [0]
-    ident = lambda arm, seed=0: load_checkpoint(tmp_path / "run" / "seeds" / f"seed{seed}-{arm}" / "distill" / "last.pt")["identity"]
-    assert ident("site8")["data"]["unlabelled"] == str((cfg.data_root / "target_images").resolve())
-    assert ident("site8_synth", 1)["data"]["unlabelled"] == folders["site8_synth"]
-    assert ident("site8_synth_hard")["train"]["hard_examples"]["share"] == 0.1
-    rows = out["per_seed"]
-    h_g = [r["test_shift"]["site8_synth"] - r["test_shift"]["site8"] for r in rows]
-    assert out["site8_synth_vs_site8_mean"] == pytest.approx(np.mean(h_g))  # a site question: test_shift's
-    assert out["site8_synth_vs_site8_std"] == pytest.approx(np.std(h_g, ddof=1))
-    h_g_test = [r["test"]["site8_synth"] - r["test"]["site8"] for r in rows]
-    assert out["site8_synth_vs_site8_test_mean"] == pytest.approx(np.mean(h_g_test))
-    h_c = [r["test_shift"]["site8_synth"] - r["test_shift"]["kd_unlabelled"] for r in rows]
-    assert out["site8_synth_gain_test_shift_mean"] == pytest.approx(np.mean(h_c))  # beside gain_site_vs_source
-    assert out["site8_synth_gain_n"] == 2 and out["site8_synth_hard_vs_site8_synth_n"] == 1
-    # the recovered share is h's gain over c as a share of d's; defined only where d gains over c at all
-    d_c = np.mean([r["test_shift"]["kd_site"] - r["test_shift"]["kd_unlabelled"] for r in rows])
-    h_c = np.mean([r["test_shift"]["site8_synth"] - r["test_shift"]["kd_unlabelled"] for r in rows])
-    if d_c > 0:
-        assert out["site8_synth_recovered_share_of_site"] == pytest.approx(h_c / d_c)
-    else:
-        assert "site8_synth_recovered_share_of_site" not in out, out["site8_synth_recovered_share_of_site"]
-    assert out["site8_synth_images"]["frames"] == 8 and out["site8_synth_images"]["synthetic"] == 3
 
 
 def test_ratio_spread_is_per_round():
