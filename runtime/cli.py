@@ -3,25 +3,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from edgeseg.runtime.console import THREADS_HELP, VERBOSE_HELP, configure_logging, exit_on_user_error
-from edgeseg.runtime.errors import InputError
-from edgeseg.runtime.files import atomic_path, write_json_atomic
+from edgeseg.runtime.console import (THREADS_HELP, VERBOSE_HELP, configure_logging, exit_on_user_error, keep_renamed,
+                                     renamed_option)
+from edgeseg.runtime.errors import EdgesegError, InputError
+from edgeseg.runtime.files import write_json_atomic
+from edgeseg.runtime.smoothing import DEFAULT_SMOOTHING
 
 log = logging.getLogger(__name__)
 
 _BACKENDS = click.Choice(["auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"])
-
-
-def _save_png(array, path: Path) -> None:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,68 +25,82 @@ def main() -> None:
     """Batched person segmentation from a deploy bundle, ONNX model or TensorRT engine."""
 
 
-@main.command()
+@main.command(short_help="Masks and overlays for images, a video, a camera or a stream.")
 @click.option("--bundle", required=True, type=click.Path(), help="Deploy bundle folder, .onnx or .engine.")
-@click.option("--input", "input_dir", required=True, type=click.Path(file_okay=False), help="Folder of images.")
-@click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False), help="Where masks and overlays go.")
-@click.option("--backend", type=_BACKENDS, default="auto", show_default=True)
-@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("--images", "source", type=str, default=None, callback=keep_renamed, metavar="SOURCE",
+              help="A folder of images, an image or video file (mp4, avi, mkv, mov), a glob of images in quotes, "
+                   "a camera index (0) or a stream URL (rtsp://, http://).  [required]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=keep_renamed,
+              help="Where masks, overlays and summary.json go.  [required]")
+@renamed_option("--input", "--images", "source", type=str)
+@renamed_option("--output", "--out", "out_dir", type=click.Path(file_okay=False))
+@click.option("--backend", type=_BACKENDS, default="auto", show_default=True,
+              help="Inference backend; auto takes the best available.")
+@click.option("--threads", type=int, default=0, show_default=True, help=THREADS_HELP)
 @click.option("--device-id", type=int, default=0, show_default=True, help="CUDA GPU for GPU backends.")
 @click.option("--cuda-graphs", is_flag=True, help="Replay a CUDA graph per batch size (native TensorRT backend).")
-@click.option("-v", "--verbose", count=True)
+@click.option("--batch", type=int, default=0, show_default=True,
+              help="Most frames per model call (0: the model's maximum; 1: lowest latency for a live source).")
+@click.option("--smooth", type=float, default=DEFAULT_SMOOTHING, show_default=True, metavar="STRENGTH",
+              help="Temporal smoothing of a video's probabilities against flicker: the past's weight in a moving "
+                   "average, in [0, 1) (0: off); restarts at scene cuts.")
+@click.option("--drop-late", is_flag=True,
+              help="Live sources: drop frames the model cannot keep up with (counted) instead of falling behind.")
+@click.option("--save-masks", is_flag=True, help="Videos: also write each frame's mask as <out>/masks/NNNNN.png (0/255).")
+@click.option("--truth", type=click.Path(file_okay=False), default=None,
+              help="Folder of ground-truth masks named like the frames (NNNNN.png for a video): adds mIoU and "
+                   "flicker to summary.json.")
+@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
+              help="Seconds a camera or stream may take to open or deliver a frame.")
+@click.option("--reconnects", type=int, default=3, show_default=True,
+              help="Attempts to reopen a live source each time it stops delivering, before giving up.")
+@click.option("-v", "--verbose", count=True, help="-v info (with a progress line every 5 s), -vv debug logging (stderr).")
 @exit_on_user_error
-def infer(bundle, input_dir, output_dir, backend, threads, device_id, cuda_graphs, verbose):
-    """Write <name>.mask.png (0/255) and <name>.overlay.png for every image in --input."""
-    import numpy as np
-    from tqdm import tqdm
+def infer(bundle, source, out_dir, backend, threads, device_id, cuda_graphs, batch, smooth, drop_late, save_masks,
+          truth, timeout_s, reconnects, verbose):
+    """Masks (0/255) and overlays of every frame of --images into --out, pipelined.
 
-    from edgeseg.runtime.images import IMAGE_SUFFIXES, read_rgb
+    Images give <name>.mask.png and <name>.overlay.png; a video, camera or stream gives mask.mp4
+    and overlay.mp4 at its own size and frame rate. One line on stderr sums the run up (frames,
+    frames/s, p50/p99 latency per frame, drops, backend); summary.json holds it all.
+    """
+    from edgeseg.runtime import video
     from edgeseg.runtime.segmenter import Segmenter
+    from edgeseg.runtime.sources import open_source
 
     configure_logging(verbose)
-    src, dst = Path(input_dir), Path(output_dir)
-    if not src.is_dir():
-        raise InputError(f"{src}: input folder does not exist")
-    files = sorted(p for p in src.iterdir() if p.is_file())
-    if not files:
-        raise InputError(f"{src}: input folder is empty")
-    dst.mkdir(parents=True, exist_ok=True)
-    done, skipped = 0, []
-    with Segmenter(bundle, backend=backend, threads=threads, device_id=device_id, cuda_graphs=cuda_graphs) as seg:
-        print(f"backend {seg.backend} on {seg.device}", file=sys.stderr)
-        batch: list[tuple[Path, np.ndarray]] = []
-
-        def flush():
-            nonlocal done
-            masks = seg.predict([img for _, img in batch])
-            for (path, img), mask in zip(batch, masks):
-                _save_png(mask * 255, dst / f"{path.stem}.mask.png")
-                overlay = img.copy()
-                m = mask.astype(bool)
-                overlay[m] = (overlay[m] * 0.45 + np.array([255, 40, 40]) * 0.55).astype(np.uint8)
-                _save_png(overlay, dst / f"{path.stem}.overlay.png")
-                done += 1
-            batch.clear()
-
-        for path in tqdm(files, desc="segmenting", disable=None):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append(path.name)
-                log.warning("skipping %s: not an image file", path.name)
-                continue
-            try:
-                batch.append((path, read_rgb(path)))
-            except InputError as e:
-                skipped.append(path.name)
-                log.warning("skipping %s", e)
-                continue
-            if len(batch) == seg.max_batch:
-                flush()
-        if batch:
-            flush()
-    if skipped:
+    # FFmpeg's own lines ("moov atom not found", "Connection refused") would precede the one line this command
+    # says: quiet unless -v (OpenCV reads the variable when it first opens a video; a user's own setting wins)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "16" if verbose else "-8")
+    if source is None or out_dir is None:
+        raise click.UsageError(f"Missing option '{'--images' if source is None else '--out'}'.")
+    if batch < 0 or not 0.0 <= smooth < 1.0:
+        raise InputError(f"--batch must be >= 0 and --smooth in [0, 1), got {batch} and {smooth}")
+    dst = Path(out_dir)
+    scorer = video.TruthScorer(truth) if truth else None
+    options = video.RunOptions(smooth=smooth, drop_late=drop_late, max_batch=batch or None, save_masks=save_masks)
+    with open_source(source, timeout_s, reconnects) as src, \
+            Segmenter(bundle, backend=backend, threads=threads, device_id=device_id, cuda_graphs=cuda_graphs) as seg:
+        sink = video.sink_for(src, dst, save_masks)
+        try:
+            summary = video.run(seg, src, sink, options, scorer)
+        except EdgesegError as e:  # e.g. a stream lost half-way: what was written is finalised; say so, then fail
+            if hasattr(e, "summary"):
+                write_json_atomic(dst / "summary.json", e.summary)
+                print(video.summary_line(e.summary), file=sys.stderr)
+            raise
+    write_json_atomic(dst / "summary.json", summary)
+    if summary.get("skipped"):
+        skipped = src.skipped
         print(f"skipped {len(skipped)} non-image or unreadable file(s): {', '.join(skipped[:5])}"
               + (" ..." if len(skipped) > 5 else ""), file=sys.stderr)
-    click.echo(json.dumps({"output": str(dst), "images": done, "skipped": len(skipped)}))
+    print(video.summary_line(summary), file=sys.stderr)
+    result = {"output": str(dst), "frames": summary["written"], "summary": str(dst / "summary.json")}
+    if src.kind == "images":
+        result.update(images=summary["written"], skipped=summary["skipped"])
+    else:
+        result.update(sink.outputs())
+    click.echo(json.dumps(result))
 
 
 @main.command(short_help="Latency and throughput per batch size.")

@@ -1,4 +1,4 @@
-"""Binary segmentation metrics accumulated over a data set: mIoU, person IoU, boundary IoU, agreement."""
+"""Binary segmentation metrics accumulated over a data set: mIoU, person IoU, boundary IoU, agreement, flicker."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -127,3 +127,34 @@ def score_masks(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], referenc
         out["agreement"] = agree.agreement
     out["per_image_iou"] = list(meter.per_image_iou)
     return out
+
+
+@dataclass
+class FlickerMeter:
+    """Temporal flicker of a mask sequence against its ground truth, accumulated frame by frame.
+
+    ``flicker``: over consecutive frame pairs, the share of pixels whose predicted label changes
+    among the pixels whose ground-truth label does not (a moving person's true edge may change;
+    a still pixel's prediction should not). ``update(pred, ref, follows=False)`` starts a new
+    pair chain, e.g. after a dropped frame or a change of frame size.
+    """
+
+    changed: int = 0  # stable ground-truth pixels whose prediction changed
+    stable: int = 0  # pixels whose ground truth did not change, over all pairs
+    pairs: int = 0  # consecutive frame pairs compared
+    _prev: tuple | None = field(default=None, repr=False)
+
+    def update(self, pred: np.ndarray, ref: np.ndarray, follows: bool = True) -> None:
+        pred, ref = np.asarray(pred).astype(bool), np.asarray(ref).astype(bool)
+        if pred.shape != ref.shape:
+            raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
+        if follows and self._prev is not None and self._prev[0].shape == pred.shape:
+            still = self._prev[1] == ref
+            self.stable += int(np.count_nonzero(still))
+            self.changed += int(np.count_nonzero(still & (self._prev[0] != pred)))
+            self.pairs += 1
+        self._prev = (pred, ref)
+
+    @property
+    def flicker(self) -> float:
+        return self.changed / self.stable if self.stable else 0.0

@@ -14,10 +14,11 @@ class LoggedProgress(tqdm):
     where it is at least every ``every_s`` seconds, not minutes of silence.
     """
 
-    def __init__(self, *args, logger: logging.Logger, every_s: float = 30.0, **kwargs):
+    def __init__(self, *args, logger: logging.Logger, every_s: float = 30.0, status=None, **kwargs):
         kwargs.setdefault("disable", None)
         kwargs.setdefault("leave", False)
         self._logger, self._every_s, self._label = logger, every_s, kwargs.get("desc") or "progress"
+        self._status = status  # optional () -> str added to the log line and the bar (e.g. "3 dropped")
         total = kwargs.get("total")
         if total is None and args and hasattr(args[0], "__len__"):
             total = len(args[0])
@@ -34,7 +35,10 @@ class LoggedProgress(tqdm):
             self._t_logged = now
             rate = self._done / (now - self._t0)
             left = f", about {(self._total - self._done) / rate:.0f} s left" if self._total and rate > 0 else ""
-            self._logger.info("%s: %d/%s (%.2f/s%s)", self._label, self._done, self._total or "?", rate, left)
+            extra = f"; {self._status()}" if self._status else ""
+            self._logger.info("%s: %d/%s (%.2f/s%s%s)", self._label, self._done, self._total or "?", rate, left, extra)
+        if self._status and not self.disable:
+            self.set_postfix_str(self._status(), refresh=False)
         return super().update(n)
 
     def __iter__(self):

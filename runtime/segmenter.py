@@ -4,6 +4,7 @@
     with Segmenter("runs/demo/bundle") as seg:          # backend="auto" picks the best available
         masks = seg.predict([image_a, image_b])         # HxWx3 uint8 in, HxW uint8 (1 = person) out
         future = seg.submit(image_c)                    # micro-batched with other callers' requests
+        for mask in seg.stream(camera_frames):          # a video's frames in order, pipelined
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from edgeseg.runtime.bundle import Bundle
 from edgeseg.runtime.errors import BackendUnavailableError, ClosedError, InputError, IntegrityError
 from edgeseg.runtime.images import to_rgb_uint8
 from edgeseg.runtime.pipeline import BatchBuffers, Workers, check_images, finish, fit, prepare
+from edgeseg.runtime.smoothing import DEFAULT_SMOOTHING
 from edgeseg.runtime.spec import ModelSpec, engine_sidecar
 
 log = logging.getLogger(__name__)
@@ -160,21 +162,44 @@ class Segmenter:
             masks.extend(self._run_batch(images[i:i + self.max_batch]))
         return masks
 
-    def _run_batch(self, images: Sequence, fitted: bool = False) -> list[np.ndarray]:
-        """One model call; ``fitted``: the images were already letterboxed (see ``submit``)."""
+    def _run_batch(self, images: Sequence, fitted: bool = False, post: Callable | None = None) -> list[np.ndarray]:
+        """One model call; ``fitted``: the images were already letterboxed (see ``submit``); ``post``:
+        ``post(output, placements, workers) -> masks`` instead of ``finish`` (``stream``'s smoothing)."""
         with self._lock:  # one model call at a time; the buffers are shared
             t0 = time.perf_counter()
             feed, placements = prepare(images, self.spec, self._buffers, fitted=fitted, workers=self._workers)
             t1 = time.perf_counter()
             output = self.runner.infer(feed)
             t2 = time.perf_counter()
-            masks = finish(output, placements, self.spec, self._workers, quantised=not self.exact_masks)
+            if post is None:
+                masks = finish(output, placements, self.spec, self._workers, quantised=not self.exact_masks)
+            else:
+                masks = post(output, placements, self._workers)
             t3 = time.perf_counter()
             r = self.runner.timings_ms
             self.last_timings_ms = {"preprocess": (t1 - t0) * 1000, "copy_in": r["copy_in"], "infer": r["infer"],
                                     "copy_out": r["copy_out"], "postprocess": (t3 - t2) * 1000,
                                     "total": (t3 - t0) * 1000}
             return masks
+
+    # --- frames of a video or camera, in order ------------------------------------------------
+
+    def stream(self, frames: Iterable[np.ndarray], smooth: float = DEFAULT_SMOOTHING, max_batch: int | None = None,
+               max_wait_ms: float = 5.0, queue_frames: int | None = None, drop_late: bool = False) -> Iterator[np.ndarray]:
+        """Masks of ``frames`` (HxWx3 uint8 RGB, any sizes) in input order, as a generator.
+
+        A reader thread pulls and letterboxes the frames into a bounded queue while the model runs
+        (back-pressure: it waits when ``queue_frames`` are pending); each batch takes what is
+        waiting, up to ``max_batch``, waiting at most ``max_wait_ms`` after its first frame.
+        ``smooth``: temporal smoothing strength of the probabilities (0 = off; see
+        ``runtime.smoothing``). ``drop_late``: for live sources, drop the oldest pending frame
+        instead of waiting (no mask comes for it). See ``runtime.stream.FrameStream``.
+        """
+        from edgeseg.runtime.stream import FrameStream
+
+        self._check_open("stream")
+        pairs = FrameStream(self, frames, max_batch, max_wait_ms, queue_frames, smooth, drop_late)
+        return (mask for _, mask in pairs)
 
     # --- asynchronous, micro-batched ---------------------------------------------------------
 
