@@ -72,6 +72,10 @@ class GuidanceConfig:
     modes: int = 8  # k-means clusters of teacher-encoder embeddings (mode guidance)
     hard_fraction: float = 0.1  # confidence mode: this share is confidence-guided (hard), the rest task-guided;
     # hard samples inflate min/max ranges, so a calibration set keeps them a minority (1.0: a pure hard-example set)
+    # The torch model whose gradient guides sampling: the teacher, the trained student (<run_dir>/distill/best.pt),
+    # or a path to a UNet checkpoint shaped like the teacher section. auto: the teacher when it is a torch model,
+    # else the student (an ONNX teacher has no gradient; it still labels and filters). Reports say which guided.
+    model: str = "auto"
 
     def __post_init__(self):
         require(0 <= self.t_stop <= self.t_start <= 1, "t_start/t_stop", f"need 0 <= t_stop <= t_start <= 1, got {self.t_start}, {self.t_stop}")

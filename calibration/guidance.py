@@ -42,14 +42,18 @@ class TeacherView:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else getattr(self.model, "device", torch.device("cpu"))
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, 1, H, W) and the deepest encoder feature, average-pooled (B, C).
 
         Inputs are moved to the model's device (differentiably); the synthesizer keeps the model
-        on the generator's device, so guidance makes no copies.
+        on the generator's device, so guidance makes no copies. A model that is not a UNet (an ONNX
+        teacher) gives its logits and no embedding: it labels and filters, it cannot guide.
         """
+        if not isinstance(self.model, UnetSegmenter):
+            return self.model(self.prepare(x.to(self.device))), None
         features = self.model.encoder(self.prepare(x.to(self.device)))
         logits = self.model.segmentation_head(self.model.decoder(features))
         return logits, features[-1].mean(dim=(2, 3))

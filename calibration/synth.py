@@ -36,7 +36,7 @@ from edgeseg.calibration.config import CalibratedConfig
 from edgeseg.distill.config import config_to_dict
 from edgeseg.distill.data import split_samples
 from edgeseg.distill.device import peak_device_mb, use_device
-from edgeseg.distill.models import load_model
+from edgeseg.distill.models import load_model, load_teacher
 from edgeseg.runtime.errors import InputError
 from edgeseg.runtime.profiler import peak_rss_mb
 from edgeseg.runtime.files import recover_dir, replace_dir, sha256_file, staging_dir
@@ -170,11 +170,34 @@ class Synthesizer:
         if self.conditional:
             self.generator_info["masks"] = config_to_dict(self.cal.masks)
 
+    def _guide_model(self, teacher) -> tuple[torch.nn.Module, str]:
+        """The torch model whose gradient guides sampling (calibration.guidance.model) and what to call it."""
+        from edgeseg.distill.models import UnetSegmenter
+
+        choice = self.cal.guidance.model
+        if choice == "auto":
+            choice = "teacher" if isinstance(teacher, UnetSegmenter) else "student"
+        if choice == "teacher":
+            if not isinstance(teacher, UnetSegmenter):
+                raise InputError("guided sampling needs the guide's gradient and the ONNX teacher "
+                                 f"({self.cfg.teacher.onnx.path}) has none; set calibration.guidance.model: student "
+                                 "(or a UNet checkpoint), or calibration.guidance.mode: none")
+            return teacher, "teacher"
+        if choice == "student":
+            path = self.student_path
+            if self.student_model is not None:
+                return self.student_model, "student (in memory)"
+            if not Path(path).is_file():
+                raise InputError(f"{path}: calibration.guidance.model is student but there is no trained student; "
+                                 "run `make distill` first (or set calibration.guidance.model)")
+            return load_model(self.cfg.student, path, keys=("student",)).to(self.device), f"student ({path})"
+        return load_model(self.cfg.teacher, choice).to(self.device), f"checkpoint {choice}"
+
     def _make_guide(self, pool_size: int):
         mode = self.guidance_mode
         g = self.cal.guidance
         res = (g.resolution, g.resolution) if g.resolution else self.size
-        teacher = TeacherView(self.teacher.model, res, self.cfg.data.mean, self.cfg.data.std)
+        teacher = TeacherView(self.guide_model, res, self.cfg.data.mean, self.cfg.data.std)
         # img2img sources, one per pool image: a seeded shuffle of the training set ...
         n_src = len(getattr(self, "sources", ()))
         self.source_of = np.random.default_rng(self.cal.seed).permutation(max(n_src, 1))[np.arange(pool_size) % max(n_src, 1)]
@@ -199,7 +222,8 @@ class Synthesizer:
             return guide, {**origin, "hard_images": int(is_hard.sum())}
         # mode guidance: k-means over teacher embeddings of real images, an equal share per mode
         paths = [s.image for s in split_samples(self.cfg, GENERATOR_SPLIT)]
-        emb, chosen = embed_real_images(self.teacher, paths, limit=len(paths))
+        emb, chosen = embed_real_images(TeacherView(self.guide_model, self.size, self.cfg.data.mean, self.cfg.data.std),
+                                        paths, limit=len(paths))
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-8)
         centres, labels = kmeans(emb, g.modes, seed=self.cal.seed)
         self.medoid_paths = [chosen[i] for i in medoids(emb, centres, labels)]
@@ -255,9 +279,10 @@ class Synthesizer:
         from edgeseg.runtime.progress import LoggedProgress
 
         if not hasattr(self, "teacher"):
-            # on the generator's device: guidance differentiates the teacher on the generator's images
-            teacher = load_model(self.cfg.teacher, self.cfg.teacher_checkpoint).to(self.device)
+            # on the generator's device: guidance differentiates its model on the generator's images
+            teacher = load_teacher(self.cfg, self.device)
             self.teacher = TeacherView(teacher, self.size, self.cfg.data.mean, self.cfg.data.std)
+            self.guide_model, self.guided_by = self._guide_model(teacher)
             self._load_generator()
             self.target = None
             if self.target_folder:
@@ -269,6 +294,8 @@ class Synthesizer:
                 self.target = TargetDomain.from_folder(self.target_folder, self.size, self.cal.ddpm.image_size)
                 log.info("steering towards %d target images in %s", len(self.target), self.target_folder)
         guide, self.guide_info = self._make_guide(start + pool_size)
+        if guide is not None and start == 0:
+            log.info("sampling guided (%s) by the %s", self.guidance_mode, self.guided_by)
         bs = self.cal.sampler.batch_size
         out: list[Candidate] = []
         bar = LoggedProgress(total=pool_size, desc=f"sampling ({self.guidance_mode})", logger=log,
@@ -389,8 +416,9 @@ class Synthesizer:
         return {
             "format": FORMAT,
             "generator": self.generator_info,
-            "teacher_sha256": sha256_file(self.cfg.teacher_checkpoint),
-            "guidance": {"mode": self.guidance_mode, **config_to_dict(self.cal.guidance), **self.guide_info},
+            "teacher_sha256": sha256_file(self.cfg.teacher.onnx.path if self.cfg.teacher.is_onnx else self.cfg.teacher_checkpoint),
+            "guidance": {"mode": self.guidance_mode, **config_to_dict(self.cal.guidance), **self.guide_info,
+                         "guided_by": self.guided_by if self.guidance_mode != "none" else None},
             "sampler": config_to_dict(self.cal.sampler),
             "image_size": list(self.size),
             "seed": self.sample_seed,

@@ -224,6 +224,32 @@ def expose_feature(model, layer, out, input_size, verbose):
     click.echo(json.dumps({"model": str(path), "tensor": layer, "input_size": list(input_hw), "shape": list(shape)}))
 
 
+@main.command("inspect-teacher", short_help="Look at the teacher's masks before a long run.")
+@config_options
+@click.option("--images", type=click.Path(file_okay=False), default=None,
+              help="A folder of your images (with images/ and masks/ to score against; default: the val split).")
+@click.option("--limit", type=int, default=16, show_default=True, help="How many images to look at.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where inspect.png and inspect.json go (default: <run_dir>/inspect-teacher).")
+@exit_on_user_error
+def inspect_teacher(config_path, overrides, verbose, images, limit, out):
+    """Run the teacher (torch or ONNX) on a few images through training's preprocessing: its masks, their mIoU
+    against the labels there are, and the usual mistakes (swapped channels, a range off by 255, a matte read as
+    logits, an empty output) flagged one line each with the fix."""
+    from edgeseg.distill.device import use_device
+    from edgeseg.distill.inspect import inspect_teacher as run_inspection
+
+    cfg = load(config_path, overrides, verbose)
+    report = run_inspection(cfg, images, limit, Path(out) if out else cfg.stage_dir("inspect-teacher"),
+                            use_device(cfg.device, cfg.threads))
+    miou = f"mIoU {report['miou']:.3f}, " if report["miou"] is not None else "no labels, "
+    print(f"teacher on {report['images']} images: {miou}person fraction {report['person_fraction']:.3f}, "
+          f"uncertain {report['uncertain_share']:.3f}; picture: {report['picture']}", file=sys.stderr)
+    for flag in report["flags"]:
+        print(f"check: {flag}", file=sys.stderr)
+    click.echo(json.dumps(report))
+
+
 @main.command(short_help="Teacher vs student on test (and test_shift).")
 @config_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
@@ -256,8 +282,11 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
     from edgeseg.distill.evaluation import latency_ms, score_split
     from edgeseg.distill.models import count_parameters, load_model, load_teacher
 
+    from edgeseg.distill.onnx_teacher import OnnxSegmentationTeacher
+
     device = use_device(cfg.device, cfg.threads)
     teacher = load_teacher(cfg, device)
+    is_onnx = isinstance(teacher, OnnxSegmentationTeacher)
     student = load_model(cfg.student, checkpoint, cfg.student.feature_stride, keys=("student",)).to(device)
     models = {"teacher": teacher, "student": student}
     if baseline:
@@ -280,10 +309,13 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
     for split in splits[1:]:
         report[split] = blocks[split]
     report.update({
-        "teacher_params": count_parameters(teacher), "student_params": count_parameters(student),
-        "teacher_size_mb": _state_size_mb(teacher), "student_size_mb": _state_size_mb(student),
+        "teacher_params": teacher.parameter_count() if is_onnx else count_parameters(teacher),
+        "student_params": count_parameters(student),
+        "teacher_size_mb": teacher.size_mb if is_onnx else _state_size_mb(teacher), "student_size_mb": _state_size_mb(student),
+        "teacher_kind": "onnx" if is_onnx else "torch",
         "teacher_latency_ms": lat["teacher"], "student_latency_ms": lat["student"],
-        "latency_backend": f"torch eager, {device}, batch 1, {torch.get_num_threads()} threads",
+        "latency_backend": ("teacher: ONNX Runtime (IOBinding), student: " if is_onnx else "")
+                           + f"torch eager, {device}, batch 1, {torch.get_num_threads()} threads",
         "image_size": list(cfg.data.image_size),
         "data": _data_summary(cfg),
     })

@@ -353,6 +353,17 @@ class OnnxSegmentationTeacher(nn.Module):
         """(B, 3, H, W) normalised images on the device -> (B, 1, H, W) person logits (a new tensor)."""
         return self.person_logits(self.raw_output(images), tuple(images.shape[2:]))
 
+    def parameter_count(self) -> int:
+        """Weights in the ONNX file (its initializers' elements): what the report's teacher_params means for torch."""
+        import onnx
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        return int(sum(np.prod(t.dims) for t in model.graph.initializer))
+
+    @property
+    def size_mb(self) -> float:
+        return self.path.stat().st_size / 2**20
+
     def feature_view(self) -> "_SharedFeature":
         """The feature teacher sharing this session: it reads the extra output of the same run."""
         if not self.feature:

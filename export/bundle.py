@@ -131,7 +131,13 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
     }
     if calib_manifest is not None and calib_manifest.is_file():
         files["calibration_manifest.json"] = (calib_manifest, "calibration-manifest")
-    if with_teacher:
+    teacher_io = None
+    if with_teacher and cfg.teacher.is_onnx:  # a zoo teacher ships as it is, its I/O recorded for `runtime check`
+        from edgeseg.distill.teachers import teacher_io as resolve_teacher_io
+
+        files["teacher.onnx"] = (Path(cfg.teacher.onnx.path), "teacher")
+        teacher_io = resolve_teacher_io(cfg).to_dict()
+    elif with_teacher:
         from edgeseg.export.onnx_model import export_teacher_onnx
 
         files["teacher.onnx"] = (export_teacher_onnx(cfg, export_dir / "teacher.onnx"), "teacher")
@@ -162,6 +168,7 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
         "float_nodes": accuracy.get("mixed_float_nodes", []) if accuracy.get("deployed_int8") == "mixed" else [],
         "cpu_float_nodes": accuracy.get("cpu_mixed_float_nodes", []) if accuracy.get("cpu_model") == "int8_cpu_mixed" else [],
         "files": listed,
+        **({"teacher_io": teacher_io} if teacher_io else {}),
         "versions": package_versions(),
         "accuracy": {k: v for k, v in accuracy.items() if not isinstance(v, (dict, list))},
         "config": config_to_dict(cfg),

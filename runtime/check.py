@@ -151,8 +151,15 @@ class SiteCheck:
         if need_teacher and teacher is None:
             raise InputError(f"{self.bundle.path}: the bundle carries no teacher; write it with "
                              "`edgeseg export bundle --with-teacher` (the teacher agreement needs it)")
-        self.teacher = cpu_session(teacher, threads) if teacher is not None else None
-        self.teacher_spec = ModelSpec.from_session(self.teacher, teacher) if teacher is not None else None
+        self.teacher = self.zoo_teacher = self.teacher_spec = None
+        if teacher is not None and self.bundle.manifest.get("teacher_io"):  # a zoo ONNX teacher, its I/O recorded
+            from edgeseg.runtime.teacher_io import SegmenterIO, ZooSegmenter
+
+            self.zoo_teacher = ZooSegmenter(teacher, SegmenterIO.from_dict(self.bundle.manifest["teacher_io"]),
+                                            self.spec.image_size, self.spec.pad_value, threads)
+        elif teacher is not None:  # edgeseg's own export of the teacher: the student's I/O contract
+            self.teacher = cpu_session(teacher, threads)
+            self.teacher_spec = ModelSpec.from_session(self.teacher, teacher)
 
     def measure(self, frames: Sequence[np.ndarray], keep_masks: bool = False) -> dict:
         """Proxies over ``frames`` (and per-frame agreements, for the picture; with ``keep_masks`` the
@@ -183,16 +190,13 @@ class SiteCheck:
             if keep_masks:
                 per_frame["served_masks"] += served
                 per_frame["fp32_masks"] += fp32_masks
-            if self.teacher is not None:
-                tx, tp = prepare(batch, self.teacher_spec, teacher_buffers)
-                teacher_masks = finish(self.teacher.run([self.teacher_spec.output_name],
-                                                        {self.teacher_spec.input_name: tx})[0], tp, self.teacher_spec)
-                for a, b in zip(served, teacher_masks):
+            if self.has_teacher:
+                for a, b in zip(served, self._teacher_masks(batch, teacher_buffers)):
                     teacher_meter.update(a, b)
                     per_frame["teacher"].append(_miou(a, b))
         out = {"frames": len(frames), "served_model": self.served_role, "range_fit": sat.summary(),
                "int8_agreement_miou": int8_meter.miou,
-               "teacher_agreement_miou": teacher_meter.miou if self.teacher is not None else None,
+               "teacher_agreement_miou": teacher_meter.miou if self.has_teacher else None,
                "person_fraction": float(np.mean(person)),
                "seconds": round(time.perf_counter() - t0, 2)}
         out["_per_frame"] = per_frame
@@ -202,11 +206,21 @@ class SiteCheck:
         """The served student's mask of one frame, and the teacher's (None without a teacher)."""
         x, p = prepare([frame], self.spec, BatchBuffers(self.spec))
         served = finish(self.int8.run([self.spec.output_name], {self.spec.input_name: x})[0], p, self.spec)[0]
-        if self.teacher is None:
+        if not self.has_teacher:
             return served, None
-        tx, tp = prepare([frame], self.teacher_spec, BatchBuffers(self.teacher_spec))
-        return served, finish(self.teacher.run([self.teacher_spec.output_name], {self.teacher_spec.input_name: tx})[0],
-                              tp, self.teacher_spec)[0]
+        return served, self._teacher_masks([frame], BatchBuffers(self.teacher_spec) if self.teacher_spec else None)[0]
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.zoo_teacher is not None
+
+    def _teacher_masks(self, frames: Sequence[np.ndarray], buffers: BatchBuffers | None) -> list[np.ndarray]:
+        """The teacher's masks of ``frames`` at their sizes: a zoo teacher by its recorded I/O, else the student's contract."""
+        if self.zoo_teacher is not None:
+            return self.zoo_teacher.masks(frames)
+        tx, tp = prepare(frames, self.teacher_spec, buffers)
+        return finish(self.teacher.run([self.teacher_spec.output_name], {self.teacher_spec.input_name: tx})[0], tp,
+                      self.teacher_spec)
 
 
 def _miou(a: np.ndarray, b: np.ndarray) -> float:

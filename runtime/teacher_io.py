@@ -246,3 +246,39 @@ def resolve_io(path: str | Path, declared: dict | None = None, session=None) -> 
     return SegmenterIO(input=inp.name, output=out.name, layout=layout, channels=channels, range=rng, mean=mean,
                        std=std, size=size, batch=_dim(shape[0]), dtype="float16" if inp.type == "tensor(float16)" else "float32",
                        kind=kind, output_layout=out_layout, channels_out=c_out, person_channel=person, clamp=clamp)
+
+
+class ZooSegmenter:
+    """A zoo person segmenter run the runtime's way: frames of any size in, masks at each frame's size out.
+
+    Frames are letterboxed to the model's size (or ``image_size`` for a dynamic model), prepared by
+    ``io``, run (sample by sample for a static batch of 1), turned into person logits, resized to
+    the letterbox and cut at 0 with the letterbox cropped, as every other mask in edgeseg is.
+    """
+
+    def __init__(self, path: str | Path, io: SegmenterIO, image_size: tuple[int, int],
+                 pad_value: tuple[int, int, int] = (124, 116, 104), threads: int = 0):
+        from edgeseg.runtime.sessions import cpu_session
+
+        self.io, self.hw, self.pad = io, tuple(io.size or image_size), tuple(pad_value)
+        self.session = cpu_session(path, threads)
+
+    def logits(self, fitted: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 letterboxed frames -> (B, H, W) person logits at the letterbox's size."""
+        import cv2
+
+        x = self.io.prepare(fitted)
+        run = lambda a: self.session.run([self.io.output], {self.io.input: a})[0]
+        out = np.concatenate([run(x[i:i + 1]) for i in range(len(x))]) if self.io.batch == 1 else run(x)
+        z = self.io.person_logits(out)
+        if z.shape[1:] != self.hw:
+            z = np.stack([cv2.resize(m, (self.hw[1], self.hw[0]), interpolation=cv2.INTER_LINEAR) for m in z])
+        return z
+
+    def masks(self, frames) -> list[np.ndarray]:
+        from edgeseg.runtime.pipeline import masks_at_source
+        from edgeseg.runtime.preprocess import fit_image
+
+        fitted = [fit_image(f, self.hw, "letterbox", self.pad) for f in frames]
+        z = self.logits(np.stack([a for a, _ in fitted]))
+        return masks_at_source(z, [p for _, p in fitted], cut=0.0)

@@ -272,6 +272,15 @@ def test_the_demo_teacher_as_onnx_gives_the_torch_teachers_kd_targets(tiny_run, 
         runs[name] = _records(tmp_path / name)[0]
     for key in ("loss", "loss_kl", "loss_mse", "loss_bce", "loss_dice", "loss_feature", "val_miou"):
         assert runs["onnx"][key] == pytest.approx(runs["torch"][key], rel=1e-3, abs=1e-4), key
+    # the evaluation's teacher row: the ONNX file's own weights, the same masks
+    from edgeseg.distill.cli import _evaluate
+    from edgeseg.distill.models import count_parameters
+
+    report = _evaluate(cfg, tmp_path / "onnx" / "distill" / "best.pt", None, latency_repeats=1)
+    reference = _evaluate(base, tmp_path / "torch" / "distill" / "best.pt", None, latency_repeats=1)
+    assert report["teacher_kind"] == "onnx"  # its weights counted from the file (BatchNorm folded into the convs)
+    assert 0.95 * count_parameters(torch_teacher) < report["teacher_params"] <= count_parameters(torch_teacher)
+    assert report["teacher_miou"] == pytest.approx(reference["teacher_miou"], abs=1e-3)
 
 
 def test_static_batch_one_teachers_train_at_batch_4(tiny_run, tmp_path):
@@ -332,3 +341,139 @@ def test_one_file_as_both_teachers_runs_once_per_batch(tiny_run, tmp_path, monke
     assert trainer.feature_teacher.teacher is trainer.teacher  # one session for both
     # the teacher's val masks (8 images, one batch) and two steps: one run each, mask and neck bound together
     assert len(calls) == 1 + 2
+
+
+# --- a look before the long run -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_world(tmp_path_factory):
+    """16 demo images at the shipped teacher's 128x128, and the shipped teacher exported behind a zoo-style front end
+    that wants BGR pixels in [0, 255] (what a user may get and mis-declare)."""
+    from edgeseg.distill.config import DataConfig
+    from edgeseg.distill.demo_data import generate_demo_dataset
+    from edgeseg.distill.models import load_model
+    from edgeseg.distill.config import TeacherConfig
+    from edgeseg.distill.shipped import TEACHER, weights_path
+
+    root = tmp_path_factory.mktemp("demo128")
+    generate_demo_dataset(root / "data", (128, 128), 16, 16, seed=0, max_people=3, empty_fraction=0.1)
+    teacher = load_model(TeacherConfig(encoder="tu-efficientnet_b3", decoder_channels=(256, 128, 64, 32, 16)),
+                         weights_path(TEACHER)).eval()
+    data = DataConfig(image_size=(128, 128))
+
+    class ZooFront(nn.Module):  # BGR in [0, 255] -> the teacher's normalised RGB
+        def __init__(self):
+            super().__init__()
+            self.teacher = teacher
+            self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1) * 255)
+            self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1) * 255)
+
+        def forward(self, x):
+            return self.teacher((x.flip(1) - self.mean) / self.std)
+
+    path = _export(ZooFront(), root / "zoo_bgr_255.onnx", (1, 3, 128, 128))
+    return root, path
+
+
+def _inspect(demo_world, tmp_path, **declared):
+    from edgeseg.distill.inspect import inspect_teacher
+    from tests.conftest import write_config
+    from edgeseg.distill.config import load_config
+    from edgeseg.export.config import Config
+
+    root, path = demo_world
+    cfg = load_config(write_config(tmp_path, data={"source": "folder", "root": str(root / "data"), "image_size": [128, 128]},
+                                   teacher={"onnx": {"path": str(path), **declared}}), Config)
+    return inspect_teacher(cfg, root / "data" / "val", limit=16, out_dir=tmp_path / "inspect")
+
+
+def test_inspect_teacher_passes_a_teacher_read_right(demo_world, tmp_path):
+    report = _inspect(demo_world, tmp_path, channels="bgr", range="byte")
+    assert report["flags"] == [] and report["miou"] > 0.6 and report["labelled"]
+    assert 0.02 < report["person_fraction"] < 0.6 and report["uncertain_share"] < 0.2
+    assert (tmp_path / "inspect" / "inspect.png").is_file() and (tmp_path / "inspect" / "inspect.json").is_file()
+
+
+def test_inspect_teacher_flags_swapped_channels(demo_world, tmp_path):
+    report = _inspect(demo_world, tmp_path, channels="rgb", range="byte")  # planted: the model wants BGR
+    assert [f for f in report["flags"] if f.startswith("channels swapped")], report["flags"]
+    assert "teacher.onnx.channels: bgr" in report["flags"][0]
+    assert report["other_readings"]["channels swapped"]["miou"] > report["miou"] + 0.05
+
+
+def test_inspect_teacher_flags_a_range_off_by_255(demo_world, tmp_path):
+    report = _inspect(demo_world, tmp_path, channels="bgr", range="unit")  # planted: the model wants [0, 255]
+    assert any(f.startswith("range off by 255") and "teacher.onnx.range: byte" in f for f in report["flags"]), report["flags"]
+
+
+def test_inspect_teacher_flags_a_matte_read_as_logits_and_an_empty_output(tmp_path, tiny_run):
+    from edgeseg.distill.inspect import inspect_teacher
+    from tests.conftest import write_config
+    from edgeseg.distill.config import load_config
+    from edgeseg.export.config import Config
+
+    class Matte(nn.Module):
+        def forward(self, x):  # an Exp-based matte in [0, 1] the graph does not mark as Sigmoid, and it finds nobody
+            return torch.exp(-x.abs().mean(1, keepdim=True) - 5.0)
+
+    path = _export(Matte(), tmp_path / "matte.onnx", (1, 3, 64, 64), dynamic_hw=True)
+    _, base = tiny_run
+    cfg = load_config(write_config(tmp_path / "run", data={"root": str(base.data_root)},
+                                   teacher={"onnx": {"path": str(path)}}), Config)
+    report = inspect_teacher(cfg, limit=4)
+    assert any("lies in [0, 1] but is read as logits" in f and "kind: matte" in f for f in report["flags"])
+    assert any("finds nobody" in f for f in report["flags"])
+
+
+# --- the rest of the pipeline with an ONNX teacher -----------------------------------------------------------------
+
+
+def test_guided_synthesis_with_an_onnx_teacher_is_guided_by_the_student(tiny_run, tmp_path):
+    """The ONNX teacher labels and filters; its missing gradient is the student's to give (auto), and the manifest says so."""
+    import json
+
+    from edgeseg.calibration.synth import Synthesizer
+    from edgeseg.distill.config import load_config
+    from edgeseg.distill.models import build_model
+    from edgeseg.export.config import Config
+    from edgeseg.export.onnx_model import export_teacher_onnx
+    from tests.test_synthesis import _synth_config
+
+    _, base = tiny_run
+    onnx_path = export_teacher_onnx(base, tmp_path / "teacher.onnx")
+    path, cfg = _synth_config(tiny_run, tmp_path / "run", guidance={"mode": "task", "t_start": 0.9, "t_stop": 0.5,
+                                                                     "resolution": 32, "scale": 0.4})
+    raw = __import__("yaml").safe_load(path.read_text())
+    raw["teacher"]["onnx"] = {"path": str(onnx_path)}
+    path.write_text(__import__("yaml").safe_dump(raw))
+    cfg = load_config(path, Config)
+    student = tmp_path / "run" / "distill" / "best.pt"
+    student.parent.mkdir(parents=True)
+    torch.save({"student": build_model(cfg.student).state_dict()}, student)
+    out = tmp_path / "set"
+    Synthesizer(cfg).run(out, 4, overwrite=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["guidance"]["guided_by"] == f"student ({student})"
+    raw["calibration"]["guidance"]["model"] = "teacher"
+    path.write_text(__import__("yaml").safe_dump(raw))
+    with pytest.raises(InputError, match="ONNX teacher .* has none; set calibration.guidance.model: student"):
+        Synthesizer(load_config(path, Config)).run(tmp_path / "set2", 4, overwrite=True)
+
+
+def test_a_bundle_carries_the_zoo_teacher_and_runtime_check_reads_it_by_its_recorded_io(tmp_path):
+    """runtime check's teacher agreement runs a zoo teacher (BGR, 0-255, NHWC softmax) the way distillation did."""
+    from edgeseg.runtime.teacher_io import ZooSegmenter
+
+    path = _export(Form(Reference(), layout="nhwc", bgr=True, byte=True, out="softmax", out_layout="nhwc"),
+                   tmp_path / "zoo.onnx", (1, 48, 48, 3))
+    io = resolve_io(path, {"channels": "bgr", "range": "byte"})
+    zoo = ZooSegmenter(path, io, (48, 48))
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((48, 48), (60, 30), (30, 90))]
+    masks = zoo.masks(frames)
+    assert [m.shape for m in masks] == [(48, 48), (60, 30), (30, 90)]
+    # the 48x48 frame needs no letterbox: its mask is the torch path's logit sign
+    images = _normalise(torch.from_numpy(frames[0]).permute(2, 0, 1)[None].float() / 255)
+    want = (_teacher(path, {"channels": "bgr", "range": "byte"})(images)[0, 0] > 0).numpy()
+    assert (masks[0].astype(bool) == want).mean() > 0.99
