@@ -9,6 +9,7 @@ The user's obvious alternative is ONNX Runtime ``session.run`` on the FP32 ONNX 
 OpenCV letterbox, normalisation and mask resize (``user_ort_fp32``), same threads.
 
 Headline keys are at the machine's default thread count; ``threads_1`` holds the same at 1 thread.
+``video`` holds the video pipeline's figures (``benchmarks.bench_video``; ``--only video`` reruns them alone).
 """
 from __future__ import annotations
 
@@ -69,6 +70,24 @@ def run(cfg: Config, rounds: int = 20, batch: int = 8) -> dict:
 
     out["memory"] = serving_memory(bundle, batch)
     out.update({k: out["memory"][k] for k in ("runtime_peak_rss_mb", "bare_session_peak_rss_mb", "runtime_vs_bare_peak_rss")})
+    out["video"] = video_block(cfg, rounds)
+    return out
+
+
+def video_block(cfg: Config, rounds: int = 20, vga_frames: int = 96) -> dict:
+    """runtime.json's ``video`` key (``benchmarks.bench_video``): the bundle on a VGA render of the demo world
+    (cached under <run_dir>/bench/vga_clip) and, for smoothing, on the demo clip with its ground truth."""
+    from benchmarks.bench_video import run as run_video
+    from edgeseg.distill.demo_video import generate_demo_clip
+
+    bundle = Path(cfg.run_dir) / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        raise FileNotFoundError(f"run `make deploy` first: {bundle} is missing")
+    seed = cfg.data.demo.seed
+    vga = generate_demo_clip(Path(cfg.run_dir) / "bench" / "vga_clip", (480, 640), seed, frames=vga_frames)
+    demo = generate_demo_clip(cfg.data_root, cfg.data.image_size, seed)  # the demo's own clip (made by its data stage)
+    out = run_video(bundle, vga, rounds, demo_clip=demo, truth=demo.parent / "masks")
+    out["vga_clip"] = "the demo world rendered at 480x640, 96 frames (distill.demo_video)"
     return out
 
 

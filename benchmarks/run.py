@@ -7,7 +7,8 @@
 memory`` records the peak RSS of the run's own training and synthesis processes
 (``distill_train_peak_rss_mb`` in ``distill.json``, ``calibration_synth_peak_rss_mb`` in
 ``calibration.json``) without rerunning those benchmarks; ``--only schedule`` sets the student's
-schedule on val (trains; ``schedule.json``). The distillation study is ``make study``
+schedule on val (trains; ``schedule.json``); ``--only video`` reruns the runtime's video figures and
+rewrites only the ``video`` key of ``runtime.json``. The distillation study is ``make study``
 (``benchmarks/study.py``): it trains for hours and is not part of ``make bench``.
 
 Needs the demo's artifacts (``make demo``): the benchmarks measure what the pipeline built.
@@ -51,7 +52,7 @@ def main(config_path, overrides, verbose, only, rounds):
     if {"seeds", "site"} & set(wanted):
         raise click.BadParameter("the distillation study is `make study` (python -m benchmarks.study) now, not part of "
                                  "make bench")
-    unknown = set(wanted) - set(BENCHES) - {"generator", "memory", "schedule"}
+    unknown = set(wanted) - set(BENCHES) - {"generator", "memory", "schedule", "video"}
     if unknown:
         raise click.BadParameter(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,17 @@ def main(config_path, overrides, verbose, only, rounds):
                               peak_memory_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
                 path.write_text(json.dumps(result, indent=1, default=str))
                 print(f"  -> {path} {found}", file=sys.stderr)
+            continue
+        if name == "video":  # the video pipeline's figures alone: only the `video` key of runtime.json changes
+            from benchmarks.bench_runtime import video_block
+
+            path = RESULTS / "runtime.json"
+            result = json.loads(path.read_text()) if path.is_file() else {}
+            result["video"] = {**video_block(cfg, rounds), "machine": _machine(),
+                               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.perf_counter() - t0}
+            path.write_text(json.dumps(result, indent=1, default=str))
+            print(f"  -> {path} (video, {time.perf_counter() - t0:.0f} s) efficiency "
+                  f"{result['video']['video_pipeline_efficiency']:.3f}", file=sys.stderr)
             continue
         if name == "generator":  # updates the generator keys of calibration.json, the rest stays as measured
             from benchmarks.bench_generator import run as run_generator

@@ -41,9 +41,10 @@ def main() -> None:
 @click.option("--cuda-graphs", is_flag=True, help="Replay a CUDA graph per batch size (native TensorRT backend).")
 @click.option("--batch", type=int, default=0, show_default=True,
               help="Most frames per model call (0: the model's maximum; 1: lowest latency for a live source).")
-@click.option("--smooth", type=float, default=DEFAULT_SMOOTHING, show_default=True, metavar="STRENGTH",
-              help="Temporal smoothing of a video's probabilities against flicker: the past's weight in a moving "
-                   "average, in [0, 1) (0: off); restarts at scene cuts.")
+@click.option("--smooth", type=float, default=None, metavar="STRENGTH",
+              help="Temporal smoothing of the probabilities against flicker: the past's weight in a moving average, "
+                   f"in [0, 1) (0: off); restarts at scene cuts.  [default: {DEFAULT_SMOOTHING} for a video, camera "
+                   "or stream; 0 for images]")
 @click.option("--drop-late", is_flag=True,
               help="Live sources: drop frames the model cannot keep up with (counted) instead of falling behind.")
 @click.option("--save-masks", is_flag=True, help="Videos: also write each frame's mask as <out>/masks/NNNNN.png (0/255).")
@@ -74,13 +75,15 @@ def infer(bundle, source, out_dir, backend, threads, device_id, cuda_graphs, bat
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "16" if verbose else "-8")
     if source is None or out_dir is None:
         raise click.UsageError(f"Missing option '{'--images' if source is None else '--out'}'.")
-    if batch < 0 or not 0.0 <= smooth < 1.0:
+    if batch < 0 or (smooth is not None and not 0.0 <= smooth < 1.0):
         raise InputError(f"--batch must be >= 0 and --smooth in [0, 1), got {batch} and {smooth}")
     dst = Path(out_dir)
     scorer = video.TruthScorer(truth) if truth else None
-    options = video.RunOptions(smooth=smooth, drop_late=drop_late, max_batch=batch or None, save_masks=save_masks)
     with open_source(source, timeout_s, reconnects) as src, \
             Segmenter(bundle, backend=backend, threads=threads, device_id=device_id, cuda_graphs=cuda_graphs) as seg:
+        if smooth is None:  # a folder of images may be unrelated pictures: smoothing only where frames follow frames
+            smooth = 0.0 if src.kind == "images" else DEFAULT_SMOOTHING
+        options = video.RunOptions(smooth=smooth, drop_late=drop_late, max_batch=batch or None, save_masks=save_masks)
         sink = video.sink_for(src, dst, save_masks)
         try:
             summary = video.run(seg, src, sink, options, scorer)

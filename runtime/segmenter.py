@@ -191,8 +191,8 @@ class Segmenter:
         A reader thread pulls and letterboxes the frames into a bounded queue while the model runs
         (back-pressure: it waits when ``queue_frames`` are pending); each batch takes what is
         waiting, up to ``max_batch``, waiting at most ``max_wait_ms`` after its first frame.
-        ``smooth``: temporal smoothing strength of the probabilities (0 = off; see
-        ``runtime.smoothing``). ``drop_late``: for live sources, drop the oldest pending frame
+        ``smooth``: temporal smoothing strength of the probabilities (0 = off; on by default, as
+        measured: see ``runtime.smoothing.DEFAULT_SMOOTHING``). ``drop_late``: for live sources, drop the oldest pending frame
         instead of waiting (no mask comes for it). See ``runtime.stream.FrameStream``.
         """
         from edgeseg.runtime.stream import FrameStream

@@ -133,7 +133,7 @@ def test_stream_returns_predicts_masks_in_order_across_size_changes(brightness_o
         expected = seg.predict(frames)
         stream = FrameStream(seg, (f for f in frames), max_wait_ms=50.0)
         got = list(stream)
-        one_by_one = list(seg.stream(iter(frames), max_batch=1))
+        one_by_one = list(seg.stream(iter(frames), max_batch=1, smooth=0.0))
     assert [f.index for f, _ in got] == list(range(len(frames)))
     assert all(np.array_equal(m, e) for (_, m), e in zip(got, expected))
     assert all(np.array_equal(m, e) for m, e in zip(one_by_one, expected)) and len(one_by_one) == len(frames)
@@ -291,6 +291,22 @@ def test_flicker_counts_label_changes_where_the_truth_holds_still():
     assert m.pairs == 1
 
 
+def test_the_overlay_is_todays_picture():
+    from edgeseg.runtime.sinks import overlay
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    mask = np.zeros((37, 53), np.uint8)
+    mask[5:20, 30:50] = rng.random((15, 20)) > 0.3
+    expected = image.copy()
+    person = mask.astype(bool)
+    expected[person] = (expected[person] * 0.45 + np.array([255, 40, 40]) * 0.55).astype(np.uint8)
+    assert np.array_equal(overlay(image, mask), expected)
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    assert np.array_equal(overlay(bgr, mask * 255, bgr=True)[:, :, ::-1], expected)
+    assert np.array_equal(overlay(image, np.zeros_like(mask)), image)
+
+
 # --- the command on files -----------------------------------------------------------------------------
 
 def test_a_clip_gives_playable_mask_and_overlay_videos(brightness_onnx, tmp_path):
@@ -303,7 +319,7 @@ def test_a_clip_gives_playable_mask_and_overlay_videos(brightness_onnx, tmp_path
     out = tmp_path / "out"
     # the old spelling still works for one release, and says so once
     r = run_cli("runtime", "infer", "--bundle", str(path), "--input", str(clip), "--output", str(out),
-                "--save-masks", "--threads", "1")
+                "--save-masks", "--threads", "1", "--smooth", "0")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("`--input` is renamed `--images`") == 1
     result = json.loads(r.stdout)
@@ -339,6 +355,9 @@ def test_truth_scoring_in_the_summary(brightness_onnx, tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert (s["scored_frames"], s["flicker_pairs"], s["miou"], s["flicker"]) == (12, 11, 1.0, 0.0)
+    from edgeseg.runtime.smoothing import DEFAULT_SMOOTHING
+
+    assert s["smooth"] == DEFAULT_SMOOTHING > 0  # a video is smoothed unless told otherwise
     assert "vs truth: mIoU 1.0000, flicker 0.000%" in r.stderr
 
 
@@ -541,3 +560,29 @@ def test_the_demo_clip_is_deterministic_and_moves(tmp_path):
     assert not np.array_equal(first, next(render_clip((64, 64), seed=3, frames=16))[0])
     mtime = video.stat().st_mtime_ns
     assert generate_demo_clip(tmp_path / "a", (64, 64), seed=3, frames=16) == video and video.stat().st_mtime_ns == mtime
+
+
+# --- the benchmark's video section, on a tiny model ----------------------------------------------------
+
+def test_the_video_benchmark_measures_what_it_says(brightness_onnx, tmp_path):
+    from benchmarks.bench_video import STRENGTHS, run
+    from edgeseg.distill.demo_video import generate_demo_clip
+
+    clip = _write_clip(tmp_path / "clip.mp4", _frames(16, (96, 128)), fps=25.0)
+    demo = generate_demo_clip(tmp_path / "demo", (64, 64), seed=0, frames=12)
+    out = run(brightness_onnx, clip, rounds=2, demo_clip=demo, truth=demo.parent / "masks", live_frames=8)
+    for block in (out, out["threads_1"]):
+        t = block["timings"]
+        assert block["frames"] == 16 and block["frame_size"] == [96, 128]
+        assert block["video_pipeline_efficiency"] == pytest.approx(t["in_memory"]["median_ms"] / t["end_to_end"]["median_ms"])
+        assert block["end_to_end_fps"] == pytest.approx(16 / (t["end_to_end"]["median_ms"] / 1000))
+        for mode in ("batch_1", "micro_batched"):
+            live = block["live"][mode]
+            assert 0 < live["latency_p50_ms"] <= live["latency_p99_ms"] and live["dropped"] == 0
+    assert out["threads_1"]["threads"] == 1 and out["threads"] == "default"
+    mem = out["memory"]
+    assert mem["processes"]["clip_x4"]["frames"] == 64 and not mem["processes"]["clip_x4"]["torch_imported"]
+    assert mem["peak_rss_x4_vs_x1"] < 1.2
+    rows = out["smoothing"]["strengths"]
+    assert list(rows) == [f"{s:g}" for s in STRENGTHS] and all(r["frames"] == 12 for r in rows.values())
+    assert out["smoothing"]["flicker_ratio_0.5"] == pytest.approx(rows["0.5"]["flicker"] / rows["0"]["flicker"])
