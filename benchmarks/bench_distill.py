@@ -85,6 +85,58 @@ def bench_iobinding(cfg: Config, batch: int, rounds: int, threads: int = 0) -> d
     return out
 
 
+# the training step's variants: config changes over the demo's student (the demo student: cached targets, channels_last)
+STEP_VARIANTS = {
+    "live_nchw": ({"train.teacher_targets": "live", "train.channels_last": False}, "student"),  # the step before
+    "live": ({"train.teacher_targets": "live"}, "student"),  # the teachers run on every batch
+    "cached": ({"train.teacher_targets": "cached"}, "student"),  # the teachers' outputs cached (the default)
+    "onnx_teacher_live": ({"train.teacher_targets": "live", "teacher.onnx.path": "{teacher_onnx}"}, "student"),
+    "baseline": ({}, "baseline"),  # ground truth only: the student's own forward and backward
+}
+
+
+def _first_batch(trainer) -> tuple:
+    """The first batch of the trainer's first epoch, as its step takes it."""
+    from edgeseg.distill.sampler import EpochSampler
+
+    dataset, mix = trainer._epoch_data()
+    bs = trainer.job.train.batch_size
+    sampler = EpochSampler(len(trainer.train_set), trainer.cfg.seed, 0, batch_size=bs, mix=mix,
+                           length=trainer.data.epoch_length)
+    return next(iter(torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=sampler, drop_last=True)))
+
+
+def bench_training_step(cfg: Config, rounds: int, threads: int = 0) -> dict:
+    """One distillation step per variant of :data:`STEP_VARIANTS`, interleaved on the same first batch.
+
+    ``onnx_teacher_step_ratio``: the teacher given as ONNX (the demo's, exported) over the torch teacher,
+    both run on every batch; ``cached_step_speedup``: the live step over the cached one; and
+    ``channels_last_step_speedup``: the NCHW step over the NHWC one.
+    """
+    from benchmarks.study import derived_config
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.trainer import Trainer
+    from edgeseg.export.onnx_model import export_teacher_onnx
+
+    teacher_onnx = export_teacher_onnx(cfg, cfg.stage_dir("seeds") / "teacher.onnx").resolve()
+    steps = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (changes, role) in STEP_VARIANTS.items():
+            changes = {k: v.format(teacher_onnx=teacher_onnx) if isinstance(v, str) else v for k, v in changes.items()}
+            run = derived_config(cfg, Path(tmp) / name, cfg.seed, {**changes, "threads": threads}, f"step {name}")
+            trainer = Trainer(run, job_for(run, role))
+            trainer._setup()
+            steps[name] = (trainer, _first_batch(trainer))
+        res = interleaved({n: (lambda t=t, b=b: t._step(*b)) for n, (t, b) in steps.items()}, rounds=rounds,
+                          settle_s=SETTLE_S)
+    out = {"batch": cfg.train.batch_size, "threads": threads or "default", "step_timings": strip_samples(res)}
+    with_spread(out, "onnx_teacher_step_ratio", res, "onnx_teacher_live", "live")  # ONNX over torch: <= 1 is no slower
+    with_spread(out, "cached_step_speedup", res, "live", "cached")
+    with_spread(out, "channels_last_step_speedup", res, "live_nchw", "live")
+    with_spread(out, "cached_vs_baseline_step", res, "cached", "baseline")
+    return out
+
+
 def training_peak_memory(cfg: Config) -> dict:
     """``distill_train_peak_rss_mb``: the peak RSS of the demo's own student training (its own process, its metrics)."""
     jsonl = cfg.stage_dir("distill") / "metrics.jsonl"
@@ -105,5 +157,8 @@ def run(cfg: Config, rounds: int = 20) -> dict:
     io_default = bench_iobinding(cfg, batch=cfg.train.batch_size, rounds=rounds * 2)
     io_one = bench_iobinding(cfg, batch=cfg.train.batch_size, rounds=rounds * 2, threads=1)
     out.update(io_default)
-    out["threads_1"] = {**one, **{k: v for k, v in io_one.items() if k.startswith("iobinding_vs")}}
+    step_default = bench_training_step(cfg, rounds)
+    step_one = bench_training_step(cfg, rounds, threads=1)
+    out.update(step_default)
+    out["threads_1"] = {**one, **{k: v for k, v in io_one.items() if k.startswith("iobinding_vs")}, **step_one}
     return out

@@ -124,3 +124,16 @@ def test_the_onnx_teacher_arm_reports_both_teachers_on_one_seed(tiny_run, tmp_pa
     assert ident["teacher"]["onnx"]["path"].endswith("teacher.onnx")
     # the same seed, the same targets (the ONNX teacher is the torch one exported): within float noise
     assert abs(out["onnx_teacher_test_miou"] - out["torch_teacher_test_miou"]) < 0.02
+
+
+def test_the_training_step_bench_times_every_variant_on_one_batch(tiny_run, tmp_path):
+    from benchmarks.bench_distill import STEP_VARIANTS, bench_training_step
+
+    cfg = _study_config(tiny_run, tmp_path)
+    out = bench_training_step(cfg, rounds=3, threads=1)
+    timings = out["step_timings"]
+    assert set(timings) == set(STEP_VARIANTS) and all(t["n"] == 3 for t in timings.values())
+    assert out["onnx_teacher_step_ratio"] == pytest.approx(timings["onnx_teacher_live"]["median_ms"]
+                                                           / timings["live"]["median_ms"])
+    assert out["cached_step_speedup"] == pytest.approx(timings["live"]["median_ms"] / timings["cached"]["median_ms"])
+    assert out["onnx_teacher_step_ratio_p10"] <= out["onnx_teacher_step_ratio_p90"]
