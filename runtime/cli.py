@@ -87,10 +87,13 @@ def infer(bundle, source, out_dir, backend, threads, device_id, cuda_graphs, bat
         sink = video.sink_for(src, dst, save_masks)
         try:
             summary = video.run(seg, src, sink, options, scorer)
-        except EdgesegError as e:  # e.g. a stream lost half-way: what was written is finalised; say so, then fail
-            if hasattr(e, "summary"):
+        except (EdgesegError, KeyboardInterrupt) as e:  # a stream lost half-way, or Ctrl-C (how a camera run
+            if hasattr(e, "summary"):  # ends): what was written is finalised; sum it up, then stop
                 write_json_atomic(dst / "summary.json", e.summary)
                 print(video.summary_line(e.summary), file=sys.stderr)
+            if isinstance(e, KeyboardInterrupt):
+                print(f"stopped (Ctrl-C); the output is in {dst}", file=sys.stderr)
+                sys.exit(130)
             raise
     write_json_atomic(dst / "summary.json", summary)
     if summary.get("skipped"):

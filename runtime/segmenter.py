@@ -198,8 +198,16 @@ class Segmenter:
         from edgeseg.runtime.stream import FrameStream
 
         self._check_open("stream")
-        pairs = FrameStream(self, frames, max_batch, max_wait_ms, queue_frames, smooth, drop_late)
-        return (mask for _, mask in pairs)
+        pairs = iter(FrameStream(self, frames, max_batch, max_wait_ms, queue_frames, smooth, drop_late))
+
+        def masks() -> Iterator[np.ndarray]:
+            try:
+                for _, mask in pairs:
+                    yield mask
+            finally:
+                pairs.close()  # a caller that stops early stops the reader thread now, not at garbage collection
+
+        return masks()
 
     # --- asynchronous, micro-batched ---------------------------------------------------------
 

@@ -169,6 +169,39 @@ def test_a_slow_consumer_holds_the_reader_back(tiny_onnx):
     assert pulled == 40 and stream.stats.dropped == 0
 
 
+def test_reading_inference_and_writing_overlap(brightness_onnx, tmp_path):
+    """A source and a sink that each wait 8 ms a frame (a camera's pace, a slow disk): pipelined, the
+    run takes about the slower stage's time, not the sum of both."""
+    from edgeseg.runtime import Segmenter, video
+    from edgeseg.runtime.sinks import Sink
+    from edgeseg.runtime.sources import Frame, Source
+
+    frames = _frames(30)
+
+    class PacedCamera(Source):
+        kind = "camera"
+
+        def __iter__(self):
+            for i, f in enumerate(frames):
+                time.sleep(0.008)
+                yield Frame(i, f, f"{i:05d}", time.perf_counter())
+
+    class SlowDisk(Sink):
+        def write(self, frame, mask):
+            time.sleep(0.008)
+            self.order = getattr(self, "order", []) + [frame.index]
+            self.written += 1
+
+    with Segmenter(brightness_onnx, backend="onnxruntime-cpu", threads=1) as seg:
+        sink = SlowDisk(tmp_path)
+        t0 = time.perf_counter()
+        summary = video.run(seg, PacedCamera("paced camera"), sink, video.RunOptions(smooth=0.0))
+        wall = time.perf_counter() - t0
+    serial = 30 * (0.008 + 0.008)
+    assert sink.order == list(range(30)) and summary["written"] == 30
+    assert wall < 0.75 * serial, f"{wall:.3f} s pipelined vs {serial:.3f} s of waiting in series"
+
+
 def test_drop_late_drops_the_oldest_frames_and_counts_them(tiny_onnx):
     from edgeseg.runtime import Segmenter
     from edgeseg.runtime.stream import FrameStream
@@ -351,8 +384,9 @@ def test_truth_scoring_in_the_summary(brightness_onnx, tmp_path):
     assert r.returncode == 0, r.stderr
     # the first run's own masks as the truth: a perfect score and no flicker
     r = run_cli("runtime", "infer", "--bundle", str(path), "--images", str(clip), "--out", str(tmp_path / "again"),
-                "--truth", str(first / "masks"))
+                "--truth", str(first / "masks"), "--drop-late")
     assert r.returncode == 0, r.stderr
+    assert "--drop-late applies to live sources" in r.stderr  # a file's frames are never dropped
     s = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert (s["scored_frames"], s["flicker_pairs"], s["miou"], s["flicker"]) == (12, 11, 1.0, 0.0)
     from edgeseg.runtime.smoothing import DEFAULT_SMOOTHING
@@ -516,6 +550,38 @@ def test_a_stream_that_drops_reconnects_then_stops_with_playable_output(tiny_onn
 
     sizes = [Image.open(out / "masks" / f"{i:05d}.png").size for i in range(14)]
     assert sizes[:8] == [(64, 48)] * 8 and set(sizes[8:]) in ({(80, 60)}, {(64, 48)})  # OpenCV may rescale
+
+
+def test_ctrl_c_ends_a_camera_run_with_its_output_finalised(tiny_onnx, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    path, _ = tiny_onnx
+    camera = _MjpegCamera([[(48, 64)] * 1000])  # live for 10 s: longer than the test waits
+    out = tmp_path / "out"
+    with camera.running():
+        env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+        proc = subprocess.Popen([sys.executable, "-m", "edgeseg", "runtime", "infer", "--bundle", str(path), "--images",
+                                 camera.url, "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not (out / ".overlay.tmp.mp4").is_file() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)  # until the first frame is written (the videos are open)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "stopped (Ctrl-C)" in stderr and "Traceback" not in stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["written"] > 0 and len(_read_video(out / "overlay.mp4")) == s["written"]
 
 
 def test_progress_line_says_the_drops():
