@@ -74,20 +74,25 @@ def run(cfg: Config, rounds: int = 20, batch: int = 8) -> dict:
     return out
 
 
-def video_block(cfg: Config, rounds: int = 20, vga_frames: int = 96) -> dict:
-    """runtime.json's ``video`` key (``benchmarks.bench_video``): the bundle on a VGA render of the demo world
-    (cached under <run_dir>/bench/vga_clip) and, for smoothing, on the demo clip with its ground truth."""
-    from benchmarks.bench_video import run as run_video
-    from edgeseg.distill.demo_video import generate_demo_clip
+def video_block(cfg: Config, rounds: int = 20, vga_frames: int = 96, model: Path | None = None,
+                live_frames: int = 100) -> dict:
+    """runtime.json's ``video`` key (``benchmarks.bench_video``): the bundle (or ``model``) on a VGA render of
+    the demo world (cached under <run_dir>/bench/vga_clip) and, for smoothing, on the demo clip and its truth."""
+    import json
 
-    bundle = Path(cfg.run_dir) / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        raise FileNotFoundError(f"run `make deploy` first: {bundle} is missing")
+    from benchmarks.bench_video import run as run_video
+    from edgeseg.distill.demo_video import CLIP, generate_demo_clip
+
+    model = model or Path(cfg.run_dir) / "bundle"
+    if model.is_dir() and not (model / "manifest.json").is_file():
+        raise FileNotFoundError(f"run `make deploy` first: {model} is missing")
     seed = cfg.data.demo.seed
     vga = generate_demo_clip(Path(cfg.run_dir) / "bench" / "vga_clip", (480, 640), seed, frames=vga_frames)
-    demo = generate_demo_clip(cfg.data_root, cfg.data.image_size, seed)  # the demo's own clip (made by its data stage)
-    out = run_video(bundle, vga, rounds, demo_clip=demo, truth=demo.parent / "masks")
-    out["vga_clip"] = "the demo world rendered at 480x640, 96 frames (distill.demo_video)"
+    stamp = cfg.data_root / CLIP / "clip.json"  # the demo's own clip, as its data stage made it; else the default one
+    demo = (cfg.data_root / CLIP / json.loads(stamp.read_text())["video"] if stamp.is_file()
+            else generate_demo_clip(cfg.data_root, cfg.data.image_size, seed))
+    out = run_video(model, vga, rounds, demo_clip=demo, truth=demo.parent / "masks", live_frames=live_frames)
+    out["vga_clip"] = f"the demo world rendered at 480x640, {vga_frames} frames (distill.demo_video)"
     return out
 
 

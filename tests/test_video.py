@@ -652,3 +652,14 @@ def test_the_video_benchmark_measures_what_it_says(brightness_onnx, tmp_path):
     rows = out["smoothing"]["strengths"]
     assert list(rows) == [f"{s:g}" for s in STRENGTHS] and all(r["frames"] == 12 for r in rows.values())
     assert out["smoothing"]["flicker_ratio_0.5"] == pytest.approx(rows["0.5"]["flicker"] / rows["0"]["flicker"])
+
+
+def test_the_runtime_bench_video_key_on_the_tiny_run(tiny_run, brightness_onnx):
+    """bench_runtime.video_block as `python -m benchmarks.run --only video` calls it (a tiny model, a short clip)."""
+    from benchmarks.bench_runtime import video_block
+
+    _, cfg = tiny_run
+    out = video_block(cfg, rounds=2, vga_frames=8, model=brightness_onnx, live_frames=6)
+    assert out["frames"] == 8 and out["frame_size"] == [480, 640] and out["video_pipeline_efficiency"] > 0
+    assert out["smoothing"]["clip"] == str(cfg.data_root / "clip" / "clip.mp4")
+    assert out["smoothing"]["strengths"]["0"]["frames"] == 112
