@@ -8,7 +8,8 @@ FP32 on the same frames. The proxies' margins are fixed in ``runtime/check.py`` 
 ran); nothing here tunes them.
 
 Writes ``benchmarks/results/site_check.json``: ``groups`` (per folder: proxies, verdict, true
-figures), ``ranking`` (does each proxy order the conditions as the true drop does: Spearman's
+figures), each verdict's hits, false alarms and misses against the truth it predicts
+(``recalibrate_verdict``, ``adapt_verdict``: :func:`verdict_scores`), ``ranking`` (does each proxy order the conditions as the true drop does: Spearman's
 rho over the three conditions; ``ranks_agree``: the teacher agreement orders them as the true drop
 does) and ``check_seconds`` (per folder, at the default thread count).
 """
@@ -97,6 +98,8 @@ def run(cfg, bundle: str | Path | None = None) -> dict:
             "saturation": {r: f["saturation"] for r, f in result["range_fit"].items()},
             "saturated_tensors": {r: f["saturated_tensors"] for r, f in result["range_fit"].items()},
             "int8_agreement_miou": result["int8_agreement_miou"],
+            "predicted_int8_loss_points": result["predicted_int8_loss"] * 100,
+            "confident_share": result["confident_share"],
             "teacher_agreement_miou": result["teacher_agreement_miou"],
             "verdict": [f["finding"] for f in findings] or ["fine"],
             "true_int8_miou": int8, "true_fp32_miou": fp32, "int8_loss_points": (fp32 - int8) * 100,
@@ -108,4 +111,33 @@ def run(cfg, bundle: str | Path | None = None) -> dict:
     flagged = {n: g["verdict"] != ["fine"] for n, g in out["groups"].items()}
     out["test_passes"] = not flagged["test"]
     out["shift_conditions_flagged"] = sum(flagged[n] for n in shifted)
+    out.update(verdict_scores(out["groups"], reference))
+    return out
+
+
+def verdict_scores(groups: dict[str, dict], reference: dict) -> dict:
+    """Each verdict against the truth it predicts, per folder: hits, false alarms, misses.
+
+    "recalibrate" is right where the served INT8 model truly loses more than the check's margin against
+    FP32 (``int8_loss_points``, both scored on the labels); "adapt" where the student truly drops more
+    than its margin below ``test``. The margins are the check's own (``runtime/check.py`` ``Margins``).
+    """
+    from edgeseg.runtime.check import Margins
+
+    m = Margins()
+    rules = {"recalibrate on these frames": ("int8_loss_points", m.predicted_int8_loss * 100),
+             "adapt the student (distill on these frames)": ("true_miou_drop_points", m.teacher_agreement * 100)}
+    out = {}
+    for finding, (key, bar) in rules.items():
+        name = finding.split()[0]
+        said = {n: finding in g["verdict"] for n, g in groups.items()}
+        true = {n: g[key] > bar for n, g in groups.items()}
+        out[f"{name}_verdict"] = {
+            "true_if": f"{key} > {bar:g}", "hits": sorted(n for n in groups if said[n] and true[n]),
+            "false_alarms": sorted(n for n in groups if said[n] and not true[n]),
+            "misses": sorted(n for n in groups if true[n] and not said[n]),
+            "correct_passes": sorted(n for n in groups if not said[n] and not true[n])}
+        out[f"{name}_false_alarms"] = len(out[f"{name}_verdict"]["false_alarms"])
+        out[f"{name}_hits"] = len(out[f"{name}_verdict"]["hits"])
+        out[f"{name}_misses"] = len(out[f"{name}_verdict"]["misses"])
     return out
