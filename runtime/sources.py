@@ -212,7 +212,8 @@ class CaptureSource(Source):
             image = self._read()
             if image is not None:
                 continue
-            if not self.live:
+            # a URL of known length that stops short dropped its connection: reconnect (and seek) as for a live one
+            if not self.live and not (self.kind == "stream" and self.total and index < self.total):
                 if self.total and index < self.total:
                     self.truncated = True
                     log.warning("%s: ended after %d of the %d frames its header declares (a truncated file?)",

@@ -216,4 +216,5 @@ class FrameStream:
                     q.get_nowait()  # a reader blocked on a full queue sees the stop
             except queue.Empty:
                 pass
-            reader.join(timeout=5.0)
+            # a source blocked in a read returns within its own timeout (CaptureSource.timeout_s)
+            reader.join(timeout=max(5.0, getattr(self.frames, "timeout_s", 0.0) + 1.0))

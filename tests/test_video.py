@@ -477,11 +477,31 @@ def test_a_truncated_file_that_still_plays_gives_what_it_holds(tiny_onnx, tmp_pa
     assert len(_read_video(tmp_path / "out" / "overlay.mp4")) == playable
 
 
-class _MjpegCamera:
+class _LocalServer:
+    """An HTTP server on 127.0.0.1 for one test: served from a thread, always shut down by ``running()``."""
+
+    def _serve(self, handler, path: str) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @contextmanager
+    def running(self):
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+            self._thread.join(timeout=10)
+
+
+class _MjpegCamera(_LocalServer):
     """An MJPEG network camera (multipart/x-mixed-replace) on 127.0.0.1.
 
     Connection ``k`` gets the frames of ``sessions[k]`` (sizes), then the camera drops it; once the
-    sessions are used up it answers 503. Served from a thread; ``stop()`` always shuts it down.
+    sessions are used up it answers 503.
     """
 
     def __init__(self, sessions: list[list[tuple[int, int]]]):
@@ -512,20 +532,7 @@ class _MjpegCamera:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cam.mjpg"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @contextmanager
-    def running(self):
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
-            self._thread.join(timeout=10)
+        self._serve(Handler, "cam.mjpg")
 
 
 def test_a_stream_that_drops_reconnects_then_stops_with_playable_output(tiny_onnx, tmp_path):
@@ -550,6 +557,56 @@ def test_a_stream_that_drops_reconnects_then_stops_with_playable_output(tiny_onn
 
     sizes = [Image.open(out / "masks" / f"{i:05d}.png").size for i in range(14)]
     assert sizes[:8] == [(64, 48)] * 8 and set(sizes[8:]) in ({(80, 60)}, {(64, 48)})  # OpenCV may rescale
+
+
+class _FileServer(_LocalServer):
+    """A video file over HTTP on 127.0.0.1 with byte ranges (as FFmpeg seeks); the first connection drops half-way."""
+
+    def __init__(self, data: bytes):
+        self.data, self.requests = data, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                import re
+
+                server.requests.append(self.headers.get("Range"))
+                m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                start = int(m.group(1)) if m else 0
+                body = server.data[start:]
+                if len(server.requests) == 1:
+                    body = body[:len(body) // 2]  # the network drops the first connection
+                self.send_response(206 if m else 200)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(server.data) - start))
+                if m:
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.data) - 1}/{len(server.data)}")
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self._serve(Handler, "clip.mkv")
+
+
+def test_a_video_url_that_drops_goes_on_where_it_stopped(tmp_path):
+    from edgeseg.runtime.sources import open_source
+
+    clip = _write_clip(tmp_path / "clip.mkv", _frames(30, (48, 64)), fourcc="MJPG")
+    expected = _read_video(clip)
+    server = _FileServer(clip.read_bytes())
+    with server.running():
+        source = open_source(server.url, timeout_s=3, reconnects=2)
+        source.reconnect_wait_s = 0.05
+        with source:
+            frames = [f.image for f in source]
+            assert (source.live, source.total, source.reconnects) == (False, 30, 1)
+    assert len(server.requests) >= 2 and server.requests[-1] != "bytes=0-"  # the reconnection asked for the rest
+    assert len(frames) == 30 and all(np.array_equal(a, b) for a, b in zip(frames, expected))
 
 
 def test_ctrl_c_ends_a_camera_run_with_its_output_finalised(tiny_onnx, tmp_path):
