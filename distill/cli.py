@@ -59,7 +59,7 @@ def main() -> None:
 @click.option("--baseline", is_flag=True, help="Train the student on ground truth alone (no teacher terms).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing last.pt and start over.")
 @click.option("--extra-data", type=click.Path(), default=None,
-              help="Folder of extra labelled pairs (images/, masks/), e.g. from `calibration synth --target-images` "
+              help="Folder of extra labelled pairs (images/, masks/), e.g. from `calibration synth --images` "
                    "(train.extra_data).")
 @click.option("--extra-share", type=float, default=None,
               help="Share of each epoch's images drawn from --extra-data, in [0, 1) (train.extra_share).")

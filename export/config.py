@@ -24,7 +24,7 @@ class ExportConfig:
     output: Literal["logits", "probabilities", "mask"] = "logits"  # mask_logits, mask_probs or a uint8 mask
     max_batch: int = 8  # optimization profile max (and parity check batch)
     opt_batch: int = 4  # optimization profile opt
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # how activation ranges are chosen
     percentile: float = 99.999  # for calibration_method percentile
     calibration_images: int = 256  # at most this many calibration images
     # The set the deployed INT8 models are calibrated on: synthetic (<run_dir>/calibration/synthetic), site
