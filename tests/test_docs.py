@@ -27,6 +27,8 @@ def _generator():
 
 
 GEN = _generator()
+import docs_cli  # noqa: E402  (docs/ is on sys.path once the generator is loaded)
+import docs_figures  # noqa: E402
 
 
 def _commands(path: Path) -> list[tuple[int, str]]:
@@ -129,7 +131,7 @@ def _resolve_make(tokens: list[str], targets: set[str], variables: set[str]) -> 
 def test_every_command_in_the_docs_resolves():
     """Each `edgeseg ...` through click (command path, option names, choices) and each `make ...` against the
     Makefile as it is (targets, variables); every unresolved one is listed with its file and line."""
-    targets_, variables_, _ = GEN._makefile()
+    targets_, variables_, _ = docs_cli._makefile()
     targets = {t for t in targets_ if not t.startswith((".", "$("))}
     variables = set(variables_)
     found, unresolved = 0, []
@@ -171,7 +173,7 @@ def test_a_figure_that_changes_in_its_json_makes_results_md_stale(monkeypatch):
     """The tables are read from the JSON files: a changed key changes the page (so a stale figure cannot pass)."""
     import json
 
-    real = GEN._load
+    real = docs_figures._load
 
     def moved(file):
         data = real(file)
@@ -181,9 +183,9 @@ def test_a_figure_that_changes_in_its_json_makes_results_md_stale(monkeypatch):
         return data
 
     results = ROOT / "docs" / "results.md"
-    before = GEN.fill_figures(results.read_text(), results)
-    monkeypatch.setattr(GEN, "_load", moved)
-    assert GEN.fill_figures(results.read_text(), results) != before
+    before = docs_figures.fill_figures(results.read_text(), results)
+    monkeypatch.setattr(docs_figures, "_load", moved)
+    assert docs_figures.fill_figures(results.read_text(), results) != before
 
 
 def _slug(heading: str) -> str:
@@ -241,7 +243,7 @@ def test_user_docs_hold_no_lab_notebook_words(path):
 def test_every_make_target_and_variable_is_described():
     """docs/cli.md's make table covers the Makefile as it is: a new target or variable needs a description."""
     cli = (ROOT / "docs" / "cli.md").read_text()
-    targets, variables, _ = GEN._makefile()
+    targets, variables, _ = docs_cli._makefile()
     missing = [f"make {t}" for t in targets if not t.startswith((".", "$(")) and f"| `make {t}` |" not in cli]
     missing += [v for v in variables if f"| `{v}` |" not in cli]
     assert not missing, f"{missing}: regenerate with `{GEN.COMMAND}`"
