@@ -35,7 +35,7 @@ CLIENTS = 8
 # The Triton side batches as the in-process queue does: a batch goes when 8 requests wait or 2 ms
 # after the first (Segmenter max_batch 8, max_wait_ms 2); one instance (two instances of a 2-thread
 # model on 2 cores would contend). A first run with preferred sizes [4, 8] sent batches of 4 on
-# average and served VGA at 0.70x in-process (README "Serving at scale").
+# average and served VGA at 0.70x in-process (CHANGELOG.md, 2026-12-01 "Serving").
 SERVER = {"instances": 1, "max_queue_delay_us": 2000, "preferred_batch": [8]}
 # Beside it, what Triton's instance groups offer: two instances of one ONNX Runtime thread each, so
 # one instance letterboxes and masks while the other runs the model (8 closed-loop clients leave

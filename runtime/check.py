@@ -19,7 +19,7 @@ Torch-free, in seconds on a folder of unlabelled frames. Three proxies, none nee
 Each proxy is judged against the same proxy measured on held-out source images when the bundle
 was written (manifest ``site_check_reference``), so "fine" means "as on the images the bundle
 was validated on". The verdict is one line per finding, with the command that acts on it.
-The margins are fixed here, before any validation ran (README "At a new site").
+The margins are fixed here, before any validation ran (docs/site.md).
 """
 from __future__ import annotations
 

@@ -78,12 +78,12 @@ class Segmenter:
         cuda_graphs: replay a captured CUDA graph per batch size (native TensorRT backend only).
         exact_masks: resize each mask's float scores (the evaluations' masks, bit for bit) instead of
             uint8 scores, which is faster at camera sizes and may move a few boundary pixels
-            (``pipeline.masks_at_source``; README "Runtime" has the measured share).
+            (``pipeline.masks_at_source``; docs/results.md has the measured share).
         pre_threads: threads for a batch's per-image letterboxing and masks (0: as ``threads``,
             or every core when ``threads`` is 0).
         spin_after_run: let ONNX Runtime's CPU threads spin after each call returns (its own
             default). Off here: they would hold a core for about 50 ms after every batch, the core
-            this batch's masks and the next batch's letterboxing need (README "runtime").
+            this batch's masks and the next batch's letterboxing need (docs/runtime.md).
     """
 
     def __init__(self, path: str | Path, backend: str = "auto", threads: int = 0, max_batch: int | None = None,

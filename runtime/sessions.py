@@ -19,7 +19,7 @@ def session_options(threads: int = 0, optimize: bool = True, spin_after_run: boo
     ``spin_after_run`` False stops the intra-op threads spinning as soon as a call returns
     (``session.force_spinning_stop``; they still spin between a call's operators, where it pays).
     Left spinning, they hold a core for about 50 ms after each call, which the runtime's own
-    letterboxing and masks, and any other session, then lack (README "runtime" has the figures)."""
+    letterboxing and masks, and any other session, then lack (docs/runtime.md; the figures: docs/results.md)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

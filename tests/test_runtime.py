@@ -579,7 +579,7 @@ def test_no_thread_keeps_a_scratch_buffer_above_1080p():
 @pytest.mark.parametrize("hw", [(480, 640), (1080, 1920), (200, 120)])
 def test_uint8_masks_move_only_boundary_pixels_and_few_of_them(hw):
     """The runtime's default mask path against the exact one: a moved pixel lies between source pixels
-    on both sides of the cut (provable, README "Runtime"), and under 0.1% of pixels move, on logits far
+    on both sides of the cut (provable, docs/runtime.md), and under 0.1% of pixels move, on logits far
     smoother at the boundary than a trained model's (0.055% here; the demo student's: runtime.json)."""
     import cv2
 
