@@ -9,6 +9,12 @@ from pathlib import Path
 from docs_common import HEADER, ROOT
 
 
+def _text(text: str) -> str:
+    """Prose for a Markdown table cell or paragraph: one line, ``<run_dir>`` kept visible (a renderer would
+    take it for an HTML tag), ``|`` not a column break."""
+    return " ".join(text.split()).replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
 def _option_row(param) -> tuple[str, str, str]:
     import click
 
@@ -26,7 +32,7 @@ def _option_row(param) -> tuple[str, str, str]:
         default = " ".join(str(d) for d in param.default)
     else:
         default = str(param.default)
-    help_text = " ".join((param.help or "").split()).replace("  [required]", "").replace("|", "\\|")
+    help_text = _text((param.help or "").replace("  [required]", ""))
     return names.replace("|", "\\|"), f"`{default}`" if default and default != "required" else default, help_text
 
 
@@ -37,8 +43,8 @@ def _command_section(path: list[str], cmd) -> list[str]:
     with ctx:
         usage = " ".join(cmd.collect_usage_pieces(ctx))
         out = [f"### `{' '.join(path)}`", "", f"    {' '.join(path)} {usage}", ""]
-        out += [" ".join(p.split()) for p in inspect.cleandoc(cmd.help or "").split("\n\n")]
-        out.append("")
+        for paragraph in inspect.cleandoc(cmd.help or "").split("\n\n"):
+            out += [_text(paragraph), ""]
         rows = [_option_row(p) for p in cmd.params if isinstance(p, click.Option) and not p.hidden]
         if rows:
             out += ["| option | default | meaning |", "|---|---|---|"]
@@ -270,7 +276,7 @@ def render_cli() -> str:
                        + ", ".join(f"[`{c}`](#edgeseg-{name}-{c})" for c in cmds) + " |")
         out.append("")
         for name, group in groups.items():
-            out += [f"## `edgeseg {name}`", "", " ".join(inspect.cleandoc(group.help or "").split()), ""]
+            out += [f"## `edgeseg {name}`", "", _text(inspect.cleandoc(group.help or "")), ""]
             gctx = click.Context(group, info_name=name, parent=root)
             for c in group.list_commands(gctx):
                 cmd = group.get_command(gctx, c)
@@ -294,7 +300,7 @@ def render_cli() -> str:
         runs = "<br>".join(f"`{r}`" for r in _target_runs(targets, name)) or "(the targets it depends on: "
         if runs.endswith(": "):
             runs += ", ".join(targets[name]["deps"]) + ")"
-        out.append(f"| `make {name}` | {what.replace('|', '/')} | {runs.replace('|', chr(92) + '|')} |")
+        out.append(f"| `make {name}` | {_text(what)} | {runs.replace('|', chr(92) + '|')} |")
     out += ["", "Variables, set on the command line (`make deploy WITH_TEACHER=0`):", "",
             "| variable | default | meaning |", "|---|---|---|"]
     for name, v in variables.items():
@@ -303,5 +309,5 @@ def render_cli() -> str:
             raise SystemExit(f"make variable {name}: no description; add a comment above it in the Makefile or an "
                              f"entry in VARIABLE_HELP ({Path(__file__).relative_to(ROOT)})")
         default = f"`{v['default']}`" if v["default"] else "(empty)"
-        out.append(f"| `{name}` | {default} | {what} |")
+        out.append(f"| `{name}` | {default} | {_text(what)} |")
     return "\n".join(out).rstrip() + "\n"

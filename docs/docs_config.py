@@ -63,8 +63,8 @@ def _meaning(cls: type, name: str, required: bool = True) -> str:
     for klass in cls.__mro__:
         if name in klass.__dict__.get("__annotations__", {}):
             text = _field_comments(klass).get(name, "") or FIELD_HELP.get(f"{klass.__name__}.{name}", "")
-            if text:
-                return text.replace("|", "\\|")
+            if text:  # one table cell: `|` is no column break, and <run_dir> no HTML tag
+                return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
     if required:
         raise SystemExit(f"{cls.__name__}.{name}: no meaning; give the field a comment in its dataclass")
     return ""
