@@ -24,6 +24,29 @@ def peak_memory(cfg: Config) -> dict:
     return {"calibration_synth_peak_rss_mb": peak} if peak is not None else {}
 
 
+def bench_layout(cfg: Config, rounds: int = 5, batch: int = 16) -> dict:
+    """One sampling batch of the configured generator (unguided, the config's steps), its UNet in NCHW vs NHWC,
+    interleaved: ``channels_last_sampling_speedup``."""
+    from benchmarks.timing import interleaved, strip_samples, with_spread
+    from edgeseg.calibration.sampler import sample
+    from edgeseg.calibration.synth import Synthesizer
+
+    synth = Synthesizer(cfg)
+    synth.generate_pool(1, progress=False)  # loads the shipped generator
+    unet = synth.unet
+    if synth.conditional:
+        from edgeseg.calibration.ddpm import ConditionedUNet
+
+        unet = ConditionedUNet(synth.unet, synth.mask_source(list(range(batch))))
+    g = cfg.calibration
+    run = lambda cl: sample(unet, synth.scheduler_config, list(range(batch)), g.sampler, g.guidance,  # noqa: E731
+                            channels_last=cl)
+    res = interleaved({"nchw": lambda: run(False), "nhwc": lambda: run(True)}, rounds=rounds, warmup=1)
+    out = {"layout_batch": batch, "layout_timings": strip_samples(res)}
+    with_spread(out, "channels_last_sampling_speedup", res, "nchw", "nhwc")
+    return out
+
+
 def run(cfg: Config, config_path: str, overrides: tuple[str, ...] = (), images: int = 128) -> dict:
     """Headline speeds at torch's default thread count; ``threads_1`` repeats them at 1 thread."""
     import os
@@ -32,6 +55,7 @@ def run(cfg: Config, config_path: str, overrides: tuple[str, ...] = (), images: 
 
     default = torch.get_num_threads()
     out = measure(cfg, config_path, overrides, images)
+    out.update(bench_layout(cfg))
     out["default_threads"] = os.cpu_count()
     out.update(peak_memory(cfg))
     torch.set_num_threads(1)

@@ -100,7 +100,10 @@ class ConditionedUNet(torch.nn.Module):
         self.config = unet.config
 
     def forward(self, x: torch.Tensor, t):
-        return self.unet(torch.cat([x, self.cond.to(x)], dim=1), t)
+        inp = torch.cat([x, self.cond.to(x)], dim=1)
+        if x.is_contiguous(memory_format=torch.channels_last):  # keep the sampler's NHWC through the concat
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        return self.unet(inp, t)
 
 
 class DDPMTraining:

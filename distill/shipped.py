@@ -104,7 +104,7 @@ def training_curve(out_dir: str | Path) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, path.read_text().splitlines())] if path.is_file() else []
 
 
-def ship_teacher(cfg, out_dir: str | Path, command: str) -> dict:
+def ship_teacher(cfg, out_dir: str | Path, command: str, folder: Path = ASSETS) -> dict:
     """Ship the teacher ``distill train-teacher`` trained into ``out_dir`` (its ``best.pt``) as the demo teacher.
 
     The fp16 weights are scored on val again (rounding can move a figure), and the record keeps the
@@ -120,10 +120,10 @@ def ship_teacher(cfg, out_dir: str | Path, command: str) -> dict:
     if not (out_dir / "last.pt").is_file():
         raise InputError(f"{out_dir}: no teacher training to ship; run `edgeseg distill train-teacher` first")
     last = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
-    ckpt = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
     if not last.get("complete"):
         raise InputError(f"{out_dir / 'last.pt'}: the teacher's training has not finished (epoch {last['epoch']}); "
                          "run the same command again to resume it, then ship")
+    ckpt = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
     state = ckpt["model"]
     device = use_device(cfg.device, cfg.threads)
     model = build_model(cfg.teacher)
@@ -141,4 +141,4 @@ def ship_teacher(cfg, out_dir: str | Path, command: str) -> dict:
             "val_miou_fp16": val["miou"], "val_curve": curve,
             "train_seconds": round(sum(r.get("epoch_time_s", 0.0) for r in curve), 1),
             "torch_threads": torch.get_num_threads()}
-    return ship(state, TEACHER, meta)
+    return ship(state, TEACHER, meta, folder)

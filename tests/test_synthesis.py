@@ -488,3 +488,23 @@ def test_kid_is_near_zero_within_a_distribution_and_grows_with_a_shift():
     small, _ = kid(a + 0.3, b)
     large, _ = kid(a + 1.0, b)
     assert abs(same) < 0.05 and 0 < small < large and large > 10 * abs(same)
+
+
+def test_sampling_in_nhwc_draws_the_nchw_images_and_the_bench_compares_them(tiny_run, tmp_path, tiny_cddpm):
+    from benchmarks.bench_calibration import bench_layout
+    from edgeseg.calibration.ddpm import ConditionedUNet
+    from edgeseg.calibration.sampler import sample
+
+    from edgeseg.calibration.masks import MaskSource
+
+    unet, sched, masks = tiny_cddpm
+    cond = ConditionedUNet(unet, MaskSource(masks, MaskSourceConfig())([1, 2, 3]))
+    kw = dict(sampler=SamplerConfig(steps=4, batch_size=3), guidance=GuidanceConfig(mode="none"))
+    nchw = sample(cond, sched, [1, 2, 3], kw["sampler"], kw["guidance"], channels_last=False)
+    nhwc = sample(cond, sched, [1, 2, 3], kw["sampler"], kw["guidance"])
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) or nhwc.shape[-1] == 1
+    assert torch.allclose(nchw, nhwc, atol=1e-4)  # the layout moves no pixel beyond float rounding
+    _, cfg = _synth_config(tiny_run, tmp_path)
+    out = bench_layout(cfg, rounds=2, batch=2)
+    t = out["layout_timings"]
+    assert out["channels_last_sampling_speedup"] == pytest.approx(t["nchw"]["median_ms"] / t["nhwc"]["median_ms"])
