@@ -27,7 +27,7 @@ ARGS := --config $(CONFIG) $(if $(DEVICE),--set device=$(DEVICE)) \
         $(if $(DATA),--set data.source=folder --set data.root=$(DATA)) $(foreach s,$(SET),--set $(s))
 STAMP := $(VENV)/.edgeseg-installed
 
-.PHONY: setup demo prepare generator teacher distill calibrate calibrate-target export deploy check profile serve bench study test test-all clean
+.PHONY: setup demo prepare generator teacher distill calibrate calibrate-target export deploy check profile video serve bench study test test-all clean
 
 setup: $(STAMP)
 
@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml
 # Each stage's wall time goes to $(RUN_DIR)/demo_times.tsv, printed as a table at the end (the README's timings).
 demo: setup
 	@start=$$(date +%s); times="$(RUN_DIR)/demo_times.tsv"; mkdir -p "$(RUN_DIR)"; printf 'stage\tseconds\n' > "$$times"; \
-	for stage in prepare distill calibrate export deploy profile; do \
+	for stage in prepare distill calibrate export deploy profile video; do \
 	  t=$$(date +%s); $(MAKE) --no-print-directory $$stage || exit 1; \
 	  printf '%s\t%s\n' $$stage $$(( $$(date +%s) - t )) >> "$$times"; \
 	done; printf 'total\t%s\n' $$(( $$(date +%s) - start )) >> "$$times"; \
@@ -100,6 +100,12 @@ check: setup
 
 profile: setup
 	$(EDGESEG) runtime profile --bundle $(RUN_DIR)/bundle --out $(RUN_DIR)/profile --batch 1,2,4,8 --iters 30
+
+# The demo clip (<run_dir>/data/clip, made by prepare) through the bundle: mask and overlay videos in $(RUN_DIR)/video,
+# with their mIoU and flicker against the clip's ground truth in summary.json.
+video: setup
+	$(EDGESEG) runtime infer --bundle $(RUN_DIR)/bundle --images $(firstword $(wildcard $(RUN_DIR)/data/clip/clip.mp4 $(RUN_DIR)/data/clip/clip.avi)) \
+	  --out $(RUN_DIR)/video --truth $(RUN_DIR)/data/clip/masks
 
 # Triton on 127.0.0.1 serving the demo bundle (ports printed); try it with tritonclient. Ctrl-C stops it.
 serve: setup

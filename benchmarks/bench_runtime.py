@@ -91,7 +91,8 @@ def video_block(cfg: Config, rounds: int = 20, vga_frames: int = 96, model: Path
     stamp = cfg.data_root / CLIP / "clip.json"  # the demo's own clip, as its data stage made it; else the default one
     demo = (cfg.data_root / CLIP / json.loads(stamp.read_text())["video"] if stamp.is_file()
             else generate_demo_clip(cfg.data_root, cfg.data.image_size, seed))
-    out = run_video(model, vga, rounds, demo_clip=demo, truth=demo.parent / "masks", live_frames=live_frames)
+    strip = Path(__file__).resolve().parent / "results" / "demo_clip_overlay.png" if model == Path(cfg.run_dir) / "bundle" else None
+    out = run_video(model, vga, rounds, demo_clip=demo, truth=demo.parent / "masks", live_frames=live_frames, strip=strip)
     out["vga_clip"] = f"the demo world rendered at 480x640, {vga_frames} frames (distill.demo_video)"
     return out
 

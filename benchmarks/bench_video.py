@@ -160,8 +160,11 @@ def smoothing(model: Path, clip: Path, truth: Path, work: Path, threads: int = 0
 
 
 def run(model: Path, vga_clip: Path, rounds: int = 20, demo_clip: Path | None = None, truth: Path | None = None,
-        live_frames: int = 100) -> dict:
-    """The ``video`` block of runtime.json for ``model`` (a bundle or .onnx) on ``vga_clip`` (and the demo clip)."""
+        live_frames: int = 100, strip: Path | None = None) -> dict:
+    """The ``video`` block of runtime.json for ``model`` (a bundle or .onnx) on ``vga_clip`` (and the demo clip).
+
+    ``strip``: where to write a frame strip of the demo clip's overlay video at the default smoothing (the docs' picture).
+    """
     import cv2
 
     cap = cv2.VideoCapture(str(vga_clip))
@@ -182,6 +185,12 @@ def run(model: Path, vga_clip: Path, rounds: int = 20, demo_clip: Path | None = 
         out["memory"] = streaming_memory(model, vga_clip, work)
         if demo_clip is not None and truth is not None:
             out["smoothing"] = smoothing(model, demo_clip, truth, work)
+            if strip is not None:
+                from edgeseg.distill.demo_video import frame_strip
+                from edgeseg.runtime.smoothing import DEFAULT_SMOOTHING
+
+                overlay = next((work / f"smooth_{DEFAULT_SMOOTHING:g}").glob("overlay.*"))
+                out["smoothing"]["overlay_strip"] = str(frame_strip(overlay, strip))
     return out
 
 

@@ -43,6 +43,7 @@ class DemoDataConfig:
     # on the source backgrounds: a teacher robust to the conditions, not to test_shift's backgrounds
     teacher_conditions: float = 0.0
     site_count: int = 0  # unlabelled frames of the deployment site (test_shift's domain, own seed) in <data>/site
+    clip_frames: int = 0  # frames of the demo clip (<data>/clip: a video with its masks, at the site); 0 = none
     seed: int = 0  # one seed fixes every image and mask
     max_people: int = 3  # people per image, 0..max_people
     empty_fraction: float = 0.1  # share of images with nobody in them
@@ -52,7 +53,8 @@ class DemoDataConfig:
         require(self.test_count >= 0 and self.test_shift_count >= 0, "test_count/test_shift_count", "must be >= 0")
         require(0.0 <= self.empty_fraction < 1.0, "empty_fraction", f"must be in [0, 1), got {self.empty_fraction}")
         require(self.max_people >= 1, "max_people", f"must be >= 1, got {self.max_people}")
-        require(self.teacher_count >= 0 and self.site_count >= 0, "teacher_count/site_count", "must be >= 0")
+        require(self.teacher_count >= 0 and self.site_count >= 0 and self.clip_frames >= 0,
+                "teacher_count/site_count/clip_frames", "must be >= 0")
         require(0 <= self.teacher_conditions <= 1, "teacher_conditions", f"must be in [0, 1], got {self.teacher_conditions}")
 
 

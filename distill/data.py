@@ -148,6 +148,10 @@ def _ensure_demo(cfg: DistillConfig) -> None:
         if d.demo.target_count:
             generate_target_images(cfg.data_root, d.image_size, d.demo.target_count, d.demo.seed, d.demo.max_people,
                                    d.demo.empty_fraction)
+        if d.demo.clip_frames:
+            from edgeseg.distill.demo_video import generate_demo_clip
+
+            generate_demo_clip(cfg.data_root, d.image_size, d.demo.seed, frames=d.demo.clip_frames)
 
 
 def has_split(cfg: DistillConfig, split: str) -> bool:
