@@ -8,7 +8,9 @@ memory`` records the peak RSS of the run's own training and synthesis processes
 (``distill_train_peak_rss_mb`` in ``distill.json``, ``calibration_synth_peak_rss_mb`` in
 ``calibration.json``) without rerunning those benchmarks; ``--only schedule`` sets the student's
 schedule on val (trains; ``schedule.json``); ``--only video`` reruns the runtime's video figures and
-rewrites only the ``video`` key of ``runtime.json``. The distillation study is ``make study``
+rewrites only the ``video`` key of ``runtime.json``; ``--only demo`` records ``make demo``'s stage times
+(its ``<run_dir>/demo_times.tsv``: ``--set run_dir=`` a fresh clone's run) and times ``make test``
+(``demo.json``). The distillation study is ``make study``
 (``benchmarks/study.py``): it trains for hours and is not part of ``make bench``.
 
 Needs the demo's artifacts (``make demo``): the benchmarks measure what the pipeline built.
@@ -52,13 +54,23 @@ def main(config_path, overrides, verbose, only, rounds):
     if {"seeds", "site"} & set(wanted):
         raise click.BadParameter("the distillation study is `make study` (python -m benchmarks.study) now, not part of "
                                  "make bench")
-    unknown = set(wanted) - set(BENCHES) - {"generator", "memory", "schedule", "video"}
+    unknown = set(wanted) - set(BENCHES) - {"generator", "memory", "schedule", "video", "demo"}
     if unknown:
         raise click.BadParameter(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in wanted:
         t0 = time.perf_counter()
         print(f"benchmark {name} ...", file=sys.stderr, flush=True)
+        if name == "demo":  # make demo's stage times (its demo_times.tsv) and make test, timed: demo.json
+            from benchmarks.bench_demo import run as run_demo
+            from edgeseg.runtime.files import write_json_atomic
+
+            result = run_demo(cfg)
+            result.update(machine=_machine(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            path = write_json_atomic(RESULTS / "demo.json", result)
+            print(f"  -> {path} (make demo {result['total_minutes']:.1f} min, make test "
+                  f"{result['make_test_seconds'] / 60:.1f} min)", file=sys.stderr)
+            continue
         if name == "schedule":  # the student's schedule, set on val before the study (trains; resumes)
             from benchmarks.bench_schedule import schedule_sweep
             from edgeseg.runtime.files import write_json_atomic

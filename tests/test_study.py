@@ -137,3 +137,15 @@ def test_the_training_step_bench_times_every_variant_on_one_batch(tiny_run, tmp_
                                                            / timings["live"]["median_ms"])
     assert out["cached_step_speedup"] == pytest.approx(timings["live"]["median_ms"] / timings["cached"]["median_ms"])
     assert out["onnx_teacher_step_ratio_p10"] <= out["onnx_teacher_step_ratio_p90"]
+
+
+def test_the_demo_record_reads_its_stage_times(tmp_path):
+    from benchmarks.bench_demo import read_demo_times
+
+    tsv = tmp_path / "demo_times.tsv"
+    tsv.write_text("stage\tseconds\nprepare\t90\ndistill\t600\ntotal\t700\n")
+    assert read_demo_times(tsv) == {"prepare": 90.0, "distill": 600.0, "total": 700.0}
+    import pytest as _pytest
+
+    with _pytest.raises(FileNotFoundError, match="run `make demo`"):
+        read_demo_times(tmp_path / "missing.tsv")
