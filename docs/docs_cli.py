@@ -132,6 +132,10 @@ def _make_function(text: str, i: int) -> tuple[str, int]:
         return "(" + " or ".join(parts) + ")", j + 1
     if name == "foreach":
         return "--set for each SET", j + 1
+    if name == "firstword":
+        return parts[0], j + 1
+    if name == "wildcard":
+        return "(" + " or ".join(parts[0].split()) + ")", j + 1
     simple = {"EDGESEG": "edgeseg", "PY": "python", "PYTHON": "python3", "RUN_DIR": "<run_dir>", "ARGS": "",
               "MAKE": "make", "VENV": "$VENV", "STAMP": "setup"}
     if not args:
@@ -233,6 +237,8 @@ TARGET_HELP = {
     "serve": "A Triton repository for the bundle, served by a local Triton on 127.0.0.1 (Ctrl-C stops it).",
     "bench": "Every benchmark; writes benchmarks/results/*.json (after make demo).",
     "study": "The distillation study at convergence, in the background, resumable (not in bench or CI).",
+    "video": "The demo clip through the bundle: mask and overlay videos, and their mIoU and flicker against the "
+             "clip's ground truth (summary.json).",
     "test": "The CPU test set (CI); slow, GPU and TensorRT tests are skipped with the reason shown.",
     "test-all": "Every test, the slow ones included.",
     "clean": "Delete CONFIG's run folder.",
@@ -293,7 +299,7 @@ def render_cli() -> str:
     for name in phony:
         if name not in targets:
             continue
-        what = TARGET_HELP.get(name) or targets[name]["comment"]
+        what = TARGET_HELP.get(name) or _render_make(targets[name]["comment"])
         if not what:
             raise SystemExit(f"make {name}: no description; add a comment above the rule in the Makefile or an "
                              f"entry in TARGET_HELP ({Path(__file__).relative_to(ROOT)})")

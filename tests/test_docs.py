@@ -47,10 +47,11 @@ def _commands(path: Path) -> list[tuple[int, str]]:
                     out.append((n, part[part.index("edgeseg"):] if not part.startswith("make") else part))
             continue
         for span in re.findall(r"`([^`]+)`", line):
-            if span.startswith("make ") or span == "make":
-                out.append((n, span))
-            elif re.search(r"(^|[\s\[(])edgeseg(\s|$)", span):
-                out.append((n, span[span.index("edgeseg"):]))
+            for part in (p.strip() for p in re.split(r"\s&&\s", span)):
+                if part.startswith("make ") or part == "make":
+                    out.append((n, part))
+                elif re.search(r"(^|[\s\[(])edgeseg(\s|$)", part):
+                    out.append((n, part[part.index("edgeseg"):]))
     return out
 
 
