@@ -348,7 +348,8 @@ FIGURES: list[Table] = [
 
 def _machine(data: dict) -> str:
     m = data.get("machine", {})
-    return (f"{m.get('machine', '?')}, {m.get('cpu_count', '?')} CPU cores, no GPU; Python {m.get('python', '?')}, "
+    gpu = m.get("gpu") or "no GPU"  # the benchmarks' machine block names a GPU where one served
+    return (f"{m.get('machine', '?')}, {m.get('cpu_count', '?')} CPU cores, {gpu}; Python {m.get('python', '?')}, "
             f"torch {m.get('torch', '?')}, ONNX Runtime {m.get('onnxruntime', '?')}")
 
 
