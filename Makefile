@@ -17,7 +17,7 @@ TARGET ?=
 # the calibration set's count: the export matrix compares calibration sets at equal counts
 TARGET_COUNT ?= 256
 WITH_TEACHER ?= 1
-# The pair that works on these machines (see README); on a Jetson or another CUDA build, pick yours.
+# The pair that works on these machines (../shared/SETUP.md, docs/design.md); on a Jetson or another CUDA build, pick yours.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps 'nvidia-pytriton==0.7.0'
 	touch $@
 
-# Each stage's wall time goes to $(RUN_DIR)/demo_times.tsv, printed as a table at the end (the README's timings).
+# Each stage's wall time goes to $(RUN_DIR)/demo_times.tsv, printed as a table at the end (python -m benchmarks.run --only demo records it: docs/results.md).
 demo: setup
 	@start=$$(date +%s); times="$(RUN_DIR)/demo_times.tsv"; mkdir -p "$(RUN_DIR)"; printf 'stage\tseconds\n' > "$$times"; \
 	for stage in prepare distill calibrate export deploy profile video; do \
@@ -72,7 +72,7 @@ distill: setup
 	$(EDGESEG) distill evaluate $(ARGS) $(if $(filter 1,$(BASELINE)),--with-baseline)
 
 # The calibration set (source domain); then, when there are target images (the demo's 8, or TARGET=dir),
-# labelled target-domain pairs: a target calibration set and extra distillation data (README "Calibration").
+# labelled target-domain pairs: a target calibration set and extra distillation data (docs/calibration.md).
 # Their labels are the conditioning masks: the teacher, itself hurt by the shift, does not filter them
 # by its uncertainty (only by whether the person it finds matches the label, min_condition_iou).
 calibrate: setup
@@ -82,7 +82,7 @@ calibrate: setup
 
 calibrate-target: setup
 	@target="$(or $(TARGET),$(RUN_DIR)/data/target_images)"; if [ -d "$$target" ]; then \
-	  cmd="$(EDGESEG) calibration synth $(ARGS) --target-images $$target --out $(RUN_DIR)/calibration/target \
+	  cmd="$(EDGESEG) calibration synth $(ARGS) --images $$target --out $(RUN_DIR)/calibration/target \
 	       --count $(TARGET_COUNT) --set calibration.filter.max_uncertain_fraction=1.0 --overwrite"; echo $$cmd; $$cmd; \
 	else echo "no target images in $$target: target-domain pairs skipped (set TARGET=dir)"; fi
 

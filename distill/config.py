@@ -313,7 +313,7 @@ class TrainConfig:
     patience: int = 0
     min_delta: float = 0.001  # val mIoU gain (absolute) that counts as an improvement for `patience`
     # Extra labelled pairs mixed into training (e.g. target-domain pairs from `calibration synth
-    # --target-images`): a folder with images/ and masks/. The budget stays the same: this share of
+    # --images`): a folder with images/ and masks/. The budget stays the same: this share of
     # each epoch's images comes from the folder, the rest from the training split.
     extra_data: str = ""
     extra_share: float = 0.0  # in [0, 1); 0 = no extra data
@@ -380,7 +380,7 @@ class DistillConfig:
                 or (self.feature_teacher.enabled and self.loss.feature > 0), "train.unlabelled_share",
                 "needs a teacher term (loss.kl, loss.mse or loss.feature > 0): unlabelled images teach nothing else")
         require(self.train.unlabelled_share == 0 or self.data.labelled_count > 0 or bool(self.data.unlabelled),
-                "train.unlabelled_share", "needs unlabelled images: set data.unlabelled (a folder, --unlabelled DIR) "
+                "train.unlabelled_share", "needs unlabelled images: set data.unlabelled (a folder, --images DIR) "
                 "or data.labelled_count (the rest of train becomes the unlabelled pool)")
 
     # Derived paths: one place that says where each stage writes.

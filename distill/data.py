@@ -89,7 +89,7 @@ def image_samples(folder: str | Path) -> list[Sample]:
     img_dir = folder / "images" if (folder / "images").is_dir() else folder
     images = require_images(img_dir,
                             f"{folder}: folder of unlabelled images does not exist; point data.unlabelled "
-                            "(--unlabelled DIR) at a folder of frames",
+                            "(--images DIR) at a folder of frames",
                             f"{img_dir}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
                             "an unlabelled source needs at least one readable frame")
     for img in images:

@@ -3,7 +3,7 @@
 Both UNets are segmentation-models-pytorch parts (encoder, ``UnetDecoder``, segmentation
 head) under smp.Unet's attribute names, so an ``smp.Unet`` state_dict loads strictly into a
 5-block :class:`UnetSegmenter`. A 4-block decoder stops at stride 2 and the head upsamples x2:
-the slim, fast student layout chosen by the decoder sweep (see README).
+the slim, fast student layout chosen by the decoder sweep (docs/distill.md, "The student").
 """
 from __future__ import annotations
 

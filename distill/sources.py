@@ -127,7 +127,7 @@ def sources_for(train: TrainConfig, data: StudentData, generators: dict[str, Gen
     if train.unlabelled_share > 0:
         if not data.unlabelled:
             raise InputError("train.unlabelled_share > 0 but there are no unlabelled images; set data.unlabelled "
-                             "(--unlabelled DIR) or data.labelled_count")
+                             "(--images DIR) or data.labelled_count")
         each = train.unlabelled_share / len(data.unlabelled)  # split equally: a small site folder still counts
         out += [FixedSource(name, each, False, items) for name, items in data.unlabelled.items()]
     hard = train.hard_examples

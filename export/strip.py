@@ -54,10 +54,17 @@ def verify_stripped(stripped: UnetSegmenter, trained: torch.nn.Module, image_hw:
 
     Raises AssertionError if an output differs by any bit or a projection parameter remains.
     """
+    import copy
+
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, *image_hw, generator=g)
+    # both in the training module's memory layout (NHWC when it trained channels_last): the same weights run
+    # the same kernels, so any difference is in the weights, not in the convolution algorithm
+    nhwc = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in trained.parameters())
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    x = torch.randn(batch, 3, *image_hw, generator=g).contiguous(memory_format=layout)
     reference, _ = trained(x)
-    out = stripped(x)
+    out = copy.deepcopy(stripped).to(memory_format=layout)(x)
     if not torch.equal(out, reference):
         raise AssertionError(f"stripped student differs from the training model (max |diff| {(out - reference).abs().max():.3g})")
     leftover = [n for n, _ in stripped.named_parameters() if "projection" in n]
