@@ -23,8 +23,8 @@ class DDPMConfig:
     image_size: int = 64  # side of the square images it generates (upsampled to data.image_size)
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # UNet2DModel widths per resolution level
     train_steps: int = 1500  # optimizer steps
-    batch_size: int = 16
-    lr: float = 1e-3
+    batch_size: int = 16  # images per optimizer step
+    lr: float = 1e-3  # AdamW peak learning rate
     timesteps: int = 1000  # DDPM noise levels
     max_t: float = 1.0  # train on noise levels t < max_t * timesteps only (img2img never goes higher)
     warmup_steps: int = 100  # linear learning-rate warm-up (at most a tenth of train_steps), then cosine decay
@@ -45,7 +45,7 @@ class DDPMConfig:
 class SamplerConfig:
     """The reverse diffusion process."""
 
-    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    scheduler: Literal["ddim", "ddpm"] = "ddim"  # diffusers scheduler of the reverse process
     steps: int = 25  # denoising steps
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
     batch_size: int = 32  # images denoised together
@@ -117,7 +117,7 @@ class MaskSourceConfig:
     scale: tuple[float, float] = (0.75, 1.25)  # random zoom about the centre
     shift: float = 0.2  # random translation, as a fraction of the side
     rotate: float = 12.0  # random rotation in degrees, +-
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flip
     combine: float = 0.3  # probability of adding a second transformed mask (recombination)
 
     def __post_init__(self):

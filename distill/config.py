@@ -80,7 +80,7 @@ class DataConfig:
     source: Literal["demo", "folder", "coco"] = "demo"  # demo is generated into <run_dir>/data
     root: str = ""  # folder: <root>/<train>/{images,masks}; coco: JSON files under <root>
     train: str = "train"  # split folder (folder) or annotation JSON (coco), relative to root
-    val: str = "val"
+    val: str = "val"  # validation split folder (folder) or annotation JSON (coco), relative to root: selection only
     test: str = "test"  # optional held-out split (folder or COCO JSON); reports fall back to val without it
     test_shift: str = "test_shift"  # optional deployment-domain split, reported beside test
     train_images: str = ""  # coco only: image folder of the train split, relative to root
@@ -98,7 +98,7 @@ class DataConfig:
     unlabelled: str = ""
     image_size: tuple[int, int] = (128, 128)  # (height, width) in pixels, multiples of 32
     mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB normalisation of the UNets' input
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[float, float, float] = IMAGENET_STD  # RGB standard deviations of the normalisation
     workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -237,7 +237,7 @@ class FeatureTeacherConfig:
 class TemperatureConfig:
     """Distillation temperature T, constant or decayed from t0 to t1 over training."""
 
-    schedule: Literal["constant", "linear", "cosine", "exponential"] = "cosine"
+    schedule: Literal["constant", "linear", "cosine", "exponential"] = "cosine"  # how T moves from t0 to t1 over training
     t0: float = 3.0  # temperature at the first step
     t1: float = 1.0  # temperature at the last step (ignored for constant)
 
@@ -281,7 +281,7 @@ class HardExamplesConfig:
     start: int = 2  # first epoch with hard examples (the student has trained this many epochs)
     scale: float = 0.4  # confidence-guidance strength ...
     t_start: float = 0.9  # ... over this range of normalised time (ConfiG guides the early, layout-forming steps)
-    t_stop: float = 0.5
+    t_stop: float = 0.5  # ... down to this normalised time
 
     def __post_init__(self):
         require(0 <= self.share < 1, "share", f"must be in [0, 1), got {self.share}")

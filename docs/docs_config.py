@@ -47,22 +47,12 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 # Meanings of the fields whose dataclass carries no comment for them (class.field -> meaning); a comment in the
 # dataclass is the better home, and wins.
-FIELD_HELP = {
-    "DataConfig.val": "validation split folder (folder) or annotation JSON (coco), relative to root: selection only",
-    "DataConfig.std": "RGB standard deviations of the normalisation",
-    "TemperatureConfig.schedule": "how T moves from t0 to t1 over training",
-    "HardExamplesConfig.t_stop": "... down to this normalised time",
-    "DDPMConfig.batch_size": "images per optimizer step",
-    "DDPMConfig.lr": "AdamW peak learning rate",
-    "SamplerConfig.scheduler": "diffusers scheduler of the reverse process",
-    "MaskSourceConfig.hflip": "random horizontal flip",
-}
 
 
 def _meaning(cls: type, name: str, required: bool = True) -> str:
     for klass in cls.__mro__:
         if name in klass.__dict__.get("__annotations__", {}):
-            text = _field_comments(klass).get(name, "") or FIELD_HELP.get(f"{klass.__name__}.{name}", "")
+            text = _field_comments(klass).get(name, "")
             if text:  # one table cell: `|` is no column break, and <run_dir> no HTML tag
                 return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
     if required:
