@@ -37,6 +37,14 @@ def run_identity(cfg: DistillConfig, job: TrainJob, world: int) -> dict:
         train.pop("unlabelled_share", None)
     if not train.get("patience"):
         train.pop("patience", None), train.pop("min_delta", None)
+    # added later, left out at their defaults (a checkpoint written before them resumes): the target cache and
+    # the memory layout change no weight a finished run holds, only how fast and in what order of float rounding
+    for key, default in (("teacher_targets", "auto"), ("cache_limit_mb", 4096), ("channels_last", True)):
+        if train.get(key) == default:
+            train.pop(key, None)
+    if not (model.get("onnx") or {}).get("path"):
+        model.pop("onnx", None)
+    model.pop("checkpoint", None)  # where trained weights are read from, not what this run trains
     out = {"role": job.role, "model": model, "train": train,
            "loss": config_to_dict(job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
            "world": world}
@@ -52,8 +60,10 @@ def check_resumable(ckpt: dict, last: Path, identity: dict) -> None:
     """Raise InputError unless ``ckpt`` (read from ``last``) is a training checkpoint of this identity."""
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{last}: not an edgeseg training checkpoint; move it away or pass --fresh")
-    if ckpt["identity"] != identity:
-        diff = [k for k in ckpt["identity"] if ckpt["identity"][k] != identity.get(k)]
+    saved = {**ckpt["identity"], "model": {k: v for k, v in ckpt["identity"].get("model", {}).items()
+                                           if k != "checkpoint"}}  # written before run_identity left it out
+    if saved != identity:
+        diff = [k for k in saved if saved[k] != identity.get(k)]
         raise InputError(f"{last}: was trained with different settings ({', '.join(diff)}); "
                          "pass --fresh to start over, or point run_dir elsewhere")
 

@@ -50,6 +50,7 @@ def ship(state: dict[str, torch.Tensor], name: str, meta: dict, folder: Path = A
     path = weights_path(name, folder)
     with atomic_path(path) as tmp:
         save_file(half, str(tmp), metadata={"format": "pt", "edgeseg_asset": name})
+        tmp.chmod(0o644)  # a repository file, readable by all (the temporary file is private)
     meta = {**meta, "sha256": sha256_file(path), "bytes": path.stat().st_size, "dtype": "float16"}
     write_json_atomic(meta_path(path), meta)
     log.info("shipped %s: %s (%.1f MB, sha256 %s)", name, path, meta["bytes"] / 2**20, meta["sha256"][:12])
