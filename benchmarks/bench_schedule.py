@@ -14,7 +14,6 @@ Runs live under ``<run_dir>/schedule/<name>`` and resume; a finished run is reus
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -39,9 +38,9 @@ def _name(changes: dict) -> str:
 
 
 def _curve(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    keep = ("epoch", "val_miou", "epoch_time_s", "lr", "temperature")
-    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, path.read_text().splitlines())]
+    from edgeseg.distill.shipped import training_curve
+
+    return training_curve(run_dir)
 
 
 def _run(cfg: Config, changes: dict) -> dict:

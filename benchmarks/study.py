@@ -9,7 +9,7 @@ rest on the first seed, then (``--more-seeds``) the single-seed arms on the othe
 arm (its ``last.pt`` complete) is reused, so a stopped study resumes where it stopped.
 
 Writes the study's keys of ``benchmarks/results/distill.json`` (the speed keys there are ``make bench``'s),
-with what the study cost (``study_seconds``: every arm's training plus the scoring).
+with what the study cost (``study_train_seconds``: every arm's training, across resumes).
 """
 from __future__ import annotations
 
@@ -176,8 +176,9 @@ def _runnable(cfg: Config, arm: str) -> bool:
 
 
 def _train_seconds(run_dir: Path) -> float:
-    path = run_dir / "metrics.jsonl"
-    return float(sum(json.loads(line)["epoch_time_s"] for line in path.read_text().splitlines())) if path.is_file() else 0.0
+    from edgeseg.distill.shipped import training_curve
+
+    return float(sum(r.get("epoch_time_s", 0.0) for r in training_curve(run_dir)))
 
 
 def _paired(per_seed: list[dict], split: str, a: str, b: str) -> list[float]:
@@ -281,7 +282,7 @@ def _derived(out: dict, per_seed: list[dict], splits: list[str], cfg: Config) ->
         synth = site_folders(cfg)["site8_synth"]
         out["site8_synth_images"] = {"frames": len(list(Path(synth).glob("frame_*.png"))),
                                      "synthetic": len(list(Path(synth).glob("synth_*.png")))}
-    row0 = per_seed[0]["test"]
+    row0 = per_seed[0][splits[0]]
     if "kd_site_onnx_teacher" in row0 and "kd_site" in row0:  # the same seed, the teacher as torch or as ONNX
         out["onnx_teacher_test_miou"], out["torch_teacher_test_miou"] = row0["kd_site_onnx_teacher"], row0["kd_site"]
     if "gain_kd_unlabelled_vs_gt_only_mean" in out:
@@ -319,11 +320,18 @@ def main(config_path, overrides, seeds, arms, more_seeds, verbose):
     from edgeseg.runtime.errors import EdgesegError
 
     use_schema(Config)
+    seed_list = tuple(int(x) for x in seeds.split(",") if x.strip()) if all(
+        x.strip().isdigit() for x in seeds.split(",") if x.strip()) else ()
+    if not seed_list:
+        raise click.BadParameter(f"{seeds!r}: give one or more seeds, e.g. 0,1,2", param_hint="--seeds")
+    arm_list = tuple(a.strip() for a in arms.split(",") if a.strip()) if arms else None
+    if arm_list and set(arm_list) - set(ARMS):
+        raise click.BadParameter(f"unknown arm(s) {sorted(set(arm_list) - set(ARMS))}; choose from {', '.join(ARMS)}",
+                                 param_hint="--arms")
     try:
         cfg = load(config_path, overrides, max(verbose, 1))
         t0 = time.perf_counter()
-        result = seed_study(cfg, tuple(int(x) for x in seeds.split(",") if x.strip()),
-                            tuple(a.strip() for a in arms.split(",")) if arms else None, more_seeds)
+        result = seed_study(cfg, seed_list, arm_list, more_seeds)
     except EdgesegError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

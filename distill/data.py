@@ -261,6 +261,11 @@ def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
+def pad_colour(data: DataConfig) -> tuple[int, int, int]:
+    """The letterbox's pad colour: the normalisation's mean in uint8 RGB (0 after normalising)."""
+    return tuple(int(round(m * 255)) for m in data.mean)
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Images letterboxed to ``image_size``, normalised, with optional augmentation.
 
@@ -282,7 +287,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.size = tuple(data.image_size)
         self.mean = np.asarray(data.mean, np.float32) * 255
         self.std = np.asarray(data.std, np.float32) * 255
-        self.pad = tuple(int(round(v)) for v in self.mean)
+        self.pad = pad_colour(data)
         self.augment = data.augment if (train and data.augment.enabled) else None
         self.seed = seed
         self.epoch = 0
@@ -360,8 +365,7 @@ def warp_like(maps: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor | floa
     import torch.nn.functional as F
 
     maps = maps.float()
+    fill = torch.as_tensor(fill, dtype=maps.dtype, device=maps.device).reshape(1, -1, 1, 1)
     grid = F.affine_grid(theta.to(maps.device, torch.float32), list(maps.shape), align_corners=False)
-    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = F.grid_sample(torch.ones_like(maps[:, :1]), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    fill = torch.as_tensor(fill, dtype=out.dtype, device=out.device).reshape(1, -1, 1, 1)
-    return out + (1 - inside) * fill
+    # sampling (maps - fill) with zeros outside, then adding fill back: the pad takes ``fill``, edges blend into it
+    return F.grid_sample(maps - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill

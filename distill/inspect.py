@@ -116,7 +116,8 @@ def inspect_teacher(cfg, images: str | Path | None = None, limit: int = 16, out_
         if is_onnx:
             readings["range off by 255"] = reading(alt.rescaled(x))
         raw = teacher.raw_output(x).float() if is_onnx else None
-    flags = _flags(cfg, configured, readings, raw, teacher.io.kind if is_onnx else None, labelled)
+    flags = _flags(cfg, configured, readings, raw, teacher.io.kind if is_onnx else None, labelled,
+                   teacher.io.to_dict() if is_onnx else None)
     report = {"images": len(samples), "labelled": labelled, "source": str(images or "val split"),
               "teacher": str(cfg.teacher.onnx.path if is_onnx else cfg.teacher_checkpoint),
               "io": teacher.io.to_dict() if is_onnx else {"preprocessing": "the training data's mean/std",
@@ -140,14 +141,16 @@ def inspect_teacher(cfg, images: str | Path | None = None, limit: int = 16, out_
 
 
 def _flags(cfg, configured: Reading, readings: dict[str, Reading], raw: torch.Tensor | None, kind: str | None,
-           labelled: bool) -> list[str]:
-    """One line per likely mistake, each with its fix (``kind``: the ONNX teacher's resolved output kind, else None)."""
+           labelled: bool, io: dict | None = None) -> list[str]:
+    """One line per likely mistake, each with its fix (``kind``, ``io``: the ONNX teacher's resolved output kind and
+    I/O, None for a torch teacher)."""
     flags, is_onnx = [], kind is not None
-    fixes = {"channels swapped": ("teacher.onnx.channels: " + ("rgb" if is_onnx and cfg.teacher.onnx.channels == "bgr"
-                                                               else "bgr")) if is_onnx else
+    io = io or {}
+    fixes = {"channels swapped": ("teacher.onnx.channels: " + ("rgb" if io.get("channels") == "bgr" else "bgr"))
+                                 if is_onnx else
                                  "it looks trained on BGR images: export it to ONNX and give it as teacher.onnx with "
                                  "channels: bgr",
-             "range off by 255": "teacher.onnx.range: " + ("unit" if is_onnx and cfg.teacher.onnx.range == "byte" else "byte")}
+             "range off by 255": "teacher.onnx.range: " + ("unit" if io.get("range") == "byte" else "byte")}
     for name, r in readings.items():
         if labelled and r.miou is not None and r.miou > configured.miou + MIOU_MARGIN:
             flags.append(f"{name}: the teacher agrees better with the labels that way (mIoU {r.miou:.3f} vs "

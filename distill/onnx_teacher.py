@@ -80,10 +80,20 @@ class BoundSession:
         self._told_static = False
 
     def static_batch(self, input_name: str) -> int | None:
+        """The model's fixed batch (1), or None for a dynamic batch axis; another fixed batch is refused."""
         shape = next(i.shape for i in self.session.get_inputs() if i.name == input_name)
-        return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        if batch not in (None, 1):
+            raise InputError(f"{self.path}: the {self.what}'s input {input_name} is fixed at a batch of {batch}; "
+                             "export it with a dynamic batch axis (or a batch of 1, which runs sample by sample)")
+        return batch
 
     def _bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        for name, t in [*inputs.items(), *outputs.items()]:  # ORT reads and writes the raw memory: it must be plain
+            if not t.is_contiguous() or t.dtype not in _TORCH_TO_NUMPY or t.device != self.device:
+                raise InputError(f"{self.what} {self.path.name}: tensor {name} must be a contiguous float32/float16 "
+                                 f"tensor on {self.device} to bind, got {t.dtype} on {t.device}"
+                                 + ("" if t.is_contiguous() else ", not contiguous"))
         key = tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in [*inputs.items(), *outputs.items()])
         if key == self._bound:
             return
@@ -185,10 +195,6 @@ class OnnxFeatureTeacher:
         """The preallocated output tensor that the last call returned (None before the first)."""
         return self._out
 
-    def unnormalise(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised -> contiguous [0, 1] RGB in the model's input dtype, on the device."""
-        return torch.addcmul(self._mean, images, self._std).to(self.input_dtype).contiguous()
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images on ``device`` -> (B, C, h, w) teacher features.
@@ -231,9 +237,6 @@ class OnnxFeatureTeacher:
             out = self.session.run([self.output_name], {self.input_name: x})[0]
         return torch.from_numpy(out).to(self.device)
 
-    # kept for callers of the old private name
-    _resized = staticmethod(resized)
-
 
 class OnnxSegmentationTeacher(nn.Module):
     """An ONNX person segmenter as the distillation teacher: normalised images -> (B, 1, H, W) person logits.
@@ -265,8 +268,10 @@ class OnnxSegmentationTeacher(nn.Module):
         self._model_mean = torch.tensor(io.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._model_std = torch.tensor(io.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.input_dtype = torch.float16 if io.dtype == "float16" else torch.float32
-        outputs = {o.name: o for o in self.runner.session.get_outputs()}
-        self.output_dtype = _ORT_TO_TORCH.get(outputs[io.output].type, torch.float32)
+        types = {o.name: o.type for o in self.runner.session.get_outputs()}
+        self.output_dtype = _ORT_TO_TORCH.get(types[io.output], torch.float32)
+        self.feature_dtype = _ORT_TO_TORCH.get(types.get(feature, ""), torch.float32)
+        self.runner.static_batch(io.input)  # a fixed batch other than 1 is refused here
         self._buffers: dict[str, torch.Tensor] = {}
         self._shapes: dict[tuple, dict[str, tuple]] = {}  # input shape -> output shapes
         self._told: set[str] = set()
@@ -319,14 +324,12 @@ class OnnxSegmentationTeacher(nn.Module):
         if tuple(images.shape[2:]) != self.model_hw(tuple(images.shape[2:])):
             self._say_once("resize", "teacher %s takes %dx%d inputs: resizing each %dx%d batch on %s before binding",
                            self.path.name, *self.model_hw(tuple(images.shape[2:])), *images.shape[2:], self.device)
-        x = self.model_input(images, **overrides)
-        inp = self._buffer("input", tuple(x.shape), self.input_dtype)
-        inp.copy_(x)
+        x = self.model_input(images, **overrides)  # a fresh contiguous tensor on the device: bound as it is
         shapes = self._output_shapes(tuple(x.shape))
         outs = {self.io.output: self._buffer(self.io.output, shapes[self.io.output], self.output_dtype)}
         if self.feature:
-            outs[self.feature] = self._buffer(self.feature, shapes[self.feature], torch.float32)
-        self.runner.run({self.io.input: inp}, outs, self.io.batch)
+            outs[self.feature] = self._buffer(self.feature, shapes[self.feature], self.feature_dtype)
+        self.runner.run({self.io.input: x}, outs, self.io.batch)
         self.last_feature = outs.get(self.feature) if self.feature else None
         return outs[self.io.output]
 
@@ -380,8 +383,8 @@ class _SharedFeature:
 
     def __init__(self, teacher: OnnxSegmentationTeacher):
         self.teacher = teacher
-        self._last: tuple[int, tuple] | None = None
-        teacher.register_forward_hook(lambda m, args, out: setattr(self, "_last", (args[0].data_ptr(), tuple(args[0].shape))))
+        self._fresh: torch.Tensor | None = None  # the batch the teacher ran last, until this view consumes its feature
+        teacher.register_forward_hook(lambda m, args, out: setattr(self, "_fresh", args[0]))
 
     def feature_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, int]:
         hw = self.teacher.model_hw(input_hw)
@@ -390,6 +393,8 @@ class _SharedFeature:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self._last != (images.data_ptr(), tuple(images.shape)) or self.teacher.last_feature is None:
+        fresh, self._fresh = self._fresh, None  # one use per teacher run: a later batch at the same address reruns
+        if fresh is not images:
             self.teacher(images)
+            self._fresh = None
         return self.teacher.last_feature

@@ -22,8 +22,24 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "edgeseg-train/1"
 
 
-def run_identity(cfg: DistillConfig, job: TrainJob, world: int) -> dict:
-    """The settings a checkpoint must share with this run to be resumed by it."""
+def teacher_identity(cfg) -> dict:
+    """What the segmentation teacher is: its weights' SHA-256 (an ONNX teacher: the file's, and its I/O)."""
+    from edgeseg.runtime.files import sha256_file
+
+    if cfg.teacher.is_onnx:
+        from edgeseg.distill.teachers import teacher_io
+
+        return {"onnx_sha256": sha256_file(cfg.teacher.onnx.path), "io": teacher_io(cfg).to_dict()}
+    return {"sha256": sha256_file(cfg.teacher_checkpoint)}
+
+
+def run_identity(cfg: DistillConfig, job: TrainJob, world: int, targets: str | None = None,
+                 teacher: dict | None = None) -> dict:
+    """The settings a checkpoint must share with this run to be resumed by it.
+
+    ``targets``: how the teachers' outputs reach the step (``cached`` / ``live``, resolved); ``teacher``:
+    what the segmentation teacher is (:func:`teacher_identity`), so a changed teacher never resumes silently.
+    """
     c = config_to_dict(cfg)
     model = config_to_dict(job.model)
     if model.get("activation") == "silu":  # the default, implicit in checkpoints written before the option
@@ -37,15 +53,18 @@ def run_identity(cfg: DistillConfig, job: TrainJob, world: int) -> dict:
         train.pop("unlabelled_share", None)
     if not train.get("patience"):
         train.pop("patience", None), train.pop("min_delta", None)
-    # added later, left out at their defaults (a checkpoint written before them resumes): the target cache and
-    # the memory layout change no weight a finished run holds, only how fast and in what order of float rounding
-    for key, default in (("teacher_targets", "auto"), ("cache_limit_mb", 4096), ("channels_last", True)):
-        if train.get(key) == default:
-            train.pop(key, None)
+    # the resolved mode stands for the setting (auto is cached or live by size); without teachers it means nothing
+    train.pop("cache_limit_mb", None)
+    train.pop("teacher_targets", None)
+    if targets is not None:
+        train["teacher_targets"] = targets
+    # added later, left out at its default: the memory layout changes float rounding, not what is trained
+    if train.get("channels_last") is True:
+        train.pop("channels_last")
     if not (model.get("onnx") or {}).get("path"):
         model.pop("onnx", None)
     model.pop("checkpoint", None)  # where trained weights are read from, not what this run trains
-    out = {"role": job.role, "model": model, "train": train,
+    out = {"role": job.role, "model": model, "train": train, **({"teacher": teacher} if teacher else {}),
            "loss": config_to_dict(job.loss), "image_size": c["data"]["image_size"], "seed": c["seed"],
            "world": world}
     d = c["data"]
@@ -60,12 +79,34 @@ def check_resumable(ckpt: dict, last: Path, identity: dict) -> None:
     """Raise InputError unless ``ckpt`` (read from ``last``) is a training checkpoint of this identity."""
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{last}: not an edgeseg training checkpoint; move it away or pass --fresh")
-    saved = {**ckpt["identity"], "model": {k: v for k, v in ckpt["identity"].get("model", {}).items()
-                                           if k != "checkpoint"}}  # written before run_identity left it out
+    saved = _as_today(ckpt["identity"], identity)
     if saved != identity:
-        diff = [k for k in saved if saved[k] != identity.get(k)]
-        raise InputError(f"{last}: was trained with different settings ({', '.join(diff)}); "
+        diff = _differences(saved, identity)
+        raise InputError(f"{last}: was trained with different settings ({'; '.join(diff[:4])}); "
                          "pass --fresh to start over, or point run_dir elsewhere")
+
+
+def _as_today(saved: dict, identity: dict) -> dict:
+    """A checkpoint's identity read as this version writes it (keys it predates take their meaning then)."""
+    saved = {**saved, "model": {k: v for k, v in saved.get("model", {}).items() if k != "checkpoint"}}
+    if "teacher" in identity and "teacher" not in saved:  # written before the teacher was recorded
+        saved["teacher"] = identity["teacher"]
+    train = identity.get("train", {})
+    if "teacher_targets" in train and "teacher_targets" not in saved.get("train", {}):
+        saved["train"] = {**saved["train"], "teacher_targets": "live"}  # before the cache, teachers ran live
+    return saved
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where ``a`` (the checkpoint's) and ``b`` (this run's) differ, with both values."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+    return out
 
 
 def copy_best(out_dir: Path) -> None:

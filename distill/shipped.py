@@ -101,7 +101,7 @@ def resolve(value: str, name: str) -> Path | None:
 def training_curve(out_dir: str | Path) -> list[dict]:
     """The per-epoch validation records of a training run (its ``metrics.jsonl``): what chose when to stop."""
     path = Path(out_dir) / "metrics.jsonl"
-    keep = ("epoch", "val_miou", "val_person_iou", "epoch_time_s", "lr", "loss", "best", "stopped_early")
+    keep = ("epoch", "val_miou", "val_person_iou", "epoch_time_s", "lr", "temperature", "loss", "best", "stopped_early")
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, path.read_text().splitlines())] if path.is_file() else []
 
 

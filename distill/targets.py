@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from edgeseg.distill.data import Sample, SegmentationDataset, warp_like
+from edgeseg.distill.data import Sample, SegmentationDataset, pad_colour, warp_like
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class TeacherTargets:
         h, w = self.data.image_size
         mean = torch.tensor(self.data.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.data.std).view(1, 3, 1, 1)
-        pad = torch.tensor([round(m * 255) for m in self.data.mean], dtype=torch.float32).view(1, 3, 1, 1) / 255
+        pad = torch.tensor(pad_colour(self.data), dtype=torch.float32).view(1, 3, 1, 1) / 255
         images = ((pad - mean) / std).expand(1, 3, h, w).contiguous().to(self.device)
         logits, feature = self._run(images)
         logit_fill = logits.mean() if logits is not None else torch.zeros(())
@@ -89,7 +89,10 @@ class TeacherTargets:
             return
         t0 = time.perf_counter()
         dataset = SegmentationDataset([Sample(image=p) for p in new], self.data, train=False)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+        # its own generator: a loader draws its base seed from the global RNG otherwise, and filling the cache
+        # mid-training (a regenerated source) must not move the training's random streams (exact resume)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                                             generator=torch.Generator())
         logits, features = [], []
         for images, _, _ in loader:
             lg, ft = self._run(images.to(self.device))

@@ -36,7 +36,7 @@ from edgeseg.distill.evaluation import load_eval_set, logits_to_masks, make_load
 from edgeseg.distill.job import TrainJob
 from edgeseg.distill.losses import DistillationLoss, DistillationModel, ProjectionHead, temperature_at
 from edgeseg.distill.models import build_model, count_parameters
-from edgeseg.distill.resume import CHECKPOINT_FORMAT, check_resumable, copy_best, repair_best, run_identity
+from edgeseg.distill.resume import CHECKPOINT_FORMAT, check_resumable, copy_best, repair_best, run_identity, teacher_identity
 from edgeseg.distill.sampler import EpochSampler, steps_per_epoch
 from edgeseg.distill.sources import HARD_EXAMPLES, FixedSource, Generate, SampleSource, SourceContext, describe, sources_for
 from edgeseg.distill.targets import TeacherTargets, cache_bytes
@@ -129,6 +129,7 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
             self.teacher.to(memory_format=self.memory_format)
+        self.teacher_identity = teacher_identity(cfg) if self.teacher is not None else None
         projection = None
         if self.feature_teacher is not None:
             c_t, h_t, w_t = self.feature_teacher.feature_shape(cfg.data.image_size)
@@ -136,7 +137,8 @@ class Trainer:
             projection = ProjectionHead(student.feature_channels, cfg.feature_teacher.hidden_channels, c_t)
         # The loss owns the projection head; the training module holds the same object for the optimizer and DDP.
         self.loss_fn = DistillationLoss(job.loss, channel_norm=cfg.feature_teacher.channel_norm, projection=projection)
-        self.targets = self._teacher_targets()
+        self.targets: TeacherTargets | None = None  # filled by run() once resume has found work to do
+        self.targets_mode = self._targets_mode()
 
         self.net = DistillationModel(student, self.loss_fn.projection).to(self.device, memory_format=self.memory_format)
         self.model = self.net  # the unwrapped module (checkpoints, validation)
@@ -156,23 +158,39 @@ class Trainer:
                  sum(p.numel() for p in params), count_parameters(self.model), self.steps_per_epoch,
                  job.train.epochs, self.device, f", {self.world} processes" if self.world > 1 else "")
 
-    def _teacher_targets(self) -> TeacherTargets | None:
-        """The cache of the frozen teachers' outputs (``train.teacher_targets``), filled for every fixed sample; None: live."""
-        mode = self.job.train.teacher_targets
-        if mode == "live" or (self.teacher is None and self.feature_teacher is None):
+    def _fixed_samples(self) -> list:
+        """The labelled images and every fixed source's: what the target cache holds from the start."""
+        return [*self.data.labelled, *(s for src in self.sources if isinstance(src, FixedSource) for s in src.items)]
+
+    def _targets_mode(self) -> str | None:
+        """How the frozen teachers' outputs reach the step: ``cached`` or ``live`` (``train.teacher_targets``,
+        ``auto`` resolved by the cache's size); None without teachers. Part of the run's identity."""
+        if self.teacher is None and self.feature_teacher is None:
             return None
-        fixed = [*self.data.labelled, *(s for src in self.sources if isinstance(src, FixedSource) for s in src.items)]
+        mode = self.job.train.teacher_targets
+        if mode != "auto":
+            return mode
         hw = tuple(self.cfg.data.image_size)
         feature = self.feature_teacher.feature_shape(hw) if self.feature_teacher is not None else None
-        need = cache_bytes(len(fixed), hw if self.teacher is not None else (0, 0), feature)
-        if mode == "auto" and need > self.job.train.cache_limit_mb * 2**20:
+        need = cache_bytes(len(self._fixed_samples()), hw if self.teacher is not None else (0, 0), feature)
+        if need > self.job.train.cache_limit_mb * 2**20:
             log.info("%s: the teachers run on every batch (train.teacher_targets: auto): caching %d images' outputs would "
-                     "take %.0f MB, over train.cache_limit_mb %d", self.job.role, len(fixed), need / 2**20,
-                     self.job.train.cache_limit_mb)
+                     "take %.0f MB, over train.cache_limit_mb %d", self.job.role, len(self._fixed_samples()),
+                     need / 2**20, self.job.train.cache_limit_mb)
+            return "live"
+        return "cached"
+
+    def _teacher_targets(self) -> TeacherTargets | None:
+        """The cache of the frozen teachers' outputs, filled for every fixed sample (None when they run live)."""
+        if self.targets_mode != "cached":
             return None
         targets = TeacherTargets(self.teacher, self.feature_teacher, self.cfg.data, self.device)
-        targets.ensure(fixed)
+        targets.ensure(self._fixed_samples())
         return targets
+
+    def _identity(self) -> dict:
+        """The settings a checkpoint must share with this run to be resumed by it (``resume.run_identity``)."""
+        return run_identity(self.cfg, self.job, self.world, targets=self.targets_mode, teacher=self.teacher_identity)
 
     def _training_data(self) -> StudentData:
         """The teacher's corpus (all labelled), or the student's labelled subset and unlabelled sources."""
@@ -199,7 +217,7 @@ class Trainer:
                 shutil.rmtree(stale)
             return False
         ckpt = load_checkpoint(last)
-        check_resumable(ckpt, last, run_identity(self.cfg, self.job, self.world))
+        check_resumable(ckpt, last, self._identity())
         self.model.student.load_state_dict(ckpt[self.job.state_key])
         if self.loss_fn.projection is not None:
             self.loss_fn.projection.load_state_dict(ckpt["projection"])
@@ -241,7 +259,7 @@ class Trainer:
             "best_miou": self.best_miou, "best_epoch": self.best_epoch, "epoch_sums": self.epoch_sums,
             "plateau": (self.plateau_miou, self.plateau_epoch), "stopped_early": self.stopped_early,
             "metrics": self.last_metrics, "complete": complete,
-            "rng": capture_rng(), "identity": run_identity(self.cfg, self.job, self.world), "config": config_to_dict(self.cfg),
+            "rng": capture_rng(), "identity": self._identity(), "config": config_to_dict(self.cfg),
         }
         save_atomic(ckpt, self.job.out_dir / "last.pt")
 
@@ -284,6 +302,7 @@ class Trainer:
         self._setup()
         if self._resume():
             return self.last_metrics
+        self.targets = self._teacher_targets()
         if self.is_main:
             self.job.out_dir.mkdir(parents=True, exist_ok=True)
             (self.job.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=1))
@@ -300,8 +319,11 @@ class Trainer:
         train = self.job.train
         if val_miou is not None and val_miou > self.plateau_miou + train.min_delta:
             self.plateau_miou, self.plateau_epoch = val_miou, self.epoch
-        stop = torch.tensor([int(train.patience > 0 and val_miou is not None
-                                 and (self.epoch - self.plateau_epoch) // train.eval_every >= train.patience)])
+        if train.patience == 0:
+            return False
+        stop = torch.tensor([int(val_miou is not None
+                                 and (self.epoch - self.plateau_epoch) // train.eval_every >= train.patience)],
+                            device=self.device)  # NCCL broadcasts device tensors only
         if self.world > 1:
             torch.distributed.broadcast(stop, src=0)
         return bool(stop.item())

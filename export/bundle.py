@@ -102,6 +102,18 @@ def site_check_reference(cfg: Config, bundle_dir: Path) -> dict:
     return {"split": REFERENCE_SPLIT, **result}
 
 
+def _single_file_onnx(path: Path) -> Path:
+    """``path``, refused in one line if its weights live in external data files (the bundle carries one file)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise InputError(f"{path}: the teacher keeps its weights in external data files, which a bundle does not carry; "
+                         "save it as one file (onnx.save(onnx.load(path), out, save_as_external_data=False)) or "
+                         "leave out --with-teacher")
+    return path
+
+
 def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: Path | None,
                  allow_over_budget: bool = False, with_teacher: bool = False) -> dict:
     """Assemble, check and write the bundle (+ .tar.gz); returns its manifest."""
@@ -135,7 +147,7 @@ def write_bundle(cfg: Config, export_dir: Path, out_dir: Path, calib_manifest: P
     if with_teacher and cfg.teacher.is_onnx:  # a zoo teacher ships as it is, its I/O recorded for `runtime check`
         from edgeseg.distill.teachers import teacher_io as resolve_teacher_io
 
-        files["teacher.onnx"] = (Path(cfg.teacher.onnx.path), "teacher")
+        files["teacher.onnx"] = (_single_file_onnx(Path(cfg.teacher.onnx.path)), "teacher")
         teacher_io = resolve_teacher_io(cfg).to_dict()
     elif with_teacher:
         from edgeseg.export.onnx_model import export_teacher_onnx

@@ -105,8 +105,14 @@ def _build_bundle_engine(bundle: str, precision: str | None, dla_core: int, verb
 
     from edgeseg.export.stage import run_engine
 
+    from edgeseg.runtime.errors import InputError
+
     configure_logging(max(verbose, 1))
-    precision = precision or json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "int8")
+    manifest = Path(bundle) / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"{manifest}: missing; --bundle takes a deploy bundle folder (make deploy writes one, "
+                         "runs/demo/bundle)")
+    precision = precision or json.loads(manifest.read_text()).get("precision", "int8")
     _echo(_said(run_engine(None, precision, Path(bundle), dla_core), device_build=True))
 
 

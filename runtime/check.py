@@ -23,7 +23,6 @@ The margins are fixed here, before any validation ran (docs/site.md).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -84,7 +83,8 @@ class _ConfidentAgreement:
     def loss(self) -> float:
         """1 - mIoU of INT8 against FP32's confident labels: the mIoU INT8 loses where FP32 is sure."""
         c = self.counts
-        ious = [c[k, k] / max(c[k, :].sum() + c[:, k].sum() - c[k, k], 1) for k in (0, 1) if c[k, :].sum() + c[:, k].sum()]
+        # over the classes FP32's confident pixels hold: on an empty scene one flipped pixel is no lost class
+        ious = [c[k, k] / (c[k, :].sum() + c[:, k].sum() - c[k, k]) for k in (0, 1) if c[k, :].sum()]
         return float(1 - np.mean(ious)) if ious else 0.0
 
     @property
@@ -245,7 +245,8 @@ class SiteCheck:
                     per_frame["teacher"].append(_miou(a, b))
         out = {"frames": len(frames), "served_model": self.served_role, "range_fit": sat.summary(),
                "int8_agreement_miou": int8_meter.miou,
-               "predicted_int8_loss": confident.loss,  # mIoU INT8 loses against FP32's confident pixels
+               # mIoU INT8 loses against FP32's confident pixels; None for a 0/1-mask model (no confidence to read)
+               "predicted_int8_loss": confident.loss if self.spec.output != "mask" else None,
                "confident_share": confident.pixels / max(pixels, 1),  # the share of pixels the prediction rests on
                "teacher_agreement_miou": teacher_meter.miou if self.has_teacher else None,
                "person_fraction": float(np.mean(person)),
@@ -293,30 +294,37 @@ def verdict(result: dict, reference: dict | None, margins: Margins = Margins(), 
     predicted = result.get("predicted_int8_loss")
     if reference:
         ref_sat = reference["range_fit"].get(worst_role, {}).get("saturation", 0.0)
+        saturates = sat[worst_role] > ref_sat + margins.saturation
+        int8_low = result["int8_agreement_miou"] < reference["int8_agreement_miou"] - margins.int8_agreement
         ref_int8 = reference["int8_agreement_miou"]
         ref_loss = reference.get("predicted_int8_loss")
-        loses = predicted is not None and (predicted > ref_loss + margins.predicted_int8_loss if ref_loss is not None
-                                           else predicted > margins.predicted_int8_loss_abs)
         ref_teacher = reference.get("teacher_agreement_miou")
         teacher_low = (result["teacher_agreement_miou"] is not None and ref_teacher is not None
                        and result["teacher_agreement_miou"] < ref_teacher - margins.teacher_agreement)
         basis = "the bundle's validation images"
     else:
         ref_sat, ref_int8, ref_loss, ref_teacher = None, margins.int8_agreement_abs, None, None
-        loses = predicted is not None and predicted > margins.predicted_int8_loss_abs
+        saturates = sat[worst_role] > margins.saturation_abs
+        int8_low = result["int8_agreement_miou"] < margins.int8_agreement_abs
         teacher_low = (result["teacher_agreement_miou"] is not None
                        and result["teacher_agreement_miou"] < margins.teacher_agreement_abs)
         basis = "fixed limits (the bundle has no site_check_reference)"
+    if predicted is None:  # a 0/1-mask model has no confidence to predict a loss from: the proxies decide
+        loses = saturates or int8_low
+    else:
+        loses = predicted > (ref_loss + margins.predicted_int8_loss if ref_loss is not None
+                             else margins.predicted_int8_loss_abs)
     recalibrate = (f"edgeseg export all --calibration {images} && edgeseg export bundle "
                    "(make export deploy SET=export.calibration=<the folder>)")
     adapt = (f"edgeseg distill train --images {images} --unlabelled-share 0.5, then make export deploy")
     if loses:
-        why = [f"INT8 is predicted to lose {predicted * 100:.2f} mIoU points where FP32 is confident"
-               + (f" (vs {ref_loss * 100:.2f} on {basis})" if ref_loss is not None else "")]
-        if ref_sat is None or sat[worst_role] > ref_sat + margins.saturation:
+        why = [] if predicted is None else [
+            f"INT8 is predicted to lose {predicted * 100:.2f} mIoU points where FP32 is confident"
+            + (f" (vs {ref_loss * 100:.2f} on {basis})" if ref_loss is not None else "")]
+        if saturates:
             why.append(f"{sat[worst_role] * 100:.2f}% of {worst_role} activations fall outside their INT8 ranges"
                        + (f" (vs {ref_sat * 100:.2f}%)" if ref_sat is not None else ""))
-        if result["int8_agreement_miou"] < ref_int8 - margins.int8_agreement:
+        if int8_low:
             why.append(f"INT8 agrees with FP32 at mIoU {result['int8_agreement_miou']:.4f} (vs {ref_int8:.4f})")
         findings.append({"finding": "recalibrate on these frames", "why": "; ".join(why), "command": recalibrate})
     if teacher_low:

@@ -16,6 +16,7 @@ import abc
 import glob
 import logging
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -139,6 +140,10 @@ class CaptureSource(Source):
         self._cap = None
         self._first: np.ndarray | None = None
         self.truncated = False  # a file that ended before the frame count its header declares
+        # close() may come from another thread (the stream's caller) while the reader waits in read() or between
+        # reconnects: the lock keeps release() out of a read in progress, the event ends the waits at once
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
 
     def _capture(self):
         import cv2
@@ -156,12 +161,16 @@ class CaptureSource(Source):
     def _read(self) -> np.ndarray | None:
         import cv2
 
-        ok, bgr = self._cap.read()
+        with self._lock:
+            if self._cap is None:
+                return None
+            ok, bgr = self._cap.read()
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if ok and bgr is not None and bgr.size else None
 
     def open(self) -> None:
         import cv2
 
+        self._closing.clear()
         self._cap = self._capture()
         if not self._cap.isOpened():
             self.close()
@@ -172,7 +181,8 @@ class CaptureSource(Source):
         # streams report 0, -1 or a huge negative number: unknown, a live source.
         count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT)
         self.total = int(count) if 0 < count < 1e9 else None
-        self.live = self.kind == "camera" or self.total is None
+        # live: a camera, or a stream of no known length; a file without a frame count is still a file (it ends)
+        self.live = self.kind == "camera" or (self.kind == "stream" and self.total is None)
         self._first = self._read()
         if self._first is None:
             self.close()
@@ -196,9 +206,11 @@ class CaptureSource(Source):
         return f"{self.name}: opened but delivered no frame within {self.timeout_s:g} s; check that it is streaming"
 
     def close(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
+        self._closing.set()
+        with self._lock:
+            if self._cap is not None:
+                self._cap.release()
+                self._cap = None
 
     def __iter__(self) -> Iterator[Frame]:
         if self._cap is None:
@@ -212,6 +224,8 @@ class CaptureSource(Source):
             image = self._read()
             if image is not None:
                 continue
+            if self._closing.is_set():  # closed by the caller: no reconnect, just the end
+                return
             # a URL of known length that stops short dropped its connection: reconnect (and seek) as for a live one
             if not self.live and not (self.kind == "stream" and self.total and index < self.total):
                 if self.total and index < self.total:
@@ -230,14 +244,19 @@ class CaptureSource(Source):
         for attempt in range(1, self.max_reconnects + 1):
             log.warning("%s: no frame after frame %d; reconnecting (%d of %d) in %.1f s", self.name, index - 1,
                         attempt, self.max_reconnects, wait)
-            time.sleep(wait)
+            if self._closing.wait(wait):  # closed while waiting: stop here
+                return
             wait = min(2 * wait, 5.0)
-            self.close()
-            self._cap = self._capture()
-            if not self._cap.isOpened():
-                continue
-            if self.total:  # a URL of a known length: go on from where it stopped, not from its start
-                self._cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                if self._cap is not None:
+                    self._cap.release()
+                self._cap = self._capture()
+                if not self._cap.isOpened():
+                    continue
+                if self.total:  # a URL of a known length: go on from where it stopped, not from its start
+                    self._cap.set(cv2.CAP_PROP_POS_FRAMES, index)
             self._first = self._read()
             if self._first is not None:
                 self.reconnects += 1

@@ -97,7 +97,7 @@ class FrameStream:
         self.seg, self.frames = seg, frames
         self.max_batch = max_batch or seg.max_batch
         if not 1 <= self.max_batch <= seg.max_batch:
-            raise InputError(f"max_batch must be in 1..{seg.max_batch} (the model's profile), got {max_batch}")
+            raise InputError(f"the batch (--batch, max_batch) must be in 1..{seg.max_batch} (the model's profile), got {max_batch}")
         if max_wait_ms < 0 or (queue_frames is not None and queue_frames < 1):
             raise InputError(f"need max_wait_ms >= 0 and queue_frames >= 1, got {max_wait_ms} and {queue_frames}")
         try:

@@ -222,7 +222,16 @@ def resolve_io(path: str | Path, declared: dict | None = None, session=None) -> 
     else:
         raise InputError(f"{path}: {len(outputs)} outputs {[o.name for o in outputs]} and none named; "
                          "set teacher.onnx.output to the mask output")
-    oshape = out.shape
+    oshape = list(out.shape)
+    if len(oshape) == 4 and not all(_dim(v) for v in oshape[1:]):  # a symbolic class or spatial axis: run it once
+        hw = size or (64, 64)
+        probe = np.zeros((1, 3, *hw) if layout == "nchw" else (1, *hw, 3),
+                         np.float16 if inp.type == "tensor(float16)" else np.float32)
+        try:
+            oshape = [oshape[0], *session.run([out.name], {inp.name: probe})[0].shape[1:]]
+        except Exception as e:  # ORT's own exception types
+            raise InputError(f"{path}: cannot run on a {hw[0]}x{hw[1]} input to read output {out.name}'s shape "
+                             f"({str(e).splitlines()[0][:120]}); set teacher.onnx.size") from None
     if len(oshape) == 3:
         out_layout, c_out = "nhw", 1
     elif len(oshape) == 4:
@@ -240,6 +249,9 @@ def resolve_io(path: str | Path, declared: dict | None = None, session=None) -> 
     if not 0 <= person < c_out:
         raise InputError(f"{path}: teacher.onnx.person_channel is {person} but output {out.name} has {c_out} channel(s) "
                          f"(0..{c_out - 1})")
+    if _dim(shape[0]) not in (None, 1):
+        raise InputError(f"{path}: input {inp.name} is fixed at a batch of {shape[0]}; export the model with a dynamic "
+                         "batch axis (or a batch of 1, which runs sample by sample)")
     clamp = float(d.get("clamp", DEFAULT_CLAMP))
     if not 0 < clamp < 0.5:
         raise InputError(f"{path}: teacher.onnx.clamp must be in (0, 0.5), got {clamp}")
@@ -249,30 +261,35 @@ def resolve_io(path: str | Path, declared: dict | None = None, session=None) -> 
 
 
 class ZooSegmenter:
-    """A zoo person segmenter run the runtime's way: frames of any size in, masks at each frame's size out.
+    """A zoo person segmenter run the runtime's way, on the geometry distillation gave it.
 
-    Frames are letterboxed to the model's size (or ``image_size`` for a dynamic model), prepared by
-    ``io``, run (sample by sample for a static batch of 1), turned into person logits, resized to
-    the letterbox and cut at 0 with the letterbox cropped, as every other mask in edgeseg is.
+    As in training, each frame is letterboxed to the student's input size (``image_size``), that
+    image resized to the model's own size where it is fixed, prepared by ``io`` and run (sample by
+    sample for a static batch of 1); the person logits come back at the student's size and are cut at
+    0 with the letterbox cropped, as every other mask in edgeseg is.
     """
 
     def __init__(self, path: str | Path, io: SegmenterIO, image_size: tuple[int, int],
                  pad_value: tuple[int, int, int] = (124, 116, 104), threads: int = 0):
         from edgeseg.runtime.sessions import cpu_session
 
-        self.io, self.hw, self.pad = io, tuple(io.size or image_size), tuple(pad_value)
+        self.io, self.hw, self.pad = io, tuple(image_size), tuple(pad_value)
+        self.model_hw = tuple(io.size or image_size)
         self.session = cpu_session(path, threads)
 
     def logits(self, fitted: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 letterboxed frames -> (B, H, W) person logits at the letterbox's size."""
+        """(B, H, W, 3) uint8 frames letterboxed to the student's size -> (B, H, W) person logits at that size."""
         import cv2
 
+        resize = lambda a, hw: cv2.resize(a, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)  # noqa: E731
+        if self.model_hw != self.hw:  # as training resizes each batch to a fixed-size teacher's input
+            fitted = np.stack([resize(f, self.model_hw) for f in fitted])
         x = self.io.prepare(fitted)
-        run = lambda a: self.session.run([self.io.output], {self.io.input: a})[0]
+        run = lambda a: self.session.run([self.io.output], {self.io.input: a})[0]  # noqa: E731
         out = np.concatenate([run(x[i:i + 1]) for i in range(len(x))]) if self.io.batch == 1 else run(x)
         z = self.io.person_logits(out)
         if z.shape[1:] != self.hw:
-            z = np.stack([cv2.resize(m, (self.hw[1], self.hw[0]), interpolation=cv2.INTER_LINEAR) for m in z])
+            z = np.stack([resize(m, self.hw) for m in z])
         return z
 
     def masks(self, frames) -> list[np.ndarray]:

@@ -751,3 +751,46 @@ def test_site_check_bad_input_is_one_line(checked_bundle, exported, tmp_path):
     (tmp_path / "plain" / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli("runtime", "check", "--bundle", str(tmp_path / "plain"), "--images", str(frames))
     assert r.returncode != 0 and "no FP32 model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_bundle_with_a_zoo_teacher_checks_its_agreement_as_distillation_read_it(exported, tmp_path):
+    """The teacher given as a zoo ONNX (BGR pixels in [0, 255]) ships as it is with its I/O in the manifest;
+    the site check runs it by that I/O and agrees with the same teacher shipped as edgeseg's own export."""
+    import dataclasses
+
+    import torch.nn as nn
+
+    from edgeseg.distill.config import OnnxTeacherConfig
+    from edgeseg.distill.models import load_teacher
+    from edgeseg.distill.onnx_export import export_module
+    from edgeseg.export.bundle import write_bundle
+    from edgeseg.export.stage import eval_set
+    from edgeseg.runtime.check import SiteCheck
+    from edgeseg.runtime.files import sha256_file
+
+    cfg, _, run_dir, *_ = exported
+    teacher = load_teacher(cfg).eval()
+
+    class ZooFront(nn.Module):  # BGR in [0, 255] -> the teacher's normalised RGB
+        def __init__(self):
+            super().__init__()
+            self.teacher = teacher
+            self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255)
+            self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255)
+
+        def forward(self, x):
+            return self.teacher((x.flip(1) - self.mean) / self.std)
+
+    zoo = export_module(ZooFront(), tmp_path / "zoo.onnx", torch.zeros(1, 3, 64, 64), ["x"], ["y"])
+    zoo_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
+        cfg.teacher, onnx=OnnxTeacherConfig(path=str(zoo), channels="bgr", range="byte")))
+    manifest = write_bundle(zoo_cfg, run_dir / "export", tmp_path / "zoo_bundle", None, allow_over_budget=True,
+                            with_teacher=True)
+    assert manifest["teacher_io"]["channels"] == "bgr" and manifest["teacher_io"]["range"] == "byte"
+    assert manifest["files"]["teacher.onnx"]["sha256"] == sha256_file(zoo)  # the file itself, not a re-export
+    images, _ = eval_set(cfg, "test")
+    ours = write_bundle(cfg, run_dir / "export", tmp_path / "own_bundle", None, allow_over_budget=True, with_teacher=True)
+    assert "teacher_io" not in ours
+    a = SiteCheck(tmp_path / "zoo_bundle").measure(images)["teacher_agreement_miou"]
+    b = SiteCheck(tmp_path / "own_bundle").measure(images)["teacher_agreement_miou"]
+    assert a == pytest.approx(b, abs=0.01)

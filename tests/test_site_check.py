@@ -87,3 +87,19 @@ def test_the_validation_counts_hits_false_alarms_and_misses():
     assert out["recalibrate_verdict"]["false_alarms"] == ["low_light"] and out["recalibrate_verdict"]["misses"] == ["cast"]
     assert (out["recalibrate_hits"], out["recalibrate_false_alarms"], out["recalibrate_misses"]) == (0, 1, 1)
     assert out["adapt_verdict"]["hits"] == ["cast", "low_light"] and out["adapt_verdict"]["correct_passes"] == ["backlight", "test"]
+
+
+def test_an_empty_scene_with_one_flipped_pixel_is_no_lost_class():
+    fp32 = np.full((1, 1, 32, 32), -6.0, np.float32)  # nobody, and FP32 is sure of it
+    int8 = fp32.copy()
+    int8[0, 0, 5, 5] = 1.0  # INT8 paints one person pixel
+    acc = _ConfidentAgreement()
+    acc.update(fp32, int8, [place((32, 32), (32, 32))], cut=0.0)
+    assert acc.loss == 1 - 1023 / 1024  # background's IoU alone: the person class is not FP32's
+
+
+def test_a_mask_output_model_falls_back_to_the_proxies():
+    result = {**_result(0.036, 0.95, None, 0.83)}
+    findings = verdict(result, REFERENCE)
+    assert [f["finding"] for f in findings] == ["recalibrate on these frames"]
+    assert "predicted" not in findings[0]["why"] and "3.60% of int8 activations" in findings[0]["why"]

@@ -720,3 +720,23 @@ def test_the_runtime_bench_video_key_on_the_tiny_run(tiny_run, brightness_onnx):
     assert out["frames"] == 8 and out["frame_size"] == [480, 640] and out["video_pipeline_efficiency"] > 0
     assert out["smoothing"]["clip"] == str(cfg.data_root / "clip" / "clip.mp4")
     assert out["smoothing"]["strengths"]["0"]["frames"] == 112
+
+
+def test_a_video_file_without_a_frame_count_is_read_once_to_its_end(tmp_path, monkeypatch):
+    """A file whose header gives no frame count (common for .webm) ends; it is not a live source to reconnect."""
+    import cv2
+
+    from edgeseg.runtime.sources import open_source
+
+    path = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(7):
+        w.write(np.full((24, 32, 3), 20 * i, np.uint8))
+    w.release()
+    real_get = cv2.VideoCapture.get
+    monkeypatch.setattr(cv2.VideoCapture, "get",  # the container declares no count
+                        lambda self, prop: 0.0 if prop == cv2.CAP_PROP_FRAME_COUNT else real_get(self, prop))
+    with open_source(str(path), reconnects=2) as source:
+        assert source.total is None and not source.live
+        frames = list(source)
+    assert len(frames) == 7 and source.reconnects == 0
