@@ -158,8 +158,24 @@ FIGURES: list[Table] = [
           anchor="distillation", generated=study_rows(site=False), rows=[
               Row("share of a's shift loss that d recovers", fmt("site_recovered_shift_share", "{:.0f}%", 100),
                   "`site_recovered_shift_share`", optional=True),
-              Row("student c vs the teacher on test (mIoU ratio)", fmt("kd_unlabelled_vs_teacher_test", "{:.3f}x"),
-                  "`kd_unlabelled_vs_teacher_test`", headline="Student mIoU over the teacher's (test)", optional=True),
+              Row("student d (the demo's) vs the teacher on test (mIoU ratio)", fmt("kd_site_vs_teacher_test", "{:.3f}x"),
+                  "`kd_site_vs_teacher_test`", headline="Student mIoU over the teacher's (test)", optional=True),
+              Row("teacher minus ground truth only (test / test_shift)",
+                  lambda get: f"{get('teacher_minus_gt_only_test') * 100:+.2f} / "
+                              f"{get('teacher_minus_gt_only_test_shift') * 100:+.2f} points",
+                  "`teacher_minus_gt_only_test`, `teacher_minus_gt_only_test_shift`",
+                  headline="Teacher over the 150-label student (test / test_shift)", optional=True),
+              Row("the same seed's student with the teacher given as ONNX / as torch (test)",
+                  lambda get: f"{get('onnx_teacher_test_miou'):.4f} / {get('torch_teacher_test_miou'):.4f}",
+                  "`onnx_teacher_test_miou`, `torch_teacher_test_miou`",
+                  headline="Student distilled from an ONNX teacher / the torch teacher (test)", optional=True),
+              Row("the student's schedule (set on val: schedule.json)",
+                  lambda get: f"{get('schedule.epochs')} epochs, lr {get('schedule.lr'):g}, warm-up "
+                              f"{get('schedule.warmup_steps')} steps, temperature {get('schedule.temperature')}, "
+                              f"unlabelled share {get('unlabelled_share'):g}",
+                  "`schedule`, `unlabelled_share`", optional=True),
+              Row("what the study cost: every arm's training", fmt("study_train_seconds", "{:.0f} min", 1 / 60),
+                  "`study_train_seconds`", optional=True),
           ]),
     Table("site-arms", "distill.json", ("site8_measured_at", "study_measured_at", "seed_study_measured_at"),
           "make study", anchor="at-a-new-site-a-handful-of-frames", generated=study_rows(site=True), rows=[
@@ -177,7 +193,20 @@ FIGURES: list[Table] = [
               Row("IOBinding vs session.run (the feature teacher)", ratio("iobinding_vs_run_speedup", 3),
                   "`iobinding_vs_run_speedup`"),
               Row("IOBinding's output equals session.run's", yes_no("iobinding_equals_run"), "`iobinding_equals_run`"),
+              Row("training step with the teacher as ONNX over the torch teacher, both live, 2 threads",
+                  ratio("onnx_teacher_step_ratio"), "`onnx_teacher_step_ratio`",
+                  headline="ONNX teacher's training step over the torch teacher's", optional=True),
+              Row("the same at 1 thread", ratio("threads_1.onnx_teacher_step_ratio"),
+                  "`threads_1.onnx_teacher_step_ratio`", optional=True),
+              Row("training step, teachers live over cached targets, 2 threads", ratio("cached_step_speedup"),
+                  "`cached_step_speedup`", headline="Cached teacher targets: training step speed-up", optional=True),
+              Row("training step, NCHW over channels_last (live teachers), 2 threads", ratio("channels_last_step_speedup"),
+                  "`channels_last_step_speedup`", optional=True),
+              Row("cached distillation step over the ground-truth-only step", ratio("cached_vs_baseline_step"),
+                  "`cached_vs_baseline_step`", optional=True),
           ]),
+    Table("schedule", "schedule.json", ("measured_at",), "python -m benchmarks.run --only schedule",
+          anchor="the-students-schedule", generated=lambda data: schedule_rows(data)),
     Table("calibration", "calibration.json", ("measured_at",), "python -m benchmarks.run --only calibration",
           anchor="calibration", rows=[
               Row("pass rate: unguided / mask guidance",
@@ -196,6 +225,8 @@ FIGURES: list[Table] = [
                   "`quality.sqnr_db_synthetic`, `_real`, `_noise`"),
               Row("median SSIM of a kept image to its nearest training image", fmt("quality.train_ssim_median", "{:.2f}"),
                   "`quality.train_ssim_median`"),
+              Row("one sampling batch, the generator's UNet in NCHW over NHWC", ratio("channels_last_sampling_speedup"),
+                  "`channels_last_sampling_speedup`", optional=True),
           ]),
     Table("generator", "calibration.json", ("generator_kid_measured_at",), "python -m benchmarks.run --only generator",
           anchor="calibration-the-shipped-generator", rows=[
@@ -278,6 +309,35 @@ FIGURES: list[Table] = [
                   "`runtime_peak_rss_mb`, `bare_session_peak_rss_mb`, `runtime_vs_bare_peak_rss`",
                   headline="Serving memory, runtime over a bare ONNX Runtime session"),
           ]),
+    Table("video", "runtime.json", ("measured_at",), "python -m benchmarks.run --only video",
+          anchor="runtime-video", rows=[
+              Row("a VGA clip end to end (decode, segment, encode mask and overlay videos), frames/s",
+                  fmt("video.end_to_end_fps", "{:.0f}"), "`video.end_to_end_fps`", optional=True),
+              Row("the same frames already in memory, same batch, frames/s", fmt("video.in_memory_fps", "{:.0f}"),
+                  "`video.in_memory_fps`", optional=True),
+              Row("end to end over in memory (video_pipeline_efficiency)", ratio("video.video_pipeline_efficiency"),
+                  "`video.video_pipeline_efficiency`", headline="Video end to end over frames in memory (VGA)",
+                  optional=True),
+              Row("the same at 1 thread", ratio("video.threads_1.video_pipeline_efficiency"),
+                  "`video.threads_1.video_pipeline_efficiency`", optional=True),
+              Row("live latency per frame, batch 1: p50 / p99",
+                  lambda get: f"{get('video.live.batch_1.latency_p50_ms'):.1f} / "
+                              f"{get('video.live.batch_1.latency_p99_ms'):.1f} ms", "`video.live.batch_1`", optional=True),
+              Row("live latency per frame, micro-batched: p50 / p99",
+                  lambda get: f"{get('video.live.micro_batched.latency_p50_ms'):.1f} / "
+                              f"{get('video.live.micro_batched.latency_p99_ms'):.1f} ms", "`video.live.micro_batched`",
+                  optional=True),
+              Row("peak RSS streaming the clip 4 times over vs once", fmt("video.memory.peak_rss_x4_vs_x1", "{:.3f}x"),
+                  "`video.memory.peak_rss_x4_vs_x1`", optional=True),
+              Row("demo clip, smoothing off / at the default strength: mIoU",
+                  lambda get: f"{get('video.smoothing.miou_off'):.4f} / "
+                              f"{get('video.smoothing.strengths.' + format(get('video.smoothing.default_strength'), 'g') + '.miou'):.4f}",
+                  "`video.smoothing`", optional=True),
+              Row("demo clip, smoothing off / at the default strength: flicker",
+                  lambda get: f"{get('video.smoothing.flicker_off') * 100:.2f}% / "
+                              f"{get('video.smoothing.strengths.' + format(get('video.smoothing.default_strength'), 'g') + '.flicker') * 100:.2f}%",
+                  "`video.smoothing`", headline="Flicker on the demo clip, smoothing off / on", optional=True),
+          ]),
     Table("stage-split", "runtime.json", ("measured_at",), "python -m benchmarks.run --only runtime",
           anchor="runtime-where-a-vga-batch-goes", rows=[
               *(Row(f"step `{step}`, ms per batch of 8", fmt(f"vga_480x640.stages.stages_ms.{step}", "{:.2f}"),
@@ -332,6 +392,18 @@ FIGURES: list[Table] = [
                   "`reference`"),
               Row("check time for the 400 test frames, 2 threads", fmt("groups.test.check_seconds", "{:.0f} s"),
                   "`groups.test.check_seconds`"),
+              *(Row(f"`{g}`: predicted INT8 loss (points); true INT8 loss (points)",
+                    lambda get, g=g: f"{get(f'groups.{g}.predicted_int8_loss_points'):.2f}; "
+                                     f"{get(f'groups.{g}.int8_loss_points'):.2f}",
+                    f"`groups.{g}.predicted_int8_loss_points`, `.int8_loss_points`", optional=True)
+                for g in ("test", "test_shift/low_light", "test_shift/backlight", "test_shift/colour_cast")),
+              Row("\"recalibrate\": hits / false alarms / misses (of 4 folders)",
+                  lambda get: f"{get('recalibrate_hits')} / {get('recalibrate_false_alarms')} / {get('recalibrate_misses')}",
+                  "`recalibrate_verdict`", headline="Site check's \"recalibrate\": hits / false alarms / misses",
+                  optional=True),
+              Row("\"adapt\": hits / false alarms / misses (of 4 folders)",
+                  lambda get: f"{get('adapt_hits')} / {get('adapt_false_alarms')} / {get('adapt_misses')}",
+                  "`adapt_verdict`", optional=True),
           ]),
     Table("memory", "distill.json", ("peak_memory_measured_at",), "python -m benchmarks.run --only memory",
           anchor="memory", rows=[
@@ -344,6 +416,19 @@ FIGURES: list[Table] = [
                   "`calibration_synth_peak_rss_mb`"),
           ]),
 ]
+
+
+def schedule_rows(data: dict) -> list[Row]:
+    """The schedule sweep: what each decision chose, then every run's best val mIoU (and at which epoch)."""
+    out = [Row("chosen (on val)", lambda get: ", ".join(f"{k} {v}" for k, v in get("chosen").items()), "`chosen`")]
+    for i, d in enumerate(data.get("decisions", [])):
+        out.append(Row(f"decision: {d['knob']}", lambda get, i=i: (
+            f"{get('decisions')[i]['chose']} (val mIoU {get('decisions')[i]['val_miou']:.4f})"), f"`decisions[{i}]`"))
+    for name in data.get("runs", {}):
+        out.append(Row(f"run `{name}`: best val mIoU (epoch), training minutes",
+                       lambda get, n=name: f"{get('runs')[n]['best_val_miou']:.4f} ({get('runs')[n]['best_epoch']}), "
+                                           f"{get('runs')[n]['train_seconds'] / 60:.1f}", f"`runs.{name}`"))
+    return out
 
 
 def _machine(data: dict) -> str:
@@ -418,6 +503,8 @@ def render_headlines() -> str:
     out = ["| headline | figure | measured in |", "|---|---|---|"]
     out += [f"| {h} | {value} | [results](docs/results.md#end-to-end) |" for _, value, _, h in _end_to_end_rows()[1] if h]
     for t in FIGURES:
+        if not (RESULTS / t.file).is_file():  # a benchmark not run yet (its section says how to run it)
+            continue
         for r, shown in _rows(t, _load(t.file)):
             if r.headline:
                 out.append(f"| {r.headline} | {shown} | [results](docs/results.md#{t.anchor}) |")
