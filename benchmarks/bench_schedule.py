@@ -88,3 +88,39 @@ def schedule_sweep(cfg: Config) -> dict:
                      "temperature": {"schedule": cfg.loss.temperature.schedule, "t0": cfg.loss.temperature.t0,
                                      "t1": cfg.loss.temperature.t1},
                      "unlabelled_share": cfg.train.unlabelled_share, "batch_size": cfg.train.batch_size}}
+
+
+def plot_curves(result: dict, path: Path) -> Path:
+    """The val curve of every run of the sweep (one panel per knob), the chosen settings marked: the picture
+    of what chose the schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgeseg.runtime.files import atomic_path
+
+    runs = result["runs"]
+    groups = {"length": [n for n in runs if n.startswith("epochs-")]}
+    for d in result["decisions"][1:]:
+        groups[d["knob"]] = list(d.get("candidates", {}))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), sharey=True)
+    reference = f"epochs-{result['chosen'].get('train.epochs')}"
+    for ax, (knob, names) in zip(axes, groups.items()):
+        shown = names if knob == "length" else [reference, *names]
+        for name in dict.fromkeys(shown):
+            curve = runs[name]["curve"]
+            ax.plot([r["epoch"] for r in curve], [r["val_miou"] for r in curve], label=name,
+                    lw=2.2 if name == reference else 1.2)
+        ax.set_title(knob, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val mIoU")
+    fig.suptitle("the student's schedule, set on val: " + ", ".join(f"{k} {v}" for k, v in result["chosen"].items()),
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path

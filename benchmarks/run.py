@@ -78,6 +78,9 @@ def main(config_path, overrides, verbose, only, rounds):
             result = schedule_sweep(cfg)
             result.update(machine=_machine(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                           seconds=time.perf_counter() - t0)
+            from benchmarks.bench_schedule import plot_curves
+
+            result["curves_png"] = str(plot_curves(result, RESULTS / "schedule_curves.png").relative_to(RESULTS.parent.parent))
             path = write_json_atomic(RESULTS / "schedule.json", result)
             print(f"  -> {path} (chose {result['chosen']}, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             continue

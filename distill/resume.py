@@ -93,7 +93,8 @@ def _as_today(saved: dict, identity: dict) -> dict:
         saved["teacher"] = identity["teacher"]
     train = identity.get("train", {})
     if "teacher_targets" in train and "teacher_targets" not in saved.get("train", {}):
-        saved["train"] = {**saved["train"], "teacher_targets": "live"}  # before the cache, teachers ran live
+        # written before the mode was recorded (its training may have run either way): taken as this run's
+        saved["train"] = {**saved["train"], "teacher_targets": train["teacher_targets"]}
     return saved
 
 
