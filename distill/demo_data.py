@@ -350,8 +350,6 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
     The set's parameters are stored in ``root/demo.json``; a matching file means the set is
     complete (it is written last), so an interrupted generation is redone, never half-used.
     """
-    from edgeseg.runtime.progress import LoggedProgress
-
     root = Path(root)
     params = {"version": _FORMAT_VERSION, "image_size": list(image_size), "train_count": train_count,
               "val_count": val_count, "test_count": test_count, "test_shift_count": test_shift_count, "seed": seed,
@@ -363,31 +361,67 @@ def generate_demo_dataset(root: str | Path, image_size: tuple[int, int], train_c
         log.info("demo data set in %s is up to date", root)
         return root
     stamp.unlink(missing_ok=True)
-    backgrounds = {"source": _load_backgrounds(), "shift": _load_backgrounds(_SHIFT_BACKGROUND_SOURCES)}
     counts = {"train": train_count, "val": val_count, "test": test_count, "test_shift": test_shift_count,
               "teacher": teacher_count, "site": site_count}
+    jobs = []  # (split, first, stop): chunks of 100 images, drawn in parallel (each image is its own seed's)
     for split, count in counts.items():
-        labelled = split != "site"  # the site's frames come without labels, as a camera's do
         (root / split / "images").mkdir(parents=True, exist_ok=True)
-        if labelled:
+        if split != "site":  # the site's frames come without labels, as a camera's do
             (root / split / "masks").mkdir(parents=True, exist_ok=True)
         for stale in (root / split / "images").glob("*.png"):
             if int(stale.stem) >= count:
                 stale.unlink()
                 (root / split / "masks" / stale.name).unlink(missing_ok=True)
-        shifted = split in ("test_shift", "site")
-        for i in LoggedProgress(range(count), desc=f"demo data ({split})", logger=log):
-            img, mask = render_sample(seed, split, i, tuple(image_size), max_people, empty_fraction,
-                                      backgrounds["shift" if shifted else "source"],
-                                      conditions=teacher_conditions if split == "teacher" else 0.0)
-            Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
-            if labelled:
-                Image.fromarray(mask * 255).save(root / split / "masks" / f"{i:05d}.png")
+        jobs += [(split, first, min(first + 100, count)) for first in range(0, count, 100)]
+    args = (str(root), seed, tuple(image_size), max_people, empty_fraction, teacher_conditions)
+    _draw_chunks(jobs, args)
     stamp.write_text(json.dumps(params, indent=1))
     log.info("wrote the demo data set (%s at %s) to %s", ", ".join(f"{n} {s}" for s, n in counts.items()),
              image_size, root)
     return root
 
+
+
+_WORKER_BACKGROUNDS: dict = {}  # a drawing process's photographs, loaded once
+
+
+def _draw_chunk(job: tuple, args: tuple) -> int:
+    """Render and write images ``first .. stop - 1`` of ``split`` (a worker process's unit of work)."""
+    split, first, stop = job
+    root, seed, image_size, max_people, empty_fraction, teacher_conditions = args
+    if not _WORKER_BACKGROUNDS:
+        _WORKER_BACKGROUNDS.update(source=_load_backgrounds(), shift=_load_backgrounds(_SHIFT_BACKGROUND_SOURCES))
+    backgrounds = _WORKER_BACKGROUNDS
+    root = Path(root)
+    shifted = split in ("test_shift", "site")
+    for i in range(first, stop):
+        img, mask = render_sample(seed, split, i, image_size, max_people, empty_fraction,
+                                  backgrounds["shift" if shifted else "source"],
+                                  conditions=teacher_conditions if split == "teacher" else 0.0)
+        Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
+        if split != "site":
+            Image.fromarray(mask * 255).save(root / split / "masks" / f"{i:05d}.png")
+    return stop - first
+
+
+def _draw_chunks(jobs: list[tuple], args: tuple) -> None:
+    """Every chunk, across the cores this process may use (the images are the same however they are split)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from edgeseg.runtime.pipeline import usable_cores
+    from edgeseg.runtime.progress import LoggedProgress
+
+    total = sum(stop - first for _, first, stop in jobs)
+    bar = LoggedProgress(total=total, desc="demo data", logger=log)
+    workers = min(usable_cores(), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            bar.update(_draw_chunk(job, args))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for done in pool.map(_draw_chunk, jobs, [args] * len(jobs)):
+                bar.update(done)
+    bar.close()
 
 
 def render_split(root: str | Path, split: str, indices, info: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
