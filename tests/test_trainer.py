@@ -168,7 +168,7 @@ def test_changed_settings_refuse_to_resume(tiny_run, tmp_path):
     _, cfg = _config(tiny_run, tmp_path)
     Trainer(cfg, job_for(cfg, "student"), max_steps=1).run()
     _, changed = _config(tiny_run, tmp_path, train={"lr": 5e-4})
-    with pytest.raises(InputError, match=r"last.pt: was trained with different settings \(train\); pass --fresh"):
+    with pytest.raises(InputError, match=r"last.pt: was trained with different settings \(train\.lr: 0\.001 -> 0\.0005\); pass --fresh"):
         Trainer(changed, job_for(changed, "student")).run()
 
 
