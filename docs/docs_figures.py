@@ -49,6 +49,15 @@ class Table:
     generated: Callable[[dict], list[Row]] | None = None  # rows read off the JSON itself (the study's arms, gains)
 
 
+def _default_smoothing(get) -> dict:
+    """The demo clip's figures at the default smoothing strength (a key holding a dot: ``strengths["0.5"]``)."""
+    strengths = get("video.smoothing.strengths")
+    default = format(get("video.smoothing.default_strength"), "g")
+    if default not in strengths:
+        raise MissingFigure(f"benchmarks/results/runtime.json has no video.smoothing.strengths[{default!r}]")
+    return strengths[default]
+
+
 def ratio(key: str, digits: int = 2) -> Callable:
     """``3.65x (p10 2.90, p90 4.40)`` from ``key`` and its ``_p10``/``_p90`` spread where it has one."""
     def show(get):
@@ -309,7 +318,7 @@ FIGURES: list[Table] = [
                   "`runtime_peak_rss_mb`, `bare_session_peak_rss_mb`, `runtime_vs_bare_peak_rss`",
                   headline="Serving memory, runtime over a bare ONNX Runtime session"),
           ]),
-    Table("video", "runtime.json", ("measured_at",), "python -m benchmarks.run --only video",
+    Table("video", "runtime.json", ("video.measured_at",), "python -m benchmarks.run --only video",
           anchor="runtime-video", rows=[
               Row("a VGA clip end to end (decode, segment, encode mask and overlay videos), frames/s",
                   fmt("video.end_to_end_fps", "{:.0f}"), "`video.end_to_end_fps`", optional=True),
@@ -330,13 +339,13 @@ FIGURES: list[Table] = [
               Row("peak RSS streaming the clip 4 times over vs once", fmt("video.memory.peak_rss_x4_vs_x1", "{:.3f}x"),
                   "`video.memory.peak_rss_x4_vs_x1`", optional=True),
               Row("demo clip, smoothing off / at the default strength: mIoU",
-                  lambda get: f"{get('video.smoothing.miou_off'):.4f} / "
-                              f"{get('video.smoothing.strengths.' + format(get('video.smoothing.default_strength'), 'g') + '.miou'):.4f}",
-                  "`video.smoothing`", optional=True),
+                  lambda get: f"{get('video.smoothing.miou_off'):.4f} / {_default_smoothing(get)['miou']:.4f}",
+                  "`video.smoothing.miou_off`, `video.smoothing.strengths`", optional=True),
               Row("demo clip, smoothing off / at the default strength: flicker",
                   lambda get: f"{get('video.smoothing.flicker_off') * 100:.2f}% / "
-                              f"{get('video.smoothing.strengths.' + format(get('video.smoothing.default_strength'), 'g') + '.flicker') * 100:.2f}%",
-                  "`video.smoothing`", headline="Flicker on the demo clip, smoothing off / on", optional=True),
+                              f"{_default_smoothing(get)['flicker'] * 100:.2f}%",
+                  "`video.smoothing.flicker_off`, `video.smoothing.strengths`",
+                  headline="Flicker on the demo clip, smoothing off / on", optional=True),
           ]),
     Table("stage-split", "runtime.json", ("measured_at",), "python -m benchmarks.run --only runtime",
           anchor="runtime-where-a-vga-batch-goes", rows=[
@@ -438,6 +447,14 @@ def _machine(data: dict) -> str:
             f"torch {m.get('torch', '?')}, ONNX Runtime {m.get('onnxruntime', '?')}")
 
 
+def _has(data: dict, key: str) -> bool:
+    try:
+        _get(data, key, "")
+        return True
+    except MissingFigure:
+        return False
+
+
 def _load(file: str) -> dict:
     return json.loads((RESULTS / file).read_text())
 
@@ -457,10 +474,15 @@ def _rows(t: Table, data: dict) -> list[tuple[Row, str]]:
 
 def render_table(t: Table) -> str:
     data = _load(t.file)
-    date_key = next((k for k in t.date_keys if k in data), None)
+    date_key = next((k for k in t.date_keys if _has(data, k)), None)
     if date_key is None:
         raise MissingFigure(f"benchmarks/results/{t.file} has none of {t.date_keys}; update FIGURES in docs/generate.py")
-    out = [f"Measured {str(data[date_key])[:10]} on {_machine(data)} (`{t.file}` `{date_key}`, `machine`). "
+    # a block measured on its own (runtime.json's `video`) carries its own date and machine
+    prefix = date_key.rpartition(".")[0]
+    scope = _get(data, prefix, t.file) if prefix else data
+    machine_key = f"{prefix}.machine" if prefix else "machine"
+    out = [f"Measured {str(_get(data, date_key, t.file))[:10]} on {_machine(scope)} (`{t.file}` `{date_key}`, "
+           f"`{machine_key}`). "
            f"Reproduce: `{t.command}`.", "", f"| figure | value | key in `{t.file}` |", "|---|---|---|"]
     out += [f"| {r.label} | {shown} | {r.keys} |" for r, shown in _rows(t, data)]
     return "\n".join(out)
