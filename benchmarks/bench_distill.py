@@ -126,6 +126,9 @@ def bench_training_step(cfg: Config, rounds: int, threads: int = 0) -> dict:
             run = derived_config(cfg, Path(tmp) / name, cfg.seed, {**changes, "threads": threads}, f"step {name}")
             trainer = Trainer(run, job_for(run, role))
             trainer._setup()
+            trainer.targets = trainer._teacher_targets()  # as run() does: the cache filled before the first epoch
+            if name == "cached" and trainer.targets is None:
+                raise RuntimeError("the cached variant has no teacher targets: it would time the live step")
             steps[name] = (trainer, _first_batch(trainer))
         res = interleaved({n: (lambda t=t, b=b: t._step(*b)) for n, (t, b) in steps.items()}, rounds=rounds,
                           settle_s=SETTLE_S)

@@ -31,6 +31,9 @@ from edgeseg.export.config import Config
 from edgeseg.runtime.console import exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# keys of a results file written by another --only block than the file's own benchmark
+KEPT_PREFIXES = ("peak_memory", "distill_train_peak", "distill_train_batch", "calibration_synth_peak", "generator_",
+                 "video")
 BENCHES = ("distill", "calibration", "export", "runtime", "serving", "site_check")
 
 
@@ -139,11 +142,13 @@ def main(config_path, overrides, verbose, only, rounds):
         result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         result["seconds"] = time.perf_counter() - t0
         path = RESULTS / f"{name}.json"
-        if name == "distill":  # the study's keys (make study) stay as the study wrote them
-            from benchmarks.study import is_study_key
+        # keys another command writes into this file stay as it wrote them: the study's (make study), the memory
+        # peaks (--only memory), the generator's KID (--only generator), the video figures (--only video)
+        from benchmarks.study import is_study_key
 
-            old = json.loads(path.read_text()) if path.is_file() else {}
-            result = {**{k: v for k, v in old.items() if is_study_key(k)}, **result}
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        kept = {k: v for k, v in old.items() if k.startswith(KEPT_PREFIXES) or (name == "distill" and is_study_key(k))}
+        result = {**kept, **result}
         path.write_text(json.dumps(result, indent=1, default=str))
         headline = {k: round(v, 3) for k, v in result.items() if isinstance(v, float) and ("speedup" in k or "share" in k
                                                                                         or "overhead" in k or "rate" in k)}

@@ -618,7 +618,7 @@ def test_ctrl_c_ends_a_camera_run_with_its_output_finalised(tiny_onnx, tmp_path)
     from tests.conftest import ROOT
 
     path, _ = tiny_onnx
-    camera = _MjpegCamera([[(48, 64)] * 1000])  # live for 10 s: longer than the test waits
+    camera = _MjpegCamera([[(48, 64)] * 6000])  # live for 60 s or more: longer than a slow start under load; ends with the client
     out = tmp_path / "out"
     with camera.running():
         env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
