@@ -629,7 +629,7 @@ def test_ctrl_c_ends_a_camera_run_with_its_output_finalised(tiny_onnx, tmp_path)
             deadline = time.monotonic() + 30
             while not (out / ".overlay.tmp.mp4").is_file() and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.05)  # until the first frame is written (the videos are open)
-            time.sleep(0.5)
+            time.sleep(2.0)  # frames written past the first, also on a loaded machine
             proc.send_signal(signal.SIGINT)
             _, stderr = proc.communicate(timeout=30)
         finally:
