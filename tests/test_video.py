@@ -624,7 +624,10 @@ def test_ctrl_c_ends_a_camera_run_with_its_output_finalised(tiny_onnx, tmp_path)
         env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
         proc = subprocess.Popen([sys.executable, "-m", "edgeseg", "runtime", "infer", "--bundle", str(path), "--images",
                                  camera.url, "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                # a suite started in the background (nohup, &) ignores SIGINT, and a child inherits
+                                # that: Ctrl-C as a terminal delivers it
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 30
             while not (out / ".overlay.tmp.mp4").is_file() and time.monotonic() < deadline and proc.poll() is None:
