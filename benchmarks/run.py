@@ -29,6 +29,7 @@ import click
 from edgeseg.distill.cli import config_options, load, use_schema
 from edgeseg.export.config import Config
 from edgeseg.runtime.console import exit_on_user_error
+from edgeseg.runtime.files import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # keys of a results file written by another --only block than the file's own benchmark
@@ -66,7 +67,6 @@ def main(config_path, overrides, verbose, only, rounds):
         print(f"benchmark {name} ...", file=sys.stderr, flush=True)
         if name == "demo":  # make demo's stage times (its demo_times.tsv) and make test, timed: demo.json
             from benchmarks.bench_demo import run as run_demo
-            from edgeseg.runtime.files import write_json_atomic
 
             result = run_demo(cfg)
             result.update(machine=_machine(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -76,7 +76,6 @@ def main(config_path, overrides, verbose, only, rounds):
             continue
         if name == "schedule":  # the student's schedule, set on val before the study (trains; resumes)
             from benchmarks.bench_schedule import schedule_sweep
-            from edgeseg.runtime.files import write_json_atomic
 
             result = schedule_sweep(cfg)
             result.update(machine=_machine(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -96,7 +95,7 @@ def main(config_path, overrides, verbose, only, rounds):
                 result = json.loads(path.read_text()) if path.is_file() else {}
                 result.update(found, peak_memory_run_dir=str(cfg.run_dir),
                               peak_memory_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-                path.write_text(json.dumps(result, indent=1, default=str))
+                write_json_atomic(path, result)
                 print(f"  -> {path} {found}", file=sys.stderr)
             continue
         if name == "video":  # the video pipeline's figures alone: only the `video` key of runtime.json changes
@@ -106,7 +105,7 @@ def main(config_path, overrides, verbose, only, rounds):
             result = json.loads(path.read_text()) if path.is_file() else {}
             result["video"] = {**video_block(cfg, rounds), "machine": _machine(),
                                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.perf_counter() - t0}
-            path.write_text(json.dumps(result, indent=1, default=str))
+            write_json_atomic(path, result)
             print(f"  -> {path} (video, {time.perf_counter() - t0:.0f} s) efficiency "
                   f"{result['video']['video_pipeline_efficiency']:.3f}", file=sys.stderr)
             continue
@@ -117,7 +116,7 @@ def main(config_path, overrides, verbose, only, rounds):
             result = json.loads(path.read_text()) if path.is_file() else {}
             result.update(run_generator(cfg, sheet=RESULTS / "generator_samples.png"),
                           generator_kid_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            path.write_text(json.dumps(result, indent=1, default=str))
+            write_json_atomic(path, result)
             print(f"  -> {path} (generator KID, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             continue
         if name == "distill":
@@ -149,7 +148,7 @@ def main(config_path, overrides, verbose, only, rounds):
         old = json.loads(path.read_text()) if path.is_file() else {}
         kept = {k: v for k, v in old.items() if k.startswith(KEPT_PREFIXES) or (name == "distill" and is_study_key(k))}
         result = {**kept, **result}
-        path.write_text(json.dumps(result, indent=1, default=str))
+        write_json_atomic(path, result)
         headline = {k: round(v, 3) for k, v in result.items() if isinstance(v, float) and ("speedup" in k or "share" in k
                                                                                         or "overhead" in k or "rate" in k)}
         print(f"  -> {path} ({result['seconds']:.0f} s) {headline}", file=sys.stderr)
