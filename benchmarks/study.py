@@ -6,7 +6,9 @@ Each arm is the demo's student schedule (set on val before the study: ``benchmar
 with one change, trained on several seeds against the same teachers and data, and scored on ``test``
 and ``test_shift``; gains are paired by seed. Arms a, c and d run on every seed first, then the
 rest on the first seed, then (``--more-seeds``) the single-seed arms on the other seeds. A finished
-arm (its ``last.pt`` complete) is reused, so a stopped study resumes where it stopped.
+arm (its ``last.pt`` complete) is reused, so a stopped study resumes where it stopped. An arm whose run is not
+on this machine (a new clone) but whose scores ``distill.json`` already holds under the same schedule, label
+budget and unlabelled share is kept as recorded, so the committed results are what a study resumes from.
 
 Writes the study's keys of ``benchmarks/results/distill.json`` (the speed keys there are ``make bench``'s),
 with what the study cost (``study_train_seconds``: every arm's training, across resumes).
@@ -200,9 +202,41 @@ def plan(cfg: Config, seeds: tuple[int, ...], arms: tuple[str, ...] | None = Non
     return out
 
 
+def _schedule(cfg: Config) -> dict:
+    return {"epochs": cfg.train.epochs, "lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
+            "temperature": cfg.loss.temperature.schedule, "batch_size": cfg.train.batch_size}
+
+
+def recorded_arms(previous: dict | None, cfg: Config, splits: list[str]) -> dict[tuple[int, str], dict]:
+    """The (seed, arm) scores an earlier study wrote (``previous``: distill.json), if it ran the same schedule,
+    label budget, unlabelled share and splits: {(seed, arm): {split: miou, "agreement": {split: a}, "seconds": s}}."""
+    if not previous or not previous.get("per_seed"):
+        return {}
+    same = (previous.get("schedule") == _schedule(cfg) and previous.get("splits") == splits
+            and previous.get("label_budget") == cfg.data.labelled_count
+            and previous.get("unlabelled_share") == cfg.train.unlabelled_share)
+    if not same:
+        log.info("distill.json's study ran another schedule or data set-up: none of its arms is reused")
+        return {}
+    out = {}
+    for row in previous["per_seed"]:
+        for arm in row[splits[0]]:
+            if arm in ARMS and all(arm in row[s] for s in splits):
+                seed = row["seed"]
+                seconds = previous.get("arm_seed_seconds", {}).get(f"{arm}@{seed}",
+                                                                   previous.get("arm_train_seconds", {}).get(arm, 0.0))
+                out[seed, arm] = {**{s: row[s][arm] for s in splits},
+                                  "agreement": {s: row[s]["agreement"].get(arm) for s in splits},
+                                  "seconds": float(seconds)}
+    return out
+
+
 def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str, ...] | None = None,
-               more_seeds: bool = False) -> dict:
-    """Train every (seed, arm) of :func:`plan` (reusing finished ones), score them on test and test_shift, pair gains."""
+               more_seeds: bool = False, previous: dict | None = None) -> dict:
+    """Train every (seed, arm) of :func:`plan` (reusing finished ones), score them on test and test_shift, pair gains.
+
+    ``previous`` (the distill.json an earlier study wrote): a (seed, arm) with no run here keeps its recorded scores.
+    """
     from edgeseg.calibration.hard_examples import hard_example_generator
     from edgeseg.distill.data import has_split
     from edgeseg.distill.device import resolve_device
@@ -214,16 +248,26 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
     splits = [s for s in ("test", "test_shift") if has_split(cfg, s)] or ["val"]
     device = resolve_device(cfg.device)
     order = plan(cfg, seeds, arms, more_seeds)
+    recorded = recorded_arms(previous, cfg, splits)
     trained: dict[tuple[int, str], Path] = {}
-    arm_seeds, seconds = {}, {}
+    kept: dict[tuple[int, str], dict] = {}
+    arm_seeds, seconds, seed_seconds = {}, {}, {}
     for n, (seed, arm) in enumerate(order, 1):
         run, role = arm_config(cfg, arm, seed)
         job = job_for(run, role)
-        log.info("study %d/%d: seed %d, arm %s (%s) -> %s", n, len(order), seed, arm, ARMS[arm][2], job.out_dir)
-        Trainer(run, job, generators={"hard_examples": hard_example_generator(run)}).run()
-        trained[seed, arm] = job.out_dir / "best.pt"
+        if (seed, arm) in recorded and not (job.out_dir / "last.pt").is_file():
+            kept[seed, arm] = recorded[seed, arm]
+            log.info("study %d/%d: seed %d, arm %s kept as distill.json recorded it (its run is not here)",
+                     n, len(order), seed, arm)
+            took = recorded[seed, arm]["seconds"]
+        else:
+            log.info("study %d/%d: seed %d, arm %s (%s) -> %s", n, len(order), seed, arm, ARMS[arm][2], job.out_dir)
+            Trainer(run, job, generators={"hard_examples": hard_example_generator(run)}).run()
+            trained[seed, arm] = job.out_dir / "best.pt"
+            took = _train_seconds(job.out_dir)
         arm_seeds.setdefault(arm, []).append(seed)
-        seconds.setdefault(arm, []).append(_train_seconds(job.out_dir))
+        seconds.setdefault(arm, []).append(took)
+        seed_seconds[f"{arm}@{seed}"] = took
     # every seed's students scored in one pass per split beside one pass of the teacher (seed-independent)
     models = {"teacher": load_teacher(cfg, device)}
     for (seed, arm), path in trained.items():
@@ -236,15 +280,20 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
             sc = {name.split("@")[0]: v for name, v in scores[split].items() if name == "teacher" or name.endswith(f"@{seed}")}
             row[split] = {name: v["miou"] for name, v in sc.items()}
             row[split]["agreement"] = {name: v["agreement"] for name, v in sc.items() if name != "teacher"}
+            for (s, arm), rec in kept.items():
+                if s == seed:
+                    row[split][arm] = rec[split]
+                    row[split]["agreement"][arm] = rec["agreement"][split]
         per_seed.append(row)
     out: dict = {"seeds": list(seeds), "splits": splits, "per_seed": per_seed,
                  "seeds_completed": [r["seed"] for r in per_seed if all(a in r[splits[0]] for a in EVERY_SEED)],
                  "arms": {a: ARMS[a][2] for a in arm_seeds}, "arm_seeds": arm_seeds,
                  "arm_train_seconds": {a: float(np.mean(v)) for a, v in seconds.items()},
+                 "arm_seed_seconds": seed_seconds,
+                 "arms_kept_as_recorded": sorted(f"{a}@{s}" for s, a in kept),
                  "study_train_seconds": float(sum(sum(v) for v in seconds.values())),
                  "label_budget": cfg.data.labelled_count, "unlabelled_share": cfg.train.unlabelled_share,
-                 "schedule": {"epochs": cfg.train.epochs, "lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
-                              "temperature": cfg.loss.temperature.schedule, "batch_size": cfg.train.batch_size}}
+                 "schedule": _schedule(cfg)}
     for split in splits:
         for arm in ["teacher", *arm_seeds]:
             vals = [r[split][arm] for r in per_seed if arm in r[split]]
@@ -313,8 +362,9 @@ def write_study(result: dict, path: Path = RESULTS / "distill.json") -> Path:
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds.")
 @click.option("--arms", default=None, help="Comma-separated arms (default: every arm of ARMS).")
 @click.option("--more-seeds", is_flag=True, help="Then train the single-seed arms on the other seeds too.")
+@click.option("--rescore", is_flag=True, help="Train every arm whose run is not here, ignoring the scores distill.json holds.")
 @click.option("-v", "--verbose", count=True, help="-v info (the default here), -vv debug.")
-def main(config_path, overrides, seeds, arms, more_seeds, verbose):
+def main(config_path, overrides, seeds, arms, more_seeds, rescore, verbose):
     """Train and score the study's arms (resuming finished ones) and write their keys into distill.json."""
     from edgeseg.distill.cli import load, use_schema
     from edgeseg.runtime.errors import EdgesegError
@@ -331,14 +381,16 @@ def main(config_path, overrides, seeds, arms, more_seeds, verbose):
     try:
         cfg = load(config_path, overrides, max(verbose, 1))
         t0 = time.perf_counter()
-        result = seed_study(cfg, seed_list, arm_list, more_seeds)
+        path = RESULTS / "distill.json"
+        previous = json.loads(path.read_text()) if path.is_file() and not rescore else None
+        result = seed_study(cfg, seed_list, arm_list, more_seeds, previous)
     except EdgesegError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     # study_train_seconds (in the result): every arm's training, across resumes; this: the invocation's wall time
     result.update(study_measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), study_wall_seconds=time.perf_counter() - t0,
                   study_config=config_path)
-    path = write_study(result)
+    write_study(result, path)
     print(json.dumps({"results": str(path), "arm_seeds": result["arm_seeds"],
                       "study_train_seconds": result["study_train_seconds"]}))
 
