@@ -8,7 +8,8 @@ and ``test_shift``; gains are paired by seed. Arms a, c and d run on every seed 
 rest on the first seed, then (``--more-seeds``) the single-seed arms on the other seeds. A finished
 arm (its ``last.pt`` complete) is reused, so a stopped study resumes where it stopped. An arm whose run is not
 on this machine (a new clone) but whose scores ``distill.json`` already holds under the same schedule, label
-budget and unlabelled share is kept as recorded, so the committed results are what a study resumes from.
+budget and unlabelled share is kept as recorded, so the committed results are what a study resumes from; and
+the results accumulate: arms and seeds an earlier study recorded stay when a later one asks for others.
 
 Writes the study's keys of ``benchmarks/results/distill.json`` (the speed keys there are ``make bench``'s),
 with what the study cost (``study_train_seconds``: every arm's training, across resumes).
@@ -268,6 +269,15 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
         arm_seeds.setdefault(arm, []).append(seed)
         seconds.setdefault(arm, []).append(took)
         seed_seconds[f"{arm}@{seed}"] = took
+    # the results accumulate: what an earlier study recorded and this one did not ask for stays
+    for (seed, arm), rec in sorted(recorded.items()):
+        if (seed, arm) not in trained and (seed, arm) not in kept:
+            kept[seed, arm] = rec
+            arm_seeds.setdefault(arm, []).append(seed)
+            seconds.setdefault(arm, []).append(rec["seconds"])
+            seed_seconds[f"{arm}@{seed}"] = rec["seconds"]
+    arm_seeds = {a: sorted(arm_seeds[a]) for a in ARMS if a in arm_seeds}
+    seeds = tuple(sorted(set(seeds) | {s for s, _ in kept}))
     # every seed's students scored in one pass per split beside one pass of the teacher (seed-independent)
     models = {"teacher": load_teacher(cfg, device)}
     for (seed, arm), path in trained.items():
