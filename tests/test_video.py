@@ -605,7 +605,9 @@ def test_a_video_url_that_drops_goes_on_where_it_stopped(tmp_path):
         with source:
             frames = [f.image for f in source]
             assert (source.live, source.total, source.reconnects) == (False, 30, 1)
-    assert len(server.requests) >= 2 and server.requests[-1] != "bytes=0-"  # the reconnection asked for the rest
+    # a second connection was made; whether FFmpeg's seek asks for a byte range or reads its buffer is its own
+    # choice (both seen), so where the source went on is checked on the frames: each once, in order
+    assert len(server.requests) >= 2
     assert len(frames) == 30 and all(np.array_equal(a, b) for a, b in zip(frames, expected))
 
 
