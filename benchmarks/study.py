@@ -251,32 +251,22 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
     order = plan(cfg, seeds, arms, more_seeds)
     recorded = recorded_arms(previous, cfg, splits)
     trained: dict[tuple[int, str], Path] = {}
-    kept: dict[tuple[int, str], dict] = {}
-    arm_seeds, seconds, seed_seconds = {}, {}, {}
+    took: dict[tuple[int, str], float] = {}  # training seconds per (seed, arm), run here or recorded
     for n, (seed, arm) in enumerate(order, 1):
         run, role = arm_config(cfg, arm, seed)
         job = job_for(run, role)
         if (seed, arm) in recorded and not (job.out_dir / "last.pt").is_file():
-            kept[seed, arm] = recorded[seed, arm]
             log.info("study %d/%d: seed %d, arm %s kept as distill.json recorded it (its run is not here)",
                      n, len(order), seed, arm)
-            took = recorded[seed, arm]["seconds"]
-        else:
-            log.info("study %d/%d: seed %d, arm %s (%s) -> %s", n, len(order), seed, arm, ARMS[arm][2], job.out_dir)
-            Trainer(run, job, generators={"hard_examples": hard_example_generator(run)}).run()
-            trained[seed, arm] = job.out_dir / "best.pt"
-            took = _train_seconds(job.out_dir)
-        arm_seeds.setdefault(arm, []).append(seed)
-        seconds.setdefault(arm, []).append(took)
-        seed_seconds[f"{arm}@{seed}"] = took
-    # the results accumulate: what an earlier study recorded and this one did not ask for stays
-    for (seed, arm), rec in sorted(recorded.items()):
-        if (seed, arm) not in trained and (seed, arm) not in kept:
-            kept[seed, arm] = rec
-            arm_seeds.setdefault(arm, []).append(seed)
-            seconds.setdefault(arm, []).append(rec["seconds"])
-            seed_seconds[f"{arm}@{seed}"] = rec["seconds"]
-    arm_seeds = {a: sorted(arm_seeds[a]) for a in ARMS if a in arm_seeds}
+            continue
+        log.info("study %d/%d: seed %d, arm %s (%s) -> %s", n, len(order), seed, arm, ARMS[arm][2], job.out_dir)
+        Trainer(run, job, generators={"hard_examples": hard_example_generator(run)}).run()
+        trained[seed, arm] = job.out_dir / "best.pt"
+        took[seed, arm] = _train_seconds(job.out_dir)
+    # what an earlier study recorded and this one did not train stays (asked for or not): the results accumulate
+    kept = {k: rec for k, rec in recorded.items() if k not in trained}
+    took.update({k: rec["seconds"] for k, rec in kept.items()})
+    arm_seeds = {a: sorted(s for s, b in took if b == a) for a in ARMS if any(b == a for _, b in took)}
     seeds = tuple(sorted(set(seeds) | {s for s, _ in kept}))
     # every seed's students scored in one pass per split beside one pass of the teacher (seed-independent)
     models = {"teacher": load_teacher(cfg, device)}
@@ -298,10 +288,10 @@ def seed_study(cfg: Config, seeds: tuple[int, ...] = (0, 1, 2), arms: tuple[str,
     out: dict = {"seeds": list(seeds), "splits": splits, "per_seed": per_seed,
                  "seeds_completed": [r["seed"] for r in per_seed if all(a in r[splits[0]] for a in EVERY_SEED)],
                  "arms": {a: ARMS[a][2] for a in arm_seeds}, "arm_seeds": arm_seeds,
-                 "arm_train_seconds": {a: float(np.mean(v)) for a, v in seconds.items()},
-                 "arm_seed_seconds": seed_seconds,
+                 "arm_train_seconds": {a: float(np.mean([took[s, a] for s in ss])) for a, ss in arm_seeds.items()},
+                 "arm_seed_seconds": {f"{a}@{s}": t for (s, a), t in took.items()},
                  "arms_kept_as_recorded": sorted(f"{a}@{s}" for s, a in kept),
-                 "study_train_seconds": float(sum(sum(v) for v in seconds.values())),
+                 "study_train_seconds": float(sum(took.values())),
                  "label_budget": cfg.data.labelled_count, "unlabelled_share": cfg.train.unlabelled_share,
                  "schedule": _schedule(cfg)}
     for split in splits:

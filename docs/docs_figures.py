@@ -165,7 +165,8 @@ def study_rows(site: bool) -> Callable[[dict], list[Row]]:
 FIGURES: list[Table] = [
     Table("distillation", "distill.json", ("study_measured_at", "seed_study_measured_at"), "make study",
           anchor="distillation", generated=study_rows(site=False), rows=[
-              Row("share of a's shift loss (a's test minus test_shift) that the site frames win back (d over c, test_shift)", fmt("site_recovered_shift_share", "{:.0f}%", 100),
+              Row("share of a's shift loss (a's test minus test_shift) that the site frames win back (d over c, "
+                  "test_shift)", fmt("site_recovered_shift_share", "{:.0f}%", 100),
                   "`site_recovered_shift_share`", optional=True),
               Row("student d (the demo's) vs the teacher on test (mIoU ratio)", fmt("kd_site_vs_teacher_test", "{:.3f}x"),
                   "`kd_site_vs_teacher_test`", headline="Student mIoU over the teacher's (test)", optional=True),
