@@ -133,8 +133,8 @@ def site_folders(cfg: Config, count: int | None = None) -> dict[str, str]:
     """``{site8}`` (the 8 frames) and ``{site8_synth}`` (the frames + SITE_SYNTH_COUNT synthetic site images), made once.
 
     The synthetic images come from the shipped generator steered by the 8 frames (calibration.target), as
-    ``make calibrate-target`` makes them: the teacher, itself hurt by the shift, does not filter them on
-    confidence. Arm h reads the folder as unlabelled, so the teacher labels every image.
+    ``make calibrate-target`` makes them, guided by the teacher: the teacher, itself hurt by the shift, does
+    not filter them on confidence. Arm h reads the folder as unlabelled, so the teacher labels every image.
     """
     import dataclasses
     import shutil
@@ -145,8 +145,10 @@ def site_folders(cfg: Config, count: int | None = None) -> dict[str, str]:
     synth = cfg.stage_dir("seeds") / "site_synth"
     if not (synth / "manifest.json").is_file():
         cal = cfg.calibration
+        # the teacher guides, whatever guides the demo's calibration set: the arm needs no student of its own
         run = dataclasses.replace(cfg, calibration=dataclasses.replace(
-            cal, filter=dataclasses.replace(cal.filter, max_uncertain_fraction=1.0)))
+            cal, filter=dataclasses.replace(cal.filter, max_uncertain_fraction=1.0),
+            guidance=dataclasses.replace(cal.guidance, model="teacher")))
         count = count or SITE_SYNTH_COUNT
         log.info("synthesising %d site images steered by the 8 frames in %s -> %s", count, frames, synth)
         Synthesizer(run, target_images=frames).run(synth, count, overwrite=True)

@@ -4,11 +4,20 @@ Two flavours from the same calibration: ``s8s8`` (symmetric int8 activations and
 zero-point 0: what TensorRT needs) and ``u8s8`` (uint8 activations, int8 weights: what ONNX
 Runtime's CPU kernels run fastest). Nothing here is a hand-written quantizer: ranges, scales
 and Q/DQ placement are ORT's (``quantize_static``).
+
+Calibration (running the model with every tensor as an output over the set, then ORT's min/max or
+histogram) is most of a quantization's time, and its result depends only on the float model, the
+images, the method and its settings: not on the flavour or on which nodes stay in float. With a
+``ranges_cache`` folder the ranges are computed once per such key and reused through
+``quantize_static``'s ``calibration_cache_path`` (ORT >= 1.32; older versions calibrate every time).
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +82,7 @@ def preprocess_for_quantization(fp32_path: str | Path, out_path: str | Path) -> 
 
 def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[np.ndarray], method: str = "minmax",
                  flavour: Flavour = "s8s8", exclude_nodes: Iterable[str] = (), percentile: float = 99.999,
-                 per_channel: bool = True, preprocessed: bool = False) -> Path:
+                 per_channel: bool = True, preprocessed: bool = False, ranges_cache: str | Path | None = None) -> Path:
     """Write a Q/DQ model of ``fp32_path`` calibrated on ``batches`` (model inputs).
 
     Args:
@@ -82,6 +91,8 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[
         exclude_nodes: node names kept in float (the accuracy budget's choice), as named in the
             pre-processed model (see :func:`preprocess_for_quantization`).
         preprocessed: ``fp32_path`` already went through :func:`preprocess_for_quantization`.
+        ranges_cache: a folder of calibration ranges keyed by model, images and method (module docstring);
+            None calibrates from scratch.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -104,16 +115,41 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[
         pre = Path(fp32_path) if preprocessed else preprocess_for_quantization(fp32_path, Path(tmp) / "pre.onnx")
         reader = ArrayReader(input_name(pre), batches)
         partial = Path(tmp) / "q.onnx"
+        cached = _cached_ranges(ranges_cache, pre, batches, method, percentile if method == "percentile" else None)
+        fresh = Path(tmp) / "ranges.json"
+        cache_arg = {} if cached is None else {"calibration_cache_path": str(cached if cached.is_file() else fresh)}
+        hit = cached is not None and cached.is_file()
         quantize_static(str(pre), str(partial), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=calib, nodes_to_exclude=list(exclude_nodes),
-                        extra_options=extra)
+                        extra_options=extra, **cache_arg)
+        if cached is not None and not hit and fresh.is_file():  # kept only once whole: never a half-written cache
+            staged = cached.with_name(cached.name + ".tmp")
+            shutil.copyfile(fresh, staged)
+            os.replace(staged, cached)
         _copy_metadata(fp32_path, partial)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, out_path)
-    log.info("quantized %s (%s, %s, %d float nodes) in %.1f s -> %s", Path(fp32_path).name, flavour, method,
-             len(list(exclude_nodes)), time.perf_counter() - t0, out_path)
+    log.info("quantized %s (%s, %s, %d float nodes%s) in %.1f s -> %s", Path(fp32_path).name, flavour, method,
+             len(list(exclude_nodes)), ", cached ranges" if hit else "", time.perf_counter() - t0, out_path)
     return out_path
+
+
+def _cached_ranges(folder: str | Path | None, pre: Path, batches: Sequence[np.ndarray], method: str,
+                   percentile: float | None) -> Path | None:
+    """The cache file for these calibration ranges (existing or not), or None when not caching."""
+    from onnxruntime.quantization import quantize_static
+
+    if folder is None or "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        return None
+    h = hashlib.sha256(Path(pre).read_bytes())
+    for b in batches:
+        h.update(str(b.shape).encode() + str(b.dtype).encode())
+        h.update(np.ascontiguousarray(b).tobytes())
+    h.update(f"{method}:{percentile}".encode())
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"ranges-{method}-{h.hexdigest()[:20]}.json"
 
 
 def activation_scales(qdq_path: str | Path) -> dict[str, float]:

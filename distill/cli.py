@@ -72,9 +72,12 @@ def main() -> None:
 @renamed_option("--unlabelled", "--images", "images", type=click.Path())
 @click.option("--unlabelled-share", type=float, default=None,
               help="Share of each epoch's samples from the unlabelled sources, in [0, 1) (train.unlabelled_share).")
+@click.option("--ship", is_flag=True,
+              help="With --baseline, when training has finished: write it as the demo's shipped baseline (fp16, SHA-256) "
+                   "under distill/assets/demo_teachers (make baseline).")
 @exit_on_user_error
 def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_data, extra_share, hard_share, hard_every,
-          images, unlabelled_share):
+          images, unlabelled_share, ship):
     """Distil the student from the teacher and the feature teacher (optionally with synthetic pairs and
     unlabelled images)."""
     from edgeseg.distill.job import job_for
@@ -87,9 +90,43 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_dat
     cfg = load(config_path, overrides, max(verbose, 1))
     job = job_for(cfg, "baseline" if baseline else "student")
     generators = {name: factory(cfg) for name, factory in GENERATORS.items()}
+    if ship and not baseline:
+        from edgeseg.runtime.errors import InputError
+
+        raise InputError("--ship ships the ground-truth-only student: add --baseline (make baseline)")
     metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh, generators=generators).run()
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(json.dumps({"checkpoint": str(job.out_dir / "last.pt"), **_plain(metrics)}))
+        out = {"checkpoint": str(job.out_dir / "last.pt"), **_plain(metrics)}
+        if ship:
+            from edgeseg.distill.shipped import ship_baseline
+
+            meta = ship_baseline(cfg, job.out_dir, _command(config_path, overrides, "train --baseline --ship"))
+            out["shipped"] = {"sha256": meta["sha256"], "val_miou_fp16": meta["val_miou_fp16"], "bytes": meta["bytes"]}
+        click.echo(json.dumps(out))
+
+
+@main.command("install-baseline", short_help="Use the shipped demo baseline instead of training it (make distill).")
+@config_options
+@click.option("--or-train", is_flag=True,
+              help="Where the shipped baseline does not fit the config (your data, other settings), train one here.")
+@exit_on_user_error
+def install_baseline(config_path, overrides, verbose, or_train):
+    """Put the shipped ground-truth-only student (distill/assets/demo_teachers/baseline.safetensors, SHA-256
+    checked) at <run_dir>/distill-baseline/best.pt, where `distill train --baseline` writes one. Refused unless
+    the config trains exactly what was shipped (--or-train then trains it)."""
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.shipped import baseline_misfit, install_baseline as install
+    from edgeseg.distill.trainer import Trainer
+
+    cfg = load(config_path, overrides, max(verbose, 1))
+    why = baseline_misfit(cfg) if or_train else None
+    if why is None:
+        click.echo(json.dumps({"baseline": str(install(cfg)), "source": "shipped"}))
+        return
+    logging.getLogger(__name__).warning("the shipped baseline does not fit: %s; training one here", why)
+    job = job_for(cfg, "baseline")
+    Trainer(cfg, job).run()
+    click.echo(json.dumps({"baseline": str(job.out_dir / "best.pt"), "source": "trained here"}))
 
 
 @main.command("train-teacher", short_help="Train the segmentation teacher (make teacher).")
@@ -283,6 +320,7 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
     from edgeseg.distill.models import count_parameters, load_model, load_teacher
 
     from edgeseg.distill.onnx_teacher import OnnxSegmentationTeacher
+    from edgeseg.distill.shipped import provenance
 
     device = use_device(cfg.device, cfg.threads)
     teacher = load_teacher(cfg, device)
@@ -319,6 +357,8 @@ def _evaluate(cfg, checkpoint: str, baseline: str | None, latency_repeats: int) 
         "image_size": list(cfg.data.image_size),
         "data": _data_summary(cfg),
     })
+    if baseline:
+        report["baseline_checkpoint"] = {"path": str(baseline), "source": provenance(baseline)}
     return report
 
 

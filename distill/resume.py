@@ -81,7 +81,7 @@ def check_resumable(ckpt: dict, last: Path, identity: dict) -> None:
         raise InputError(f"{last}: not an edgeseg training checkpoint; move it away or pass --fresh")
     saved = _as_today(ckpt["identity"], identity)
     if saved != identity:
-        diff = _differences(saved, identity)
+        diff = differences(saved, identity)
         raise InputError(f"{last}: was trained with different settings ({'; '.join(diff[:4])}); "
                          "pass --fresh to start over, or point run_dir elsewhere")
 
@@ -98,13 +98,13 @@ def _as_today(saved: dict, identity: dict) -> dict:
     return saved
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys where ``a`` (the checkpoint's) and ``b`` (this run's) differ, with both values."""
     out = []
     for k in sorted(set(a) | set(b)):
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _differences(x, y, f"{prefix}{k}.")
+            out += differences(x, y, f"{prefix}{k}.")
         elif x != y:
             out.append(f"{prefix}{k}: {x!r} -> {y!r}")
     return out

@@ -143,3 +143,103 @@ def ship_teacher(cfg, out_dir: str | Path, command: str, folder: Path = ASSETS) 
             "train_seconds": round(sum(r.get("epoch_time_s", 0.0) for r in curve), 1),
             "torch_threads": torch.get_num_threads()}
     return ship(state, TEACHER, meta, folder)
+
+
+# --- the demo's ground-truth-only student (the baseline its reports compare against) ----------------------------
+
+BASELINE = "baseline"
+
+
+def baseline_identity(cfg) -> dict:
+    """What the demo's ground-truth-only student depends on: its run identity (network, schedule, loss, labelled
+    images, seed) and the demo world it learnt from. A shipped baseline stands in only where these match."""
+    from edgeseg.distill.config import config_to_dict
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.resume import run_identity
+
+    identity = run_identity(cfg, job_for(cfg, "baseline"), world=1)
+    identity.get("data", {}).pop("unlabelled", None)  # the baseline learns from the labelled images alone
+    identity["demo_world"] = config_to_dict(cfg.data.demo) if cfg.data.source == "demo" else None
+    return identity
+
+
+def ship_baseline(cfg, out_dir: str | Path, command: str, folder: Path = ASSETS) -> dict:
+    """Ship the ground-truth-only student trained into ``out_dir`` (``distill train --baseline``) as the demo's.
+
+    ``make demo`` then installs it instead of training it (:func:`install_baseline`): the same recipe, seed and
+    data, so the same figures, without its share of the demo's time. The fp16 weights are scored on val again.
+    """
+    from edgeseg.distill.device import use_device
+    from edgeseg.distill.evaluation import score_split
+    from edgeseg.distill.models import build_model
+
+    out_dir = Path(out_dir)
+    if cfg.data.source != "demo":
+        raise InputError(f"data.source is {cfg.data.source!r}: only the demo's baseline ships with the repository; "
+                         "yours stays in its run folder")
+    last = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False) if (out_dir / "last.pt").is_file() else None
+    if not last or not last.get("complete"):
+        raise InputError(f"{out_dir}: the baseline's training has not finished; run `edgeseg distill train --baseline` "
+                         "(again, to resume it), then ship")
+    ckpt = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
+    state = ckpt["student"]
+    device = use_device(cfg.device, cfg.threads)
+    model = build_model(cfg.student, cfg.student.feature_stride)
+    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
+    val = score_split(cfg, {"baseline": model.to(device)}, "val", device, reference=None)["baseline"]
+    curve = training_curve(out_dir)
+    meta = {"what": "the demo's ground-truth-only student (the 150 labelled images, the student's schedule)",
+            "command": command, "identity": baseline_identity(cfg), "best_epoch": ckpt.get("best_epoch"),
+            "epochs_trained": last["epoch"], "val_miou_fp32": ckpt.get("best_miou"), "val_miou_fp16": val["miou"],
+            "val_curve": curve, "train_seconds": round(sum(r.get("epoch_time_s", 0.0) for r in curve), 1),
+            "torch_threads": torch.get_num_threads()}
+    return ship(state, BASELINE, meta, folder)
+
+
+def baseline_misfit(cfg, folder: Path = ASSETS) -> str | None:
+    """Why the shipped baseline cannot stand in for this config's ground-truth-only student (None: it can)."""
+    from edgeseg.distill.resume import differences
+
+    if cfg.data.source != "demo":
+        return f"data.source is {cfg.data.source!r} and the shipped baseline learnt the demo's"
+    meta = read_meta(weights_path(BASELINE, folder))
+    diff = differences(meta.get("identity", {}), json.loads(json.dumps(baseline_identity(cfg))))
+    return f"it was trained with other settings ({'; '.join(diff[:3])})" if diff else None
+
+
+def install_baseline(cfg, folder: Path = ASSETS) -> Path:
+    """Put the shipped baseline where a trained one goes (``<run_dir>/distill-baseline/best.pt``); returns that path.
+
+    Refused, with the settings that differ, unless this config trains exactly what was shipped. A baseline
+    trained here (its ``last.pt`` is there) is kept: it is the same recipe, and it is this run's.
+    """
+    from edgeseg.distill.checkpoint import save_atomic
+    from edgeseg.distill.resume import CHECKPOINT_FORMAT
+
+    out = cfg.stage_dir("distill-baseline")
+    best = out / "best.pt"
+    if (out / "last.pt").is_file() and best.is_file():
+        log.info("%s: a baseline trained here; kept (remove the folder to use the shipped one)", out)
+        return best
+    weights = weights_path(BASELINE, folder)
+    state = load_checked(weights)
+    if (why := baseline_misfit(cfg, folder)) is not None:
+        raise InputError(f"{weights}: not this config's baseline: {why}; train one with `make distill BASELINE=1`")
+    meta = read_meta(weights)
+    ckpt = {"format": CHECKPOINT_FORMAT, "role": "baseline", "student": state, "identity": meta["identity"],
+            "best_miou": meta.get("val_miou_fp16"), "best_epoch": meta.get("best_epoch"), "complete": True,
+            "shipped": {"weights": str(weights), "sha256": meta["sha256"], "command": meta.get("command")}}
+    out.mkdir(parents=True, exist_ok=True)
+    save_atomic(ckpt, best)
+    log.info("baseline: the shipped one (%s, sha256 %s, val mIoU %.4f) -> %s", weights.name, meta["sha256"][:12],
+             meta.get("val_miou_fp16") or float("nan"), best)
+    return best
+
+
+def provenance(checkpoint: str | Path) -> str:
+    """Where a student checkpoint came from: ``shipped (<weights>)`` or ``trained here``."""
+    try:
+        shipped = torch.load(checkpoint, map_location="cpu", weights_only=True).get("shipped")
+    except Exception:  # a plain state_dict or a foreign file: not ours to describe
+        shipped = None
+    return f"shipped ({shipped['weights']}, sha256 {shipped['sha256'][:12]})" if shipped else "trained here"

@@ -227,7 +227,9 @@ TARGET_HELP = {
     "prepare": "Make the data and the teachers ready and check them (the shipped demo teachers' SHA-256).",
     "generator": "Rebuild the shipped demo generator (resumable); make demo loads the shipped one.",
     "teacher": "Rebuild the shipped demo teachers (resumable); make demo loads the shipped ones.",
-    "distill": "Distil the student, train the ground-truth-only baseline (BASELINE=1), evaluate both.",
+    "distill": "Distil the student, then the ground-truth-only baseline (BASELINE: shipped, 1 trains it, 0 none); "
+               "evaluate both.",
+    "baseline": "Rebuild the demo's shipped ground-truth-only student (resumable); make demo installs the shipped one.",
     "calibrate": "The calibration set and its report, then labelled pairs steered to the site's images.",
     "calibrate-target": "Labelled target-domain pairs steered to the site's images (part of make calibrate).",
     "export": "ONNX, INT8, the accuracy report and, where TensorRT exists, the engine.",
@@ -248,7 +250,8 @@ VARIABLE_HELP = {
     "DEVICE": "cpu, cuda or cuda:N (sets the config's device).",
     "DATA": "A folder with train/ and val/ (images/ and masks/): sets data.source=folder and data.root.",
     "SET": "Config overrides, space-separated key=value pairs, each passed as --set.",
-    "BASELINE": "1 also trains and evaluates the ground-truth-only student (make distill); 0 skips it.",
+    "BASELINE": "The ground-truth-only student beside the distilled one (make distill): shipped installs the demo's "
+                "(trained here where it does not fit the config), 1 trains it here, 0 skips it.",
     "TARGET": "A folder of unlabelled images from the deployment site (make calibrate, make check).",
     "TARGET_COUNT": "Labelled target-domain pairs make calibrate writes.",
     "WITH_TEACHER": "1 carries the teacher in the bundle as teacher.onnx (make deploy), for make check's teacher agreement.",

@@ -201,7 +201,7 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     to_input = input_transform(spec)
     batches = batches_of(images, to_input)
     pre = preprocess_for_quantization(fp32, export_dir / "model.pre.onnx")
-    q = dict(method=e.calibration_method, percentile=e.percentile, preprocessed=True)
+    q = dict(method=e.calibration_method, percentile=e.percentile, preprocessed=True, ranges_cache=ranges_cache(export_dir))
     s8 = quantize_qdq(pre, export_dir / "model.int8.onnx", batches, flavour="s8s8", **q)
     check_for_tensorrt(s8)  # the TensorRT model: fail here, not on the device
     u8 = quantize_qdq(pre, export_dir / "model.int8-cpu.onnx", batches, flavour="u8s8", **q)
@@ -237,6 +237,12 @@ def quantize_all(cfg: Config, export_dir: Path, calib_dir: Path, contrast: bool 
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(export_dir / "quantize.json", report)
     return report
+
+
+def ranges_cache(export_dir: Path) -> Path:
+    """Where this export keeps calibration ranges: a flavour, a budget trial or a rerun reuses them
+    (keyed by the float model, the images and the method: ``quantize_qdq``)."""
+    return export_dir / "calibration_ranges"
 
 
 MATRIX_METHODS = ("minmax", "percentile")
@@ -286,7 +292,8 @@ def write_matrix(pre: Path, export_dir: Path, sources: dict[str, list[np.ndarray
                 if (flavour, m, source) in reuse:
                     shutil.copyfile(reuse[(flavour, m, source)], path)
                 else:
-                    quantize_qdq(pre, path, sources[source], m, flavour, percentile=percentile, preprocessed=True)
+                    quantize_qdq(pre, path, sources[source], m, flavour, percentile=percentile, preprocessed=True,
+                                 ranges_cache=ranges_cache(export_dir))
                 row = {"flavour": flavour, "method": m, "calibration": source, "model": str(path), "images": counts[source]}
                 if counts[source] < equal:
                     row["note"] = f"{counts[source]} images: all the source has (the others use {equal})"
@@ -332,14 +339,15 @@ def run_budget(cfg: Config, export_dir: Path, pre: Path, quantized: Path, calib_
         def evaluate(nodes: list[str]) -> float:
             path = quantize_qdq(pre, tmp / f"m{len(nodes)}.onnx", calib_batches, e.calibration_method, flavour,
                                 exclude_nodes=with_fused(nodes, pairs), percentile=e.percentile,
-                                preprocessed=True)
+                                preprocessed=True, ranges_cache=ranges_cache(export_dir))
             return miou_of(predict_masks(onnx_runner(path), images), gts)
 
         nodes, miou, trials = budget_search(evaluate, names, fp32_miou, e.max_miou_drop, e.max_float_nodes)
         if miou <= int8_miou:  # unreachable and nothing better than the plain model: ship the plain one
             nodes, miou = [], int8_miou
         quantize_qdq(pre, mixed, calib_batches, e.calibration_method, flavour,
-                     exclude_nodes=with_fused(nodes, pairs), percentile=e.percentile, preprocessed=True)
+                     exclude_nodes=with_fused(nodes, pairs), percentile=e.percentile, preprocessed=True,
+                     ranges_cache=ranges_cache(export_dir))
     sqnr = dict(ranked)
     out.update(mixed_miou=miou, float_nodes=[{"node": n, "sqnr_db": sqnr[n]} for n in nodes], trials=trials,
                met=fp32_miou - miou <= e.max_miou_drop / 100)

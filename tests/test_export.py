@@ -794,3 +794,41 @@ def test_a_bundle_with_a_zoo_teacher_checks_its_agreement_as_distillation_read_i
     a = SiteCheck(tmp_path / "zoo_bundle").measure(images)["teacher_agreement_miou"]
     b = SiteCheck(tmp_path / "own_bundle").measure(images)["teacher_agreement_miou"]
     assert a == pytest.approx(b, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_calibration_ranges_are_computed_once_and_give_the_same_models(exported, tmp_path, method):
+    """The ranges depend on the model, the images and the method only: a second flavour, a model with nodes
+    kept in float or a rerun reuses them, and the Q/DQ models equal those calibrated from scratch."""
+    import onnx
+
+    from edgeseg.calibration.quantize import batches_of, preprocess_for_quantization, quantize_qdq
+    from edgeseg.export.int8 import input_transform
+    from edgeseg.runtime.spec import ModelSpec
+
+    _, _, run_dir, _, _, _, _ = exported
+    src = run_dir / "export" / "model.onnx"
+    pre = preprocess_for_quantization(src, tmp_path / "pre.onnx")
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    to_input = input_transform(ModelSpec.from_onnx(src))
+    batches = batches_of(images, to_input)
+    cache = tmp_path / "ranges"
+    first_node = next(n.name for n in onnx.load(pre).graph.node if n.op_type == "Conv")
+
+    def scales(path):
+        model = onnx.load(path)
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        return {n.input[0]: inits[n.input[1]].tolist() for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+    for flavour, exclude in (("s8s8", ()), ("u8s8", ()), ("s8s8", (first_node,))):
+        cached = quantize_qdq(pre, tmp_path / f"c-{flavour}-{len(exclude)}.onnx", batches, method, flavour,
+                              exclude_nodes=exclude, preprocessed=True, ranges_cache=cache)
+        scratch = quantize_qdq(pre, tmp_path / f"s-{flavour}-{len(exclude)}.onnx", batches, method, flavour,
+                               exclude_nodes=exclude, preprocessed=True)
+        assert scales(cached) == scales(scratch) and scales(cached)
+    assert len(list(cache.glob("ranges-*.json"))) == 1  # one calibration served the three models
+    quantize_qdq(pre, tmp_path / "other.onnx", batches_of(images[:4], to_input), method, "s8s8", preprocessed=True,
+                 ranges_cache=cache)
+    assert len(list(cache.glob("ranges-*.json"))) == 2  # other images: other ranges
+    assert not list(cache.glob("*.tmp"))

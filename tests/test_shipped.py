@@ -109,3 +109,71 @@ def test_the_detector_resumes_after_a_stop(tiny_run, tmp_path, monkeypatch):
     assert summary["epochs"] == 3 and len(summary["curve"]) == 3
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_the_demo_baseline_ships_installs_and_refuses_another_config(tiny_run, tmp_path):
+    """make baseline ships the ground-truth-only student; make distill installs it where training would put it,
+    only for the config that trained it, and the evaluation says where it came from."""
+    from edgeseg.distill.checkpoint import load_checkpoint
+    from edgeseg.distill.config import load_config
+    from edgeseg.distill.job import job_for
+    from edgeseg.distill.shipped import BASELINE, install_baseline, provenance, ship_baseline
+    from edgeseg.distill.trainer import Trainer
+    from edgeseg.export.config import Config
+
+    _, base = tiny_run
+    data = {"root": str(base.data_root), "labelled_count": 8}
+    trained = load_config(write_config(tmp_path / "trained", data=data), Config)
+    Trainer(trained, job_for(trained, "baseline")).run()
+    assets = tmp_path / "assets"
+    meta = ship_baseline(trained, tmp_path / "trained" / "distill-baseline", "make baseline", folder=assets)
+    assert meta["command"] == "make baseline" and meta["dtype"] == "float16" and len(meta["val_curve"]) == 2
+
+    path = write_config(tmp_path / "demo", data=data)
+    best = install_baseline(load_config(path, Config), folder=assets)
+    assert best == tmp_path / "demo" / "distill-baseline" / "best.pt"
+    want = load_checkpoint(tmp_path / "trained" / "distill-baseline" / "best.pt")["student"]
+    got = load_checkpoint(best)["student"]
+    assert all(torch.equal(got[k], want[k].half().float()) for k in want if want[k].is_floating_point())
+    assert provenance(best).startswith(f"shipped ({assets / 'baseline.safetensors'}")
+    assert provenance(tmp_path / "trained" / "distill-baseline" / "best.pt") == "trained here"
+
+    other = load_config(write_config(tmp_path / "other", data={**data, "labelled_count": 12}), Config)
+    with pytest.raises(InputError, match=r"not this config's baseline: .*labelled_count: 8 -> 12.*BASELINE=1"):
+        install_baseline(other, folder=assets)
+    assert not (tmp_path / "other" / "distill-baseline" / "best.pt").exists()
+
+    weights = assets / f"{BASELINE}.safetensors"
+    data_bytes = bytearray(weights.read_bytes())
+    data_bytes[-10] ^= 0xFF
+    weights.write_bytes(bytes(data_bytes))
+    (tmp_path / "demo" / "distill-baseline" / "best.pt").unlink()
+    with pytest.raises(InputError, match="does not match baseline.json"):
+        install_baseline(load_config(path, Config), folder=assets)
+
+
+def test_make_distill_trains_the_baseline_where_the_shipped_one_does_not_fit(tiny_run, tmp_path):
+    _, base = tiny_run
+    cfg = write_config(tmp_path / "run", data={"root": str(base.data_root)})
+    refused = run_cli("distill", "install-baseline", "--config", str(cfg))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    error = [l for l in refused.stderr.splitlines() if l.startswith("error:")]
+    assert len(error) == 1 and "not this config's baseline" in error[0] and "BASELINE=1" in error[0]
+    r = run_cli("distill", "install-baseline", "--or-train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1])["source"] == "trained here"
+    assert "does not fit" in r.stderr and (tmp_path / "run" / "distill-baseline" / "last.pt").is_file()
+
+
+def test_the_shipped_baseline_matches_its_hash_and_the_demo_config():
+    from edgeseg.distill.config import load_config
+    from edgeseg.distill.shipped import BASELINE, baseline_misfit
+    from edgeseg.export.config import Config
+
+    from conftest import ROOT
+
+    load_checked(weights_path(BASELINE))  # raises on a mismatch
+    meta = read_meta(weights_path(BASELINE))
+    assert meta["command"].startswith("edgeseg distill train --baseline --ship") and len(meta["val_curve"]) >= 2
+    # configs/demo.yaml trains exactly what was shipped: a changed schedule or data means `make baseline` again
+    assert baseline_misfit(load_config(ROOT / "configs" / "demo.yaml", Config)) is None
