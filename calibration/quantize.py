@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from edgeseg.runtime.errors import InputError
+from edgeseg.runtime.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +117,14 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path, batches: Sequence[
         reader = ArrayReader(input_name(pre), batches)
         partial = Path(tmp) / "q.onnx"
         cached = _cached_ranges(ranges_cache, pre, batches, method, percentile if method == "percentile" else None)
-        fresh = Path(tmp) / "ranges.json"
-        cache_arg = {} if cached is None else {"calibration_cache_path": str(cached if cached.is_file() else fresh)}
         hit = cached is not None and cached.is_file()
+        fresh = Path(tmp) / "ranges.json"  # ORT writes a miss here; it joins the cache only once whole
+        cache_arg = {} if cached is None else {"calibration_cache_path": str(cached if hit else fresh)}
         quantize_static(str(pre), str(partial), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8 if flavour == "s8s8" else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=calib, nodes_to_exclude=list(exclude_nodes),
                         extra_options=extra, **cache_arg)
-        if cached is not None and not hit and fresh.is_file():  # kept only once whole: never a half-written cache
+        if cached is not None and not hit and fresh.is_file():
             staged = cached.with_name(cached.name + ".tmp")
             shutil.copyfile(fresh, staged)
             os.replace(staged, cached)
@@ -142,7 +143,7 @@ def _cached_ranges(folder: str | Path | None, pre: Path, batches: Sequence[np.nd
 
     if folder is None or "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         return None
-    h = hashlib.sha256(Path(pre).read_bytes())
+    h = hashlib.sha256(sha256_file(pre).encode())
     for b in batches:
         h.update(str(b.shape).encode() + str(b.dtype).encode())
         h.update(np.ascontiguousarray(b).tobytes())

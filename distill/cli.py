@@ -88,12 +88,12 @@ def train(config_path, overrides, verbose, max_steps, baseline, fresh, extra_dat
                "data.unlabelled": images, "train.unlabelled_share": unlabelled_share}
     overrides = tuple(overrides) + tuple(f"{k}={v}" for k, v in options.items() if v is not None)
     cfg = load(config_path, overrides, max(verbose, 1))
-    job = job_for(cfg, "baseline" if baseline else "student")
-    generators = {name: factory(cfg) for name, factory in GENERATORS.items()}
     if ship and not baseline:
         from edgeseg.runtime.errors import InputError
 
         raise InputError("--ship ships the ground-truth-only student: add --baseline (make baseline)")
+    job = job_for(cfg, "baseline" if baseline else "student")
+    generators = {name: factory(cfg) for name, factory in GENERATORS.items()}
     metrics = Trainer(cfg, job, max_steps=max_steps, fresh=fresh, generators=generators).run()
     if int(os.environ.get("RANK", "0")) == 0:
         out = {"checkpoint": str(job.out_dir / "last.pt"), **_plain(metrics)}

@@ -105,6 +105,36 @@ def training_curve(out_dir: str | Path) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, path.read_text().splitlines())] if path.is_file() else []
 
 
+def _finished_run(cfg, out_dir: Path, role: str, key: str, model, train_command: str) -> tuple[dict, dict]:
+    """The state to ship from a finished training in ``out_dir`` and the record of how it was trained.
+
+    ``key``: the checkpoint's state_dict key; ``model``: a network of the trained shape, to score the fp16 weights.
+    Refused unless training has finished (its ``last.pt`` says complete). The record: best and trained epochs,
+    val mIoU of the checkpoint and of its fp16 weights scored again (rounding can move a figure), the val curve
+    that stopped training, its seconds and threads.
+    """
+    from edgeseg.distill.device import use_device
+    from edgeseg.distill.evaluation import score_split
+
+    if not (out_dir / "last.pt").is_file():
+        raise InputError(f"{out_dir}: no {role} training to ship; run `{train_command}` first")
+    last = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
+    if not last.get("complete"):
+        raise InputError(f"{out_dir / 'last.pt'}: the {role}'s training has not finished (epoch {last['epoch']}); "
+                         "run the same command again to resume it, then ship")
+    ckpt = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
+    state = ckpt[key]
+    device = use_device(cfg.device, cfg.threads)
+    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
+    val = score_split(cfg, {role: model.to(device)}, "val", device, reference=None)[role]
+    curve = training_curve(out_dir)
+    return state, {"best_epoch": ckpt.get("best_epoch"), "epochs_trained": last["epoch"],
+                   "stopped_early": bool(last.get("stopped_early")), "val_miou_fp32": ckpt.get("best_miou"),
+                   "val_miou_fp16": val["miou"], "val_curve": curve,
+                   "train_seconds": round(sum(r.get("epoch_time_s", 0.0) for r in curve), 1),
+                   "torch_threads": torch.get_num_threads()}
+
+
 def ship_teacher(cfg, out_dir: str | Path, command: str, folder: Path = ASSETS) -> dict:
     """Ship the teacher ``distill train-teacher`` trained into ``out_dir`` (its ``best.pt``) as the demo teacher.
 
@@ -113,35 +143,17 @@ def ship_teacher(cfg, out_dir: str | Path, command: str, folder: Path = ASSETS) 
     """
     from edgeseg.distill.config import config_to_dict
     from edgeseg.distill.data import split_samples
-    from edgeseg.distill.device import use_device
-    from edgeseg.distill.evaluation import score_split
     from edgeseg.distill.models import build_model
 
-    out_dir = Path(out_dir)
-    if not (out_dir / "last.pt").is_file():
-        raise InputError(f"{out_dir}: no teacher training to ship; run `edgeseg distill train-teacher` first")
-    last = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
-    if not last.get("complete"):
-        raise InputError(f"{out_dir / 'last.pt'}: the teacher's training has not finished (epoch {last['epoch']}); "
-                         "run the same command again to resume it, then ship")
-    ckpt = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
-    state = ckpt["model"]
-    device = use_device(cfg.device, cfg.threads)
-    model = build_model(cfg.teacher)
-    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
-    val = score_split(cfg, {"teacher": model.to(device)}, "val", device, reference=None)["teacher"]
-    curve = training_curve(out_dir)
+    state, trained = _finished_run(cfg, Path(out_dir), "teacher", "model", build_model(cfg.teacher),
+                                   "edgeseg distill train-teacher")
     meta = {"what": "the demo's B3 segmentation teacher, trained to convergence on the teacher corpus",
             "command": command, "model": config_to_dict(cfg.teacher) | {"checkpoint": ""},
             "train": config_to_dict(cfg.teacher_train), "data": {"teacher_split": cfg.data.teacher_split or "train",
                                                                  "images": len(split_samples(cfg, "teacher")),
                                                                  "image_size": list(cfg.data.image_size),
                                                                  "demo": config_to_dict(cfg.data.demo)},
-            "seed": cfg.seed, "best_epoch": ckpt.get("best_epoch"), "epochs_trained": last["epoch"],
-            "stopped_early": bool(last.get("stopped_early")), "val_miou_fp32": ckpt.get("best_miou"),
-            "val_miou_fp16": val["miou"], "val_curve": curve,
-            "train_seconds": round(sum(r.get("epoch_time_s", 0.0) for r in curve), 1),
-            "torch_threads": torch.get_num_threads()}
+            "seed": cfg.seed, **trained}
     return ship(state, TEACHER, meta, folder)
 
 
@@ -169,30 +181,15 @@ def ship_baseline(cfg, out_dir: str | Path, command: str, folder: Path = ASSETS)
     ``make demo`` then installs it instead of training it (:func:`install_baseline`): the same recipe, seed and
     data, so the same figures, without its share of the demo's time. The fp16 weights are scored on val again.
     """
-    from edgeseg.distill.device import use_device
-    from edgeseg.distill.evaluation import score_split
     from edgeseg.distill.models import build_model
 
-    out_dir = Path(out_dir)
     if cfg.data.source != "demo":
         raise InputError(f"data.source is {cfg.data.source!r}: only the demo's baseline ships with the repository; "
                          "yours stays in its run folder")
-    last = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False) if (out_dir / "last.pt").is_file() else None
-    if not last or not last.get("complete"):
-        raise InputError(f"{out_dir}: the baseline's training has not finished; run `edgeseg distill train --baseline` "
-                         "(again, to resume it), then ship")
-    ckpt = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
-    state = ckpt["student"]
-    device = use_device(cfg.device, cfg.threads)
-    model = build_model(cfg.student, cfg.student.feature_stride)
-    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
-    val = score_split(cfg, {"baseline": model.to(device)}, "val", device, reference=None)["baseline"]
-    curve = training_curve(out_dir)
+    state, trained = _finished_run(cfg, Path(out_dir), "baseline", "student",
+                                   build_model(cfg.student, cfg.student.feature_stride), "edgeseg distill train --baseline")
     meta = {"what": "the demo's ground-truth-only student (the 150 labelled images, the student's schedule)",
-            "command": command, "identity": baseline_identity(cfg), "best_epoch": ckpt.get("best_epoch"),
-            "epochs_trained": last["epoch"], "val_miou_fp32": ckpt.get("best_miou"), "val_miou_fp16": val["miou"],
-            "val_curve": curve, "train_seconds": round(sum(r.get("epoch_time_s", 0.0) for r in curve), 1),
-            "torch_threads": torch.get_num_threads()}
+            "command": command, "identity": baseline_identity(cfg), **trained}
     return ship(state, BASELINE, meta, folder)
 
 
